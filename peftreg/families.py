@@ -1,0 +1,59 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What peftreg knows about a model's structure, supplied by family plugins.
+
+The core has no table of architectures. A plugin implementing the
+``peftreg_describe_model`` hook recognises a model and returns a :class:`ModelFamily`; methods
+that need structure (the output head to leave out of ``"all-linear"``, the transformer blocks
+for a layer filter, attention and feed-forward roles for prefix tuning or bottleneck adapters)
+read it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """Structural description of one model instance.
+
+    Attributes:
+        name: family name, for messages (``"llama"``, ``"bert"``, ``"torch-reference"``).
+        layers: module paths of the transformer blocks, in order; index i is layer i.
+        output_head: path of the output projection (``lm_head``, a classifier), or ``None``.
+        input_embedding: path of the token embedding, or ``None``.
+        hidden_size: model width, or ``None`` if unknown.
+        num_attention_heads: query heads, or ``None``.
+        num_key_value_heads: key/value heads (grouped-query attention), or ``None``.
+        roles: relative module names inside one block for structural roles. Known roles:
+            ``q``, ``k``, ``v``, ``o`` (attention projections), ``attention`` (the attention
+            module), ``ffn_up``, ``ffn_gate``, ``ffn_down``, ``ffn`` (the feed-forward block).
+    """
+
+    name: str
+    layers: tuple[str, ...] = ()
+    output_head: str | None = None
+    input_embedding: str | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.layers)
+
+    def layer_index(self, path: str) -> int | None:
+        """Index of the block containing module ``path``, or ``None`` if it is outside them."""
+        for index, layer in enumerate(self.layers):
+            if path == layer or path.startswith(layer + "."):
+                return index
+        return None
+
+    def role_paths(self, role: str) -> list[str]:
+        """Full module paths playing ``role`` in every block (empty if the role is unknown)."""
+        rel = self.roles.get(role)
+        if rel is None:
+            return []
+        return [f"{layer}.{rel}" for layer in self.layers]

@@ -1,0 +1,235 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Modules that hold adapters inside a model.
+
+Methods never subclass a base layer (HF PEFT's ``LoraLayer`` style); they contribute small
+per-adapter modules, and the core wraps the targeted base module in one :class:`AdapterHost` that
+runs whichever adapters are active. Several methods can therefore sit on one base module, and
+switching, disabling, deleting and merging work the same way for all of them.
+
+Everything that holds adapters is an :class:`AdapterSlot`, so the model wrapper can walk a model
+and address every adapter by name without knowing any method.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftreg.errors import UnsupportedOperationError
+
+
+class LayerAdapter(nn.Module):
+    """One adapter's trainable part on one base module (for example LoRA's A and B).
+
+    A method plugin subclasses this and overrides the hooks it needs. The host applies, in
+    order: every active adapter's :meth:`adapt_input`, the base module, then every active
+    adapter's :meth:`adapt_output`.
+    """
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform the base module's input (identity by default)."""
+        return x
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Transform the base module's output ``y`` given its input ``x`` (identity by default)."""
+        return y
+
+    def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Compute base plus this adapter in one step, or return ``None`` to use the hooks.
+
+        Called only when this adapter is the only active, unmerged adapter on the host.
+        """
+        return None
+
+    def merge_into(self, base: nn.Module) -> None:
+        """Fold this adapter into ``base``'s weights in place."""
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot be merged")
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        """Undo :meth:`merge_into`."""
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot be unmerged")
+
+
+class AdapterSlot(nn.Module):
+    """Anything in a model that holds per-adapter state addressed by adapter name."""
+
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this slot holds."""
+        raise NotImplementedError
+
+    def set_active(self, names: Sequence[str]) -> None:
+        """Make ``names`` (in order) the active adapters; names this slot lacks are ignored."""
+        raise NotImplementedError
+
+    def set_disabled(self, disabled: bool) -> None:
+        """Bypass every adapter while ``disabled`` is true."""
+        raise NotImplementedError
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop the adapter ``name`` and its parameters."""
+        raise NotImplementedError
+
+    def adapter_module(self, name: str) -> nn.Module:
+        """The module whose parameters make up adapter ``name`` here (its saved state)."""
+        raise NotImplementedError
+
+    def unwrap(self) -> nn.Module:
+        """The module that replaces this slot when adapters are unloaded."""
+        raise NotImplementedError
+
+    def wrapped(self) -> nn.Module:
+        """The model's own module this slot stands in for (what target selection sees)."""
+        raise NotImplementedError
+
+
+class AdapterHost(AdapterSlot):
+    """Wraps a base module and applies the active :class:`LayerAdapter` s around it.
+
+    Attributes:
+        base: the original module (frozen by the model wrapper).
+        adapters: one :class:`LayerAdapter` per adapter name.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # -- AdapterSlot ---------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def adapter_module(self, name: str) -> nn.Module:
+        return self.adapters[name]
+
+    def unwrap(self) -> nn.Module:
+        return self.base
+
+    def wrapped(self) -> nn.Module:
+        return self.base
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights (no-op if already merged)."""
+        if name in self.merged:
+            return
+        adapter: LayerAdapter = self.adapters[name]  # type: ignore[assignment]
+        with torch.no_grad():
+            adapter.merge_into(self.base)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        """Undo :meth:`merge` for ``name``; adapters merged after it are unmerged first."""
+        if name not in self.merged:
+            return
+        while self.merged:
+            last = self.merged.pop()
+            adapter: LayerAdapter = self.adapters[last]  # type: ignore[assignment]
+            with torch.no_grad():
+                adapter.unmerge_from(self.base)
+            if last == name:
+                break
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            if self.merged:
+                raise UnsupportedOperationError(
+                    "adapters are merged into the weights; unmerge them before disabling"
+                )
+            return self.base(x, *args, **kwargs)
+        running = [self.adapters[n] for n in self.active if n not in self.merged]
+        if not running:
+            return self.base(x, *args, **kwargs)
+        if len(running) == 1 and not args and not kwargs:
+            fused = running[0].fused_forward(self.base, x)
+            if fused is not None:
+                return fused
+        for adapter in running:
+            x = adapter.adapt_input(x)
+        y = self.base(x, *args, **kwargs)
+        for adapter in running:
+            y = adapter.adapt_output(x, y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={self.merged}, disabled={self.disabled}"
+
+
+class TrainableCopy(AdapterSlot):
+    """Keeps a frozen original module and one trainable copy of it per adapter.
+
+    This is how ``modules_to_save`` works: a classification head trained with an adapter is saved
+    and switched with that adapter. The first active adapter that has a copy is used.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
+
+    def add_copy(self, name: str) -> nn.Module:
+        """Create adapter ``name``'s trainable copy of the original module."""
+        clone = copy.deepcopy(self.original)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = clone
+        return clone
+
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = tuple(n for n in names if n in self.copies)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def remove_adapter(self, name: str) -> None:
+        del self.copies[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def adapter_module(self, name: str) -> nn.Module:
+        return self.copies[name]
+
+    def unwrap(self) -> nn.Module:
+        if self.active and not self.disabled:
+            return self.copies[self.active[0]]
+        return self.original
+
+    def wrapped(self) -> nn.Module:
+        return self.original
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.unwrap()(*args, **kwargs)
+
+
+def iter_slots(model: nn.Module) -> Iterator[tuple[str, AdapterSlot]]:
+    """Yield ``(path, slot)`` for every adapter slot in ``model``, outermost first."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterSlot):
+            yield path, module

@@ -1,0 +1,272 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The peftreg adapter directory: ``adapter.json`` plus one safetensors file.
+
+Layout (see docs/format.md)::
+
+    my-adapter/
+        adapter.json                      method, config, provenance, tensor file and its sha256
+        adapter.<sha256[:16]>.safetensors the adapter's tensors only
+
+Saving is atomic without locking: the tensor file gets a content-derived name and is fully
+written and synced before ``adapter.json`` is replaced in one ``os.replace``. A crash at any
+moment leaves ``adapter.json`` naming either the old tensor file (still present, it is deleted
+only afterwards) or the new one (complete). Loading verifies the checksum, so a damaged tensor
+file is refused instead of loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+
+from peftreg.config import MethodConfig
+from peftreg.errors import AdapterError, AdapterFileError, PeftregError
+from peftreg.io.validate import compare_to_expected, read_safetensors
+
+if TYPE_CHECKING:
+    from peftreg.model import AdaptedModel, AdapterRecord
+    from peftreg.registry import Registry
+
+CONFIG_FILE = "adapter.json"
+FORMAT = "peftreg-adapter"
+FORMAT_VERSION = 1
+TENSOR_FILE = re.compile(r"adapter\.[0-9a-f]{16}\.safetensors")
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterDir:
+    """The parsed, checked contents of an adapter directory (without a model).
+
+    Attributes:
+        path: the directory.
+        adapter_name: the name it was saved under.
+        config: the validated method config.
+        meta: the whole ``adapter.json`` document.
+        tensors: the adapter's tensors by saved key.
+        tensor_file: path of the safetensors file.
+    """
+
+    path: Path
+    adapter_name: str
+    config: MethodConfig
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    tensor_file: Path
+
+    @property
+    def parameter_count(self) -> int:
+        """Elements in all tensors."""
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def size_on_disk(self) -> int:
+        """Bytes of ``adapter.json`` plus the tensor file."""
+        return (self.path / CONFIG_FILE).stat().st_size + self.tensor_file.stat().st_size
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot sync directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
+    """Write adapter ``name`` of ``model`` to ``directory`` atomically.
+
+    Other files in the directory are left alone; a previous save of an adapter there is
+    replaced only once the new one is complete.
+
+    Returns:
+        The directory path.
+
+    Raises:
+        AdapterError: ``name`` is not an adapter of ``model``.
+        AdapterFileError: ``directory`` exists and is not a directory.
+    """
+    record = model.record(name)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFileError(f"{directory}: exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in
+               model.adapter_state_dict(name).items()}
+    blob = save_safetensors_bytes(tensors, metadata={"format": "pt", "peftreg_method":
+                                                     record.method.name})
+    digest = hashlib.sha256(blob).hexdigest()
+    tensor_name = f"adapter.{digest[:16]}.safetensors"
+    source = model.registry.source(record.method.name)
+    from peftreg import __version__
+
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter_name": name,
+        "method": record.method.name,
+        "plugin": {"distribution": source.dist, "version": source.version,
+                   "entry_point": source.entry_point},
+        "peftreg_version": __version__,
+        "config": record.config.to_dict(),
+        "targets": record.targets,
+        "saved_modules": record.saved_modules,
+        "tensors": {"file": tensor_name, "sha256": digest, "count": len(tensors),
+                    "parameters": sum(t.numel() for t in tensors.values())},
+    }
+    previous = _referenced_tensor_file(directory)
+    _atomic_write(directory / tensor_name, blob)
+    _atomic_write(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    if previous is not None and previous != tensor_name:
+        with contextlib.suppress(OSError):
+            (directory / previous).unlink()
+    for stale in directory.glob(".adapter*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    return directory
+
+
+def _referenced_tensor_file(directory: Path) -> str | None:
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        name = meta["tensors"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and TENSOR_FILE.fullmatch(name) else None
+
+
+def read_adapter_dir(directory: str | Path, registry: Registry | None = None) -> AdapterDir:
+    """Read and check an adapter directory without touching any model.
+
+    Raises:
+        AdapterFileError: anything missing, malformed, from a future format, failing its
+            checksum, or holding invalid tensors; the message names the file and the problem.
+        UnknownMethodError: the method it names is not installed.
+    """
+    from peftreg.registry import default_registry
+
+    registry = registry or default_registry()
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory}: not a directory")
+    if not config_path.is_file():
+        hint = ""
+        if (directory / "adapter_config.json").is_file():
+            hint = " (it looks like a Hugging Face PEFT adapter)"
+        raise AdapterFileError(f"{directory}: no {CONFIG_FILE}{hint}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{config_path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{config_path}: not a peftreg adapter file "
+                               f"(\"format\" must be {FORMAT!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise AdapterFileError(f"{config_path}: format_version {version!r} is not a positive "
+                               "integer")
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(f"{config_path}: format_version {version} is newer than this "
+                               f"peftreg reads ({FORMAT_VERSION}); upgrade peftreg")
+    method_name = meta.get("method")
+    if not isinstance(method_name, str):
+        raise AdapterFileError(f"{config_path}: \"method\" is missing or not a string")
+    method = registry.get(method_name)
+    try:
+        config = method.config_cls.from_dict(meta.get("config"))  # type: ignore[arg-type]
+    except PeftregError as exc:
+        raise AdapterFileError(f"{config_path}: invalid config: {exc}") from exc
+    adapter_name = meta.get("adapter_name", "default")
+    tensors_meta = meta.get("tensors")
+    if not isinstance(tensors_meta, dict):
+        raise AdapterFileError(f"{config_path}: \"tensors\" entry is missing")
+    tensor_name, digest = tensors_meta.get("file"), tensors_meta.get("sha256")
+    # The file name is matched exactly, so a hostile config cannot point outside the directory.
+    if not isinstance(tensor_name, str) or not TENSOR_FILE.fullmatch(tensor_name):
+        raise AdapterFileError(f"{config_path}: tensor file name {tensor_name!r} is not of the "
+                               "form adapter.<16 hex digits>.safetensors")
+    tensor_path = directory / tensor_name
+    try:
+        data = tensor_path.read_bytes()
+    except OSError as exc:
+        raise AdapterFileError(f"{tensor_path}: cannot read: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise AdapterFileError(f"{tensor_path}: checksum does not match {CONFIG_FILE} (the file "
+                               "is damaged or was replaced)")
+    tensors, _ = read_safetensors(tensor_path, data)
+    return AdapterDir(directory, str(adapter_name), config, meta, tensors, tensor_path)
+
+
+def load_adapter(
+    model: AdaptedModel,
+    directory: str | Path,
+    name: str | None = None,
+    *,
+    activate: bool = True,
+    trainable: bool = False,
+) -> AdapterRecord:
+    """Add the adapter saved in ``directory`` to ``model``.
+
+    The files are fully checked first; then the adapter is created from its config and every
+    saved tensor is compared with the new modules (names and shapes). On any mismatch the new
+    adapter is removed again and one error lists every problem; the model is left as it was.
+
+    Args:
+        model: the adapted model to load into.
+        directory: an adapter directory written by :func:`save_adapter`.
+        name: adapter name to use (default: the saved one).
+        activate: make it the active adapter.
+        trainable: allow its parameters to train (default: inference only).
+
+    Raises:
+        AdapterFileError: see :func:`read_adapter_dir`, or the tensors do not fit the model.
+        AdapterError: the name is taken.
+    """
+    saved = read_adapter_dir(directory, model.registry)
+    name = name or saved.adapter_name
+    if name in model.adapters:
+        raise AdapterError(f"an adapter named {name!r} already exists; pass another name")
+    record = model.add_adapter(name, saved.config, activate=False, trainable=trainable)
+    expected = model.adapter_state_dict(name)
+    problems = compare_to_expected(saved.tensors, expected, str(saved.tensor_file))
+    if problems:
+        model.delete_adapter(name)
+        raise AdapterFileError(
+            f"adapter in {saved.path} does not fit this model ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(saved.tensors[key].to(dtype=target.dtype, device=target.device))
+    if activate:
+        model.set_active(name)
+    return record

@@ -1,0 +1,148 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Checking a safetensors file completely before any tensor reaches a model.
+
+The header is parsed and checked here (size, JSON, dtypes, offsets inside the data, no overlap,
+byte counts that match the shapes) rather than trusting the reader, so that a truncated,
+hostile or mislabelled file is refused with a message naming the file, the tensor and the
+problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from peftreg.errors import AdapterFileError
+
+# Bytes per element of each safetensors dtype tag.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def parse_header(data: bytes, source: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """Validate the safetensors header of ``data``; return (tensor entries, metadata).
+
+    Raises:
+        AdapterFileError: naming ``source`` and the problem.
+    """
+    def fail(problem: str) -> AdapterFileError:
+        return AdapterFileError(f"{source}: {problem}")
+
+    if len(data) < 8:
+        raise fail(f"file is {len(data)} bytes, too short to be safetensors")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise fail(f"header claims {header_len} bytes but the file has {len(data) - 8} after "
+                   "the length field (truncated or not safetensors)")
+    if header_len > MAX_HEADER_BYTES:
+        raise fail(f"header of {header_len} bytes is larger than the {MAX_HEADER_BYTES} allowed")
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(f"header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise fail("header is not a JSON object")
+    metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise fail("__metadata__ must map strings to strings")
+    body = len(data) - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise fail(f"tensor {name!r}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if (not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                           for d in shape)):
+            raise fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise fail(f"tensor {name!r}: data_offsets {offsets!r} must be two integers")
+        start, end = offsets
+        if not 0 <= start <= end <= body:
+            raise fail(f"tensor {name!r}: data_offsets {offsets} fall outside the {body}-byte "
+                       "data section")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if end - start != expected:
+            raise fail(f"tensor {name!r}: {end - start} bytes stored but shape {shape} of "
+                       f"{dtype} needs {expected}")
+        spans.append((start, end, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise fail(f"tensors {n0!r} and {n1!r} overlap in the data section")
+        del s0
+    return header, metadata
+
+
+def read_safetensors(path: Path, data: bytes | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                       dict[str, str]]:
+    """Read and check a safetensors file; every tensor must be floating point and finite.
+
+    Args:
+        path: the file (named in errors).
+        data: its bytes, if already read.
+
+    Returns:
+        The tensors by name and the file's metadata.
+
+    Raises:
+        AdapterFileError: the file is unreadable, malformed, or holds non-float or non-finite
+            tensors.
+    """
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AdapterFileError(f"{path}: cannot read: {exc}") from exc
+    _, metadata = parse_header(data, str(path))
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as exc:  # the reader's own error types vary across versions
+        raise AdapterFileError(f"{path}: unreadable safetensors data: {exc}") from exc
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterFileError(
+                f"{path}: tensor {name!r} has dtype {tensor.dtype}; adapter weights must be "
+                "floating point"
+            )
+        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterFileError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values")
+    return tensors, metadata
+
+
+def compare_to_expected(
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    source: str,
+) -> list[str]:
+    """List every difference between a file's tensors and the model's adapter tensors.
+
+    Returns:
+        Problems, one line each (empty when the file fits): missing and unexpected keys and
+        shape mismatches.
+    """
+    problems = []
+    for key in sorted(set(expected) - set(tensors)):
+        problems.append(f"missing tensor {key!r} (model expects shape {tuple(expected[key].shape)})")
+    for key in sorted(set(tensors) - set(expected)):
+        problems.append(f"unexpected tensor {key!r} (shape {tuple(tensors[key].shape)}) that the "
+                        "model has no place for")
+    for key in sorted(set(tensors) & set(expected)):
+        got, want = tuple(tensors[key].shape), tuple(expected[key].shape)
+        if got != want:
+            problems.append(f"tensor {key!r} has shape {got}, the model expects {want}")
+    return [f"{source}: {p}" for p in problems]

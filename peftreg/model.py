@@ -1,0 +1,507 @@
+# SPDX-License-Identifier: Apache-2.0
+"""AdaptedModel: a model with named adapters that can be added, switched, merged and saved.
+
+The wrapper does everything that is the same for every method: it freezes the base, keeps the
+set of active adapters, flips trainability, disables, deletes, merges and unloads, all by
+walking the :class:`~peftreg.host.AdapterSlot` modules a method placed in the model. Methods only
+create their modules (:meth:`PEFTMethod.inject`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftreg.config import MethodConfig
+from peftreg.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedOperationError
+from peftreg.families import ModelFamily
+from peftreg.host import AdapterHost, AdapterSlot, TrainableCopy, iter_slots
+from peftreg.method import PEFTMethod
+from peftreg.registry import Registry, default_registry
+from peftreg.targets import get_module, iter_base_modules, replace_module
+
+# Adapter names become module keys and directory names: no dots, no separators, bounded length.
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if it is a valid adapter name, else raise :class:`AdapterError`."""
+    if not isinstance(name, str) or ADAPTER_NAME.fullmatch(name) is None:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', "
+            "starting with a letter or '_'"
+        )
+    return name
+
+
+@dataclasses.dataclass
+class AdapterRecord:
+    """What the wrapper knows about one adapter.
+
+    Attributes:
+        name: the adapter name.
+        config: its method config.
+        method: the method that created it.
+        targets: module paths the method adapted.
+        saved_modules: module paths trained and saved whole (``modules_to_save``).
+        trainable: whether its parameters train when it is active.
+    """
+
+    name: str
+    config: MethodConfig
+    method: PEFTMethod
+    targets: list[str]
+    saved_modules: list[str]
+    trainable: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSummaryRow:
+    """One line of :meth:`AdaptedModel.summary`."""
+
+    name: str
+    method: str
+    active: bool
+    merged: bool
+    trainable: bool
+    adapter_params: int
+    saved_module_params: int
+    targets: int
+
+    @property
+    def params(self) -> int:
+        """Adapter plus saved-module parameters."""
+        return self.adapter_params + self.saved_module_params
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSummary:
+    """Parameter counts per adapter, relative to the base model."""
+
+    base_params: int
+    rows: tuple[AdapterSummaryRow, ...]
+
+    def percent(self, row: AdapterSummaryRow) -> float:
+        """``row``'s parameters as a percentage of the base model's."""
+        return 100.0 * row.params / max(self.base_params, 1)
+
+    def __str__(self) -> str:
+        header = (f"{'adapter':<16}{'method':<14}{'active':<8}{'merged':<8}"
+                  f"{'trainable params':>18}{'% of base':>11}{'targets':>9}")
+        lines = [header, "-" * len(header)]
+        for row in self.rows:
+            lines.append(
+                f"{row.name:<16}{row.method:<14}{'yes' if row.active else 'no':<8}"
+                f"{'yes' if row.merged else 'no':<8}{row.params:>18,}"
+                f"{self.percent(row):>10.4f}%{row.targets:>9}"
+            )
+        lines.append(f"base model parameters: {self.base_params:,}")
+        return "\n".join(lines)
+
+
+class AdaptedModel(nn.Module):
+    """A model plus named adapters of any installed methods.
+
+    Attribute lookups not found on the wrapper fall through to the wrapped model, so
+    ``adapted.config`` or ``adapted.generate`` work for HF models.
+
+    Args:
+        model: the model to adapt; it is modified in place (adapter slots are inserted).
+        registry: where methods and model families come from (default: installed plugins).
+    """
+
+    def __init__(self, model: nn.Module, *, registry: Registry | None = None) -> None:
+        super().__init__()
+        if isinstance(model, AdaptedModel):
+            raise AdapterError("the model is already an AdaptedModel; add adapters to it")
+        self.model = model
+        self._registry = registry if registry is not None else default_registry()
+        self._family = self._registry.describe_model(model)
+        self._records: dict[str, AdapterRecord] = {}
+        self._active: list[str] = []
+        self._merged: list[str] = []
+        self._disabled = False
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        """The registry this wrapper resolves methods with."""
+        return self._registry
+
+    @property
+    def family(self) -> ModelFamily | None:
+        """The model's structure as described by a family plugin, if any."""
+        return self._family
+
+    @property
+    def adapters(self) -> dict[str, AdapterRecord]:
+        """Every adapter by name (a copy of the mapping)."""
+        return dict(self._records)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter names, in application order."""
+        return list(self._active)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters currently folded into the base weights, in merge order."""
+        return list(self._merged)
+
+    def record(self, name: str) -> AdapterRecord:
+        """The record of adapter ``name``; raises :class:`AdapterError` if unknown."""
+        record = self._records.get(name)
+        if record is None:
+            raise AdapterError(
+                f"no adapter named {name!r}; adapters: {', '.join(self._records) or 'none'}"
+            )
+        return record
+
+    # -- adding --------------------------------------------------------------------------------
+
+    def add_adapter(
+        self,
+        name: str,
+        config: MethodConfig,
+        *,
+        activate: bool = True,
+        trainable: bool = True,
+    ) -> AdapterRecord:
+        """Create adapter ``name`` from ``config`` with freshly initialised weights.
+
+        Args:
+            name: new adapter name (letters, digits, ``_``, ``-``).
+            config: a config of any installed method.
+            activate: make it the (only) active adapter.
+            trainable: let its parameters train when active.
+
+        Raises:
+            AdapterError: the name is invalid or taken, or adapters are merged.
+            TargetNotFoundError: the config selects nothing in the model.
+            UnknownMethodError: no installed method reads this config.
+        """
+        check_adapter_name(name)
+        if name in self._records:
+            raise AdapterError(f"an adapter named {name!r} already exists; delete it first")
+        if self._merged:
+            raise AdapterError("adapters are merged into the weights; unmerge before adding")
+        if not isinstance(config, MethodConfig):
+            raise ConfigError(f"expected a MethodConfig, got {type(config).__name__}")
+        method = self._registry.method_for(config)
+        if not self._records:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        try:
+            targets = method.inject(self.model, name, config, self._family)
+            saved = self._add_saved_modules(name, config, targets)
+        except BaseException:
+            self._purge(name)
+            raise
+        record = AdapterRecord(name, config, method, list(targets), saved, trainable)
+        self._records[name] = record
+        if activate or len(self._records) == 1:
+            self._active = [name]
+        self._apply_state()
+        return record
+
+    def _add_saved_modules(self, name: str, config: MethodConfig, targets: list[str]) -> list[str]:
+        paths: list[str] = []
+        base_modules = list(iter_base_modules(self.model))
+        for entry in config.modules_to_save:
+            hits = [p for p, _ in base_modules if p == entry or p.endswith("." + entry)]
+            # A module inside a trainable copy is reported too; keep the outermost match only.
+            hits = [p for p in hits if not any(p.startswith(o + ".") for o in hits)]
+            if not hits:
+                raise TargetNotFoundError(
+                    f"modules_to_save entry {entry!r} matches no module; top-level modules: "
+                    f"{', '.join(n for n, _ in self.model.named_children())}"
+                )
+            for path in hits:
+                clash = [t for t in targets if t == path or t.startswith(path + ".")
+                         or path.startswith(t + ".")]
+                if clash:
+                    raise ConfigError(
+                        f"modules_to_save entry {entry!r} ({path}) overlaps adapted modules "
+                        f"{clash[:5]}; a module is either adapted or saved whole"
+                    )
+                slot = get_module(self.model, path)
+                if not isinstance(slot, TrainableCopy):
+                    if isinstance(slot, AdapterSlot):
+                        raise ConfigError(f"modules_to_save entry {path!r} is already adapted")
+                    slot = TrainableCopy(slot)
+                    replace_module(self.model, path, slot)
+                slot.add_copy(name)
+                paths.append(path)
+        return paths
+
+    # -- switching -----------------------------------------------------------------------------
+
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapters (applied in the given order).
+
+        Only active adapters compute; only active, trainable adapters have
+        ``requires_grad=True``.
+        """
+        wanted = [names] if isinstance(names, str) else list(names)
+        for name in wanted:
+            self.record(name)
+        if len(set(wanted)) != len(wanted):
+            raise AdapterError(f"adapter names repeat in {wanted}")
+        if self._merged and wanted != self._active:
+            raise AdapterError("adapters are merged into the weights; unmerge before switching")
+        self._active = wanted
+        self._apply_state()
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        """Allow or forbid training of adapter ``name``."""
+        self.record(name).trainable = trainable
+        self._apply_state()
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base model alone inside the ``with`` block (merged adapters are unfolded)."""
+        merged = list(self._merged)
+        for name in reversed(merged):
+            self._unmerge_one(name)
+        self._disabled = True
+        self._apply_state()
+        try:
+            yield
+        finally:
+            self._disabled = False
+            self._apply_state()
+            for name in merged:
+                self._merge_one(name)
+
+    def _apply_state(self) -> None:
+        for _, slot in iter_slots(self.model):
+            slot.set_active(self._active)
+            slot.set_disabled(self._disabled)
+        for record in self._records.values():
+            train = record.trainable and record.name in self._active
+            for p in self.adapter_parameters(record.name):
+                p.requires_grad_(train)
+
+    # -- parameters and state ------------------------------------------------------------------
+
+    def _adapter_modules(self, name: str) -> Iterator[tuple[str, AdapterSlot, nn.Module]]:
+        for path, slot in iter_slots(self.model):
+            if name in slot.adapter_names():
+                yield path, slot, slot.adapter_module(name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every parameter belonging to adapter ``name`` (saved modules included)."""
+        return [p for _, _, module in self._adapter_modules(name) for p in module.parameters()]
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors keyed as in a saved file (no adapter name in keys)."""
+        self.record(name)
+        state: dict[str, torch.Tensor] = {}
+        for path, _, module in self._adapter_modules(name):
+            for key, tensor in module.state_dict().items():
+                full = f"{path}.{key}" if path else key
+                if full in state:
+                    raise AdapterError(f"two tensors of adapter {name!r} share the key {full!r}")
+                state[full] = tensor
+        return state
+
+    def base_parameter_count(self) -> int:
+        """Parameters of the model without any adapter or saved-module copy."""
+        total = 0
+        for _, module in iter_base_modules(self.model):
+            for p in module.parameters(recurse=False):
+                total += p.numel()
+        return total
+
+    def summary(self) -> AdapterSummary:
+        """Trainable parameter counts per adapter, with percentages of the base model."""
+        rows = []
+        for name, record in self._records.items():
+            adapter = saved = 0
+            for path, _, module in self._adapter_modules(name):
+                count = sum(p.numel() for p in module.parameters())
+                if path in record.saved_modules:
+                    saved += count
+                else:
+                    adapter += count
+            rows.append(AdapterSummaryRow(
+                name=name, method=record.method.name, active=name in self._active,
+                merged=name in self._merged, trainable=record.trainable,
+                adapter_params=adapter, saved_module_params=saved,
+                targets=len(record.targets),
+            ))
+        return AdapterSummary(self.base_parameter_count(), tuple(rows))
+
+    # -- deleting ------------------------------------------------------------------------------
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` and its parameters (unmerging it first if merged)."""
+        self.record(name)
+        if name in self._merged:
+            self.unmerge([name])
+        self._purge(name)
+        del self._records[name]
+        self._active = [n for n in self._active if n != name]
+        self._apply_state()
+
+    def _purge(self, name: str) -> None:
+        for path, slot in list(iter_slots(self.model)):
+            if name in slot.adapter_names():
+                slot.remove_adapter(name)
+            if not slot.adapter_names():
+                replace_module(self.model, path, slot.wrapped())
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def _check_mergeable(self, name: str) -> PEFTMethod:
+        method = self.record(name).method
+        if not method.capabilities.mergeable:
+            raise UnsupportedOperationError(
+                f"adapter {name!r} uses method {method.name!r}, which cannot be merged into the "
+                "base weights"
+            )
+        return method
+
+    def _merge_one(self, name: str) -> None:
+        self._check_mergeable(name).merge(self.model, name)
+        self._merged.append(name)
+
+    def _unmerge_one(self, name: str) -> None:
+        self._check_mergeable(name).unmerge(self.model, name)
+        self._merged.remove(name)
+
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights.
+
+        Raises:
+            UnsupportedOperationError: one of them belongs to a method that cannot merge;
+                nothing is merged then.
+        """
+        targets = list(self._active if names is None else names)
+        for name in targets:
+            self._check_mergeable(name)
+            if name not in self._active:
+                raise AdapterError(f"adapter {name!r} is not active; only active ones merge")
+        for name in targets:
+            if name not in self._merged:
+                self._merge_one(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """Undo :meth:`merge` (default: every merged adapter), newest first."""
+        targets = list(self._merged if names is None else names)
+        for name in reversed(list(self._merged)):
+            if name in targets:
+                self._unmerge_one(name)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain model without any adapter module.
+
+        Active adapters' saved-module copies replace the originals. The wrapper holds no
+        adapters afterwards.
+        """
+        self.merge()
+        for path, slot in sorted(iter_slots(self.model), key=lambda ps: -ps[0].count(".")):
+            replace_module(self.model, path, slot.unwrap())
+        return self._release()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original model."""
+        self.unmerge()
+        for path, slot in sorted(iter_slots(self.model), key=lambda ps: -ps[0].count(".")):
+            replace_module(self.model, path, slot.wrapped())
+        return self._release()
+
+    def _release(self) -> nn.Module:
+        self._records.clear()
+        self._active = []
+        self._merged = []
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return self.model
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def save_adapter(self, directory: str | Path, name: str | None = None) -> Path:
+        """Save one adapter (default: the only active one) to ``directory``; see
+        :func:`peftreg.io.adapter_dir.save_adapter`."""
+        from peftreg.io.adapter_dir import save_adapter
+
+        return save_adapter(self, directory, name or self._single_active())
+
+    def load_adapter(
+        self,
+        directory: str | Path,
+        name: str | None = None,
+        *,
+        activate: bool = True,
+        trainable: bool = False,
+    ) -> AdapterRecord:
+        """Load a saved adapter as ``name`` (default: its saved name); see
+        :func:`peftreg.io.adapter_dir.load_adapter`."""
+        from peftreg.io.adapter_dir import load_adapter
+
+        return load_adapter(self, directory, name, activate=activate, trainable=trainable)
+
+    def _single_active(self) -> str:
+        if len(self._active) != 1:
+            raise AdapterError(
+                f"name the adapter to save: {len(self._active)} adapters are active"
+            )
+        return self._active[0]
+
+
+def adapt(
+    model: nn.Module,
+    config: MethodConfig,
+    adapter_name: str = "default",
+    *,
+    registry: Registry | None = None,
+) -> AdaptedModel:
+    """Wrap ``model`` and add one adapter: the usual first call.
+
+    Args:
+        model: a ``torch.nn.Module`` (plain or HF ``transformers``); modified in place.
+        config: the adapter's method config, e.g. ``LoraConfig(r=8, target_modules=[...])``.
+        adapter_name: its name.
+        registry: method registry (default: installed plugins).
+
+    Returns:
+        The :class:`AdaptedModel`, with the adapter active and trainable.
+    """
+    adapted = AdaptedModel(model, registry=registry)
+    adapted.add_adapter(adapter_name, config)
+    return adapted
+
+
+def host_for(model: nn.Module, path: str) -> AdapterHost:
+    """Return the :class:`AdapterHost` at ``path``, wrapping the module there if needed.
+
+    Method plugins call this from :meth:`PEFTMethod.inject`.
+    """
+    module = get_module(model, path)
+    if isinstance(module, AdapterHost):
+        return module
+    if isinstance(module, AdapterSlot):
+        raise ConfigError(f"module {path!r} is saved whole by another adapter; cannot adapt it")
+    host = AdapterHost(module)
+    replace_module(model, path, host)
+    return host

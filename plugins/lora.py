@@ -1,0 +1,226 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoRA: low-rank adaptation (Hu et al. 2021).
+
+A frozen weight ``W`` (out x in) is adapted as ``W + (alpha / r) * B @ A`` with ``A`` (r x in)
+random and ``B`` (out x r) zero, so training starts exactly at the base model (paper section 4.1).
+With ``use_rslora`` the scale is ``alpha / sqrt(r)`` (Kalajdzievski 2023), which keeps the update's
+magnitude stable as the rank grows. Each adapted matrix adds ``r * (in + out)`` parameters.
+
+On a Linear base with the compiled extension built, the forward and backward run as one
+``peftreg::lora_linear`` op; otherwise plain PyTorch computes the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftreg
+from peftreg import kernels
+from peftreg.families import ModelFamily
+from peftreg.host import LayerAdapter
+from peftreg.method import Capabilities, PEFTMethod
+from peftreg.model import host_for
+from peftreg.targets import TargetedConfig, select_targets
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class LoraConfig(TargetedConfig):
+    """Config of a LoRA adapter.
+
+    Attributes:
+        r: rank of the update (> 0).
+        lora_alpha: scale numerator; the update is multiplied by ``lora_alpha / r``.
+        lora_dropout: dropout probability on the LoRA path's input, in [0, 1).
+        use_rslora: scale by ``lora_alpha / sqrt(r)`` instead.
+        init_lora_weights: ``"kaiming"`` (Kaiming-uniform A, as nn.Linear) or ``"gaussian"``
+            (A ~ N(0, 1/r)); B starts at zero either way.
+        rank_pattern: per-module rank overrides, keyed by module name, suffix or regex.
+        alpha_pattern: per-module ``lora_alpha`` overrides, same keys.
+        adapter_dtype: dtype of A and B (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``
+            follows the base weight.
+        target_modules, exclude_modules, layers_to_transform, layers_pattern: see
+            :class:`peftreg.TargetedConfig`; when ``target_modules`` is ``None`` the model
+            family's query and value projections are adapted (the paper's choice).
+        modules_to_save: see :class:`peftreg.MethodConfig`.
+    """
+
+    method: ClassVar[str] = "lora"
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r <= 0:
+            raise self.error("r", "rank must be > 0", self.r)
+        if self.lora_alpha <= 0 or not math.isfinite(self.lora_alpha):
+            raise self.error("lora_alpha", "must be a finite number > 0", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise self.error("lora_dropout", "must be in [0, 1)", self.lora_dropout)
+        for key, rank in self.rank_pattern.items():
+            if rank <= 0:
+                raise self.error("rank_pattern", f"rank for {key!r} must be > 0", rank)
+        for key, alpha in self.alpha_pattern.items():
+            if alpha <= 0:
+                raise self.error("alpha_pattern", f"alpha for {key!r} must be > 0", alpha)
+
+    def rank_and_scale(self, path: str) -> tuple[int, float]:
+        """Rank and scaling for the module at ``path`` (after per-module overrides)."""
+        r = _pattern_value(self.rank_pattern, path, self.r)
+        alpha = _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_value(pattern: dict, path: str, default: float) -> float:
+    for key, value in pattern.items():
+        if path == key or path.endswith("." + key) or re.fullmatch(key, path):
+            return value
+    return default
+
+
+class LoraLinear(LayerAdapter):
+    """LoRA factors for one ``nn.Linear``: ``y = base(x) + scaling * B(A(dropout(x)))``."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float, init: str,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.scaling = r, scaling
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scaling * B @ A`` (only for merging; the forward never builds it)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.weight
+        low = self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))
+        return y + (low * self.scaling).to(y.dtype)
+
+    def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(base, nn.Linear) or x.dtype != base.weight.dtype:
+            return None
+        if self.lora_A.weight.dtype != x.dtype or not kernels.use_compiled("lora_linear",
+                                                                          x.device):
+            return None
+        from peftreg.ops.fused import lora_linear
+
+        x_lora = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training \
+            else None
+        return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight,
+                           self.scaling, x_lora)
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = base.weight  # type: ignore[union-attr]
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        w = base.weight  # type: ignore[union-attr]
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+
+
+class LoraEmbedding(LayerAdapter):
+    """LoRA factors for one ``nn.Embedding``: the update ``scaling * (B @ A)^T`` is a table.
+
+    A is zero and B random here (the transpose of the Linear case), so the product still starts
+    at zero while gradients reach B from the first step.
+    """
+
+    def __init__(self, base: nn.Embedding, r: int, scaling: float, dtype: torch.dtype | None
+                 ) -> None:
+        super().__init__()
+        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, **kw))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, **kw))
+        self.r, self.scaling = r, scaling
+        self.padding_idx = base.padding_idx
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense table update, shape (num_embeddings, embedding_dim)."""
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
+        return y + (rows @ self.lora_embedding_B.T * self.scaling).to(y.dtype)
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = base.weight  # type: ignore[union-attr]
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        w = base.weight  # type: ignore[union-attr]
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+
+
+def _default_targets(family: ModelFamily | None) -> list[str] | None:
+    if family is None or "q" not in family.roles or "v" not in family.roles:
+        return None
+    return [family.roles["q"], family.roles["v"]]
+
+
+class LoraMethod(PEFTMethod):
+    """Low-rank updates on Linear and Embedding weights; mergeable, no inference cost."""
+
+    name: ClassVar[str] = "lora"
+    config_cls: ClassVar[type[LoraConfig]] = LoraConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
+
+    def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,  # type: ignore[override]
+               family: ModelFamily | None) -> list[str]:
+        paths = select_targets(model, config, self.supported, family, _default_targets(family))
+        dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
+        for path in paths:
+            host = host_for(model, path)
+            r, scaling = config.rank_and_scale(path)
+            base = host.base
+            if isinstance(base, nn.Embedding):
+                host.adapters[adapter_name] = LoraEmbedding(base, r, scaling, dtype)
+            else:
+                host.adapters[adapter_name] = LoraLinear(
+                    base, r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
+        return paths
+
+    def parameter_count(self, model: nn.Module, config: LoraConfig) -> int:  # type: ignore[override]
+        """``sum over adapted matrices of r * (d_in + d_out)`` (paper section 4)."""
+        registry_family = peftreg.default_registry().describe_model(model)
+        total = 0
+        for path in select_targets(model, config, self.supported, registry_family,
+                                   _default_targets(registry_family)):
+            module = model.get_submodule(path)
+            module = getattr(module, "base", module)
+            r, _ = config.rank_and_scale(path)
+            if isinstance(module, nn.Embedding):
+                total += r * (module.num_embeddings + module.embedding_dim)
+            else:
+                total += r * (module.in_features + module.out_features)
+        return total
+
+
+@peftreg.hookimpl
+def peftreg_register_methods() -> list[PEFTMethod]:
+    """Provide LoRA."""
+    return [LoraMethod()]
