@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Argument validation and size bookkeeping for peftreg::lora_linear, shared by the CPU kernel
+// (lora_cpu.cpp) and the CUDA registration glue (lora_cuda_ops.cpp) so both devices reject the
+// same inputs with the same messages. The fake kernel in peftreg/ops/_fake.py mirrors it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/SmallVector.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "common/checks.h"
+
+namespace peftreg::fused {
+
+inline constexpr const char* kLoraLinearOp = "peftreg::lora_linear";
+
+struct LoraLinearSizes {
+  int64_t rows = 0;          // product of x's leading dimensions
+  int64_t in_features = 0;   // x.shape[-1]
+  int64_t out_features = 0;  // weight.shape[0]
+  int64_t rank = 0;          // lora_a.shape[0]
+  c10::SmallVector<int64_t, 6> out_shape;  // (*x.shape[:-1], out_features)
+};
+
+// Validates every argument of lora_linear against x and returns the problem sizes.
+// Order: ranks of tensors, then shapes, then dtypes, then devices, so the first message a user
+// sees is about the most basic mistake.
+inline LoraLinearSizes check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                              const std::optional<at::Tensor>& x_lora) {
+  namespace ck = peftreg::checks;
+  const char* op = kLoraLinearOp;
+  ck::check_min_dim(x, op, "x", 1, "(..., in_features)");
+  ck::check_dim(weight, op, "weight", 2, "(out_features, in_features)");
+  ck::check_dim(lora_a, op, "lora_a", 2, "(r, in_features)");
+  ck::check_dim(lora_b, op, "lora_b", 2, "(out_features, r)");
+
+  LoraLinearSizes s;
+  s.in_features = x.size(-1);
+  s.out_features = weight.size(0);
+  s.rank = lora_a.size(0);
+  s.rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
+    s.rows *= x.size(d);
+  }
+  s.out_shape.assign(x.sizes().begin(), x.sizes().end());
+  s.out_shape.back() = s.out_features;
+
+  ck::check_size(weight, op, "weight", 1, s.in_features, "(out_features, in_features)",
+                 "in_features = x.shape[-1]");
+  ck::check_size(lora_a, op, "lora_a", 1, s.in_features, "(r, in_features)",
+                 "in_features = x.shape[-1]");
+  ck::check_size(lora_b, op, "lora_b", 0, s.out_features, "(out_features, r)",
+                 "out_features = weight.shape[0]");
+  ck::check_size(lora_b, op, "lora_b", 1, s.rank, "(out_features, r)", "r = lora_a.shape[0]");
+  if (bias.has_value()) {
+    ck::check_dim(*bias, op, "bias", 1, "(out_features,)");
+    ck::check_size(*bias, op, "bias", 0, s.out_features, "(out_features,)",
+                   "out_features = weight.shape[0]");
+  }
+  if (x_lora.has_value()) {
+    ck::check_same_shape(*x_lora, op, "x_lora", x, "x");
+  }
+
+  ck::check_supported_dtype(x, op, "x");
+  ck::check_same_dtype(weight, op, "weight", x, "x");
+  ck::check_same_dtype(lora_a, op, "lora_a", x, "x");
+  ck::check_same_dtype(lora_b, op, "lora_b", x, "x");
+  if (bias.has_value()) ck::check_same_dtype(*bias, op, "bias", x, "x");
+  if (x_lora.has_value()) ck::check_same_dtype(*x_lora, op, "x_lora", x, "x");
+
+  ck::check_same_device(weight, op, "weight", x, "x");
+  ck::check_same_device(lora_a, op, "lora_a", x, "x");
+  ck::check_same_device(lora_b, op, "lora_b", x, "x");
+  if (bias.has_value()) ck::check_same_device(*bias, op, "bias", x, "x");
+  if (x_lora.has_value()) ck::check_same_device(*x_lora, op, "x_lora", x, "x");
+  return s;
+}
+
+}  // namespace peftreg::fused

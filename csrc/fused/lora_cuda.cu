@@ -1,0 +1,211 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// CUDA kernels of peftreg::lora_linear (schema in csrc/registration.cpp, torch glue in
+// lora_cuda_ops.cpp). No torch header is included here: the launch API in lora_cuda.h takes
+// plain pointers, so this file compiles with nvcc alone.
+//
+//   y = x @ W^T + bias + scaling * (x_l @ A^T) @ B^T,   x_l = x_lora or x   (Hu et al. 2021, eq. 3)
+//
+// Two launches, both classic shared-memory tiled GEMMs of the "NT" form C[i, j] = sum_k L[i, k] *
+// R[j, k] (both operands row-major with k contiguous, which is how nn.Linear stores weights):
+//   1. project: workspace u = scaling * x_l @ A^T, a (rows x r) matrix in the accumulation type;
+//   2. output:  y = x @ W^T + u @ B^T + bias, one pass writing each output element once.
+// The dense (out x in) product B @ A is never formed. Accumulation is fp32 for fp32/bf16/fp16
+// inputs (fp64 for fp64) and u stays unrounded, so half-precision outputs are rounded once.
+//
+// This is written for clarity and correctness, not peak speed (no tensor cores, no
+// double-buffering); on large shapes cuBLAS-backed reference code may be faster. The backward
+// uses ATen matmuls (peftreg/ops/_autograd.py), so only the forward is needed here.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fused/lora_cuda.h"
+
+namespace peftreg::fused::cuda {
+namespace {
+
+constexpr int kTile = 16;                     // 16 x 16 = 256 threads per block
+constexpr int64_t kMaxGridX = 2147483647;     // rows / kTile blocks go on grid.x
+constexpr int64_t kMaxGridY = 65535;          // out / kTile (or r / kTile) blocks go on grid.y
+
+// Loads/stores between the storage type T and its accumulation type.
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using Acc = float;
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float v) { return v; }
+};
+
+template <>
+struct Elem<double> {
+  using Acc = double;
+  static __device__ __forceinline__ double load(double v) { return v; }
+  static __device__ __forceinline__ double store(double v) { return v; }
+};
+
+template <>
+struct Elem<__half> {
+  using Acc = float;
+  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using Acc = float;
+  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Returns sum_k lhs[row, k] * rhs[col, k] for this thread's output element, where
+// row = blockIdx.x * kTile + threadIdx.y and col = blockIdx.y * kTile + threadIdx.x; lhs is
+// (m, k) and rhs is (n, k), both dense row-major. Out-of-range rows/cols contribute zeros, so
+// every thread of the block runs the same loop: it calls __syncthreads() and must not be skipped
+// by any thread. The +1 padding keeps the column reads of rhs_tile free of bank conflicts.
+template <typename Acc, typename TL, typename TR>
+__device__ __forceinline__ Acc nt_tile_dot(const TL* __restrict__ lhs,
+                                           const TR* __restrict__ rhs, int64_t m, int64_t n,
+                                           int64_t k, Acc (*lhs_tile)[kTile + 1],
+                                           Acc (*rhs_tile)[kTile + 1]) {
+  const int tx = static_cast<int>(threadIdx.x);
+  const int ty = static_cast<int>(threadIdx.y);
+  const int64_t lhs_row = static_cast<int64_t>(blockIdx.x) * kTile + ty;
+  const int64_t rhs_row = static_cast<int64_t>(blockIdx.y) * kTile + ty;
+  Acc acc = Acc(0);
+  for (int64_t k0 = 0; k0 < k; k0 += kTile) {
+    const int64_t kk = k0 + tx;  // consecutive threads read consecutive k: coalesced
+    lhs_tile[ty][tx] = (lhs_row < m && kk < k)
+                           ? static_cast<Acc>(Elem<TL>::load(lhs[lhs_row * k + kk]))
+                           : Acc(0);
+    rhs_tile[ty][tx] = (rhs_row < n && kk < k)
+                           ? static_cast<Acc>(Elem<TR>::load(rhs[rhs_row * k + kk]))
+                           : Acc(0);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      acc += lhs_tile[ty][j] * rhs_tile[tx][j];
+    }
+    __syncthreads();
+  }
+  return acc;
+}
+
+// u = scaling * x_l @ A^T, shape (rows, rank), in the accumulation type.
+template <typename T>
+__global__ void __launch_bounds__(kTile* kTile)
+    lora_project_kernel(const T* __restrict__ x_l, const T* __restrict__ lora_a,
+                        typename Elem<T>::Acc* __restrict__ u, int64_t rows,
+                        int64_t in_features, int64_t rank, typename Elem<T>::Acc scaling) {
+  using Acc = typename Elem<T>::Acc;
+  __shared__ Acc lhs_tile[kTile][kTile + 1];
+  __shared__ Acc rhs_tile[kTile][kTile + 1];
+  const Acc acc = nt_tile_dot<Acc>(x_l, lora_a, rows, rank, in_features, lhs_tile, rhs_tile);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.y;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.x;
+  if (row < rows && col < rank) {
+    u[row * rank + col] = scaling * acc;
+  }
+}
+
+// y = x @ W^T + u @ B^T + bias, shape (rows, out_features).
+template <typename T>
+__global__ void __launch_bounds__(kTile* kTile)
+    lora_output_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                       const T* __restrict__ bias, const typename Elem<T>::Acc* __restrict__ u,
+                       const T* __restrict__ lora_b, T* __restrict__ y, int64_t rows,
+                       int64_t in_features, int64_t out_features, int64_t rank) {
+  using Acc = typename Elem<T>::Acc;
+  __shared__ Acc lhs_tile[kTile][kTile + 1];
+  __shared__ Acc rhs_tile[kTile][kTile + 1];
+  Acc acc = nt_tile_dot<Acc>(x, weight, rows, out_features, in_features, lhs_tile, rhs_tile);
+  // The first call ends with a barrier, so the tiles can be reused directly.
+  acc += nt_tile_dot<Acc>(u, lora_b, rows, out_features, rank, lhs_tile, rhs_tile);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.y;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.x;
+  if (row < rows && col < out_features) {
+    if (bias != nullptr) {
+      acc += static_cast<Acc>(Elem<T>::load(bias[col]));
+    }
+    y[row * out_features + col] = Elem<T>::store(acc);
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+cudaError_t launch(const LoraLinearArgs& a, cudaStream_t stream) {
+  using Acc = typename Elem<T>::Acc;
+  if (a.rows < 0 || a.in_features < 0 || a.out_features < 0 || a.rank < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.rows == 0 || a.out_features == 0) {
+    return cudaSuccess;  // empty output: nothing to compute (and a zero-sized grid is invalid)
+  }
+  const int64_t row_blocks = ceil_div(a.rows, kTile);
+  const int64_t out_blocks = ceil_div(a.out_features, kTile);
+  const int64_t rank_blocks = ceil_div(a.rank, kTile);
+  if (row_blocks > kMaxGridX || out_blocks > kMaxGridY || rank_blocks > kMaxGridY) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.rank > 0 && a.workspace == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+
+  const T* x = static_cast<const T*>(a.x);
+  const T* x_l = a.x_lora != nullptr ? static_cast<const T*>(a.x_lora) : x;
+  const T* weight = static_cast<const T*>(a.weight);
+  const T* bias = static_cast<const T*>(a.bias);
+  const T* lora_a = static_cast<const T*>(a.lora_a);
+  const T* lora_b = static_cast<const T*>(a.lora_b);
+  Acc* u = static_cast<Acc*>(a.workspace);
+  T* y = static_cast<T*>(a.y);
+  const dim3 block(kTile, kTile);
+
+  if (a.rank > 0) {
+    const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(rank_blocks));
+    lora_project_kernel<T><<<grid, block, 0, stream>>>(x_l, lora_a, u, a.rows, a.in_features,
+                                                       a.rank, static_cast<Acc>(a.scaling));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) {
+      return err;
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(out_blocks));
+  lora_output_kernel<T><<<grid, block, 0, stream>>>(x, weight, bias, u, lora_b, y, a.rows,
+                                                    a.in_features, a.out_features, a.rank);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+std::size_t lora_linear_workspace_bytes(ScalarKind dtype, int64_t rows, int64_t rank) {
+  const std::size_t acc_bytes = dtype == ScalarKind::kFloat64 ? sizeof(double) : sizeof(float);
+  if (rows <= 0 || rank <= 0) {
+    return 0;
+  }
+  return static_cast<std::size_t>(rows) * static_cast<std::size_t>(rank) * acc_bytes;
+}
+
+cudaError_t lora_linear_forward(const LoraLinearArgs& args, cudaStream_t stream) {
+  switch (args.dtype) {
+    case ScalarKind::kFloat32:
+      return launch<float>(args, stream);
+    case ScalarKind::kFloat64:
+      return launch<double>(args, stream);
+    case ScalarKind::kFloat16:
+      return launch<__half>(args, stream);
+    case ScalarKind::kBFloat16:
+      return launch<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace peftreg::fused::cuda
