@@ -86,9 +86,17 @@ class PEFTMethod(abc.ABC):
         The default merges every :class:`~peftreg.host.AdapterHost` holding the adapter; it is
         only called when ``capabilities.mergeable`` is true.
         """
-        for _, slot in iter_slots(model):
-            if isinstance(slot, AdapterHost) and adapter_name in slot.adapters:
-                slot.merge(adapter_name)
+        done: list[AdapterHost] = []
+        try:
+            for _, slot in iter_slots(model):
+                if isinstance(slot, AdapterHost) and adapter_name in slot.adapters:
+                    slot.merge(adapter_name)
+                    done.append(slot)
+        except BaseException:
+            # All or nothing: a failure part-way must not leave some layers merged.
+            for slot in reversed(done):
+                slot.unmerge(adapter_name)
+            raise
 
     def unmerge(self, model: nn.Module, adapter_name: str) -> None:
         """Undo :meth:`merge` (exact up to floating-point rounding)."""

@@ -1,0 +1,52 @@
+# peftreg developer entry points. `make demo` and `make test` work on a fresh machine:
+# each creates (or reuses) .venv, installs torch first (so nothing later pulls a CUDA build),
+# builds the extension without build isolation, installs peftreg with its plugins, then runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned to the wheel this project is developed against; override on other machines,
+# e.g. `make test TORCH_SPEC="torch==2.11.0"`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TEST_PLUGINS := build/test-plugins
+SOURCES := pyproject.toml setup.py $(shell find csrc peftreg plugins -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+PLUGIN_DISTS := $(shell find tests/plugin_dists -name pyproject.toml -o -name '*.py' 2>/dev/null)
+
+.PHONY: install demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch-installed: | $(PY)
+	$(PIP) install "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.peftreg-installed: $(VENV)/.torch-installed $(SOURCES)
+	$(PIP) install "setuptools>=69" wheel "pybind11>=2.12" "ninja>=1.11"
+	$(PIP) install --no-build-isolation -e ".[test]"
+	touch $@
+
+# Test-only plugin distributions go into their own folder, which the tests put on sys.path,
+# so the working environment never sees the deliberately broken ones.
+$(TEST_PLUGINS)/.installed: $(VENV)/.peftreg-installed $(PLUGIN_DISTS)
+	rm -rf $(TEST_PLUGINS)
+	$(PIP) install --no-build-isolation --no-deps --target $(TEST_PLUGINS) tests/plugin_dists/*/
+	touch $@
+
+install: $(VENV)/.peftreg-installed
+
+demo: install
+	$(VENV)/bin/peftreg demo
+
+test: install $(TEST_PLUGINS)/.installed
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check peftreg plugins tests benchmarks setup.py
+
+bench: install
+	$(PY) benchmarks/bench_fused_lora.py
+
+clean:
+	rm -rf build $(VENV) peftreg/_C*.so *.egg-info

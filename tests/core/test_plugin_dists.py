@@ -1,0 +1,62 @@
+"""End to end with real third-party distributions installed from tests/plugin_dists."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import peftreg
+from peftreg import Registry
+from peftreg.testing import check_method
+
+pytest.importorskip("peftreg_toy", reason="run `make test` to install tests/plugin_dists")
+
+
+def test_third_party_method_is_discovered_with_its_distribution():
+    registry = Registry.from_entry_points()
+    assert "offset" in registry.names()
+    source = registry.source("offset")
+    assert (source.dist, source.version, source.builtin) == ("peftreg-toy", "0.3.0", False)
+
+
+def test_broken_plugins_are_reported_and_others_work():
+    registry = Registry.from_entry_points()
+    by_entry = {f.entry_point: f for f in registry.failures}
+    assert by_entry["broken_import"].dist == "peftreg-broken"
+    assert "not_installed_anywhere" in by_entry["broken_import"].reason
+    assert "got dict" in by_entry["broken_garbage"].reason
+    assert by_entry["fake_lora"].dist == "peftreg-dupe"
+    assert "built-in distribution 'peftreg'" in by_entry["fake_lora"].reason
+    assert type(registry.get("lora")).__module__ == "peftreg_plugins.lora"
+    assert {"lora", "offset"} <= set(registry.names())
+
+
+def test_third_party_method_end_to_end(make_tiny, token_batch):
+    config = peftreg.config_for("offset", target_modules=["o_proj", "down_proj"])
+    report = check_method(
+        config, make_tiny, token_batch,
+        lambda m, ids: m(ids)["logits"], lambda m, ids: m(ids, labels=ids)["loss"])
+    assert report.trainable_params == 2 * (32 + 32)
+
+
+def test_third_party_bias_needed_to_merge(make_tiny, token_batch):
+    model = peftreg.adapt(make_tiny(), peftreg.config_for("offset", target_modules=["o_proj"]))
+    with pytest.raises(peftreg.UnsupportedOperationError, match="needs a bias"):
+        model.merge()
+    assert torch.isfinite(model(token_batch)["logits"]).all()
+
+
+def test_cli_lists_third_party_and_failures():
+    result = subprocess.run([sys.executable, "-m", "peftreg.cli", "methods"], capture_output=True,
+                            text=True, timeout=120, check=False, env=_wide_env())
+    assert result.returncode == 0, result.stderr
+    assert "offset" in result.stdout and "peftreg-toy" in result.stdout
+    assert "peftreg-broken" in result.stdout and "failed to load" in result.stdout
+
+
+def _wide_env():
+    return {**os.environ, "COLUMNS": "250"}

@@ -1,0 +1,8 @@
+"""A plugin whose hook returns something that is not a list of methods."""
+
+import peftreg
+
+
+@peftreg.hookimpl
+def peftreg_register_methods():
+    return {"lora": "not a method"}
