@@ -146,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, console)
     except PeftregError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        # Plain print: errors must not be re-wrapped or styled (paths, grep-able messages).
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

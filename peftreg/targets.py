@@ -5,7 +5,7 @@ Rules for a target entry (the same as HF PEFT's, so configs carry over):
 
 * a list of names: an entry matches a module whose path equals it or ends with ``"." + entry``;
 * a single string: a regular expression that must match the whole module path;
-* ``"all-linear"``: every module of a supported type except the output head.
+* ``"all-linear"``: every linear layer of a supported type except the output head.
 
 ``exclude_modules`` follows the same rules. ``layers_to_transform`` keeps only modules inside the
 listed transformer blocks (block indices come from the model family when known, otherwise from
@@ -126,6 +126,12 @@ def _matches(path: str, spec: list[str] | str) -> bool:
     return any(path == entry or path.endswith("." + entry) for entry in spec)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``"all-linear"`` counts ``module``: an ``nn.Linear``, or a class that declares
+    ``peftreg_linear = True`` (quantized or fused linear layers)."""
+    return isinstance(module, nn.Linear) or bool(getattr(type(module), "peftreg_linear", False))
+
+
 def output_head_paths(model: nn.Module, family: ModelFamily | None) -> set[str]:
     """Paths of modules treated as the output head (left out of ``"all-linear"``)."""
     if family is not None and family.output_head:
@@ -186,7 +192,7 @@ def select_targets(
     wrong_type: list[str] = []
     for path, module in modules:
         if spec == ALL_LINEAR:
-            if not isinstance(module, supported) or path in heads:
+            if not (isinstance(module, supported) and is_linear(module)) or path in heads:
                 continue
         elif not _matches(path, spec):
             continue

@@ -114,7 +114,7 @@ def check_method(
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
-        losses.append(float(value))
+        losses.append(value.item())
     model.eval()
     assert losses[-1] < losses[0], f"{method.name}: loss did not drop ({losses[0]} -> {losses[-1]})"
     trained_out = _outputs(model, batch, forward)
