@@ -42,7 +42,7 @@ def run_demo(console: Console, steps: int = 60, seed: int = 0) -> dict[str, floa
     lora = peftreg.config_for("lora", r=8, lora_alpha=16, target_modules="all-linear",
                               modules_to_save=["classifier"])
     model = peftreg.adapt(fresh(), lora)
-    console.print(model.summary())
+    console.print(str(model.summary()), highlight=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     test_ids, test_labels = _batch(gen, 256, config.vocab_size, 12)
@@ -61,8 +61,8 @@ def run_demo(console: Console, steps: int = 60, seed: int = 0) -> dict[str, floa
         loss.backward()
         optimizer.step()
         if step == 0:
-            first_loss = float(loss)
-        last_loss = float(loss)
+            first_loss = loss.item()
+        last_loss = loss.item()
     elapsed = time.perf_counter() - start
     model.eval()
     acc_after = accuracy(model)
