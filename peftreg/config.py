@@ -153,7 +153,7 @@ _MISMATCH = object()
 
 
 def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` (possibly converted, e.g. int to float) if it fits ``tp``, else _MISMATCH."""
+    """Return ``value`` (maybe converted, e.g. int to float) if it fits ``tp``, else _MISMATCH."""
     if tp is Any:
         return value
     origin = typing.get_origin(tp)

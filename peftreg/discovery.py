@@ -119,7 +119,8 @@ def load_entry_points(
             plugin: Any = ep.load()
             pm.register(plugin, name=plugin_name)
         except Exception as exc:
-            failure = PluginFailure(dist, version, ep.name, f"failed to load: {_describe_error(exc)}")
+            reason = f"failed to load: {_describe_error(exc)}"
+            failure = PluginFailure(dist, version, ep.name, reason)
             if strict:
                 raise PluginError(str(failure)) from exc
             failures.append(failure)

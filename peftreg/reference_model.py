@@ -162,7 +162,7 @@ class ReferenceTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         rope = (self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype))
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()

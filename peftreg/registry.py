@@ -121,7 +121,8 @@ class Registry:
 
     # -- methods -------------------------------------------------------------------------------
 
-    def _fail(self, source: PluginSource, reason: str, exc: type[PluginError] = PluginError) -> None:
+    def _fail(self, source: PluginSource, reason: str,
+              exc: type[PluginError] = PluginError) -> None:
         failure = PluginFailure(source.dist, source.version, source.entry_point, reason)
         if self._strict:
             raise exc(str(failure))

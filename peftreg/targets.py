@@ -234,7 +234,8 @@ def _check_each_entry(
         if not hits:
             missing.append(entry)
         elif not any(isinstance(m, supported) for _, m in hits):
-            unsupported.append(f"{entry} ({', '.join(sorted({type(m).__name__ for _, m in hits}))})")
+            types = ", ".join(sorted({type(m).__name__ for _, m in hits}))
+            unsupported.append(f"{entry} ({types})")
     if missing:
         raise TargetNotFoundError(
             f"target_modules entries {missing} match no module in the model; candidates: "
@@ -250,5 +251,6 @@ def _check_each_entry(
 def _candidates(model: nn.Module, supported: tuple[type[nn.Module], ...], limit: int = 40) -> str:
     names = [p for p, m in iter_base_modules(model) if isinstance(m, supported)]
     suffixes = sorted({p.rsplit(".", 1)[-1] for p in names})
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    shown = ", ".join(names[:limit]) + more
     return f"[{shown}] (distinct names: {', '.join(suffixes)})" if names else "none"

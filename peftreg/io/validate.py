@@ -9,6 +9,7 @@ problem.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -80,10 +81,9 @@ def parse_header(data: bytes, source: str) -> tuple[dict[str, dict], dict[str, s
                        f"{dtype} needs {expected}")
         spans.append((start, end, name))
     spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise fail(f"tensors {n0!r} and {n1!r} overlap in the data section")
-        del s0
+    for (_, end0, name0), (start1, _, name1) in itertools.pairwise(spans):
+        if start1 < end0:
+            raise fail(f"tensors {name0!r} and {name1!r} overlap in the data section")
     return header, metadata
 
 
@@ -137,7 +137,8 @@ def compare_to_expected(
     """
     problems = []
     for key in sorted(set(expected) - set(tensors)):
-        problems.append(f"missing tensor {key!r} (model expects shape {tuple(expected[key].shape)})")
+        shape = tuple(expected[key].shape)
+        problems.append(f"missing tensor {key!r} (model expects shape {shape})")
     for key in sorted(set(tensors) - set(expected)):
         problems.append(f"unexpected tensor {key!r} (shape {tuple(tensors[key].shape)}) that the "
                         "model has no place for")

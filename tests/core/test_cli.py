@@ -43,7 +43,8 @@ def test_doctor_reports_extension_state(capsys):
 
 def test_console_script_runs_in_a_subprocess():
     result = subprocess.run([sys.executable, "-m", "peftreg.cli", "methods"],
-                            capture_output=True, text=True, timeout=120, check=False, env=_wide_env())
+                            capture_output=True, text=True, timeout=120, check=False,
+                            env=_wide_env())
     assert result.returncode == 0, result.stderr
     assert "lora" in result.stdout
 

@@ -162,7 +162,8 @@ def test_describe_model_prefers_third_party_and_survives_errors():
 
     registry = _registry(
         FakeEntryPoint("b", "peftreg", plugin_module("b", peftreg_describe_model=builtin_describe)),
-        FakeEntryPoint("t", "peftreg-fam", plugin_module("t", peftreg_describe_model=third_describe)),
+        FakeEntryPoint("t", "peftreg-fam",
+                       plugin_module("t", peftreg_describe_model=third_describe)),
         FakeEntryPoint("r", "peftreg-raise", plugin_module("r", peftreg_describe_model=raising)),
     )
     assert registry.describe_model(nn.Linear(2, 2)).name == "third"

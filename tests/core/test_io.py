@@ -225,7 +225,8 @@ def test_overlapping_tensors_are_refused(saved, make_tiny):
     [
         (lambda t, k: t.pop(k), "missing tensor"),
         (lambda t, k: t.__setitem__("layers.0.extra.weight", torch.zeros(2)), "unexpected tensor"),
-        (lambda t, k: t.__setitem__(k, torch.zeros(3, 3)), r"has shape \(3, 3\), the model expects"),
+        (lambda t, k: t.__setitem__(k, torch.zeros(3, 3)),
+         r"has shape \(3, 3\), the model expects"),
         (lambda t, k: t.__setitem__(k, torch.full_like(t[k], float("nan"))), "NaN or infinite"),
         (lambda t, k: t.__setitem__(k, t[k].to(torch.int32)), "must be floating point"),
     ],

@@ -127,8 +127,8 @@ def test_merge_of_unmergeable_method_is_a_clear_error(make_tiny, token_batch):
     registry = Registry.for_testing([NoMerge()])
     model = peftreg.adapt(make_tiny(), ShiftConfig(target_modules=["o_proj"]), "side",
                           registry=registry)
-    with pytest.raises(UnsupportedOperationError, match="'side' uses method 'shift'.*cannot be "
-                                                        "merged"):
+    with pytest.raises(UnsupportedOperationError, match=r"'side' uses method 'shift'.*cannot be "
+                                                        r"merged"):
         model.merge()
     assert model.merged_adapters == []
 
@@ -164,7 +164,8 @@ def test_modules_to_save_overlapping_targets_is_refused(make_tiny, registry):
 def test_missing_modules_to_save(make_tiny, registry):
     model = AdaptedModel(make_tiny(), registry=registry)
     with pytest.raises(TargetNotFoundError, match="modules_to_save entry 'classifier'"):
-        model.add_adapter("a", LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))
+        model.add_adapter("a", LoraConfig(target_modules=["q_proj"],
+                                          modules_to_save=["classifier"]))
 
 
 def test_summary_counts_and_percent(make_tiny, registry):

@@ -63,7 +63,8 @@ def test_missing_name_lists_candidates(make_tiny):
 
 
 def test_unsupported_type_is_named(make_tiny):
-    with pytest.raises(TargetNotFoundError, match=r"unsupported types: input_layernorm \(RMSNorm\)"):
+    with pytest.raises(TargetNotFoundError,
+                       match=r"unsupported types: input_layernorm \(RMSNorm\)"):
         _select(make_tiny(), target_modules=["input_layernorm"])
 
 

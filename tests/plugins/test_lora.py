@@ -150,7 +150,7 @@ def test_compiled_and_plain_paths_agree(make_tiny, token_batch, dropout):
         results.append((loss.detach(), grads))
     (loss_c, grads_c), (loss_r, grads_r) = results
     torch.testing.assert_close(loss_c, loss_r, atol=1e-5, rtol=1e-5)
-    for gc, gr in zip(grads_c, grads_r):
+    for gc, gr in zip(grads_c, grads_r, strict=True):
         torch.testing.assert_close(gc, gr, atol=1e-5, rtol=1e-4)
 
 
