@@ -35,12 +35,20 @@ def test_broken_plugins_are_reported_and_others_work():
     assert {"lora", "offset"} <= set(registry.names())
 
 
-def test_third_party_method_end_to_end(make_tiny, token_batch):
-    config = peftreg.config_for("offset", target_modules=["o_proj", "down_proj"])
+def _make_mlp():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def test_third_party_method_end_to_end():
+    inputs = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    config = peftreg.config_for("offset", target_modules=["0", "2"])
     report = check_method(
-        config, make_tiny, token_batch,
-        lambda m, ids: m(ids)["logits"], lambda m, ids: m(ids, labels=ids)["loss"])
-    assert report.trainable_params == 2 * (32 + 32)
+        config, _make_mlp, inputs,
+        lambda m, x: m(x), lambda m, x: torch.nn.functional.mse_loss(m(x), target))
+    assert report.trainable_params == 16 + 4
+    assert report.max_merge_difference is not None
 
 
 def test_third_party_bias_needed_to_merge(make_tiny, token_batch):

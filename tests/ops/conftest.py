@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fixtures for the compiled-op tests: the device list, an extension gate, tolerance imports."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# tests/tolerances.py is imported as a top-level module (`from tolerances import tol`); under
+# --import-mode=importlib the tests folder is not on sys.path by itself.
+_TESTS_DIR = str(Path(__file__).resolve().parents[1])
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from peftreg import ops  # noqa: E402
+
+
+def op_devices() -> list[str]:
+    """cpu, plus cuda when a GPU is visible; ``PEFTREG_TEST_DEVICE`` (comma list) overrides."""
+    forced = os.environ.get("PEFTREG_TEST_DEVICE")
+    if forced:
+        return [d.strip() for d in forced.split(",") if d.strip()]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every test taking a `device` argument runs once per device, with ids like device=cpu.
+    if "device" in metafunc.fixturenames:
+        devices = op_devices()
+        metafunc.parametrize("device", devices, ids=[f"device={d}" for d in devices])
+
+
+@pytest.fixture
+def require_extension() -> None:
+    """Skip unless the compiled extension is loaded (CI makes its absence a failure instead)."""
+    if not ops.has_extension():
+        pytest.skip(f"compiled extension not built: {ops.extension_error()}")
+
+
+@pytest.fixture
+def op_device(require_extension: None, device: str) -> torch.device:
+    """``device`` as a torch.device, skipping when this build has no kernel for it."""
+    if not ops.kernel_available("lora_linear", device):
+        pytest.skip(f"this build of the extension has no {device} kernels "
+                    f"(built with CUDA: {ops.built_with_cuda()})")
+    return torch.device(device)
