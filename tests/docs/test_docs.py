@@ -20,7 +20,8 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     reloaded, model = namespace["reloaded"], namespace["model"]
     assert (tmp_path / "my-adapter" / "adapter.json").is_file()
     assert reloaded.active_adapters == ["default"]
-    assert model.summary().rows[0].adapter_params == 2 * 2 * 8 * (64 + 64)
+    # two layers, rank 8, q_proj 64->64 and v_proj 64->32 (two key/value heads of width 16)
+    assert model.summary().rows[0].adapter_params == 2 * 8 * ((64 + 64) + (64 + 32))
 
 
 def test_plugin_guide_embeds_the_tested_plugin_verbatim():
