@@ -1,0 +1,172 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Registration of the compiled ops: opcheck, dispatcher contents, and how the library loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftreg import ops
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sample_inputs(device: torch.device) -> dict[str, tuple]:
+    """Sample (args) per case for opcheck: grads on/off, bias/no bias, x_lora, 1-D..3-D x."""
+
+    def t(*shape, grad=False, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=grad)
+
+    return {
+        "3d_lora_grads": (t(2, 3, 8), t(6, 8), t(6), t(4, 8, grad=True), t(6, 4, grad=True), 0.5,
+                          None),
+        "all_grads_x_lora": (t(5, 8, grad=True), t(6, 8, grad=True), t(6, grad=True),
+                             t(4, 8, grad=True), t(6, 4, grad=True), 2.0, t(5, 8, grad=True)),
+        "no_bias_1d": (t(8, grad=True), t(6, 8), None, t(1, 8, grad=True), t(6, 1, grad=True),
+                       1.0, None),
+        "no_grad": (t(3, 8), t(6, 8), t(6), t(4, 8), t(6, 4), 0.25, t(3, 8)),
+        "float64": (t(3, 8, dtype=torch.float64, grad=True), t(6, 8, dtype=torch.float64),
+                    t(6, dtype=torch.float64), t(2, 8, dtype=torch.float64, grad=True),
+                    t(6, 2, dtype=torch.float64, grad=True), 0.5, None),
+    }
+
+
+OPCHECK_CASES = ["3d_lora_grads", "all_grads_x_lora", "no_bias_1d", "no_grad", "float64"]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=[f"case={c}" for c in OPCHECK_CASES])
+def test_opcheck_lora_linear(op_device, case):
+    """Schema, autograd registration, fake kernel and AOT dispatch agree with the kernel."""
+    args = _sample_inputs(op_device)[case]
+    torch.library.opcheck(torch.ops.peftreg.lora_linear.default, args)
+
+
+@pytest.mark.usefixtures("require_extension")
+def test_ops_list_matches_dispatcher():
+    """peftreg.ops.OPS (used by kernel_report and `peftreg doctor`) lists every defined op."""
+    defined = {name.removeprefix("peftreg::") for name in torch._C._dispatch_get_all_op_names()
+               if name.startswith("peftreg::")}
+    assert defined == set(ops.OPS)
+
+
+@pytest.mark.usefixtures("require_extension")
+def test_every_op_has_cpu_kernel_fake_and_autograd():
+    for op in ops.OPS:
+        qualname = f"peftreg::{op}"
+        assert ops.kernel_available(op, "cpu"), qualname
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"), qualname
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"), qualname
+
+
+@pytest.mark.usefixtures("require_extension")
+def test_cuda_build_has_cuda_kernel_for_every_op():
+    if not ops.built_with_cuda():
+        pytest.skip("this build of the extension has no CUDA kernels (CPU torch or no toolkit)")
+    missing = [op for op in ops.OPS if not ops.kernel_available(op, "cuda")]
+    assert not missing, f"CUDA build without CUDA kernels for: {missing}"
+
+
+@pytest.mark.usefixtures("require_extension")
+def test_kernel_report_covers_every_op_and_device():
+    report = ops.kernel_report()
+    assert [(op, dev) for op, dev, _ in report] == [(o, d) for o in ops.OPS for d in ops.DEVICES]
+    assert all(ok for op, dev, ok in report if dev == "cpu")
+    assert all(ok == ops.built_with_cuda() for op, dev, ok in report if dev == "cuda")
+    assert ops.kernel_available("peftreg::lora_linear", torch.device("cpu"))
+    assert not ops.kernel_available("no_such_op", "cpu")
+    assert not ops.kernel_available("lora_linear", "meta")  # only CPU and CUDA are reported
+
+
+def test_extension_is_built_when_required():
+    """CI sets PEFTREG_REQUIRE_EXTENSION=1: there, a missing extension is a failure."""
+    if os.environ.get("PEFTREG_REQUIRE_EXTENSION") != "1":
+        pytest.skip("set PEFTREG_REQUIRE_EXTENSION=1 to require the compiled extension")
+    assert ops.has_extension(), ops.extension_error()
+    assert ops.kernel_available("lora_linear", "cpu")
+
+
+def _run_python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "PYTHONPATH": pythonpath, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=full_env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+_NO_EXTENSION_SCRIPT = """
+    import warnings
+    import torch
+    from peftreg import ops
+    from peftreg.ops import fused, reference
+
+    assert not ops.has_extension() and ops.extension_origin() is None
+    err = ops.extension_error()
+    for needle in ("PEFTREG_EXTENSION=off", "pip install --no-build-isolation -e .",
+                   "python setup.py build_ext --inplace"):
+        assert needle in err, err
+    assert not any(ok for _, _, ok in ops.kernel_report()), ops.kernel_report()
+    assert not hasattr(torch.ops.peftreg, "lora_linear")  # no schema without the library
+    x, w, a, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    try:
+        fused.lora_linear(x, w, None, a, b, 1.0)
+    except ops.ExtensionUnavailableError as exc:
+        assert isinstance(exc, RuntimeError)
+        assert "pip install --no-build-isolation -e ." in str(exc), exc
+    else:
+        raise AssertionError("fused.lora_linear ran without the extension")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ops.warn_fallback_once("peftreg::lora_linear has no compiled cpu kernel")
+        ops.warn_fallback_once("a second reason")
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert issubclass(caught[0].category, ops.PeftregFallbackWarning)
+    assert issubclass(caught[0].category, UserWarning)
+    message = str(caught[0].message)
+    for needle in ("no compiled cpu kernel", "plain-PyTorch", "build_ext --inplace"):
+        assert needle in message, message
+    assert reference.lora_linear(x, w, None, a, b, 1.0).shape == (2, 4)
+    print("ok")
+"""
+
+
+def test_import_without_extension_falls_back_cleanly():
+    """PEFTREG_EXTENSION=off behaves like an unbuilt checkout: import works, errors say how."""
+    proc = _run_python(_NO_EXTENSION_SCRIPT, PEFTREG_EXTENSION="off")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_unknown_extension_mode_is_reported():
+    proc = _run_python("""
+        from peftreg import ops
+        assert not ops.has_extension()
+        assert "PEFTREG_EXTENSION='sometimes'" in ops.extension_error(), ops.extension_error()
+        print("ok")
+    """, PEFTREG_EXTENSION="sometimes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_jit_build_then_load(tmp_path):
+    """`python -m peftreg.ops.build` compiles into the cache; a later import loads it."""
+    build = subprocess.run([sys.executable, "-m", "peftreg.ops.build"], cwd=ROOT,
+                           env={**os.environ, "PEFTREG_EXTENSION": "off",
+                                "PEFTREG_EXTENSION_DIR": str(tmp_path)},
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout + build.stderr
+    proc = _run_python("""
+        import torch
+        from peftreg import ops
+        from peftreg.ops import fused, reference
+        assert ops.extension_origin() == "jit", ops.extension_error()
+        args = (torch.randn(3, 8), torch.randn(5, 8), torch.randn(5), torch.randn(2, 8),
+                torch.randn(5, 2), 0.5)
+        torch.testing.assert_close(fused.lora_linear(*args), reference.lora_linear(*args))
+        print("ok")
+    """, PEFTREG_EXTENSION="jit", PEFTREG_EXTENSION_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
