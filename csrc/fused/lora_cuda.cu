@@ -6,16 +6,19 @@
 //
 //   y = x @ W^T + bias + scaling * (x_l @ A^T) @ B^T,   x_l = x_lora or x   (Hu et al. 2021, eq. 3)
 //
-// Two launches, both classic shared-memory tiled GEMMs of the "NT" form C[i, j] = sum_k L[i, k] *
-// R[j, k] (both operands row-major with k contiguous, which is how nn.Linear stores weights):
-//   1. project: workspace u = scaling * x_l @ A^T, a (rows x r) matrix in the accumulation type;
-//   2. output:  y = x @ W^T + u @ B^T + bias, one pass writing each output element once.
-// The dense (out x in) product B @ A is never formed. Accumulation is fp32 for fp32/bf16/fp16
-// inputs (fp64 for fp64) and u stays unrounded, so half-precision outputs are rounded once.
-//
-// This is written for clarity and correctness, not peak speed (no tensor cores, no
-// double-buffering); on large shapes cuBLAS-backed reference code may be faster. The backward
-// uses ATen matmuls (peftreg/ops/_autograd.py), so only the forward is needed here.
+// Division of labour: the glue computes the base product x @ W^T + bias with one ATen addmm (a
+// cuBLAS GEMM on tensor cores: a hand-written kernel would not come close on the largest
+// product), and these kernels add the low-rank update in two launches, both shared-memory tiled
+// products of the "NT" form C[i, j] = sum_k L[i, k] * R[j, k] (operands row-major with k
+// contiguous, which is how nn.Linear stores weights):
+//   1. project: workspace u = scaling * x_l @ A^T, a (rows x r) matrix kept in the accumulation
+//      type (fp32, or fp64 for fp64 inputs), so half-precision u is never rounded;
+//   2. update:  y = y + u @ B^T, reading and writing each output element once and rounding once.
+// The dense (out x in) product B @ A is never formed. Compared with the unfused PyTorch
+// expression this replaces four kernels and two (rows x out) temporaries by two kernels and a
+// (rows x r) workspace. The kernels favour clarity over peak speed (no tensor cores, no
+// double-buffering); the update is bandwidth-bound on y for the small ranks LoRA uses.
+// The backward uses ATen matmuls (peftreg/ops/_autograd.py), so only the forward is needed here.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -115,78 +118,68 @@ __global__ void __launch_bounds__(kTile* kTile)
   }
 }
 
-// y = x @ W^T + u @ B^T + bias, shape (rows, out_features).
+// y = y + u @ B^T, shape (rows, out_features): y holds the base product on entry.
 template <typename T>
 __global__ void __launch_bounds__(kTile* kTile)
-    lora_output_kernel(const T* __restrict__ x, const T* __restrict__ weight,
-                       const T* __restrict__ bias, const typename Elem<T>::Acc* __restrict__ u,
+    lora_update_kernel(const typename Elem<T>::Acc* __restrict__ u,
                        const T* __restrict__ lora_b, T* __restrict__ y, int64_t rows,
-                       int64_t in_features, int64_t out_features, int64_t rank) {
+                       int64_t out_features, int64_t rank) {
   using Acc = typename Elem<T>::Acc;
   __shared__ Acc lhs_tile[kTile][kTile + 1];
   __shared__ Acc rhs_tile[kTile][kTile + 1];
-  Acc acc = nt_tile_dot<Acc>(x, weight, rows, out_features, in_features, lhs_tile, rhs_tile);
-  // The first call ends with a barrier, so the tiles can be reused directly.
-  acc += nt_tile_dot<Acc>(u, lora_b, rows, out_features, rank, lhs_tile, rhs_tile);
+  const Acc update = nt_tile_dot<Acc>(u, lora_b, rows, out_features, rank, lhs_tile, rhs_tile);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.x;
   if (row < rows && col < out_features) {
-    if (bias != nullptr) {
-      acc += static_cast<Acc>(Elem<T>::load(bias[col]));
-    }
-    y[row * out_features + col] = Elem<T>::store(acc);
+    T* out = y + row * out_features + col;
+    *out = Elem<T>::store(static_cast<Acc>(Elem<T>::load(*out)) + update);
   }
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
-cudaError_t launch(const LoraLinearArgs& a, cudaStream_t stream) {
+cudaError_t launch(const LoraUpdateArgs& a, cudaStream_t stream) {
   using Acc = typename Elem<T>::Acc;
   if (a.rows < 0 || a.in_features < 0 || a.out_features < 0 || a.rank < 0) {
     return cudaErrorInvalidValue;
   }
-  if (a.rows == 0 || a.out_features == 0) {
-    return cudaSuccess;  // empty output: nothing to compute (and a zero-sized grid is invalid)
+  if (a.rows == 0 || a.out_features == 0 || a.rank == 0) {
+    return cudaSuccess;  // nothing to add (and a zero-sized grid is invalid)
   }
   const int64_t row_blocks = ceil_div(a.rows, kTile);
   const int64_t out_blocks = ceil_div(a.out_features, kTile);
   const int64_t rank_blocks = ceil_div(a.rank, kTile);
-  if (row_blocks > kMaxGridX || out_blocks > kMaxGridY || rank_blocks > kMaxGridY) {
-    return cudaErrorInvalidValue;
-  }
-  if (a.rank > 0 && a.workspace == nullptr) {
+  if (row_blocks > kMaxGridX || out_blocks > kMaxGridY || rank_blocks > kMaxGridY ||
+      a.workspace == nullptr || a.y == nullptr || a.lora_b == nullptr ||
+      (a.in_features > 0 && (a.x_lora == nullptr || a.lora_a == nullptr))) {
     return cudaErrorInvalidValue;
   }
 
-  const T* x = static_cast<const T*>(a.x);
-  const T* x_l = a.x_lora != nullptr ? static_cast<const T*>(a.x_lora) : x;
-  const T* weight = static_cast<const T*>(a.weight);
-  const T* bias = static_cast<const T*>(a.bias);
+  const T* x_l = static_cast<const T*>(a.x_lora);
   const T* lora_a = static_cast<const T*>(a.lora_a);
   const T* lora_b = static_cast<const T*>(a.lora_b);
   Acc* u = static_cast<Acc*>(a.workspace);
   T* y = static_cast<T*>(a.y);
   const dim3 block(kTile, kTile);
 
-  if (a.rank > 0) {
-    const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(rank_blocks));
-    lora_project_kernel<T><<<grid, block, 0, stream>>>(x_l, lora_a, u, a.rows, a.in_features,
-                                                       a.rank, static_cast<Acc>(a.scaling));
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) {
-      return err;
-    }
+  const dim3 project_grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(rank_blocks));
+  lora_project_kernel<T><<<project_grid, block, 0, stream>>>(
+      x_l, lora_a, u, a.rows, a.in_features, a.rank, static_cast<Acc>(a.scaling));
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return err;
   }
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(out_blocks));
-  lora_output_kernel<T><<<grid, block, 0, stream>>>(x, weight, bias, u, lora_b, y, a.rows,
-                                                    a.in_features, a.out_features, a.rank);
+  // Same stream: the update runs after the projection has written u.
+  const dim3 update_grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(out_blocks));
+  lora_update_kernel<T><<<update_grid, block, 0, stream>>>(u, lora_b, y, a.rows,
+                                                           a.out_features, a.rank);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-std::size_t lora_linear_workspace_bytes(ScalarKind dtype, int64_t rows, int64_t rank) {
+std::size_t lora_update_workspace_bytes(ScalarKind dtype, int64_t rows, int64_t rank) {
   const std::size_t acc_bytes = dtype == ScalarKind::kFloat64 ? sizeof(double) : sizeof(float);
   if (rows <= 0 || rank <= 0) {
     return 0;
@@ -194,7 +187,7 @@ std::size_t lora_linear_workspace_bytes(ScalarKind dtype, int64_t rows, int64_t 
   return static_cast<std::size_t>(rows) * static_cast<std::size_t>(rank) * acc_bytes;
 }
 
-cudaError_t lora_linear_forward(const LoraLinearArgs& args, cudaStream_t stream) {
+cudaError_t lora_low_rank_update(const LoraUpdateArgs& args, cudaStream_t stream) {
   switch (args.dtype) {
     case ScalarKind::kFloat32:
       return launch<float>(args, stream);

@@ -3,7 +3,8 @@
 // Launch API of the CUDA kernels in lora_cuda.cu. It uses plain pointers and sizes only, so the
 // .cu file includes no torch header: nvcc compiles it in about a second on any machine with a
 // CUDA toolkit, and tests/ops/test_cuda_build.py checks that wherever nvcc exists. The torch side
-// (argument checks, allocation, stream, device guard, registration) is lora_cuda_ops.cpp.
+// (argument checks, allocation, the base product, stream, device guard, registration) is
+// lora_cuda_ops.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -16,19 +17,16 @@ namespace peftreg::fused::cuda {
 // Element type of every tensor argument (they all share one dtype).
 enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// Arguments of y = x @ W^T + bias + scaling * (x_l @ A^T) @ B^T with x_l = x_lora or x.
+// Arguments of the low-rank update  y += scaling * (x_l @ A^T) @ B^T.
 // Every pointer refers to a dense row-major (C-contiguous) device buffer of `dtype`, except
 // `workspace`, whose element type is the accumulation type (double for kFloat64, else float).
-struct LoraLinearArgs {
+struct LoraUpdateArgs {
   ScalarKind dtype = ScalarKind::kFloat32;
-  const void* x = nullptr;       // (rows, in_features)
-  const void* x_lora = nullptr;  // (rows, in_features), or nullptr to use x
-  const void* weight = nullptr;  // (out_features, in_features)
-  const void* bias = nullptr;    // (out_features,), or nullptr
+  const void* x_lora = nullptr;  // (rows, in_features): the LoRA input (x, or dropout(x))
   const void* lora_a = nullptr;  // (rank, in_features)
   const void* lora_b = nullptr;  // (out_features, rank)
   void* workspace = nullptr;     // (rows, rank) accumulation-type scratch for scaling * x_l @ A^T
-  void* y = nullptr;             // (rows, out_features), written
+  void* y = nullptr;             // (rows, out_features): read (the base product) and updated
   int64_t rows = 0;
   int64_t in_features = 0;
   int64_t out_features = 0;
@@ -37,10 +35,10 @@ struct LoraLinearArgs {
 };
 
 // Bytes `workspace` must hold for the given dtype and sizes.
-std::size_t lora_linear_workspace_bytes(ScalarKind dtype, int64_t rows, int64_t rank);
+std::size_t lora_update_workspace_bytes(ScalarKind dtype, int64_t rows, int64_t rank);
 
-// Enqueues the forward on `stream` (the caller has made the right device current). Returns
-// cudaSuccess, a launch error, or cudaErrorInvalidValue when a size exceeds the grid limits.
-cudaError_t lora_linear_forward(const LoraLinearArgs& args, cudaStream_t stream);
+// Enqueues y += scaling * (x_l @ A^T) @ B^T on `stream` (the caller has made the right device
+// current). Returns cudaSuccess, a launch error, or cudaErrorInvalidValue for bad sizes.
+cudaError_t lora_low_rank_update(const LoraUpdateArgs& args, cudaStream_t stream);
 
 }  // namespace peftreg::fused::cuda

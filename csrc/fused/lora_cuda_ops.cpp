@@ -1,16 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // CUDA registration glue for peftreg::lora_linear: checks the arguments (same checks as the CPU
-// kernel), makes the operands dense, allocates the output and the (rows x r) workspace through
-// the caching allocator, and calls the plain-pointer launch API of lora_cuda.cu on the current
-// stream of x's device under a device guard.
+// kernel), writes the base product x @ W^T + bias into the output with one ATen addmm (cuBLAS),
+// then calls the plain-pointer launch API of lora_cuda.cu to add the low-rank update in place,
+// on the current stream of x's device under a device guard. The (rows x r) workspace comes from
+// the caching allocator.
 //
 // Compiled only in CUDA builds (setup.py picks files ending in _cuda_ops.cpp together with the
 // *_cuda.cu files). Only c10/cuda headers are used for streams and guards: <ATen/cuda/...> needs
 // cuBLAS headers, which not every toolkit install provides.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,26 +53,28 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   checks::check_device_type(x, kLoraLinearOp, "x", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
-  // The kernels index dense row-major buffers; contiguous() is a no-op for the usual layouts.
+  // Base product through ATen (cuBLAS), straight into the output, as in the CPU kernel.
   const at::Tensor x2d = x.reshape({s.rows, s.in_features}).contiguous();
+  at::Tensor y = at::empty({s.rows, s.out_features}, x.options());
+  if (bias.has_value()) {
+    at::addmm_out(y, *bias, x2d, weight.t());
+  } else {
+    at::mm_out(y, x2d, weight.t());
+  }
+
+  // Low-rank update in place. The kernels index dense row-major buffers; contiguous() is a
+  // no-op for the usual layouts (and y is dense by construction).
   const at::Tensor xl2d =
-      x_lora.has_value() ? x_lora->reshape({s.rows, s.in_features}).contiguous() : at::Tensor();
-  const at::Tensor w = weight.contiguous();
+      x_lora.has_value() ? x_lora->reshape({s.rows, s.in_features}).contiguous() : x2d;
   const at::Tensor a = lora_a.contiguous();
   const at::Tensor b = lora_b.contiguous();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-
   const cuda::ScalarKind kind = scalar_kind(x.scalar_type());
   const at::ScalarType acc_type = kind == cuda::ScalarKind::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor workspace = at::empty({s.rows, s.rank}, x.options().dtype(acc_type));
-  at::Tensor y = at::empty({s.rows, s.out_features}, x.options());
 
-  cuda::LoraLinearArgs args;
+  cuda::LoraUpdateArgs args;
   args.dtype = kind;
-  args.x = x2d.data_ptr();
-  args.x_lora = xl2d.defined() ? xl2d.data_ptr() : nullptr;
-  args.weight = w.data_ptr();
-  args.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+  args.x_lora = xl2d.data_ptr();
   args.lora_a = a.data_ptr();
   args.lora_b = b.data_ptr();
   args.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
@@ -81,7 +86,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   args.scaling = scaling;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  C10_CUDA_CHECK(cuda::lora_linear_forward(args, stream));
+  C10_CUDA_CHECK(cuda::lora_low_rank_update(args, stream));
   // workspace is freed when this function returns; the caching allocator only hands the block
   // to later work on the same stream, which is ordered after these kernels.
   return y.view(s.out_shape);
