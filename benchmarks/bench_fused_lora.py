@@ -1,0 +1,240 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fused LoRA linear (peftreg::lora_linear) vs the plain-PyTorch reference (vs HF peft if present).
+
+Usage::
+
+    python benchmarks/bench_fused_lora.py [--quick] [--device cpu|cuda] [--out PATH]
+
+For each shape (rows x in -> out, rank r), dtype (fp32, bf16) and mode (``fwd`` under no_grad;
+``fwd+bwd`` as in LoRA training: frozen weight and bias, gradients for x, A and B) it times
+
+* ``fused``: :func:`peftreg.ops.fused.lora_linear` (needs the compiled extension);
+* ``reference``: :func:`peftreg.ops.reference.lora_linear`, the unfused PyTorch expression;
+* ``peft``: HF peft's LoRA ``Linear`` around an ``nn.Linear``, when ``peft`` imports;
+
+and prints medians with ratios (``> 1x`` means fused is faster) and writes JSON to ``--out``
+(default ``benchmarks/results/fused_lora.json``). ``--quick`` runs two shapes briefly (< 1 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _harness import environment, fmt_ms, fmt_ratio, print_table, time_callable, write_json
+
+from peftreg import ops
+from peftreg.ops import fused, reference
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fused_lora.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SCALING_ALPHA = 32.0  # alpha; scaling = alpha / r as in the LoRA paper
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int
+    in_features: int
+    out_features: int
+    rank: int
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.in_features}->{self.out_features} r={self.rank}"
+
+
+# CPU shapes stay small enough for a laptop; bf16 matmuls are slow on CPUs without bf16 units.
+SHAPES = {
+    ("cpu", True): [Shape(128, 1024, 1024, 16), Shape(1, 4096, 4096, 16)],
+    ("cpu", False): [Shape(1, 4096, 4096, 16), Shape(128, 1024, 1024, 16),
+                     Shape(512, 2048, 2048, 16), Shape(2048, 1024, 1024, 64)],
+    ("cuda", True): [Shape(2048, 4096, 4096, 16), Shape(1, 4096, 4096, 16)],
+    ("cuda", False): [Shape(1, 4096, 4096, 16), Shape(16, 4096, 4096, 16),
+                      Shape(2048, 4096, 4096, 16), Shape(8192, 4096, 4096, 64),
+                      Shape(4096, 4096, 11008, 16)],
+}
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    grad_out: torch.Tensor
+
+
+def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device) -> Problem:
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    i, o, r = shape.in_features, shape.out_features, shape.rank
+    return Problem(
+        x=randn(shape.rows, i), weight=randn(o, i, scale=1 / math.sqrt(i)), bias=randn(o),
+        lora_a=randn(r, i, scale=1 / math.sqrt(i)), lora_b=randn(o, r, scale=1 / math.sqrt(r)),
+        scaling=SCALING_ALPHA / r, grad_out=randn(shape.rows, o),
+    )
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def functional_impl(fn: Callable[..., torch.Tensor], p: Problem
+                    ) -> tuple[Forward, list[torch.Tensor]]:
+    a = p.lora_a.detach().clone().requires_grad_()
+    b = p.lora_b.detach().clone().requires_grad_()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return fn(x, p.weight, p.bias, a, b, p.scaling)
+
+    return forward, [a, b]
+
+
+def peft_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
+    """HF peft's LoRA layer with the same weights (raises ImportError without peft)."""
+    import peft
+
+    out_features, in_features = p.weight.shape
+    rank = p.lora_a.shape[0]
+    base = torch.nn.Linear(in_features, out_features, device=p.weight.device,
+                           dtype=p.weight.dtype)
+    with torch.no_grad():
+        base.weight.copy_(p.weight)
+        base.bias.copy_(p.bias)
+
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    config = peft.LoraConfig(r=rank, lora_alpha=p.scaling * rank, lora_dropout=0.0,
+                             target_modules=["proj"], bias="none")
+    try:  # keep adapters in the base dtype (recent peft upcasts them to fp32 by default)
+        model = peft.get_peft_model(Holder(), config, autocast_adapter_dtype=False)
+    except TypeError:
+        model = peft.get_peft_model(Holder(), config)
+    layer = model.base_model.model.proj
+    lora_a = layer.lora_A["default"].weight
+    lora_b = layer.lora_B["default"].weight
+    with torch.no_grad():
+        lora_a.copy_(p.lora_a)
+        lora_b.copy_(p.lora_b)
+    return model, [lora_a, lora_b]
+
+
+def step_fn(forward: Forward, trainable: list[torch.Tensor], p: Problem, mode: str
+            ) -> Callable[[], object]:
+    if mode == "fwd":
+        def run_fwd() -> object:
+            with torch.no_grad():
+                return forward(p.x)
+        return run_fwd
+    x = p.x.detach().clone().requires_grad_()
+    inputs = [x, *trainable]
+
+    def run_fwd_bwd() -> object:
+        y = forward(x)
+        return torch.autograd.grad(y, inputs, p.grad_out)
+    return run_fwd_bwd
+
+
+def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.device,
+        min_run_time: float) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    skipped: dict[str, str] = {}
+    if not ops.has_extension():
+        skipped["fused"] = ops.extension_error() or "extension unavailable"
+    elif not ops.kernel_available("lora_linear", device.type):
+        skipped["fused"] = f"the extension has no {device.type} kernel"
+    try:
+        import peft  # noqa: F401
+    except ImportError as exc:
+        skipped["peft"] = f"peft is not installed ({exc})"
+    results: list[dict[str, Any]] = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            p = make_problem(shape, DTYPES[dtype_name], device)
+            impls: dict[str, tuple[Forward, list[torch.Tensor]]] = {
+                "reference": functional_impl(reference.lora_linear, p)}
+            if "fused" not in skipped:
+                impls["fused"] = functional_impl(fused.lora_linear, p)
+            if "peft" not in skipped:
+                try:
+                    impls["peft"] = peft_impl(p)
+                except Exception as exc:  # an incompatible peft must not stop the benchmark
+                    skipped["peft"] = f"{type(exc).__name__}: {exc}"
+            max_diff = None
+            if "fused" in impls:
+                with torch.no_grad():
+                    ref_y = impls["reference"][0](p.x).float()
+                    max_diff = (impls["fused"][0](p.x).float() - ref_y).abs().max().item()
+            for mode in modes:
+                for impl, (forward, trainable) in impls.items():
+                    timing = time_callable(step_fn(forward, trainable, p, mode), device,
+                                           min_run_time=min_run_time)
+                    results.append({"shape": str(shape), **vars(shape), "dtype": dtype_name,
+                                    "mode": mode, "impl": impl,
+                                    "max_abs_diff_vs_reference": max_diff, **timing.to_dict()})
+                    print(f"  {shape!s:28} {dtype_name:5} {mode:8} {impl:10} "
+                          f"{timing.median_ms:9.3f} ms", file=sys.stderr)
+    return results, skipped
+
+
+def summarise(results: list[dict[str, Any]], device: torch.device) -> None:
+    def median(shape: str, dtype: str, mode: str, impl: str) -> float | None:
+        for r in results:
+            if (r["shape"], r["dtype"], r["mode"], r["impl"]) == (shape, dtype, mode, impl):
+                return r["median_ms"]
+        return None
+
+    keys = list(dict.fromkeys((r["shape"], r["dtype"], r["mode"]) for r in results))
+    with_peft = any(r["impl"] == "peft" for r in results)
+    rows = []
+    for shape, dtype, mode in keys:
+        ref, fus, hf = (median(shape, dtype, mode, i) for i in ("reference", "fused", "peft"))
+        row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus)]
+        rows.append(row + ([fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []))
+    columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused"]
+    columns += ["peft ms", "peft/fused"] if with_peft else []
+    print_table(f"peftreg fused LoRA linear on {device} (median; ratio > 1x: fused faster)",
+                columns, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two shapes, short timings")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"],
+                        default=["fwd", "fwd+bwd"])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    shapes = SHAPES[(device.type, args.quick)]
+    min_run_time = 0.2 if args.quick else 1.0
+    results, skipped = run(shapes, args.dtypes, args.modes, device, min_run_time)
+    summarise(results, device)
+    for impl, reason in skipped.items():
+        print(f"{impl}: skipped ({reason})")
+    write_json(args.out, {"benchmark": "fused_lora", "quick": args.quick,
+                          "environment": environment(device), "skipped": skipped,
+                          "results": results})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
