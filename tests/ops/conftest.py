@@ -38,7 +38,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def require_extension() -> None:
     """Skip unless the compiled extension is loaded (CI makes its absence a failure instead)."""
     if not ops.has_extension():
-        pytest.skip(f"compiled extension not built: {ops.extension_error()}")
+        pytest.skip(f"compiled extension unavailable: {ops.extension_error()}")
 
 
 @pytest.fixture
