@@ -27,7 +27,14 @@ from peftreg.errors import (
 )
 from peftreg.families import ModelFamily
 from peftreg.hookspecs import hookimpl
-from peftreg.host import AdapterHost, AdapterSlot, LayerAdapter, TrainableCopy
+from peftreg.host import (
+    AdapterHost,
+    AdapterSlot,
+    InputAdapter,
+    InputSlot,
+    LayerAdapter,
+    TrainableCopy,
+)
 from peftreg.method import Capabilities, PEFTMethod
 from peftreg.model import AdaptedModel, AdapterSummary, adapt, host_for
 from peftreg.registry import MethodInfo, Registry, default_registry
@@ -45,6 +52,8 @@ __all__ = [
     "Capabilities",
     "ConfigError",
     "DuplicateMethodError",
+    "InputAdapter",
+    "InputSlot",
     "LayerAdapter",
     "MethodConfig",
     "MethodInfo",

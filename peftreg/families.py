@@ -28,6 +28,14 @@ class ModelFamily:
         roles: relative module names inside one block for structural roles. Known roles:
             ``q``, ``k``, ``v``, ``o`` (attention projections), ``attention`` (the attention
             module), ``ffn_up``, ``ffn_gate``, ``ffn_down``, ``ffn`` (the feed-forward block).
+        head_dim: width of one attention head, or ``None``.
+        accepts_inputs_embeds: the model's forward takes ``inputs_embeds`` instead of
+            ``input_ids`` (needed by prompt tuning).
+        kv_prefix: how the model's forward accepts per-layer key/value prefixes (prefix
+            tuning): ``"transformers-cache"`` (a ``transformers`` Cache passed as ``cache`` or
+            ``past_key_values``), ``"prefix_kv"`` (a list of ``(key, value)`` tensors per layer,
+            as :class:`~peftreg.reference_model.ReferenceTransformer` takes), or ``None``.
+        is_encoder_decoder: the model has separate encoder and decoder stacks.
     """
 
     name: str
@@ -38,6 +46,10 @@ class ModelFamily:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     roles: dict[str, str] = dataclasses.field(default_factory=dict)
+    head_dim: int | None = None
+    accepts_inputs_embeds: bool = False
+    kv_prefix: str | None = None
+    is_encoder_decoder: bool = False
 
     @property
     def num_layers(self) -> int:

@@ -13,13 +13,30 @@ and address every adapter by name without knowing any method.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftreg.errors import UnsupportedOperationError
+from peftreg.errors import TargetNotFoundError, UnsupportedOperationError
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` (``""`` is the model itself)."""
+    if not path:
+        return model
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise TargetNotFoundError(f"model has no module {path!r}") from exc
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``path`` in ``model``."""
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(get_module(model, parent_path), leaf, new)
 
 
 class LayerAdapter(nn.Module):
@@ -81,9 +98,25 @@ class AdapterSlot(nn.Module):
         """The module that replaces this slot when adapters are unloaded."""
         raise NotImplementedError
 
-    def wrapped(self) -> nn.Module:
-        """The model's own module this slot stands in for (what target selection sees)."""
+    def wrapped(self) -> nn.Module | None:
+        """The model's own module this slot stands in for (what target selection sees), or
+        ``None`` for a slot that was added to the model rather than wrapped around a module."""
         raise NotImplementedError
+
+    def saved_key_prefix(self, path: str) -> str:
+        """Prefix of this slot's tensor names in a saved adapter (its path by default)."""
+        return path
+
+    def detach(self, model: nn.Module, path: str, *, keep_trained: bool = False) -> None:
+        """Take this slot out of ``model`` (where it sits at ``path``).
+
+        Args:
+            model: the root model.
+            path: this slot's path in ``model``.
+            keep_trained: put back the trained replacement (:meth:`unwrap`) rather than the
+                original module (:meth:`wrapped`).
+        """
+        replace_module(model, path, self.unwrap() if keep_trained else self.wrapped())
 
 
 class AdapterHost(AdapterSlot):
@@ -226,6 +259,103 @@ class TrainableCopy(AdapterSlot):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.unwrap()(*args, **kwargs)
+
+
+class InputAdapter(nn.Module):
+    """One adapter that rewrites a model's call arguments (prompt and prefix tuning).
+
+    Subclasses implement :meth:`transform_inputs`; they live in an :class:`InputSlot`.
+    """
+
+    def transform_inputs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Return the keyword arguments ``model`` is to be called with instead of ``kwargs``."""
+        raise NotImplementedError
+
+
+class InputSlot(AdapterSlot):
+    """Holds a model's :class:`InputAdapter` s and applies them before each call of the model.
+
+    It is attached to the root model as the child ``peftreg_input_adapters`` and runs from a
+    forward pre-hook, so the model's own forward is unchanged. Positional arguments are turned
+    into keywords (by the forward's signature) before the adapters see them.
+    """
+
+    ATTRIBUTE = "peftreg_input_adapters"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
+        self._handle: Any = None
+
+    @classmethod
+    def attached_to(cls, model: nn.Module) -> InputSlot:
+        """The slot of ``model``, created and attached on first use."""
+        slot = getattr(model, cls.ATTRIBUTE, None)
+        if isinstance(slot, InputSlot):
+            return slot
+        slot = cls()
+        setattr(model, cls.ATTRIBUTE, slot)
+        slot._handle = model.register_forward_pre_hook(slot._pre_hook, with_kwargs=True)
+        return slot
+
+    def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        running = [self.adapters[n] for n in self.active]
+        if self.disabled or not running:
+            return None
+        kwargs = _as_keywords(model, args, kwargs)
+        for adapter in running:
+            kwargs = adapter.transform_inputs(model, kwargs)  # type: ignore[operator]
+        return (), kwargs
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def remove_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def adapter_module(self, name: str) -> nn.Module:
+        return self.adapters[name]
+
+    def unwrap(self) -> nn.Module:
+        raise UnsupportedOperationError("input adapters (prompt/prefix) cannot be merged")
+
+    def wrapped(self) -> None:
+        return None
+
+    def saved_key_prefix(self, path: str) -> str:
+        # Model-wide adapters are saved under their own names ("prompt_embeddings"), not under
+        # the attribute the slot happens to occupy.
+        return ""
+
+    def detach(self, model: nn.Module, path: str, *, keep_trained: bool = False) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        parent_path, _, leaf = path.rpartition(".")
+        delattr(get_module(model, parent_path), leaf)
+
+
+def _as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not args:
+        return dict(kwargs)
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p.name for p in params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(positional):
+        raise TypeError(f"{type(model).__name__}.forward takes {len(positional)} positional "
+                        f"arguments but {len(args)} were given")
+    out = dict(zip(positional, args, strict=False))
+    out.update(kwargs)
+    return out
 
 
 def iter_slots(model: nn.Module) -> Iterator[tuple[str, AdapterSlot]]:

@@ -316,9 +316,10 @@ class AdaptedModel(nn.Module):
         """Adapter ``name``'s tensors keyed as in a saved file (no adapter name in keys)."""
         self.record(name)
         state: dict[str, torch.Tensor] = {}
-        for path, _, module in self._adapter_modules(name):
+        for path, slot, module in self._adapter_modules(name):
+            prefix = slot.saved_key_prefix(path)
             for key, tensor in module.state_dict().items():
-                full = f"{path}.{key}" if path else key
+                full = f"{prefix}.{key}" if prefix else key
                 if full in state:
                     raise AdapterError(f"two tensors of adapter {name!r} share the key {full!r}")
                 state[full] = tensor
@@ -368,7 +369,7 @@ class AdaptedModel(nn.Module):
             if name in slot.adapter_names():
                 slot.remove_adapter(name)
             if not slot.adapter_names():
-                replace_module(self.model, path, slot.wrapped())
+                slot.detach(self.model, path)
 
     # -- merging -------------------------------------------------------------------------------
 
@@ -420,14 +421,14 @@ class AdaptedModel(nn.Module):
         """
         self.merge()
         for path, slot in sorted(iter_slots(self.model), key=lambda ps: -ps[0].count(".")):
-            replace_module(self.model, path, slot.unwrap())
+            slot.detach(self.model, path, keep_trained=True)
         return self._release()
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model."""
         self.unmerge()
         for path, slot in sorted(iter_slots(self.model), key=lambda ps: -ps[0].count(".")):
-            replace_module(self.model, path, slot.wrapped())
+            slot.detach(self.model, path)
         return self._release()
 
     def _release(self) -> nn.Module:

@@ -82,7 +82,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
@@ -90,6 +91,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if prefix is not None:
+            # Prefix keys/values are learned directly, so they carry no rotary position.
+            k = torch.cat((prefix[0].to(k.dtype), k), dim=2)
+            v = torch.cat((prefix[1].to(v.dtype), v), dim=2)
         repeat = c.num_heads // c.num_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -120,17 +125,21 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+                mask: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class ReferenceTransformer(nn.Module):
     """Llama-style model; see the module docstring.
 
-    ``forward(input_ids, attention_mask=None, labels=None)`` returns a dict with ``logits`` and,
-    when ``labels`` are given, ``loss`` (next-token cross-entropy ignoring -100 for causal LM,
-    cross-entropy over classes for classification).
+    ``forward(input_ids, attention_mask=None, labels=None, inputs_embeds=None, prefix_kv=None)``
+    returns a dict with ``logits`` and, when ``labels`` are given, ``loss`` (next-token
+    cross-entropy ignoring -100 for causal LM, cross-entropy over classes for classification).
+    ``inputs_embeds`` replaces ``input_ids``; ``prefix_kv`` holds one ``(key, value)`` pair per
+    layer, each of shape (batch, kv_heads, prefix_length, head_dim), attended to by every token;
+    ``attention_mask`` then covers the prefix too (or only the tokens, the prefix being visible).
     """
 
     def __init__(self, config: ReferenceConfig | None = None) -> None:
@@ -158,19 +167,32 @@ class ReferenceTransformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        t = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        t = x.shape[1]
+        n = prefix_kv[0][0].shape[2] if prefix_kv else 0
+        if prefix_kv is not None and len(prefix_kv) != len(self.layers):
+            raise ValueError(f"prefix_kv has {len(prefix_kv)} entries for {len(self.layers)} "
+                             "layers")
         rope = (self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype))
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        mask = causal[None, None]
+        visible = torch.ones(t, n, dtype=torch.bool, device=x.device)
+        mask = torch.cat((visible, causal), dim=1)[None, None]
         if attention_mask is not None:
+            if attention_mask.shape[1] == t and n:
+                attention_mask = torch.cat(
+                    (attention_mask.new_ones(attention_mask.shape[0], n), attention_mask), dim=1)
             mask = mask & attention_mask[:, None, None, :].bool()
-        for layer in self.layers:
-            x = layer(x, rope, mask)
+            attention_mask = attention_mask[:, n:]
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, prefix_kv[index] if prefix_kv else None)
         x = self.norm(x)
         out: dict[str, torch.Tensor] = {}
         if self.config.task == "causal_lm":

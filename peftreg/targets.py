@@ -23,7 +23,12 @@ from torch import nn
 from peftreg.config import MethodConfig
 from peftreg.errors import TargetNotFoundError
 from peftreg.families import ModelFamily
-from peftreg.host import AdapterSlot
+from peftreg.host import AdapterSlot, get_module, replace_module
+
+__all__ = [
+    "ALL_LINEAR", "TargetedConfig", "get_module", "is_linear", "iter_base_modules",
+    "layer_index", "output_head_paths", "replace_module", "select_targets",
+]
 
 ALL_LINEAR = "all-linear"
 # Names commonly given to the block list of a transformer, for the layer filter when no family
@@ -93,28 +98,13 @@ def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
         path = f"{prefix}{name}"
         if isinstance(child, AdapterSlot):
             inner = child.wrapped()
+            if inner is None:
+                continue
             yield path, inner
             yield from iter_base_modules(inner, path + ".")
         else:
             yield path, child
             yield from iter_base_modules(child, path + ".")
-
-
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    """The submodule at dotted ``path`` (``""`` is the model itself)."""
-    if not path:
-        return model
-    try:
-        return model.get_submodule(path)
-    except AttributeError as exc:
-        raise TargetNotFoundError(f"model has no module {path!r}") from exc
-
-
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at dotted ``path`` in ``model``."""
-    parent_path, _, leaf = path.rpartition(".")
-    parent = get_module(model, parent_path)
-    setattr(parent, leaf, new)
 
 
 # -- selection -------------------------------------------------------------------------------

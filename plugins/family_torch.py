@@ -32,4 +32,7 @@ def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
         num_attention_heads=c.num_heads,
         num_key_value_heads=c.num_kv_heads,
         roles=dict(LLAMA_ROLES),
+        head_dim=c.head_dim,
+        accepts_inputs_embeds=True,
+        kv_prefix="prefix_kv",
     )

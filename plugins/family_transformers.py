@@ -15,6 +15,7 @@ from peftreg.families import ModelFamily
 _LLAMA = {
     "layers": "layers",
     "embedding": "embed_tokens",
+    "kv_cache": True,
     "roles": {
         "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
         "o": "self_attn.o_proj", "attention": "self_attn", "ffn": "mlp",
@@ -24,6 +25,7 @@ _LLAMA = {
 _BERT = {
     "layers": "encoder.layer",
     "embedding": "embeddings.word_embeddings",
+    "kv_cache": True,
     "roles": {
         "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
         "o": "attention.output.dense", "attention": "attention",
@@ -33,6 +35,7 @@ _BERT = {
 _GPT2 = {
     "layers": "h",
     "embedding": "wte",
+    "kv_cache": True,
     "roles": {
         "qkv": "attn.c_attn", "o": "attn.c_proj", "attention": "attn", "ffn": "mlp",
         "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
@@ -87,4 +90,8 @@ def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads or heads,
         roles=dict(layout["roles"]),
+        head_dim=getattr(config, "head_dim", None) or (
+            (getattr(config, "hidden_size", 0) or 0) // heads if heads else None),
+        accepts_inputs_embeds=True,
+        kv_prefix="transformers-cache" if layout["kv_cache"] else None,
     )

@@ -1,0 +1,168 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Prompt tuning (Lester et al. 2021): trainable virtual-token embeddings before the input.
+
+``num_virtual_tokens`` vectors of the model's width are prepended to the input embeddings; the
+attention mask (ones), token-level labels (-100, ignored by the loss) and token type ids (zeros)
+are extended to match, so the model's outputs gain ``num_virtual_tokens`` leading positions.
+Only the prompt trains: ``num_virtual_tokens * hidden_size`` parameters. During generation with a
+cache, the prompt is added on the first step only; later steps extend the mask and positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+import peftreg
+from peftreg.errors import ModelFamilyError
+from peftreg.families import ModelFamily
+from peftreg.host import InputAdapter, InputSlot, get_module
+from peftreg.method import Capabilities, PEFTMethod
+from peftreg.sequence import cache_length, extend_inputs
+
+
+@dataclasses.dataclass
+class PromptTuningConfig(peftreg.MethodConfig):
+    """Config of a prompt-tuning adapter.
+
+    Attributes:
+        num_virtual_tokens: prompt length (> 0).
+        prompt_tuning_init: ``"RANDOM"`` (normal, scaled like the embedding table),
+            ``"SAMPLE_VOCAB"`` (copies of random rows of the embedding table),
+            ``"TOKENS"`` (the embeddings of ``init_token_ids``, repeated to length) or
+            ``"TEXT"`` (the embeddings of ``prompt_tuning_init_text`` tokenized with the local
+            tokenizer ``tokenizer_name_or_path``; nothing is downloaded).
+        init_token_ids: token ids for ``"TOKENS"``.
+        prompt_tuning_init_text: text for ``"TEXT"``.
+        tokenizer_name_or_path: a local tokenizer directory for ``"TEXT"``.
+        token_dim: embedding width; ``None`` takes the model family's hidden size.
+        modules_to_save: see :class:`peftreg.MethodConfig`.
+    """
+
+    method: ClassVar[str] = "prompt_tuning"
+
+    num_virtual_tokens: int = 20
+    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TOKENS", "TEXT"] = "RANDOM"
+    init_token_ids: list[int] | None = None
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    token_dim: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.num_virtual_tokens <= 65536:
+            raise self.error("num_virtual_tokens", "must be in 1..65536", self.num_virtual_tokens)
+        if self.token_dim is not None and self.token_dim <= 0:
+            raise self.error("token_dim", "must be > 0", self.token_dim)
+        if self.prompt_tuning_init == "TOKENS":
+            if not self.init_token_ids or any(t < 0 for t in self.init_token_ids):
+                raise self.error("init_token_ids", "TOKENS init needs non-negative token ids",
+                                 self.init_token_ids)
+        if self.prompt_tuning_init == "TEXT" and not (
+            self.prompt_tuning_init_text and self.tokenizer_name_or_path
+        ):
+            raise self.error("prompt_tuning_init_text",
+                             "TEXT init needs prompt_tuning_init_text and tokenizer_name_or_path")
+
+
+class PromptEmbedding(InputAdapter):
+    """The virtual tokens of one adapter, and how they enter the model's inputs."""
+
+    def __init__(self, init: torch.Tensor, embedding_path: str) -> None:
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(init)
+        self.embedding_path = embedding_path
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Prompt length."""
+        return self.prompt_embeddings.shape[0]
+
+    def transform_inputs(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        n = self.num_virtual_tokens
+        if cache_length(kwargs) > 0:
+            # A later generation step: the prompt is already in the cache.
+            return extend_inputs(kwargs, n, first_step=False)
+        input_ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            if input_ids is None:
+                raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+            embeds = get_module(model, self.embedding_path)(input_ids)
+        prompts = self.prompt_embeddings.to(embeds.dtype)[None].expand(embeds.shape[0], -1, -1)
+        kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
+        token_shape = embeds.shape[:2]
+        return extend_inputs(kwargs, n, first_step=True, token_shape=token_shape)
+
+
+def _initial_prompt(config: PromptTuningConfig, table: torch.Tensor) -> torch.Tensor:
+    n, width = config.num_virtual_tokens, table.shape[1]
+    kind = config.prompt_tuning_init
+    if kind == "RANDOM":
+        return torch.randn(n, width, dtype=table.dtype, device=table.device) * table.std()
+    if kind == "SAMPLE_VOCAB":
+        rows = torch.randint(0, table.shape[0], (n,), device=table.device)
+        return table[rows].clone()
+    if kind == "TOKENS":
+        ids = list(config.init_token_ids or [])
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path,
+                                                  local_files_only=True)
+        ids = tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
+    if not ids or max(ids) >= table.shape[0]:
+        raise peftreg.ConfigError(
+            f"PromptTuningConfig: init token ids must be in 0..{table.shape[0] - 1} (got "
+            f"{ids[:8]}{'...' if len(ids) > 8 else ''})")
+    ids = (ids * (n // len(ids) + 1))[:n]
+    return table[torch.tensor(ids, device=table.device)].clone()
+
+
+def _embedding(model: nn.Module, family: ModelFamily | None) -> tuple[str, nn.Module]:
+    if family is None or family.input_embedding is None or not family.accepts_inputs_embeds:
+        name = family.name if family else "unknown (no family plugin describes this model)"
+        raise ModelFamilyError(
+            f"prompt tuning needs the model's input embedding and a forward that accepts "
+            f"inputs_embeds; model family {name} does not provide them")
+    module = get_module(model, family.input_embedding)
+    base = module.wrapped() if isinstance(module, peftreg.AdapterSlot) else module
+    if not isinstance(base, nn.Embedding):
+        raise ModelFamilyError(f"{family.input_embedding!r} is a {type(base).__name__}, not an "
+                               "nn.Embedding")
+    return family.input_embedding, base
+
+
+class PromptTuningMethod(PEFTMethod):
+    """Trainable virtual tokens prepended to the input; not mergeable."""
+
+    name: ClassVar[str] = "prompt_tuning"
+    config_cls: ClassVar[type[PromptTuningConfig]] = PromptTuningConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
+
+    def inject(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig,  # type: ignore[override]
+               family: ModelFamily | None) -> list[str]:
+        path, embedding = _embedding(model, family)
+        table = embedding.weight.detach()
+        if config.token_dim is not None and config.token_dim != table.shape[1]:
+            raise peftreg.ConfigError(
+                f"PromptTuningConfig.token_dim: {config.token_dim} does not match the model's "
+                f"embedding width {table.shape[1]}")
+        slot = InputSlot.attached_to(model)
+        slot.adapters[adapter_name] = PromptEmbedding(_initial_prompt(config, table), path)
+        return [path]
+
+    def parameter_count(self, model: nn.Module, config: PromptTuningConfig) -> int:  # type: ignore[override]
+        """``num_virtual_tokens * hidden_size``."""
+        family = peftreg.default_registry().describe_model(model)
+        _, embedding = _embedding(model, family)
+        return config.num_virtual_tokens * embedding.embedding_dim
+
+
+@peftreg.hookimpl
+def peftreg_register_methods() -> list[PEFTMethod]:
+    """Provide prompt tuning."""
+    return [PromptTuningMethod()]
