@@ -166,7 +166,9 @@ def _fill_transformers_cache(model: nn.Module, kwargs: dict[str, Any],
 
     key = next((k for k in CACHE_KEYS if kwargs.get(k) is not None), None)
     if key is None:
-        params = inspect.signature(model.forward).parameters
+        # Task heads often forward **kwargs to the base model; its signature names the cache.
+        params = {**inspect.signature(model.forward).parameters,
+                  **inspect.signature(getattr(model, "base_model", model).forward).parameters}
         key = next((k for k in CACHE_KEYS if k in params), CACHE_KEYS[-1])
         kwargs[key] = DynamicCache(config=getattr(model, "config", None))
     cache = kwargs[key]

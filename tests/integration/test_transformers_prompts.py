@@ -1,0 +1,99 @@
+"""Prompt and prefix tuning on small random-init transformers models."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import peftreg
+from peftreg.testing import check_method
+from peftreg_plugins.prefix_tuning import PrefixTuningConfig
+from peftreg_plugins.prompt_tuning import PromptTuningConfig
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+IDS = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+LEFT_PADDED = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+CONFIGS = [
+    PromptTuningConfig(num_virtual_tokens=4),
+    PrefixTuningConfig(num_virtual_tokens=3),
+    PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+]
+IDS_OF = ["prompt", "prefix", "prefix-projection"]
+
+
+def make_llama():
+    torch.manual_seed(21)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def make_bert():
+    torch.manual_seed(22)
+    config = transformers.BertConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def _strong(model):
+    """Scale the fresh adapter so that it clearly changes the model's predictions."""
+    with torch.no_grad():
+        for p in model.adapter_parameters("default"):
+            p.mul_(3)
+    return model
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS_OF)
+def test_generation_with_cache_matches_generation_without(config):
+    model = _strong(peftreg.adapt(make_llama(), config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                                do_sample=False, use_cache=True)
+        uncached = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                                  do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    with model.disable_adapters(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                              do_sample=False)
+    assert not torch.equal(cached, base)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS_OF)
+def test_llama_conformance(config):
+    def forward(model, ids):
+        return model(input_ids=ids).logits[:, -ids.shape[1]:]
+
+    def loss(model, ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    check_method(config, make_llama, IDS, forward, loss, starts_equal=False, lr=0.05, steps=6)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS_OF)
+def test_bert_conformance_with_head(config):
+    labels = torch.tensor([0, 2])
+    config = config.replace(modules_to_save=["classifier"])
+
+    def forward(model, ids):
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                     token_type_ids=torch.zeros_like(ids)).logits
+
+    def loss(model, ids):
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                     token_type_ids=torch.zeros_like(ids), labels=labels).loss
+
+    check_method(config, make_bert, IDS, forward, loss, starts_equal=False, lr=0.05, steps=6)
+
+
+def test_prompt_logits_cover_virtual_tokens():
+    model = peftreg.adapt(make_llama(), PromptTuningConfig(num_virtual_tokens=4))
+    out = model(input_ids=IDS, attention_mask=LEFT_PADDED, labels=IDS)
+    assert out.logits.shape == (2, 10, 96) and torch.isfinite(out.loss)
