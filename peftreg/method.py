@@ -104,11 +104,15 @@ class PEFTMethod(abc.ABC):
             if isinstance(slot, AdapterHost) and adapter_name in slot.adapters:
                 slot.unmerge(adapter_name)
 
-    def parameter_count(self, model: nn.Module, config: MethodConfig) -> int | None:
+    def parameter_count(
+        self, model: nn.Module, config: MethodConfig, family: ModelFamily | None
+    ) -> int | None:
         """Closed-form number of trainable parameters ``config`` adds to ``model``.
 
         Used by :mod:`peftreg.testing` to check an implementation against its paper; return
-        ``None`` if there is no closed form. ``model`` is the unadapted model.
+        ``None`` if there is no closed form. ``model`` is the unadapted model and ``family`` its
+        description (the same one :meth:`inject` receives). Parameters of
+        ``modules_to_save`` copies are not included.
         """
         return None
 

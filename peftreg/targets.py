@@ -27,7 +27,7 @@ from peftreg.host import AdapterSlot, get_module, replace_module
 
 __all__ = [
     "ALL_LINEAR", "TargetedConfig", "get_module", "is_linear", "iter_base_modules",
-    "layer_index", "output_head_paths", "replace_module", "select_targets",
+    "layer_index", "matches", "output_head_paths", "replace_module", "select_targets",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -110,7 +110,9 @@ def iter_base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
 # -- selection -------------------------------------------------------------------------------
 
 
-def _matches(path: str, spec: list[str] | str) -> bool:
+def matches(path: str, spec: list[str] | str) -> bool:
+    """Whether module ``path`` matches a target entry: a list of names or suffixes, or a regex
+    string matching the whole path (the module docstring gives the rules)."""
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     return any(path == entry or path.endswith("." + entry) for entry in spec)
@@ -184,12 +186,12 @@ def select_targets(
         if spec == ALL_LINEAR:
             if not (isinstance(module, supported) and is_linear(module)) or path in heads:
                 continue
-        elif not _matches(path, spec):
+        elif not matches(path, spec):
             continue
         elif not isinstance(module, supported):
             wrong_type.append(f"{path} ({type(module).__name__})")
             continue
-        if config.exclude_modules is not None and _matches(path, config.exclude_modules):
+        if config.exclude_modules is not None and matches(path, config.exclude_modules):
             continue
         if config.layers_to_transform is not None:
             index = layer_index(path, family, config.layers_pattern)

@@ -87,7 +87,7 @@ def check_method(
     base_out = _outputs(base, batch, forward)
 
     model = AdaptedModel(make_model(), registry=registry)
-    formula = method.parameter_count(model.model, config)
+    formula = method.parameter_count(model.model, config, model.family)
     model.add_adapter("under_test", config)
     model.eval()
     start_out = _outputs(model, batch, forward)

@@ -191,9 +191,10 @@ class HoulsbyMethod(PEFTMethod):
                 h, m, config.non_linearity, device=weight.device, dtype=weight.dtype)
         return [path for path, _, _ in planned]
 
-    def parameter_count(self, model: nn.Module, config: HoulsbyConfig) -> int:  # type: ignore[override]
+    def parameter_count(  # type: ignore[override]
+        self, model: nn.Module, config: HoulsbyConfig, family: ModelFamily | None
+    ) -> int:
         """``sum over adapted modules of 2*h*m + m + h`` (down and up weights and biases)."""
-        family = peftreg.default_registry().describe_model(model)
         return sum(2 * h * m + m + h for _, h, m in plan(model, config, family))
 
 

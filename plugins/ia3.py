@@ -30,7 +30,7 @@ from peftreg.families import ModelFamily
 from peftreg.host import LayerAdapter
 from peftreg.method import Capabilities, PEFTMethod
 from peftreg.model import host_for
-from peftreg.targets import TargetedConfig, select_targets
+from peftreg.targets import TargetedConfig, matches, select_targets
 
 # Scaling a weight by l and dividing it back out is exact to rounding for any l that keeps the
 # merged weight a normal float; a channel whose scale has shrunk below this has been switched off
@@ -86,13 +86,6 @@ class IA3Config(TargetedConfig):
             except re.error as exc:
                 raise self.error("feedforward_modules", f"invalid regular expression: {exc}",
                                  value) from exc
-
-
-def _matches(path: str, spec: list[str] | str) -> bool:
-    """Same rules as target selection: exact name or suffix for a list, full regex for a str."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == entry or path.endswith("." + entry) for entry in spec)
 
 
 class IA3Linear(LayerAdapter):
@@ -202,13 +195,13 @@ def plan(model: nn.Module, config: IA3Config, family: ModelFamily | None
         return [(p, p in ff_paths) for p in paths]
     entries: list[list[str] | str] = [[e] for e in spec] if isinstance(spec, list) else [spec]
     for entry in entries:
-        if not any(_matches(p, entry) for p in paths):
+        if not any(matches(p, entry) for p in paths):
             shown = entry[0] if isinstance(entry, list) else entry
             raise ConfigError(
                 f"IA3Config.feedforward_modules: entry {shown!r} matches none of the adapted "
                 f"modules; every feed-forward module must also be a target (adapted: "
                 f"{', '.join(paths[:20])}{', ...' if len(paths) > 20 else ''})")
-    return [(p, _matches(p, spec)) for p in paths]
+    return [(p, matches(p, spec)) for p in paths]
 
 
 class IA3Method(PEFTMethod):
@@ -229,10 +222,11 @@ class IA3Method(PEFTMethod):
                 label=f"{adapter_name!r} on {path!r}")
         return [path for path, _ in planned]
 
-    def parameter_count(self, model: nn.Module, config: IA3Config) -> int:  # type: ignore[override]
+    def parameter_count(  # type: ignore[override]
+        self, model: nn.Module, config: IA3Config, family: ModelFamily | None
+    ) -> int:
         """``sum of out_features over output-scaled layers + in_features over feed-forward
         layers`` (one scale per channel, paper section 3.3)."""
-        family = peftreg.default_registry().describe_model(model)
         total = 0
         for path, is_ff in plan(model, config, family):
             module = model.get_submodule(path)

@@ -204,12 +204,13 @@ class LoraMethod(PEFTMethod):
                     base, r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
         return paths
 
-    def parameter_count(self, model: nn.Module, config: LoraConfig) -> int:  # type: ignore[override]
+    def parameter_count(  # type: ignore[override]
+        self, model: nn.Module, config: LoraConfig, family: ModelFamily | None
+    ) -> int:
         """``sum over adapted matrices of r * (d_in + d_out)`` (paper section 4)."""
-        registry_family = peftreg.default_registry().describe_model(model)
         total = 0
-        for path in select_targets(model, config, self.supported, registry_family,
-                                   _default_targets(registry_family)):
+        for path in select_targets(model, config, self.supported, family,
+                                   _default_targets(family)):
             module = model.get_submodule(path)
             module = getattr(module, "base", module)
             r, _ = config.rank_and_scale(path)

@@ -196,10 +196,12 @@ class PrefixTuningMethod(PEFTMethod):
         slot.adapters[adapter_name] = PrefixEncoder(config, geometry, dtype, device)
         return [f"{layer}" for layer in family.layers] if family else []
 
-    def parameter_count(self, model: nn.Module, config: PrefixTuningConfig) -> int:  # type: ignore[override]
+    def parameter_count(  # type: ignore[override]
+        self, model: nn.Module, config: PrefixTuningConfig, family: ModelFamily | None
+    ) -> int:
         """Without projection ``n * L * 2 * kv_width``; with it
         ``n * t + (t * e + e) + (e * L * 2 * kv_width + L * 2 * kv_width)``."""
-        g = _geometry(peftreg.default_registry().describe_model(model))
+        g = _geometry(family)
         n = config.num_virtual_tokens
         if not config.prefix_projection:
             return n * g.width

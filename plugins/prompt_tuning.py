@@ -155,9 +155,10 @@ class PromptTuningMethod(PEFTMethod):
         slot.adapters[adapter_name] = PromptEmbedding(_initial_prompt(config, table), path)
         return [path]
 
-    def parameter_count(self, model: nn.Module, config: PromptTuningConfig) -> int:  # type: ignore[override]
+    def parameter_count(  # type: ignore[override]
+        self, model: nn.Module, config: PromptTuningConfig, family: ModelFamily | None
+    ) -> int:
         """``num_virtual_tokens * hidden_size``."""
-        family = peftreg.default_registry().describe_model(model)
         _, embedding = _embedding(model, family)
         return config.num_virtual_tokens * embedding.embedding_dim
 

@@ -50,9 +50,9 @@ class ShiftMethod(PEFTMethod):
             host.adapters[adapter_name] = Shift(host.base.out_features)
         return paths
 
-    def parameter_count(self, model, config):
+    def parameter_count(self, model, config, family):
         return sum(model.get_submodule(p).out_features
-                   for p in select_targets(model, config, (nn.Linear,), None))
+                   for p in select_targets(model, config, (nn.Linear,), family))
 
 
 class FakeDist:

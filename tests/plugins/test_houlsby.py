@@ -118,7 +118,7 @@ def test_parameter_formula_reference_model(fields, modules_per_layer, m, make_ti
     expected = tiny_config.num_layers * modules_per_layer * per_module
     config = HoulsbyConfig(**fields)
     model = make_tiny()
-    assert HoulsbyMethod().parameter_count(model, config) == expected
+    assert HoulsbyMethod().parameter_count(model, config, _family(model)) == expected
     adapted = peftreg.adapt(model, config)
     assert adapted.summary().rows[0].adapter_params == expected
 
@@ -128,7 +128,7 @@ def test_parameter_formula_bert():
     c = model.config
     h, m = c.hidden_size, c.hidden_size // 16
     expected = c.num_hidden_layers * 2 * (2 * h * m + m + h)
-    assert HoulsbyMethod().parameter_count(model, HoulsbyConfig()) == expected
+    assert HoulsbyMethod().parameter_count(model, HoulsbyConfig(), _family(model)) == expected
     adapted = peftreg.adapt(model, HoulsbyConfig())
     assert adapted.summary().rows[0].adapter_params == expected
 
@@ -322,3 +322,7 @@ def test_family_without_the_roles(placement, missing, make_tiny):
     with pytest.raises(ModelFamilyError, match=rf"model family 'half-known' has no '{missing}' "
                                                rf"role, needed for placement '{placement}'"):
         HoulsbyMethod().inject(make_tiny(), "a", HoulsbyConfig(placement=placement), family)
+
+
+def _family(model):
+    return peftreg.default_registry().describe_model(model)

@@ -109,7 +109,7 @@ def test_parameter_formula_reference_model(make_tiny, tiny_config):
     expected = c.num_layers * (kv_width + kv_width + c.intermediate_size)
     assert expected == 2 * (16 + 16 + 48)
     model = make_tiny()
-    assert IA3Method().parameter_count(model, IA3Config()) == expected
+    assert IA3Method().parameter_count(model, IA3Config(), _family(model)) == expected
     adapted = peftreg.adapt(model, IA3Config())
     assert adapted.summary().rows[0].adapter_params == expected
 
@@ -118,7 +118,7 @@ def test_parameter_formula_bert():
     model = make_bert()
     c = model.config
     expected = c.num_hidden_layers * (c.hidden_size + c.hidden_size + c.intermediate_size)
-    assert IA3Method().parameter_count(model, IA3Config()) == expected
+    assert IA3Method().parameter_count(model, IA3Config(), _family(model)) == expected
     adapted = peftreg.adapt(model, IA3Config())
     assert adapted.summary().rows[0].adapter_params == expected
 
@@ -351,3 +351,7 @@ def test_family_without_the_roles(make_tiny):
                          roles={"k": "self_attn.k_proj"})
     with pytest.raises(ModelFamilyError, match=r"model family 'half-known' has no 'v' role"):
         IA3Method().inject(make_tiny(), "a", IA3Config(), family)
+
+
+def _family(model):
+    return peftreg.default_registry().describe_model(model)

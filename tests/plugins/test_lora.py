@@ -52,7 +52,7 @@ def test_parameter_formula_independently(make_tiny):
     h, i, kv = 32, 48, 2 * 8
     per_layer = (4 * (h + h) + 4 * (h + kv) * 2 + 4 * (h + h)  # q, k, v, o
                  + 4 * (h + i) * 2 + 2 * (i + h))              # gate, up, down (rank 2)
-    assert LoraMethod().parameter_count(model, config) == 2 * per_layer
+    assert LoraMethod().parameter_count(model, config, _family(model)) == 2 * per_layer
 
 
 def test_scaling_and_patterns(make_tiny):
@@ -169,3 +169,7 @@ def test_compiled_and_plain_paths_agree(make_tiny, token_batch, dropout):
 def test_bad_config(fields, message):
     with pytest.raises(ConfigError, match=message):
         LoraConfig(**fields)
+
+
+def _family(model):
+    return peftreg.default_registry().describe_model(model)

@@ -32,11 +32,12 @@ def test_parameter_count_formula(make_tiny, tiny_config):
     model = make_tiny()
     layers, kv_width = tiny_config.num_layers, tiny_config.num_kv_heads * tiny_config.head_dim
     direct = PrefixTuningConfig(num_virtual_tokens=6)
-    assert PrefixTuningMethod().parameter_count(model, direct) == 6 * layers * 2 * kv_width
+    family = _family(model)
+    assert PrefixTuningMethod().parameter_count(model, direct, family) == 6 * layers * 2 * kv_width
     projected = PrefixTuningConfig(num_virtual_tokens=6, prefix_projection=True,
                                    encoder_hidden_size=10)
     t, e, out = tiny_config.hidden_size, 10, layers * 2 * kv_width
-    assert PrefixTuningMethod().parameter_count(model, projected) == (
+    assert PrefixTuningMethod().parameter_count(model, projected, _family(model)) == (
         6 * t + t * e + e + e * out + out)
 
 
@@ -118,3 +119,7 @@ def test_two_methods_switch(make_tiny, token_batch):
     assert len({tuple(t.flatten()[:5].tolist()) for t in (lora_out, prefix_out, both, base)}) == 4
     with model.disable_adapters():
         assert torch.equal(_forward(model, token_batch), base)
+
+
+def _family(model):
+    return peftreg.default_registry().describe_model(model)

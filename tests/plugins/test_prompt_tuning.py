@@ -32,7 +32,7 @@ def test_parameter_count_formula(make_tiny):
     model = make_tiny()
     config = PromptTuningConfig(num_virtual_tokens=7)
     width = model.embed_tokens.embedding_dim
-    assert PromptTuningMethod().parameter_count(model, config) == 7 * width
+    assert PromptTuningMethod().parameter_count(model, config, _family(model)) == 7 * width
 
 
 def test_prompt_is_prepended_to_the_embeddings(make_tiny, token_batch):
@@ -145,3 +145,7 @@ def test_registry_without_family_plugins_cannot_prompt_tune(make_tiny):
     registry = Registry.for_testing([PromptTuningMethod()])
     with pytest.raises(ModelFamilyError, match="no family plugin describes this model"):
         peftreg.adapt(make_tiny(), PromptTuningConfig(), registry=registry)
+
+
+def _family(model):
+    return peftreg.default_registry().describe_model(model)

@@ -69,8 +69,9 @@ class OffsetMethod(peftreg.PEFTMethod):
             host.adapters[adapter_name] = Offset(host.base, config.init_scale)
         return paths
 
-    def parameter_count(self, model: nn.Module, config: OffsetConfig) -> int:
-        paths = peftreg.select_targets(model, config, (nn.Linear,), None)
+    def parameter_count(self, model: nn.Module, config: OffsetConfig,
+                        family: peftreg.ModelFamily | None) -> int:
+        paths = peftreg.select_targets(model, config, (nn.Linear,), family)
         return sum(model.get_submodule(p).out_features for p in paths)
 
 
