@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import peftreg
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,3 +31,14 @@ def test_plugin_guide_embeds_the_tested_plugin_verbatim():
     toy = ROOT / "tests" / "plugin_dists" / "peftreg-toy"
     for source in (toy / "pyproject.toml", toy / "peftreg_toy" / "offset.py"):
         assert source.read_text() in guide, f"docs/plugins.md is out of date with {source.name}"
+
+
+def test_methods_guide_examples_run():
+    blocks = _python_blocks(ROOT / "docs" / "methods.md")
+    assert len(blocks) >= 5
+    for index, block in enumerate(blocks):
+        namespace: dict = {}
+        exec(compile(block, f"docs/methods.md[{index}]", "exec"), namespace)
+        adapted = [v for v in namespace.values() if isinstance(v, peftreg.AdaptedModel)]
+        assert adapted, f"docs/methods.md example {index} adapts no model"
+        assert all(a.summary().rows for a in adapted)
