@@ -70,5 +70,8 @@ def use_compiled(op: str, device: torch.device) -> bool:
             f"PEFTREG_KERNELS=compiled but peftreg::{op} has no compiled {device.type} kernel: "
             f"{ops.extension_error() or 'not built for this device'}"
         )
-    ops.warn_fallback_once(f"peftreg::{op} has no compiled {device.type} kernel")
+    if ops.has_extension():
+        ops.warn_fallback_once(f"peftreg::{op} has no compiled {device.type} kernel")
+    else:
+        ops.warn_fallback_once(f"the compiled extension is not loaded: {ops.extension_error()}")
     return False
