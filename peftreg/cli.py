@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``peftreg`` command line: ``methods``, ``inspect DIR``, ``doctor``, ``demo``."""
+"""The ``peftreg`` command line: ``compare``, ``methods``, ``inspect DIR``, ``doctor``, ``demo``."""
 
 from __future__ import annotations
 
@@ -119,6 +119,13 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    """Fine-tune one pretrained model with every method and tabulate the results."""
+    from peftreg.compare.command import run
+
+    return run(args, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="peftreg", description=__doc__)
@@ -128,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("doctor", help="report the compiled extension and kernels")
+    p = sub.add_parser("compare", help="fine-tune a pretrained model with every installed "
+                       "method and compare them")
+    from peftreg.compare.command import add_arguments
+
+    add_arguments(p)
     p = sub.add_parser("demo", help="adapt, train, save and reload a small model with LoRA")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
@@ -135,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"methods": cmd_methods, "inspect": cmd_inspect, "doctor": cmd_doctor,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

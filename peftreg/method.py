@@ -45,11 +45,15 @@ class PEFTMethod(abc.ABC):
         name: the registry name; must equal ``config_cls.method``.
         config_cls: the :class:`~peftreg.config.MethodConfig` subclass this method reads.
         capabilities: see :class:`Capabilities`.
+        suggested_learning_rate: an AdamW learning rate that suits the method's defaults; used
+            by ``peftreg compare`` when no rate is given (methods differ by orders of magnitude:
+            prompt tuning needs far larger steps than LoRA).
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     capabilities: ClassVar[Capabilities]
+    suggested_learning_rate: ClassVar[float] = 1e-3
 
     @abc.abstractmethod
     def inject(

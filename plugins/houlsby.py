@@ -180,6 +180,7 @@ class HoulsbyMethod(PEFTMethod):
     config_cls: ClassVar[type[HoulsbyConfig]] = HoulsbyConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    suggested_learning_rate: ClassVar[float] = 2e-3
 
     def inject(self, model: nn.Module, adapter_name: str, config: HoulsbyConfig,  # type: ignore[override]
                family: ModelFamily | None) -> list[str]:

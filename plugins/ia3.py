@@ -211,6 +211,7 @@ class IA3Method(PEFTMethod):
     config_cls: ClassVar[type[IA3Config]] = IA3Config
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, inference_latency=False)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    suggested_learning_rate: ClassVar[float] = 1e-2
 
     def inject(self, model: nn.Module, adapter_name: str, config: IA3Config,  # type: ignore[override]
                family: ModelFamily | None) -> list[str]:

@@ -188,6 +188,7 @@ class LoraMethod(PEFTMethod):
     config_cls: ClassVar[type[LoraConfig]] = LoraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
+    suggested_learning_rate: ClassVar[float] = 2e-3
 
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,  # type: ignore[override]
                family: ModelFamily | None) -> list[str]:

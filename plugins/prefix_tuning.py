@@ -182,6 +182,7 @@ class PrefixTuningMethod(PEFTMethod):
     name: ClassVar[str] = "prefix_tuning"
     config_cls: ClassVar[type[PrefixTuningConfig]] = PrefixTuningConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
+    suggested_learning_rate: ClassVar[float] = 1e-2
 
     def inject(self, model: nn.Module, adapter_name: str, config: PrefixTuningConfig,  # type: ignore[override]
                family: ModelFamily | None) -> list[str]:

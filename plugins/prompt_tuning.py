@@ -142,6 +142,7 @@ class PromptTuningMethod(PEFTMethod):
     name: ClassVar[str] = "prompt_tuning"
     config_cls: ClassVar[type[PromptTuningConfig]] = PromptTuningConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
+    suggested_learning_rate: ClassVar[float] = 3e-2
 
     def inject(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig,  # type: ignore[override]
                family: ModelFamily | None) -> list[str]:

