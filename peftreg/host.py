@@ -72,27 +72,40 @@ class LayerAdapter(nn.Module):
 
 
 class AdapterSlot(nn.Module):
-    """Anything in a model that holds per-adapter state addressed by adapter name."""
+    """Anything in a model that holds per-adapter modules addressed by adapter name.
+
+    Attributes:
+        adapters: one module per adapter name.
+        active: the active adapter names, in application order.
+        disabled: every adapter is bypassed while true.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
 
     def adapter_names(self) -> list[str]:
         """Names of the adapters this slot holds."""
-        raise NotImplementedError
+        return list(self.adapters.keys())
 
     def set_active(self, names: Sequence[str]) -> None:
         """Make ``names`` (in order) the active adapters; names this slot lacks are ignored."""
-        raise NotImplementedError
+        self.active = tuple(n for n in names if n in self.adapters)
 
     def set_disabled(self, disabled: bool) -> None:
         """Bypass every adapter while ``disabled`` is true."""
-        raise NotImplementedError
+        self.disabled = disabled
 
     def remove_adapter(self, name: str) -> None:
         """Drop the adapter ``name`` and its parameters."""
-        raise NotImplementedError
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
 
     def adapter_module(self, name: str) -> nn.Module:
         """The module whose parameters make up adapter ``name`` here (its saved state)."""
-        raise NotImplementedError
+        return self.adapters[name]
 
     def unwrap(self) -> nn.Module:
         """The module that replaces this slot when adapters are unloaded."""
@@ -130,30 +143,14 @@ class AdapterHost(AdapterSlot):
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
-        self.disabled = False
 
     # -- AdapterSlot ---------------------------------------------------------------------------
-
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys())
-
-    def set_active(self, names: Sequence[str]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             self.unmerge(name)
-        del self.adapters[name]
-        self.active = tuple(n for n in self.active if n != name)
-
-    def adapter_module(self, name: str) -> nn.Module:
-        return self.adapters[name]
+        super().remove_adapter(name)
 
     def unwrap(self) -> nn.Module:
         return self.base
@@ -221,37 +218,18 @@ class TrainableCopy(AdapterSlot):
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original = original
-        self.copies = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.disabled = False
 
     def add_copy(self, name: str) -> nn.Module:
         """Create adapter ``name``'s trainable copy of the original module."""
         clone = copy.deepcopy(self.original)
         for p in clone.parameters():
             p.requires_grad_(True)
-        self.copies[name] = clone
+        self.adapters[name] = clone
         return clone
-
-    def adapter_names(self) -> list[str]:
-        return list(self.copies.keys())
-
-    def set_active(self, names: Sequence[str]) -> None:
-        self.active = tuple(n for n in names if n in self.copies)
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-
-    def remove_adapter(self, name: str) -> None:
-        del self.copies[name]
-        self.active = tuple(n for n in self.active if n != name)
-
-    def adapter_module(self, name: str) -> nn.Module:
-        return self.copies[name]
 
     def unwrap(self) -> nn.Module:
         if self.active and not self.disabled:
-            return self.copies[self.active[0]]
+            return self.adapters[self.active[0]]
         return self.original
 
     def wrapped(self) -> nn.Module:
@@ -284,9 +262,6 @@ class InputSlot(AdapterSlot):
 
     def __init__(self) -> None:
         super().__init__()
-        self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.disabled = False
         self._handle: Any = None
 
     @classmethod
@@ -308,22 +283,6 @@ class InputSlot(AdapterSlot):
         for adapter in running:
             kwargs = adapter.transform_inputs(model, kwargs)  # type: ignore[operator]
         return (), kwargs
-
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters.keys())
-
-    def set_active(self, names: Sequence[str]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-
-    def remove_adapter(self, name: str) -> None:
-        del self.adapters[name]
-        self.active = tuple(n for n in self.active if n != name)
-
-    def adapter_module(self, name: str) -> nn.Module:
-        return self.adapters[name]
 
     def unwrap(self) -> nn.Module:
         raise UnsupportedOperationError("input adapters (prompt/prefix) cannot be merged")

@@ -138,9 +138,9 @@ def test_modules_to_save_are_per_adapter(make_tiny, registry, token_batch):
     model.add_adapter("a", LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
     head = model.model.lm_head
     assert isinstance(head, TrainableCopy)
-    assert head.copies["a"].weight.requires_grad and not head.original.weight.requires_grad
+    assert head.adapters["a"].weight.requires_grad and not head.original.weight.requires_grad
     _train_a_bit(model, token_batch)
-    assert not torch.equal(head.copies["a"].weight, head.original.weight)
+    assert not torch.equal(head.adapters["a"].weight, head.original.weight)
     model.add_adapter("b", ShiftConfig(target_modules=["q_proj"]), activate=True)
     # Adapter b has no head copy: the original head is used and stays frozen.
     assert head.unwrap() is head.original
