@@ -14,7 +14,7 @@ import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -441,12 +441,41 @@ class AdaptedModel(nn.Module):
 
     # -- saving --------------------------------------------------------------------------------
 
-    def save_adapter(self, directory: str | Path, name: str | None = None) -> Path:
-        """Save one adapter (default: the only active one) to ``directory``; see
-        :func:`peftreg.io.adapter_dir.save_adapter`."""
+    def save_adapter(
+        self,
+        directory: str | Path,
+        name: str | None = None,
+        *,
+        format: Literal["peftreg", "peft"] = "peftreg",
+        task_type: str | None = None,
+    ) -> Path:
+        """Save one adapter (default: the only active one) to ``directory``.
+
+        Args:
+            directory: the target directory.
+            name: the adapter to save.
+            format: ``"peftreg"`` (see :func:`peftreg.io.adapter_dir.save_adapter`) or
+                ``"peft"``, Hugging Face PEFT's layout (see
+                :func:`peftreg.io.peft_format.save_peft_adapter`): adapter ``default`` goes in
+                ``directory`` itself, any other adapter ``X`` in ``directory/X``.
+            task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...); only for
+                ``format="peft"``.
+
+        Returns:
+            The directory the adapter's files were written to.
+        """
+        name = name or self._single_active()
+        if format == "peft":
+            from peftreg.io.peft_format import save_peft_adapter
+
+            return save_peft_adapter(self, directory, name, task_type=task_type)
+        if format != "peftreg":
+            raise AdapterError(f"unknown adapter format {format!r}; use 'peftreg' or 'peft'")
+        if task_type is not None:
+            raise AdapterError("task_type is written only in PEFT's format (format='peft')")
         from peftreg.io.adapter_dir import save_adapter
 
-        return save_adapter(self, directory, name or self._single_active())
+        return save_adapter(self, directory, name)
 
     def load_adapter(
         self,
@@ -457,7 +486,8 @@ class AdaptedModel(nn.Module):
         trainable: bool = False,
     ) -> AdapterRecord:
         """Load a saved adapter as ``name`` (default: its saved name); see
-        :func:`peftreg.io.adapter_dir.load_adapter`."""
+        :func:`peftreg.io.adapter_dir.load_adapter`. A Hugging Face PEFT adapter directory
+        (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way."""
         from peftreg.io.adapter_dir import load_adapter
 
         return load_adapter(self, directory, name, activate=activate, trainable=trainable)

@@ -34,6 +34,7 @@ from peftreg.errors import AdapterError, AdapterFileError, PeftregError
 from peftreg.io.validate import compare_to_expected, read_safetensors
 
 if TYPE_CHECKING:
+    from peftreg.discovery import PluginSource
     from peftreg.model import AdaptedModel, AdapterRecord
     from peftreg.registry import Registry
 
@@ -113,30 +114,62 @@ def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
         AdapterFileError: ``directory`` exists and is not a directory.
     """
     record = model.record(name)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in
+               model.adapter_state_dict(name).items()}
+    return write_adapter_dir(directory, adapter_name=name, config=record.config,
+                             tensors=tensors, source=model.registry.source(record.method.name),
+                             targets=record.targets, saved_modules=record.saved_modules)
+
+
+def write_adapter_dir(
+    directory: str | Path,
+    *,
+    adapter_name: str,
+    config: MethodConfig,
+    tensors: dict[str, torch.Tensor],
+    source: PluginSource,
+    targets: list[str],
+    saved_modules: list[str],
+) -> Path:
+    """Write an adapter directory from its parts, atomically (what :func:`save_adapter` does
+    once it has taken the parts from a model; converters call it without a model).
+
+    Args:
+        directory: where to write.
+        adapter_name: the name recorded in ``adapter.json``.
+        config: the method config (its ``method`` names the method).
+        tensors: the adapter's tensors under their saved keys (on the CPU, contiguous).
+        source: the plugin that provides the method (``Registry.source``).
+        targets: adapted module paths (informational).
+        saved_modules: module paths saved whole.
+
+    Returns:
+        The directory path.
+
+    Raises:
+        AdapterFileError: ``directory`` exists and is not a directory.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"{directory}: exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in
-               model.adapter_state_dict(name).items()}
     blob = save_safetensors_bytes(tensors, metadata={"format": "pt", "peftreg_method":
-                                                     record.method.name})
+                                                     config.method})
     digest = hashlib.sha256(blob).hexdigest()
     tensor_name = f"adapter.{digest[:16]}.safetensors"
-    source = model.registry.source(record.method.name)
     from peftreg import __version__
 
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "adapter_name": name,
-        "method": record.method.name,
+        "adapter_name": adapter_name,
+        "method": config.method,
         "plugin": {"distribution": source.dist, "version": source.version,
                    "entry_point": source.entry_point},
         "peftreg_version": __version__,
-        "config": record.config.to_dict(),
-        "targets": record.targets,
-        "saved_modules": record.saved_modules,
+        "config": config.to_dict(),
+        "targets": list(targets),
+        "saved_modules": list(saved_modules),
         "tensors": {"file": tensor_name, "sha256": digest, "count": len(tensors),
                     "parameters": sum(t.numel() for t in tensors.values())},
     }
@@ -240,9 +273,13 @@ def load_adapter(
     saved tensor is compared with the new modules (names and shapes). On any mismatch the new
     adapter is removed again and one error lists every problem; the model is left as it was.
 
+    A Hugging Face PEFT adapter directory (``adapter_config.json`` and no ``adapter.json``) is
+    recognised and read by :func:`peftreg.io.peft_format.read_peft_dir` instead, with the same
+    checks and the same rollback.
+
     Args:
         model: the adapted model to load into.
-        directory: an adapter directory written by :func:`save_adapter`.
+        directory: an adapter directory written by :func:`save_adapter` (or by PEFT).
         name: adapter name to use (default: the saved one).
         activate: make it the active adapter.
         trainable: allow its parameters to train (default: inference only).
@@ -251,7 +288,12 @@ def load_adapter(
         AdapterFileError: see :func:`read_adapter_dir`, or the tensors do not fit the model.
         AdapterError: the name is taken.
     """
-    saved = read_adapter_dir(directory, model.registry)
+    from peftreg.io.peft_format import is_peft_dir, read_peft_dir
+
+    if is_peft_dir(directory):
+        saved = read_peft_dir(directory, model.registry, model=model.model, family=model.family)
+    else:
+        saved = read_adapter_dir(directory, model.registry)
     name = name or saved.adapter_name
     if name in model.adapters:
         raise AdapterError(f"an adapter named {name!r} already exists; pass another name")
