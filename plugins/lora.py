@@ -93,13 +93,28 @@ def _pattern_value(pattern: dict, path: str, default: float) -> float:
     return default
 
 
+def weight_placement(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype new adapter weights for ``base`` should use.
+
+    A dense layer's weight decides; a quantized layer (no floating weight) names its
+    ``compute_dtype``.
+    """
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.device, weight.dtype
+    tensors = [*base.parameters(), *base.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return device, getattr(base, "compute_dtype", torch.float32)
+
+
 class LoraLinear(LayerAdapter):
     """LoRA factors for one ``nn.Linear``: ``y = base(x) + scaling * B(A(dropout(x)))``."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float, init: str,
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, init: str,
                  dtype: torch.dtype | None) -> None:
         super().__init__()
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        device, base_dtype = weight_placement(base)
+        kw = {"device": device, "dtype": dtype or base_dtype}
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
