@@ -400,7 +400,8 @@ def _tuner_from_peft(ctx: _Import, method: str, tensors: dict[str, torch.Tensor]
             ff = [p for p, t in adapted.items() if t["ia3_l"].dim() == 2
                   and t["ia3_l"].shape[0] == 1 and t["ia3_l"].shape[1] != 1]
         elif isinstance(ff, list):
-            ff = [e for e in _entries(ff) if any(_suffix_match(p, e) for p in adapted)]
+            # PEFT tests a plain string suffix here; the adapted paths it selects are exact.
+            ff = [p for p in adapted if any(p.endswith(e) for e in ff)]
         # peftreg cannot say "no feed-forward module" (None means the family's choice); if the
         # family's choice differs from the file, the (1, in) / (out, 1) shapes differ and the
         # load reports it.
@@ -764,9 +765,14 @@ def _tuner_to_peft(config: Any, tensors: dict[str, torch.Tensor]
                                  for k in tensors if k in owned))
     saved_paths, saved = _split_saved(config, tensors, owned)
     spec = config.target_modules
+    ff = [p for p in adapted if method == "ia3" and tensors[f"{p}.ia3_l"].shape[0] == 1
+          and tensors[f"{p}.ia3_l"].shape[1] != 1]
     # Names and regexes mean the same in both libraries; "all-linear", the family default
-    # (None) and the layer filter do not quite, so those are written as the adapted paths.
-    exact = spec is None or spec == "all-linear" or config.layers_to_transform is not None
+    # (None) and the layer filter do not quite, so those are written as the adapted paths. So
+    # are IA3's feed-forward modules (PEFT matches them by a plain string suffix), and then
+    # the targets too, because PEFT wants feedforward_modules to be a subset of them.
+    exact = (spec is None or spec == "all-linear" or config.layers_to_transform is not None
+             or bool(ff))
     body: dict[str, Any] = {
         "target_modules": adapted if exact else spec,
         "exclude_modules": None if exact else config.exclude_modules,
@@ -782,8 +788,6 @@ def _tuner_to_peft(config: Any, tensors: dict[str, torch.Tensor]
         })
         body.update(_patterns_to_peft(config, tensors, adapted))
     else:
-        ff = [p for p in adapted if tensors[f"{p}.ia3_l"].shape[0] == 1
-              and tensors[f"{p}.ia3_l"].shape[1] != 1]
         body.update({"feedforward_modules": ff, "fan_in_fan_out": False,
                      "init_ia3_weights": True})
     out = {_TUNER_PREFIX + k: t for k, t in tensors.items() if k in owned}
