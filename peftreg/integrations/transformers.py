@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from peftreg.errors import AdapterError
+from peftreg.integrations import find_adapted_model
 from peftreg.model import AdaptedModel
 
 __all__ = ["ADAPTERS_FOLDER", "SaveAdapterCallback", "find_adapted_model", "prepare_for_trainer"]
@@ -109,28 +110,6 @@ def prepare_for_trainer(model: AdaptedModel) -> AdaptedModel:
     base = getattr(type(model), "_peftreg_trainer_base", type(model))
     model.__class__ = _trainer_class(base, type(model.model))
     return model
-
-
-def find_adapted_model(model: nn.Module) -> AdaptedModel:
-    """Return the :class:`AdaptedModel` inside ``model``.
-
-    Looks through the wrappers training code puts around a model: ``torch.compile``
-    (``_orig_mod``) and DDP / ``DataParallel`` (``module``).
-
-    Raises:
-        TypeError: there is no AdaptedModel inside.
-    """
-    current: Any = model
-    for _ in range(8):
-        if isinstance(current, AdaptedModel):
-            return current
-        inner = getattr(current, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(current, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        current = inner
-    raise TypeError(f"no peftreg AdaptedModel inside {type(model).__name__}")
 
 
 # -- saving adapters from Trainer ----------------------------------------------------------
