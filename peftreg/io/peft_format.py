@@ -23,6 +23,9 @@ value (null, false, empty, ``"none"``) and refused otherwise.
 
 The per-method tables below are the one place that knows PEFT's closed set of methods: PEFT's
 format names methods by its own enum (``peft_type``), so a translator has to.
+
+The module is longer than peftreg's usual 400 lines because it holds both directions of one
+translation and PEFT's key tables; the natural split, if it grows, is reading / writing.
 """
 
 from __future__ import annotations

@@ -555,3 +555,26 @@ def test_convert_refuses_the_wrong_source_format(tmp_path, lora_dir):
         convert(lora_dir, tmp_path / "x", to="peft")
     with pytest.raises(AdapterFileError, match="not a PEFT adapter"):
         convert(tmp_path, tmp_path / "y", to="peftreg")
+
+
+def test_velora_adapters_load_as_plain_lora(tmp_path):
+    """VeLoRA changes only the backward pass; its saved lora_velora_embed buffers are dropped."""
+    from peft.tuners.lora.config import VeloraConfig
+
+    peft_model = peft_model_with_noise(make_llama, peft.LoraConfig(
+        r=2, velora_config=VeloraConfig(num_groups=4), task_type="CAUSAL_LM"))
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    assert any(k.endswith("lora_velora_embed") for k in load_file(tmp_path / PEFT_WEIGHTS_FILE))
+    torch.testing.assert_close(logits(peftreg.load(make_llama(), tmp_path)), expected)
+
+
+def test_interop_guide_example_runs():
+    import re
+    from pathlib import Path
+
+    guide = Path(__file__).resolve().parents[2] / "docs" / "interop.md"
+    (block,) = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
+    namespace: dict = {}
+    exec(compile(block, "docs/interop.md", "exec"), namespace)
+    assert isinstance(namespace["model"], peftreg.AdaptedModel)
