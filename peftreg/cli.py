@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``peftreg`` command line: ``compare``, ``methods``, ``inspect DIR``, ``doctor``, ``demo``."""
+"""The ``peftreg`` command line: ``compare``, ``methods``, ``inspect``, ``convert``, ``doctor``,
+``demo``."""
 
 from __future__ import annotations
 
@@ -119,6 +120,15 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, console: Console) -> int:
+    """Convert an adapter directory between peftreg's and Hugging Face PEFT's formats."""
+    from peftreg.io.convert import convert
+
+    written = convert(args.src, args.dst, to=args.to, task_type=args.task_type)
+    console.print(f"wrote {written}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     """Fine-tune one pretrained model with every method and tabulate the results."""
     from peftreg.compare.command import run
@@ -135,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("doctor", help="report the compiled extension and kernels")
+    from peftreg.io.convert import convert
+
+    p = sub.add_parser("convert", help="convert an adapter between peftreg and HF PEFT formats",
+                       description=convert.__doc__.split("Args:")[0] if convert.__doc__ else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["peft", "peftreg"], required=True)
+    p.add_argument("--task-type", default=None, help="PEFT task_type (CAUSAL_LM, SEQ_CLS, ...)")
     p = sub.add_parser("compare", help="fine-tune a pretrained model with every installed "
                        "method and compare them")
     from peftreg.compare.command import add_arguments
@@ -147,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"methods": cmd_methods, "inspect": cmd_inspect, "doctor": cmd_doctor,
-            "demo": cmd_demo, "compare": cmd_compare}
+            "demo": cmd_demo, "compare": cmd_compare, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,3 +51,21 @@ def test_console_script_runs_in_a_subprocess():
 
 def _wide_env():
     return {**os.environ, "COLUMNS": "250"}
+
+
+def test_convert_round_trip_through_the_command_line(make_tiny, tmp_path, token_batch):
+    import torch
+
+    model = peftreg.adapt(make_tiny(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for p in model.adapter_parameters("default"):
+            p.normal_()
+    model.save_adapter(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft"), "--to", "peft"]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert main(["convert", str(tmp_path / "peft"), str(tmp_path / "back"), "--to",
+                 "peftreg"]) == 0
+    again = peftreg.load(make_tiny(), tmp_path / "back")
+    with torch.no_grad():
+        assert torch.equal(again(token_batch)["logits"], model(token_batch)["logits"])
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--to", "peft"]) == 2
