@@ -90,9 +90,10 @@ def prepare_for_trainer(model: AdaptedModel) -> AdaptedModel:
 
     The object is changed in place (its class becomes ``Adapted<WrappedClass>``, a subclass of
     its current class) and returned, so ``Trainer(model=prepare_for_trainer(model), ...)``
-    works. Calling it again is harmless. Parameters, buffers, state dict keys and adapters are
-    untouched; ``isinstance(model, AdaptedModel)`` stays true; the model still pickles and
-    deep-copies.
+    works. Calling it again is harmless, also after ``fully_shard``. Parameters, buffers,
+    state dict keys and adapters are untouched, and ``isinstance(model, AdaptedModel)`` stays
+    true. The run-time class rebuilds itself when unpickled or deep-copied (``__reduce_ex__``),
+    so it adds no obstacle to either.
 
     Args:
         model: an adapted model (``peftreg.adapt(...)`` or ``peftreg.load(...)``).
@@ -107,8 +108,11 @@ def prepare_for_trainer(model: AdaptedModel) -> AdaptedModel:
         raise TypeError(
             f"prepare_for_trainer expects a peftreg AdaptedModel, got {type(model).__name__}"
         )
-    base = getattr(type(model), "_peftreg_trainer_base", type(model))
-    model.__class__ = _trainer_class(base, type(model.model))
+    if hasattr(type(model), "_peftreg_trainer_base"):
+        # Already prepared, possibly subclassed again since (FSDP2's fully_shard does that):
+        # the wrapped model cannot have changed, so neither has the signature.
+        return model
+    model.__class__ = _trainer_class(type(model), type(model.model))
     return model
 
 

@@ -195,6 +195,7 @@ def test_prepare_for_trainer_shows_the_wrapped_signature_and_changes_nothing_els
         expected = model(input_ids=ids).logits
     assert prepare_for_trainer(model) is model
     assert prepare_for_trainer(model) is model  # idempotent
+    prepared = type(model)
     assert type(model).__name__ == "AdaptedLlamaForCausalLM"
     assert isinstance(model, peftreg.AdaptedModel)
     assert type(model).__mro__[1] is peftreg.AdaptedModel
@@ -211,6 +212,9 @@ def test_prepare_for_trainer_shows_the_wrapped_signature_and_changes_nothing_els
     assert type(clone) is type(model) and clone.model is not model.model
     with torch.no_grad():
         assert torch.equal(clone(input_ids=ids).logits, expected)
+    # A wrapper that subclasses it again (as fully_shard does) keeps its class.
+    model.__class__ = type("Resubclassed", (prepared,), {})
+    assert type(prepare_for_trainer(model)).__name__ == "Resubclassed"
     with pytest.raises(TypeError, match="AdaptedModel"):
         prepare_for_trainer(make_llama())
 
