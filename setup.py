@@ -128,7 +128,9 @@ def _extension_build() -> tuple[list[Any], dict[str, Any]]:
     cpp_sources = [p for p in _find("**/*.cpp") if not p.endswith(CUDA_GLUE_SUFFIX)]
     debug = _env_flag("PEFTREG_DEBUG", "0")
     openmp = _openmp_flags()
-    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + openmp
+    # -ffp-contract=off: the NF4 kernels reproduce bitsandbytes' float32 roundings bit for bit
+    # (fp32(fp32(a * b) + c)); a fused multiply-add would round once and differ in the last bit.
+    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-ffp-contract=off"] + openmp
     nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
     common: dict[str, Any] = {
         "include_dirs": [os.path.join(HERE, CSRC)],

@@ -56,7 +56,15 @@ __all__ = [
 ]
 
 #: Every operator defined in csrc/registration.cpp (tests check this list against the dispatcher).
-OPS: Final[tuple[str, ...]] = ("lora_linear",)
+OPS: Final[tuple[str, ...]] = (
+    "lora_linear",
+    "nf4_quantize",
+    "nf4_double_quantize",
+    "nf4_dequantize",
+    "nf4_dequantize_into",
+    "nf4_linear",
+    "nf4_linear_grad_input",
+)
 #: Devices reported by :func:`kernel_report`.
 DEVICES: Final[tuple[str, ...]] = ("cpu", "cuda")
 #: How to get the compiled kernels; appended to every error and warning about them.

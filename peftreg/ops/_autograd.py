@@ -106,3 +106,70 @@ torch.library.register_autograd(
     _lora_linear_backward,
     setup_context=_lora_linear_setup_context,
 )
+
+
+# --- peftreg::nf4_linear ----------------------------------------------------------------------
+#
+# y = x W^T + b with a frozen NF4 weight W (out, in), so for g = dL/dy:
+#     grad_x = g W        (peftreg::nf4_linear_grad_input: W decoded tile by tile, never dense)
+#     grad_b = g.sum over rows
+# and no gradient for the quantized weight fields. The grad-input op is linear in g, so its own
+# backward (double backward) is nf4_linear again: d(g W)/dg applied to gg is gg W^T.
+
+_NF4_LINEAR_NUM_INPUTS = 10  # x, codes, absmax, nested_absmax, offset, bs, nbs, out, in, bias
+
+
+def _padded_needs(ctx: Any, count: int) -> tuple[bool, ...]:
+    needs = tuple(bool(n) for n in ctx.needs_input_grad[:count])
+    return needs + (False,) * (count - len(needs))
+
+
+def _nf4_weight_setup(ctx: Any, inputs: tuple[Any, ...]) -> None:
+    _, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize, out_f, in_f = inputs[:9]
+    ctx.save_for_backward(codes, absmax, nested_absmax, offset)
+    ctx.weight_meta = (int(blocksize), int(nested_blocksize), int(out_f), int(in_f))
+
+
+def _nf4_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    _nf4_weight_setup(ctx, inputs)
+
+
+def _nf4_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    codes, absmax, nested_absmax, offset = ctx.saved_tensors
+    blocksize, nested_blocksize, out_f, in_f = ctx.weight_meta
+    needs = _padded_needs(ctx, _NF4_LINEAR_NUM_INPUTS)
+    grad_x = grad_bias = None
+    if needs[0]:
+        grad_x = torch.ops.peftreg.nf4_linear_grad_input.default(
+            grad, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize, out_f, in_f)
+    if needs[9]:
+        grad_bias = grad.reshape(-1, out_f).sum(0)
+    return (grad_x, None, None, None, None, None, None, None, None, grad_bias)
+
+
+def _nf4_grad_input_setup_context(ctx: Any, inputs: tuple[Any, ...],
+                                  output: torch.Tensor) -> None:
+    _nf4_weight_setup(ctx, inputs)
+
+
+def _nf4_grad_input_backward(ctx: Any, gg: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    codes, absmax, nested_absmax, offset = ctx.saved_tensors
+    blocksize, nested_blocksize, out_f, in_f = ctx.weight_meta
+    grad_grad = None
+    if _padded_needs(ctx, 1)[0]:
+        grad_grad = torch.ops.peftreg.nf4_linear.default(
+            gg, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize, out_f, in_f,
+            None)
+    return (grad_grad, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "peftreg::nf4_linear",
+    _nf4_linear_backward,
+    setup_context=_nf4_linear_setup_context,
+)
+torch.library.register_autograd(
+    "peftreg::nf4_linear_grad_input",
+    _nf4_grad_input_backward,
+    setup_context=_nf4_grad_input_setup_context,
+)

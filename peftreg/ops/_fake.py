@@ -106,3 +106,190 @@ def _lora_linear_fake(
         _check_same_device(tensor, name, x)
 
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# --- NF4 ops (csrc/nf4/nf4_args.h holds the C++ checks these repeat) -------------------------
+
+_NF4_QUANTIZE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _nf4_check_blocksize(op: str, name: str, value: int) -> None:
+    torch._check(
+        32 <= value <= 4096 and value & (value - 1) == 0,
+        lambda: f"{op}: argument '{name}' is {value}; expected a power of two from 32 to 4096",
+    )
+
+
+def _nf4_check_dtype(op: str, t: torch.Tensor, name: str, expected: torch.dtype) -> None:
+    torch._check(
+        t.dtype == expected,
+        lambda: f"{op}: argument '{name}' has dtype {t.dtype}; expected {expected}",
+    )
+
+
+def _nf4_check_numel(op: str, t: torch.Tensor, name: str, expected: int, meaning: str) -> None:
+    torch._check(
+        t.numel() == expected,
+        lambda: f"{op}: argument '{name}' has {t.numel()} elements (shape {_shape(t)}) but "
+        f"{expected} are expected ({meaning})",
+    )
+
+
+def _nf4_check_weight(op: str, codes: torch.Tensor, absmax: torch.Tensor,
+                      nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                      blocksize: int, nested_blocksize: int, numel: int) -> None:
+    """The checks of check_quantized_weight (csrc/nf4/nf4_args.h), same wording."""
+    _nf4_check_blocksize(op, "blocksize", blocksize)
+    blocks = (numel + blocksize - 1) // blocksize
+    _nf4_check_dtype(op, codes, "codes", torch.uint8)
+    _nf4_check_numel(op, codes, "codes", (numel + 1) // 2,
+                     "(numel + 1) // 2 packed bytes for the weight's element count")
+    _nf4_check_numel(op, absmax, "absmax", blocks, "one per block: ceil(numel / blocksize)")
+    if absmax.dtype == torch.uint8:
+        _nf4_check_blocksize(op, "nested_blocksize", nested_blocksize)
+        torch._check(
+            nested_absmax is not None and offset is not None,
+            lambda: f"{op}: argument 'absmax' is uint8 (double-quantized), so 'nested_absmax' "
+            "and 'offset' are required",
+        )
+        assert nested_absmax is not None and offset is not None
+        _nf4_check_dtype(op, nested_absmax, "nested_absmax", torch.float32)
+        _nf4_check_dtype(op, offset, "offset", torch.float32)
+        _nf4_check_numel(op, nested_absmax, "nested_absmax",
+                         (blocks + nested_blocksize - 1) // nested_blocksize,
+                         "one per nested block: ceil(blocks / nested_blocksize)")
+        _nf4_check_numel(op, offset, "offset", 1, "one scalar: the mean of the absmax")
+    else:
+        torch._check(
+            absmax.dtype == torch.float32,
+            lambda: f"{op}: argument 'absmax' has dtype {absmax.dtype}; expected Float "
+            "(float32 scales) or Byte (uint8 double-quantized scales)",
+        )
+        torch._check(
+            nested_absmax is None and offset is None,
+            lambda: f"{op}: arguments 'nested_absmax' and 'offset' belong to double-quantized "
+            "weights (uint8 'absmax') but 'absmax' is float32; pass None for both",
+        )
+
+
+def _nf4_check_input(op: str, x: torch.Tensor, name: str, features: int,
+                     features_name: str) -> None:
+    torch._check(
+        x.dim() >= 1,
+        lambda: f"{op}: argument '{name}' must have at least 1 dimension(s) (..., features) "
+        f"but has shape {_shape(x)}",
+    )
+    torch._check(
+        x.shape[-1] == features,
+        lambda: f"{op}: argument '{name}' has {x.shape[-1]} features in its last dimension "
+        f"(shape {_shape(x)}) but {features_name} is {features}",
+    )
+    torch._check(
+        x.dtype in _SUPPORTED_DTYPES,
+        lambda: f"{op}: argument '{name}' has dtype {x.dtype}; expected one of float32, "
+        "bfloat16, float16 or float64",
+    )
+
+
+@torch.library.register_fake("peftreg::nf4_quantize")
+def _nf4_quantize_fake(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "peftreg::nf4_quantize"
+    _nf4_check_blocksize(op, "blocksize", blocksize)
+    torch._check(
+        x.dtype in _NF4_QUANTIZE_DTYPES,
+        lambda: f"{op}: argument 'x' has dtype {x.dtype}; expected Float (float32), BFloat16 "
+        "or Half (float16)",
+    )
+    n = x.numel()
+    codes = x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = x.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+    return codes, absmax
+
+
+@torch.library.register_fake("peftreg::nf4_double_quantize")
+def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_blocksize: int = 256
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "peftreg::nf4_double_quantize"
+    _nf4_check_blocksize(op, "nested_blocksize", nested_blocksize)
+    _nf4_check_dtype(op, absmax, "absmax", torch.float32)
+    torch._check(
+        absmax.dim() == 1,
+        lambda: f"{op}: argument 'absmax' must be 1-D (blocks,) but has shape {_shape(absmax)}",
+    )
+    n = absmax.numel()
+    codes = absmax.new_empty((n,), dtype=torch.uint8)
+    nested = absmax.new_empty(((n + nested_blocksize - 1) // nested_blocksize,))
+    return codes, nested, absmax.new_empty(())
+
+
+def _nf4_dequantize_checks(codes: torch.Tensor, absmax: torch.Tensor,
+                           nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                           blocksize: int, nested_blocksize: int, shape: list[int],
+                           dtype: torch.dtype) -> None:
+    op = "peftreg::nf4_dequantize"
+    torch._check(
+        dtype in _SUPPORTED_DTYPES,
+        lambda: f"{op}: argument 'dtype' is {dtype}; expected one of Float (float32), BFloat16, "
+        "Half (float16) or Double",
+    )
+    numel = 1
+    for size in shape:
+        torch._check(size >= 0, lambda: f"{op}: argument 'shape' {shape} has a negative size")
+        numel *= size
+    _nf4_check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                      numel)
+
+
+@torch.library.register_fake("peftreg::nf4_dequantize")
+def _nf4_dequantize_fake(codes: torch.Tensor, absmax: torch.Tensor,
+                         nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                         blocksize: int, nested_blocksize: int, shape: list[int],
+                         dtype: torch.dtype) -> torch.Tensor:
+    _nf4_dequantize_checks(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                           shape, dtype)
+    return codes.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("peftreg::nf4_dequantize_into")
+def _nf4_dequantize_into_fake(codes: torch.Tensor, absmax: torch.Tensor,
+                              nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                              blocksize: int, nested_blocksize: int, out: torch.Tensor) -> None:
+    _nf4_dequantize_checks(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                           list(out.shape), out.dtype)
+
+
+@torch.library.register_fake("peftreg::nf4_linear")
+def _nf4_linear_fake(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                     nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                     blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Shape of ``x @ W^T + bias`` for an NF4 weight ``W`` (out_features, in_features)."""
+    op = "peftreg::nf4_linear"
+    _nf4_check_input(op, x, "x", in_features, "in_features")
+    _nf4_check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                      out_features * in_features)
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == out_features,
+            lambda: f"{op}: argument 'bias' has shape {_shape(bias)} but out_features is "
+            f"{out_features}",
+        )
+        torch._check(
+            bias.dtype == x.dtype,
+            lambda: f"{op}: argument 'bias' has dtype {bias.dtype} but 'x' has dtype {x.dtype}; "
+            "all tensor arguments must share one dtype",
+        )
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("peftreg::nf4_linear_grad_input")
+def _nf4_linear_grad_input_fake(grad: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                                nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                                blocksize: int, nested_blocksize: int, out_features: int,
+                                in_features: int) -> torch.Tensor:
+    """Shape of ``grad @ W``."""
+    op = "peftreg::nf4_linear_grad_input"
+    _nf4_check_input(op, grad, "grad", out_features, "out_features")
+    _nf4_check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                      out_features * in_features)
+    return grad.new_empty((*grad.shape[:-1], in_features))

@@ -9,6 +9,8 @@ loudly rather than silently land here. Signatures match :mod:`peftreg.ops.fused`
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +50,170 @@ def lora_linear(
     x_l = x if x_lora is None else x_lora
     update = F.linear(F.linear(x_l, lora_a), lora_b)
     return base + scaling * update
+
+
+# --- NF4 storage (QLoRA, Dettmers et al. 2023; bitsandbytes' byte format) --------------------
+#
+# Written from the format facts in docs/format.md ("NF4 storage"), not from the kernels:
+# * NF4 code points: QLoRA section 3 / appendix E (the 16 float32 values of the format);
+# * blockwise absmax quantization with the nearest code (ties to the lower code), a full block
+#   scaled by the float32 reciprocal of max(absmax, 1e-38), a trailing partial block divided by
+#   it (bitsandbytes' quantize does exactly this);
+# * two codes per byte, element 2i in the high nibble, odd counts padded with code 7 (0.0);
+# * double quantization (QLoRA section 3, "Double Quantization"): the absmax minus their mean,
+#   blockwise-quantized with the signed dynamic 8-bit code of Dettmers et al. 2022 ("8-bit
+#   Optimizers via Block-wise Quantization", dynamic tree quantization).
+
+NF4_CODE_VALUES: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+NF4_ZERO_CODE = 7
+_MIN_ABSMAX = 1e-38
+
+__all__ += [
+    "NF4_CODE_VALUES",
+    "dynamic_code",
+    "nf4_code",
+    "nf4_dequantize",
+    "nf4_double_quantize",
+    "nf4_linear",
+    "nf4_linear_grad_input",
+    "nf4_quantize",
+]
+
+
+def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16 NF4 code points (float32, ascending; index 7 is exactly 0.0)."""
+    return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
+
+
+def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
+    """The signed 8-bit dynamic code used for double quantization (256 float32, ascending).
+
+    Dynamic tree quantization (Dettmers et al. 2022, section 2; Dettmers 2015): a value is an
+    exponent level ``10^(e-6)`` (e = 0..6) times a linear fraction. Level ``e`` has ``2^e``
+    fractions: the midpoints of ``2^e + 1`` evenly spaced points from 0.1 to 1. With both signs
+    that is 2 * 127 values, plus 0 and 1.0. Computed in float32 throughout, as the format does.
+    """
+    levels: list[torch.Tensor] = []
+    for e in range(7):
+        points = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
+        fractions = (points[:-1] + points[1:]) / 2
+        magnitude = fractions * torch.tensor(10.0 ** (e - 6), dtype=torch.float32)
+        levels += [magnitude, -magnitude]
+    levels.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
+    return torch.sort(torch.cat(levels)).values.to(device)
+
+
+def _blockwise_codes(flat: torch.Tensor, blocksize: int, code: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest ``code`` index (int64) of every element and the float32 absmax of every block."""
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float32, device=flat.device)
+    padded[:n] = flat.float()
+    grid = padded.view(blocks, blocksize)
+    absmax = grid.abs().amax(dim=1) if blocks else padded.new_zeros(0)
+    divisor = absmax.clamp(min=_MIN_ABSMAX)
+    scaled = grid * (1.0 / divisor).unsqueeze(1)
+    if n % blocksize:  # the trailing partial block divides instead of multiplying
+        scaled[-1] = grid[-1] / divisor[-1]
+    scaled = scaled.clamp(-1.0, 1.0).reshape(-1)[:n]
+    midpoints = (code[:-1] + code[1:]) / 2
+    # Index = number of midpoints strictly below the value: ties go to the lower code.
+    index = torch.bucketize(scaled, midpoints.to(scaled.device), right=False)
+    return index, absmax
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise RuntimeError(f"argument '{name}' contains NaN or infinity; NF4 can only store "
+                           "finite values")
+
+
+def _check_blocksize(value: int, name: str) -> None:
+    if not (32 <= value <= 4096 and value & (value - 1) == 0):
+        raise RuntimeError(f"argument '{name}' is {value}; expected a power of two from 32 "
+                           "to 4096")
+
+
+def nf4_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise NF4 quantization of ``x`` (flattened), packed two codes per byte.
+
+    Returns:
+        ``(codes, absmax)``: uint8 ``((n + 1) // 2, 1)`` and float32 ``(ceil(n / blocksize),)``.
+    """
+    _check_blocksize(blocksize, "blocksize")
+    flat = x.detach().reshape(-1)
+    _check_finite(flat, "x")
+    index, absmax = _blockwise_codes(flat, blocksize, nf4_code(flat.device))
+    if index.numel() % 2:
+        index = torch.cat([index, index.new_full((1,), NF4_ZERO_CODE)])
+    packed = (index[0::2] << 4) | index[1::2]
+    return packed.to(torch.uint8).unsqueeze(1), absmax
+
+
+def nf4_double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the float32 absmax: ``offset = mean``, then 8-bit dynamic blockwise codes.
+
+    Returns:
+        ``(absmax_codes uint8 (n,), nested_absmax float32 (ceil(n / nested_blocksize),),
+        offset float32 0-dim)``.
+    """
+    _check_blocksize(nested_blocksize, "nested_blocksize")
+    _check_finite(absmax, "absmax")
+    offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+    index, nested = _blockwise_codes(absmax - offset, nested_blocksize,
+                                     dynamic_code(absmax.device))
+    return index.to(torch.uint8), nested, offset
+
+
+def _block_scales(absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                  offset: torch.Tensor | None, nested_blocksize: int) -> torch.Tensor:
+    """float32 absmax per block; with double quantization fp32(fp32(code * nested) + offset)."""
+    if absmax.dtype != torch.uint8:
+        return absmax.float()
+    assert nested_absmax is not None and offset is not None
+    per_block = nested_absmax.repeat_interleave(nested_blocksize)[: absmax.numel()]
+    product = dynamic_code(absmax.device)[absmax.long()] * per_block
+    return product + offset.reshape(())
+
+
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                   offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
+                   shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The dense tensor: ``fp32(code_value * block_scale)`` rounded once to ``dtype``."""
+    n = math.prod(shape)
+    flat = codes.reshape(-1)
+    index = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
+    scales = _block_scales(absmax, nested_absmax, offset, nested_blocksize)
+    values = nf4_code(codes.device)[index] * scales.repeat_interleave(blocksize)[:n]
+    return values.to(dtype).reshape(tuple(shape))
+
+
+def nf4_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+               nested_absmax: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
+               nested_blocksize: int, out_features: int, in_features: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` with the dense weight: dequantize (float32 values), then ``F.linear``.
+
+    The weight is rounded to ``x.dtype`` before the product (pass float64 ``x`` for an exact
+    oracle). Autograd flows to ``x`` and ``bias`` through ordinary torch ops.
+    """
+    weight = nf4_dequantize(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                            (out_features, in_features), torch.float32)
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
+def nf4_linear_grad_input(grad: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                          nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                          blocksize: int, nested_blocksize: int, out_features: int,
+                          in_features: int) -> torch.Tensor:
+    """``grad @ W``: the input gradient of :func:`nf4_linear`."""
+    weight = nf4_dequantize(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                            (out_features, in_features), torch.float32)
+    return grad @ weight.to(grad.dtype)

@@ -1,0 +1,883 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// CPU kernels of the peftreg::nf4_* ops (schemas in csrc/registration.cpp; the format is
+// csrc/nf4/nf4_format.h, documented in docs/format.md "NF4 storage"):
+//
+//   nf4_quantize           x -> packed 4-bit codes + float32 absmax per block
+//   nf4_double_quantize    absmax -> uint8 codes + float32 absmax per 256 blocks + offset
+//   nf4_dequantize         codes + scales -> dense tensor of any float dtype
+//   nf4_dequantize_into    the same, written into a preallocated tensor
+//   nf4_linear             y = x @ dequant(W)^T + bias, never forming the dense W
+//   nf4_linear_grad_input  grad_x = grad_y @ dequant(W), never forming the dense W
+//
+// Numerics (shared with the CUDA kernels and peftreg/ops/reference.py): a weight enters every
+// product as its float32 dequantized value fp32(code * absmax) (with double quantization the
+// absmax itself is fp32(fp32(dyncode * nested_absmax) + offset)); activations are widened
+// exactly to float32 (float64 stays float64); sums accumulate in float32 (float64); the output
+// is rounded once to the input's dtype. So the result does not depend on the compute dtype's
+// rounding of W, and bf16 inputs get the accuracy of an fp32 GEMM.
+//
+// The products decode W tile by tile into small per-thread float32 buffers:
+// * few rows (decode, batch <= kGemvMaxRows): threads split the output rows; each weight row is
+//   decoded into an L1-sized buffer (AVX2 when the CPU has it) and dotted with every input row;
+// * many rows: threads split W into tiles of kTileRows weight rows (forward) or kTileCols
+//   columns (input gradient); each thread decodes its tile and calls the BLAS GEMM on it, so the
+//   dense weight never exists, only one tile per thread.
+// Rows of W are flattened element ranges: a quantization block may straddle two rows and a row
+// may start on an odd element (a high/low nibble split), so any in_features works.
+//
+// SIMD: the hot loops have an AVX2+FMA version (compiled with a target attribute) chosen at run
+// time with __builtin_cpu_supports, and a portable scalar version used everywhere else.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "nf4/nf4_args.h"
+#include "nf4/nf4_format.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define PEFTREG_NF4_X86 1
+#include <immintrin.h>
+#else
+#define PEFTREG_NF4_X86 0
+#endif
+
+namespace peftreg::nf4 {
+namespace {
+
+constexpr const char* kQuantizeOp = "peftreg::nf4_quantize";
+constexpr const char* kDoubleQuantizeOp = "peftreg::nf4_double_quantize";
+constexpr const char* kDequantizeOp = "peftreg::nf4_dequantize";
+constexpr const char* kLinearOp = "peftreg::nf4_linear";
+constexpr const char* kGradInputOp = "peftreg::nf4_linear_grad_input";
+
+constexpr int64_t kGemvMaxRows = 8;    // up to this many input rows: decode path (GEMV)
+constexpr int64_t kTileRows = 32;      // forward GEMM path: weight rows per decoded tile
+constexpr int64_t kTileCols = 256;     // input-gradient GEMM path: weight columns per tile
+constexpr int64_t kChunkRows = 512;    // input-gradient GEMM path: weight rows per GEMM call
+constexpr int64_t kGrainElements = 1 << 15;  // elements of work per parallel task, at least
+
+struct DynamicTable {
+  float code[kDynamicCodes];
+  float mid[kDynamicCodes - 1];
+  DynamicTable() { fill_dynamic_code(code, mid); }
+};
+
+const DynamicTable& dynamic_table() {
+  static const DynamicTable table;
+  return table;
+}
+
+bool cpu_has_avx2_fma() {
+#if PEFTREG_NF4_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+inline float load_f32(const T& v) {
+  return static_cast<float>(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantization
+
+// One block of `len` float32 elements (a block starts at a multiple of the block size, so on
+// an even element): absmax, then packed codes. Returns false if the block holds NaN or infinity.
+bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* packed,
+                           float* absmax) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = std::fabs(x[i]);
+    finite = finite && (v <= std::numeric_limits<float>::max());
+    amax = v > amax ? v : amax;
+  }
+  if (!finite) return false;
+  *absmax = amax;
+  const float divisor = std::max(amax, kMinAbsmax);
+  const float inv = 1.0f / divisor;
+  const float* mid = kNF4Midpoint;
+  int64_t i = 0;
+  for (; i + 1 < len; i += 2) {
+    const int hi = nf4_nearest(scale_clamped(x[i], full_block, inv, divisor), mid);
+    const int lo = nf4_nearest(scale_clamped(x[i + 1], full_block, inv, divisor), mid);
+    packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
+  }
+  if (i < len) {  // odd element count: the last low nibble is the 0.0 code
+    const int hi = nf4_nearest(scale_clamped(x[i], full_block, inv, divisor), mid);
+    packed[i / 2] = static_cast<uint8_t>((hi << 4) | kZeroCode);
+  }
+  return true;
+}
+
+#if PEFTREG_NF4_X86
+// Codes of 8 elements starting at an even element, written as 4 packed bytes. The scaling and
+// comparisons are the scalar ones (IEEE multiply/divide, strict greater-than), lane by lane, so
+// both paths give identical bytes.
+template <bool Full>
+__attribute__((target("avx2,fma"))) inline void quantize8_avx2(const float* x, __m256 inv,
+                                                               __m256 divisor,
+                                                               const __m256* mid,
+                                                               uint8_t* packed) {
+  const __m256 v = _mm256_loadu_ps(x);
+  __m256 s = Full ? _mm256_mul_ps(v, inv) : _mm256_div_ps(v, divisor);
+  s = _mm256_max_ps(_mm256_min_ps(s, _mm256_set1_ps(1.0f)), _mm256_set1_ps(-1.0f));
+  __m256i count = _mm256_setzero_si256();
+  for (int j = 0; j < kCodes - 1; ++j) {  // count of midpoints below s (all-ones mask = -1)
+    count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps(s, mid[j], _CMP_GT_OQ)));
+  }
+  // Each 64-bit lane holds (even code, odd code); (lane << 4) | (lane >> 32) has the packed
+  // byte (even << 4) | odd in its low 8 bits.
+  const __m256i packed64 =
+      _mm256_or_si256(_mm256_slli_epi64(count, 4), _mm256_srli_epi64(count, 32));
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), packed64);
+  for (int k = 0; k < 4; ++k) packed[k] = static_cast<uint8_t>(lanes[k]);
+}
+
+__attribute__((target("avx2,fma"))) bool quantize_block_avx2(const float* x, int64_t len,
+                                                             bool full_block, uint8_t* packed,
+                                                             float* absmax) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 vmax = _mm256_setzero_ps();
+  int finite_mask = 0xFF;
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+    finite_mask &= _mm256_movemask_ps(_mm256_cmp_ps(a, largest, _CMP_LE_OQ));
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.0f;
+  for (const float v : lanes) amax = v > amax ? v : amax;
+  bool finite = finite_mask == 0xFF;
+  for (; i < len; ++i) {
+    const float v = std::fabs(x[i]);
+    finite = finite && (v <= std::numeric_limits<float>::max());
+    amax = v > amax ? v : amax;
+  }
+  if (!finite) return false;
+  *absmax = amax;
+  const float divisor = std::max(amax, kMinAbsmax);
+  const float inv = 1.0f / divisor;
+  __m256 mid[kCodes - 1];
+  for (int j = 0; j < kCodes - 1; ++j) mid[j] = _mm256_set1_ps(kNF4Midpoint[j]);
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 vdiv = _mm256_set1_ps(divisor);
+  int64_t e = 0;
+  for (; e + 8 <= len; e += 8) {
+    if (full_block) {
+      quantize8_avx2<true>(x + e, vinv, vdiv, mid, packed + e / 2);
+    } else {
+      quantize8_avx2<false>(x + e, vinv, vdiv, mid, packed + e / 2);
+    }
+  }
+  for (; e + 1 < len; e += 2) {
+    const int hi = nf4_nearest(scale_clamped(x[e], full_block, inv, divisor), kNF4Midpoint);
+    const int lo = nf4_nearest(scale_clamped(x[e + 1], full_block, inv, divisor), kNF4Midpoint);
+    packed[e / 2] = static_cast<uint8_t>((hi << 4) | lo);
+  }
+  if (e < len) {
+    const int hi = nf4_nearest(scale_clamped(x[e], full_block, inv, divisor), kNF4Midpoint);
+    packed[e / 2] = static_cast<uint8_t>((hi << 4) | kZeroCode);
+  }
+  return true;
+}
+#endif
+
+bool quantize_block_f32(const float* x, int64_t len, bool full_block, uint8_t* packed,
+                        float* absmax) {
+#if PEFTREG_NF4_X86
+  if (cpu_has_avx2_fma()) return quantize_block_avx2(x, len, full_block, packed, absmax);
+#endif
+  return quantize_block_scalar(x, len, full_block, packed, absmax);
+}
+
+// Widens a half-precision block to float32 (exact) and quantizes it.
+template <typename T>
+bool quantize_block(const T* x, int64_t len, bool full_block, uint8_t* packed, float* absmax,
+                    float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return quantize_block_f32(x, len, full_block, packed, absmax);
+  } else {
+    for (int64_t i = 0; i < len; ++i) scratch[i] = static_cast<float>(x[i]);
+    return quantize_block_f32(scratch, len, full_block, packed, absmax);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x, int64_t blocksize) {
+  check_blocksize(kQuantizeOp, "blocksize", blocksize);
+  checks::check_device_type(x, kQuantizeOp, "x", c10::DeviceType::CPU);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kQuantizeOp,
+              ": argument 'x' has dtype ", dtype,
+              "; expected Float (float32), BFloat16 or Half (float16)");
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  const int64_t blocks = num_blocks(n, blocksize);
+  at::Tensor codes = at::empty({packed_bytes(n), 1}, xc.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, xc.options().dtype(at::kFloat));
+  uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
+  float* absmax_ptr = absmax.data_ptr<float>();
+  std::atomic<int64_t> bad_block{-1};
+
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = xc.const_data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / blocksize);
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scratch(std::is_same_v<T, float> ? 0 : static_cast<size_t>(blocksize));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t first = b * blocksize;
+        const int64_t len = std::min(blocksize, n - first);
+        if (!quantize_block<T>(src + first, len, len == blocksize, codes_ptr + first / 2,
+                               absmax_ptr + b, scratch.data())) {
+          int64_t expected = -1;
+          bad_block.compare_exchange_strong(expected, b);
+        }
+      }
+    });
+  };
+  if (dtype == at::kFloat) {
+    run(float{});
+  } else if (dtype == at::kBFloat16) {
+    run(c10::BFloat16{});
+  } else {
+    run(c10::Half{});
+  }
+  const int64_t bad = bad_block.load();
+  TORCH_CHECK(bad < 0, kQuantizeOp, ": argument 'x' contains NaN or infinity (in block ", bad,
+              ", elements ", bad * blocksize, " to ", std::min(n, (bad + 1) * blocksize) - 1,
+              " of the flattened tensor); NF4 can only store finite values");
+  return {codes, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
+    const at::Tensor& absmax, int64_t nested_blocksize) {
+  check_blocksize(kDoubleQuantizeOp, "nested_blocksize", nested_blocksize);
+  checks::check_device_type(absmax, kDoubleQuantizeOp, "absmax", c10::DeviceType::CPU);
+  check_dtype(absmax, kDoubleQuantizeOp, "absmax", at::kFloat);
+  checks::check_dim(absmax, kDoubleQuantizeOp, "absmax", 1, "(blocks,)");
+  const at::Tensor a = absmax.contiguous();
+  const int64_t n = a.numel();
+  const float* src = a.const_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(std::isfinite(src[i]), kDoubleQuantizeOp,
+                ": argument 'absmax' contains NaN or infinity (entry ", i, " is ", src[i], ")");
+  }
+  // The offset is torch's own float32 mean (bitsandbytes uses absmax.mean()), so the two agree
+  // to the bit whatever summation order the mean uses.
+  at::Tensor offset = n > 0 ? at::mean(a) : at::zeros({}, a.options());
+  const float off = n > 0 ? offset.item<float>() : 0.0f;
+  const int64_t nested_blocks = num_blocks(n, nested_blocksize);
+  at::Tensor codes = at::empty({n}, a.options().dtype(at::kByte));
+  at::Tensor nested = at::empty({nested_blocks}, a.options());
+  uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
+  float* nested_ptr = nested.data_ptr<float>();
+  const DynamicTable& table = dynamic_table();
+  at::parallel_for(0, nested_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t first = b * nested_blocksize;
+      const int64_t len = std::min(nested_blocksize, n - first);
+      float amax = 0.0f;
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = std::fabs(src[first + i] - off);
+        amax = v > amax ? v : amax;
+      }
+      nested_ptr[b] = amax;
+      const float divisor = std::max(amax, kMinAbsmax);
+      const float inv = 1.0f / divisor;
+      const bool full = len == nested_blocksize;
+      int64_t i = 0;
+      // Eight searches in lockstep: their load-compare chains are independent, so the CPU
+      // overlaps them (one search alone is latency-bound).
+      for (; i + 8 <= len; i += 8) {
+        float s[8];
+        int idx[8];
+        for (int j = 0; j < 8; ++j) {
+          s[j] = scale_clamped(src[first + i + j] - off, full, inv, divisor);
+          idx[j] = 0;
+        }
+        for (int step = kDynamicCodes / 2; step > 0; step /= 2) {
+          for (int j = 0; j < 8; ++j) idx[j] += (s[j] > table.mid[idx[j] + step - 1]) ? step : 0;
+        }
+        for (int j = 0; j < 8; ++j) codes_ptr[first + i + j] = static_cast<uint8_t>(idx[j]);
+      }
+      for (; i < len; ++i) {
+        const float s = scale_clamped(src[first + i] - off, full, inv, divisor);
+        codes_ptr[first + i] = static_cast<uint8_t>(dynamic_nearest(s, table.mid));
+      }
+    }
+  });
+  return {codes, nested, offset.reshape({})};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+// Read-only view of a validated quantized weight.
+struct WeightView {
+  const uint8_t* codes = nullptr;
+  const float* absmax = nullptr;        // without double quantization
+  const uint8_t* absmax_codes = nullptr;  // with it
+  const float* nested = nullptr;
+  float offset = 0.0f;
+  int64_t numel = 0;
+  int64_t blocksize = 0;
+  int64_t nested_blocksize = 0;
+  int block_shift = 0;   // log2(blocksize)
+  int nested_shift = 0;  // log2(nested_blocksize)
+  const float* dyn = nullptr;
+
+  // The float32 scale of block b, exactly as bitsandbytes dequantizes it.
+  float scale(int64_t b) const {
+    if (absmax != nullptr) return absmax[b];
+    const float product = dyn[absmax_codes[b]] * nested[b >> nested_shift];
+    return product + offset;
+  }
+};
+
+struct WeightHolder {
+  at::Tensor codes, absmax, nested, offset;
+  WeightView view;
+};
+
+WeightHolder make_view(const QuantizedWeight& q, const at::Tensor& codes, const at::Tensor& absmax,
+                       const std::optional<at::Tensor>& nested_absmax,
+                       const std::optional<at::Tensor>& offset) {
+  WeightHolder h;
+  h.codes = codes.contiguous();
+  h.absmax = absmax.contiguous();
+  h.view.codes = h.codes.const_data_ptr<uint8_t>();
+  h.view.numel = q.numel;
+  h.view.blocksize = q.blocksize;
+  h.view.nested_blocksize = q.nested_blocksize;
+  h.view.block_shift = log2_pow2(q.blocksize);
+  h.view.nested_shift = q.double_quant ? log2_pow2(q.nested_blocksize) : 0;
+  if (q.double_quant) {
+    h.nested = nested_absmax->contiguous();
+    h.offset = offset->contiguous();
+    h.view.absmax_codes = h.absmax.const_data_ptr<uint8_t>();
+    h.view.nested = h.nested.const_data_ptr<float>();
+    h.view.offset = *h.offset.const_data_ptr<float>();
+    h.view.dyn = dynamic_table().code;
+  } else {
+    h.view.absmax = h.absmax.const_data_ptr<float>();
+  }
+  return h;
+}
+
+// dst[j] = lut[nibble j] for the 2 * nbytes nibbles of `bytes` (high nibble first).
+void decode_bytes_scalar(const uint8_t* bytes, int64_t nbytes, const float* lut, float* dst) {
+  for (int64_t i = 0; i < nbytes; ++i) {
+    const uint8_t b = bytes[i];
+    dst[2 * i] = lut[b >> 4];
+    dst[2 * i + 1] = lut[b & 0x0F];
+  }
+}
+
+#if PEFTREG_NF4_X86
+__attribute__((target("avx2,fma"))) void decode_bytes_avx2(const uint8_t* bytes, int64_t nbytes,
+                                                           const float* lut, float* dst) {
+  const __m256 lut_lo = _mm256_loadu_ps(lut);
+  const __m256 lut_hi = _mm256_loadu_ps(lut + 8);
+  const __m256i low_mask = _mm256_set1_epi32(0x0F);
+  int64_t i = 0;
+  for (; i + 8 <= nbytes; i += 8) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)));
+    const __m256i hi_idx = _mm256_srli_epi32(b, 4);
+    const __m256i lo_idx = _mm256_and_si256(b, low_mask);
+    // permutevar8x32 uses the low 3 bits; bit 3 picks the table half (moved to the sign bit).
+    const __m256 hi = _mm256_blendv_ps(
+        _mm256_permutevar8x32_ps(lut_lo, hi_idx), _mm256_permutevar8x32_ps(lut_hi, hi_idx),
+        _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
+    const __m256 lo = _mm256_blendv_ps(
+        _mm256_permutevar8x32_ps(lut_lo, lo_idx), _mm256_permutevar8x32_ps(lut_hi, lo_idx),
+        _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+    // Interleave: h0 l0 h1 l1 ... h7 l7.
+    const __m256 a = _mm256_unpacklo_ps(hi, lo);  // h0 l0 h1 l1 | h4 l4 h5 l5
+    const __m256 c = _mm256_unpackhi_ps(hi, lo);  // h2 l2 h3 l3 | h6 l6 h7 l7
+    _mm256_storeu_ps(dst + 2 * i, _mm256_permute2f128_ps(a, c, 0x20));
+    _mm256_storeu_ps(dst + 2 * i + 8, _mm256_permute2f128_ps(a, c, 0x31));
+  }
+  decode_bytes_scalar(bytes + i, nbytes - i, lut, dst + 2 * i);
+}
+#endif
+
+void decode_bytes(const uint8_t* bytes, int64_t nbytes, const float* lut, float* dst) {
+#if PEFTREG_NF4_X86
+  if (cpu_has_avx2_fma()) {
+    decode_bytes_avx2(bytes, nbytes, lut, dst);
+    return;
+  }
+#endif
+  decode_bytes_scalar(bytes, nbytes, lut, dst);
+}
+
+// Dequantizes flattened elements [e0, e1) of the weight into float32 dst[0 .. e1 - e0).
+// Handles blocks that straddle the range ends and odd (low-nibble) starts and ends.
+void decode_range(const WeightView& w, int64_t e0, int64_t e1, float* dst) {
+  float lut[kCodes];
+  while (e0 < e1) {
+    const int64_t b = e0 >> w.block_shift;
+    const int64_t seg_end = std::min(e1, (b + 1) << w.block_shift);
+    const float s = w.scale(b);
+    for (int k = 0; k < kCodes; ++k) lut[k] = kNF4Code[k] * s;
+    int64_t e = e0;
+    if (e & 1) {  // starts on a low nibble
+      *dst++ = lut[w.codes[e / 2] & 0x0F];
+      ++e;
+    }
+    const int64_t pairs = (seg_end - e) / 2;
+    decode_bytes(w.codes + e / 2, pairs, lut, dst);
+    dst += 2 * pairs;
+    e += 2 * pairs;
+    if (e < seg_end) {  // ends on a high nibble
+      *dst++ = lut[w.codes[e / 2] >> 4];
+      ++e;
+    }
+    e0 = seg_end;
+  }
+}
+
+template <typename Out>
+void dequantize_into(const WeightView& w, Out* out) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / w.blocksize);
+  at::parallel_for(0, num_blocks(w.numel, w.blocksize), grain, [&](int64_t b0, int64_t b1) {
+    Out lut[kCodes];
+    for (int64_t b = b0; b < b1; ++b) {
+      const float s = w.scale(b);
+      for (int k = 0; k < kCodes; ++k) lut[k] = static_cast<Out>(kNF4Code[k] * s);
+      const int64_t first = b * w.blocksize;
+      const int64_t len = std::min(w.blocksize, w.numel - first);
+      const uint8_t* bytes = w.codes + first / 2;
+      Out* dst = out + first;
+      const int64_t pairs = len / 2;
+      for (int64_t i = 0; i < pairs; ++i) {
+        const uint8_t byte = bytes[i];
+        dst[2 * i] = lut[byte >> 4];
+        dst[2 * i + 1] = lut[byte & 0x0F];
+      }
+      if (len & 1) dst[len - 1] = lut[bytes[pairs] >> 4];
+    }
+  });
+}
+
+#if PEFTREG_NF4_X86
+// 16-bit outputs (bf16/fp16): a block's 16 rounded values fit two 16-byte shuffle tables (low
+// and high bytes), so 32 outputs cost a few shuffles.
+// Blocks [b0, b1); called from dequantize_into_16bit_avx2's parallel loop (a lambda would not
+// inherit the target attribute).
+__attribute__((target("avx2,fma"))) void dequantize_blocks_16bit_avx2(const WeightView& w,
+                                                                     uint16_t* out, bool bf16,
+                                                                     int64_t b0, int64_t b1) {
+  alignas(16) uint8_t lo_bytes[16];
+  alignas(16) uint8_t hi_bytes[16];
+  uint16_t lut[kCodes];
+  for (int64_t b = b0; b < b1; ++b) {
+    const float s = w.scale(b);
+    for (int k = 0; k < kCodes; ++k) {
+      const float v = kNF4Code[k] * s;
+      lut[k] = bf16 ? c10::BFloat16(v).x : c10::Half(v).x;
+      lo_bytes[k] = static_cast<uint8_t>(lut[k] & 0xFF);
+      hi_bytes[k] = static_cast<uint8_t>(lut[k] >> 8);
+    }
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo_bytes)));
+    const __m256i thi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi_bytes)));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const int64_t first = b * w.blocksize;
+    const int64_t len = std::min(w.blocksize, w.numel - first);
+    const uint8_t* bytes = w.codes + first / 2;
+    uint16_t* dst = out + first;
+    const int64_t pairs = len / 2;
+    int64_t i = 0;
+    for (; i + 32 <= pairs; i += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + i));
+      const __m256i hi_idx = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      const __m256i lo_idx = _mm256_and_si256(v, mask);
+      // Nibble order h0 l0 h1 l1 ...: interleave the index bytes, then look up both bytes.
+      const __m256i idx_a = _mm256_unpacklo_epi8(hi_idx, lo_idx);  // bytes 0-7 | 16-23
+      const __m256i idx_b = _mm256_unpackhi_epi8(hi_idx, lo_idx);  // bytes 8-15 | 24-31
+      const __m256i la = _mm256_shuffle_epi8(tlo, idx_a);
+      const __m256i ha = _mm256_shuffle_epi8(thi, idx_a);
+      const __m256i lb = _mm256_shuffle_epi8(tlo, idx_b);
+      const __m256i hb = _mm256_shuffle_epi8(thi, idx_b);
+      const __m256i a0 = _mm256_unpacklo_epi8(la, ha);  // outputs 0-7   | 32-39
+      const __m256i a1 = _mm256_unpackhi_epi8(la, ha);  // outputs 8-15  | 40-47
+      const __m256i b0v = _mm256_unpacklo_epi8(lb, hb);  // outputs 16-23 | 48-55
+      const __m256i b1v = _mm256_unpackhi_epi8(lb, hb);  // outputs 24-31 | 56-63
+      __m256i* d = reinterpret_cast<__m256i*>(dst + 2 * i);
+      _mm256_storeu_si256(d + 0, _mm256_permute2x128_si256(a0, a1, 0x20));
+      _mm256_storeu_si256(d + 1, _mm256_permute2x128_si256(b0v, b1v, 0x20));
+      _mm256_storeu_si256(d + 2, _mm256_permute2x128_si256(a0, a1, 0x31));
+      _mm256_storeu_si256(d + 3, _mm256_permute2x128_si256(b0v, b1v, 0x31));
+    }
+    for (; i < pairs; ++i) {
+      const uint8_t byte = bytes[i];
+      dst[2 * i] = lut[byte >> 4];
+      dst[2 * i + 1] = lut[byte & 0x0F];
+    }
+    if (len & 1) dst[len - 1] = lut[bytes[pairs] >> 4];
+  }
+}
+
+void dequantize_into_16bit_avx2(const WeightView& w, uint16_t* out, bool bf16) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / w.blocksize);
+  at::parallel_for(0, num_blocks(w.numel, w.blocksize), grain, [&](int64_t b0, int64_t b1) {
+    dequantize_blocks_16bit_avx2(w, out, bf16, b0, b1);
+  });
+}
+#endif
+
+void dequantize_dispatch(const WeightView& w, at::Tensor& out) {
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      dequantize_into<float>(w, out.data_ptr<float>());
+      return;
+    case at::kDouble:
+      dequantize_into<double>(w, out.data_ptr<double>());
+      return;
+    case at::kBFloat16:
+#if PEFTREG_NF4_X86
+      if (cpu_has_avx2_fma()) {
+        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), true);
+        return;
+      }
+#endif
+      dequantize_into<c10::BFloat16>(w, out.data_ptr<c10::BFloat16>());
+      return;
+    case at::kHalf:
+#if PEFTREG_NF4_X86
+      if (cpu_has_avx2_fma()) {
+        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), false);
+        return;
+      }
+#endif
+      dequantize_into<c10::Half>(w, out.data_ptr<c10::Half>());
+      return;
+    default:
+      TORCH_CHECK(false, kDequantizeOp, ": unsupported output dtype ", out.scalar_type());
+  }
+}
+
+int64_t shape_numel(const char* op, at::IntArrayRef shape) {
+  int64_t n = 1;
+  for (const int64_t d : shape) {
+    TORCH_CHECK(d >= 0, op, ": argument 'shape' ", shape, " has a negative size");
+    n *= d;
+  }
+  return n;
+}
+
+void check_out_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(checks::is_supported_float(dtype), op, ": argument 'dtype' is ", dtype,
+              "; expected one of Float (float32), BFloat16, Half (float16) or Double");
+}
+
+void nf4_dequantize_into_cpu(const at::Tensor& codes, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& offset, int64_t blocksize,
+                             int64_t nested_blocksize, at::Tensor& out) {
+  checks::check_device_type(codes, kDequantizeOp, "codes", c10::DeviceType::CPU);
+  check_out_dtype(kDequantizeOp, out.scalar_type());
+  const QuantizedWeight q = check_quantized_weight(kDequantizeOp, codes, "codes", codes, absmax,
+                                                   nested_absmax, offset, blocksize,
+                                                   nested_blocksize, out.numel());
+  checks::check_same_device(out, kDequantizeOp, "out", codes, "codes");
+  checks::check_contiguous(out, kDequantizeOp, "out");
+  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
+  dequantize_dispatch(h.view, out);
+}
+
+at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& offset, int64_t blocksize,
+                              int64_t nested_blocksize, at::IntArrayRef shape,
+                              at::ScalarType dtype) {
+  check_out_dtype(kDequantizeOp, dtype);
+  shape_numel(kDequantizeOp, shape);
+  at::Tensor out = at::empty(shape, codes.options().dtype(dtype));
+  nf4_dequantize_into_cpu(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize, out);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Products
+
+float dot_scalar(const float* a, const float* b, int64_t n) {
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += a[i] * b[i];
+    s1 += a[i + 1] * b[i + 1];
+    s2 += a[i + 2] * b[i + 2];
+    s3 += a[i + 3] * b[i + 3];
+  }
+  for (; i < n; ++i) s0 += a[i] * b[i];
+  return (s0 + s1) + (s2 + s3);
+}
+
+void axpy_scalar(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+#if PEFTREG_NF4_X86
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  float total = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+__attribute__((target("avx2,fma"))) void axpy_avx2(float alpha, const float* x, float* y,
+                                                   int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+#endif
+
+float dot(const float* a, const float* b, int64_t n) {
+#if PEFTREG_NF4_X86
+  if (cpu_has_avx2_fma()) return dot_avx2(a, b, n);
+#endif
+  return dot_scalar(a, b, n);
+}
+
+void axpy(float alpha, const float* x, float* y, int64_t n) {
+#if PEFTREG_NF4_X86
+  if (cpu_has_avx2_fma()) {
+    axpy_avx2(alpha, x, y, n);
+    return;
+  }
+#endif
+  axpy_scalar(alpha, x, y, n);
+}
+
+double dot(const float* a, const double* b, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+  return s;
+}
+
+void axpy(double alpha, const float* x, double* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<double>(x[i]);
+}
+
+// y_acc (rows, out) = x_acc (rows, in) @ W^T, decode path. Acc is float or double.
+template <typename Acc>
+void gemv_forward(const WeightView& w, const Acc* x, int64_t rows, int64_t in, int64_t out,
+                  Acc* y) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(in, 1));
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    std::vector<float> row(static_cast<size_t>(in));
+    for (int64_t o = o0; o < o1; ++o) {
+      decode_range(w, o * in, (o + 1) * in, row.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        y[r * out + o] = dot(row.data(), x + r * in, in);
+      }
+    }
+  });
+}
+
+// gx_acc (rows, in) = g_acc (rows, out) @ W, decode path: threads split the columns.
+template <typename Acc>
+void gemv_grad_input(const WeightView& w, const Acc* g, int64_t rows, int64_t in, int64_t out,
+                     Acc* gx) {
+  std::fill(gx, gx + rows * in, Acc(0));
+  const int64_t grain = std::max<int64_t>(256, kGrainElements / std::max<int64_t>(out, 1));
+  at::parallel_for(0, in, grain, [&](int64_t k0, int64_t k1) {
+    const int64_t width = k1 - k0;
+    std::vector<float> seg(static_cast<size_t>(width));
+    for (int64_t o = 0; o < out; ++o) {
+      decode_range(w, o * in + k0, o * in + k1, seg.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const Acc c = g[r * out + o];
+        if (c != Acc(0)) axpy(c, seg.data(), gx + r * in + k0, width);
+      }
+    }
+  });
+}
+
+// Decodes the weight sub-matrix rows [o0, o1) x columns [k0, k1) into a dense (o1-o0, k1-k0)
+// tensor of dtype `acc` (float32 decode, widened for float64).
+at::Tensor decode_tile(const WeightView& w, int64_t in, int64_t o0, int64_t o1, int64_t k0,
+                       int64_t k1, at::ScalarType acc, at::Tensor& scratch) {
+  const int64_t r = o1 - o0, c = k1 - k0;
+  if (!scratch.defined() || scratch.numel() < r * c) {
+    scratch = at::empty({r * c}, at::TensorOptions().dtype(at::kFloat));
+  }
+  float* p = scratch.data_ptr<float>();
+  for (int64_t o = o0; o < o1; ++o) decode_range(w, o * in + k0, o * in + k1, p + (o - o0) * c);
+  at::Tensor tile = scratch.narrow(0, 0, r * c).view({r, c});
+  return acc == at::kFloat ? tile : tile.to(acc);
+}
+
+// y_acc = x_acc @ W^T, GEMM path: each task decodes kTileRows weight rows and multiplies.
+void gemm_forward(const WeightView& w, const at::Tensor& x_acc, int64_t in, int64_t out,
+                  at::Tensor& y_acc) {
+  const int64_t tiles = (out + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * kTileRows, o1 = std::min(out, o0 + kTileRows);
+      const at::Tensor tile = decode_tile(w, in, o0, o1, 0, in, x_acc.scalar_type(), scratch);
+      at::Tensor y_slice = y_acc.narrow(1, o0, o1 - o0);
+      at::mm_out(y_slice, x_acc, tile.t());
+    }
+  });
+}
+
+// gx_acc = g_acc @ W, GEMM path: each task owns kTileCols columns of W (and of gx) and walks
+// the weight rows in chunks of kChunkRows, accumulating into its gx columns.
+void gemm_grad_input(const WeightView& w, const at::Tensor& g_acc, int64_t in, int64_t out,
+                     at::Tensor& gx_acc) {
+  const int64_t tiles = (in + kTileCols - 1) / kTileCols;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * kTileCols, k1 = std::min(in, k0 + kTileCols);
+      at::Tensor gx_slice = gx_acc.narrow(1, k0, k1 - k0);
+      for (int64_t o0 = 0; o0 < out; o0 += kChunkRows) {
+        const int64_t o1 = std::min(out, o0 + kChunkRows);
+        const at::Tensor tile = decode_tile(w, in, o0, o1, k0, k1, g_acc.scalar_type(), scratch);
+        const at::Tensor g_chunk = g_acc.narrow(1, o0, o1 - o0);
+        if (o0 == 0) {
+          at::mm_out(gx_slice, g_chunk, tile);
+        } else {
+          gx_slice.addmm_(g_chunk, tile);
+        }
+      }
+      if (out == 0) gx_slice.zero_();
+    }
+  });
+}
+
+// result (rows, n_cols) in acc dtype = input @ op(W); `forward` selects W^T (nf4_linear) or W.
+at::Tensor product(const WeightView& w, const at::Tensor& input2d, int64_t in, int64_t out,
+                   bool forward) {
+  const at::ScalarType acc = input2d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor a = input2d.scalar_type() == acc ? input2d.contiguous()
+                                                    : input2d.to(acc).contiguous();
+  const int64_t rows = a.size(0);
+  const int64_t n_cols = forward ? out : in;
+  at::Tensor result = at::empty({rows, n_cols}, a.options());
+  if (rows == 0 || n_cols == 0) return result;
+  if (!forward && out == 0) return result.zero_();
+  if (rows <= kGemvMaxRows) {
+    if (acc == at::kDouble) {
+      if (forward) {
+        gemv_forward<double>(w, a.const_data_ptr<double>(), rows, in, out,
+                             result.data_ptr<double>());
+      } else {
+        gemv_grad_input<double>(w, a.const_data_ptr<double>(), rows, in, out,
+                                result.data_ptr<double>());
+      }
+    } else if (forward) {
+      gemv_forward<float>(w, a.const_data_ptr<float>(), rows, in, out, result.data_ptr<float>());
+    } else {
+      gemv_grad_input<float>(w, a.const_data_ptr<float>(), rows, in, out,
+                             result.data_ptr<float>());
+    }
+  } else if (forward) {
+    gemm_forward(w, a, in, out, result);
+  } else {
+    gemm_grad_input(w, a, in, out, result);
+  }
+  return result;
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& offset, int64_t blocksize,
+                          int64_t nested_blocksize, int64_t out_features, int64_t in_features,
+                          const std::optional<at::Tensor>& bias) {
+  const LinearSizes s = check_linear_input(kLinearOp, x, "x", in_features, "in_features",
+                                           out_features, in_features);
+  checks::check_device_type(x, kLinearOp, "x", c10::DeviceType::CPU);
+  const QuantizedWeight q = check_quantized_weight(kLinearOp, x, "x", codes, absmax, nested_absmax,
+                                                   offset, blocksize, nested_blocksize,
+                                                   out_features * in_features);
+  check_bias(kLinearOp, bias, x, out_features);
+  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
+  at::Tensor y = product(h.view, x.reshape({s.rows, in_features}), in_features, out_features,
+                         /*forward=*/true);
+  if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad, const at::Tensor& codes,
+                                     const at::Tensor& absmax,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                     int64_t nested_blocksize, int64_t out_features,
+                                     int64_t in_features) {
+  const LinearSizes s = check_linear_input(kGradInputOp, grad, "grad", out_features,
+                                           "out_features", out_features, in_features);
+  checks::check_device_type(grad, kGradInputOp, "grad", c10::DeviceType::CPU);
+  const QuantizedWeight q = check_quantized_weight(kGradInputOp, grad, "grad", codes, absmax,
+                                                   nested_absmax, offset, blocksize,
+                                                   nested_blocksize, out_features * in_features);
+  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
+  const at::Tensor gx = product(h.view, grad.reshape({s.rows, out_features}), in_features,
+                                out_features, /*forward=*/false);
+  std::vector<int64_t> out_shape(grad.sizes().begin(), grad.sizes().end());
+  out_shape.back() = in_features;
+  return gx.to(grad.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+}  // namespace peftreg::nf4
+
+TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
+  m.impl("nf4_quantize", &peftreg::nf4::nf4_quantize_cpu);
+  m.impl("nf4_double_quantize", &peftreg::nf4::nf4_double_quantize_cpu);
+  m.impl("nf4_dequantize", &peftreg::nf4::nf4_dequantize_cpu);
+  m.impl("nf4_dequantize_into", &peftreg::nf4::nf4_dequantize_into_cpu);
+  m.impl("nf4_linear", &peftreg::nf4::nf4_linear_cpu);
+  m.impl("nf4_linear_grad_input", &peftreg::nf4::nf4_linear_grad_input_cpu);
+}
