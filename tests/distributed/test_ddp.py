@@ -31,13 +31,11 @@ CONFIG = ReferenceConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=
                          num_kv_heads=2, intermediate_size=48, max_positions=64)
 TIMEOUT_S = 240  # per run of both ranks; a normal run takes a fraction of it
 
-pytestmark = [
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="torch.distributed with the gloo backend is not available"),
-    # Two fresh processes each import torch and, through DDP, torch._dynamo: 40 s on a loaded
-    # two-core machine, most of it imports.
-    pytest.mark.slow,
-]
+# Not marked slow: about 14 s on an idle two-core machine, most of it the two ranks importing
+# torch and (through DDP) torch._dynamo; three times that when the machine is busy.
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available")
 
 
 # -- shared by the ranks and the single-process reference -------------------------------------
