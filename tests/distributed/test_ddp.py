@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -192,9 +193,10 @@ def ranks(tmp_path_factory):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in range(WORLD)]
     logs = []
+    deadline = time.monotonic() + TIMEOUT_S
     try:
         for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
+            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
     except subprocess.TimeoutExpired:
         pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s")
     finally:
