@@ -10,6 +10,7 @@ create their modules (:meth:`PEFTMethod.inject`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import re
 from collections.abc import Iterator, Sequence
@@ -128,6 +129,25 @@ class AdaptedModel(nn.Module):
         self._active: list[str] = []
         self._merged: list[str] = []
         self._disabled = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The registry holds plugin modules, which cannot be pickled; a copy re-resolves it.
+        state = self.__dict__.copy()
+        state["_registry"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.__dict__.get("_registry") is None:
+            self.__dict__["_registry"] = default_registry()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AdaptedModel:
+        memo[id(self._registry)] = self._registry  # share the registry, copy everything else
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -331,6 +351,11 @@ class AdaptedModel(nn.Module):
         for _, module in iter_base_modules(self.model):
             for p in module.parameters(recurse=False):
                 total += p.numel()
+            weight = getattr(module, "weight", None)
+            if (isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter)
+                    and hasattr(module, "in_features") and hasattr(module, "out_features")):
+                # A quantized layer keeps its weight as packed buffers: count the logical size.
+                total += module.in_features * module.out_features
         return total
 
     def summary(self) -> AdapterSummary:

@@ -28,6 +28,11 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+# Test models are tiny: one thread avoids thread start-up costs that dominate their run time
+# (the benchmarks, not the tests, measure multi-threaded speed).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -226,3 +226,21 @@ def test_wrapping_twice_is_refused(make_tiny, registry):
     model = peftreg.adapt(make_tiny(), LoraConfig(target_modules=["q_proj"]), registry=registry)
     with pytest.raises(AdapterError, match="already an AdaptedModel"):
         AdaptedModel(model, registry=registry)
+
+
+def test_deepcopy_and_pickle(make_tiny, registry, token_batch):
+    import copy
+    import pickle
+
+    model = peftreg.adapt(make_tiny(), LoraConfig(target_modules=["q_proj"]), registry=registry)
+    with torch.no_grad():
+        for p in model.adapter_parameters("default"):
+            p.normal_()
+    clone = copy.deepcopy(model)
+    assert clone.registry is model.registry
+    assert torch.equal(_logits(clone, token_batch), _logits(model, token_batch))
+    clone.delete_adapter("default")
+    assert model.adapters and not clone.adapters
+    restored = pickle.loads(pickle.dumps(model))
+    assert torch.equal(_logits(restored, token_batch), _logits(model, token_batch))
+    assert restored.active_adapters == ["default"]
