@@ -65,6 +65,41 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     # torch.compile(fullgraph=True) vs eager, same kernel: differences come only from the
     # compiled pointwise ops around the op (reassociated sums), so dtype defaults suffice.
     ("lora_linear.compile", torch.float32): Tolerance(1e-5, 1.3e-6),
+    # peftreg::nf4_linear / nf4_linear_grad_input vs float64 dequantize-then-matmul (the
+    # reference), scaled by max(1, max|expected|) like lora_linear. The kernel multiplies the
+    # exact float32 weight values with the exactly widened input, accumulates in float32 and
+    # rounds the output once, so only that rounding and the float32 sums differ.
+    ("nf4_linear.forward", torch.float64): Tolerance(1e-7, 1e-7),
+    ("nf4_linear.forward", torch.float32): Tolerance(
+        1e-5, 1.3e-6,
+        "float32 sums over up to 1376 terms of O(1/sqrt(in)) products; measured max 5e-7",
+    ),
+    ("nf4_linear.forward", torch.bfloat16): Tolerance(
+        2 * _BF16_EPS, 1.6e-2,
+        "one rounding of y to bf16 (<= 2^-9 of |y| <= max|y|), float32 sums otherwise: "
+        "2^-9 < 2 * 2^-8",
+    ),
+    ("nf4_linear.forward", torch.float16): Tolerance(
+        2 * _FP16_EPS, 1e-3,
+        "one rounding of y to float16 (<= 2^-12 of max|y|) < 2 * 2^-11",
+    ),
+    ("nf4_linear.backward", torch.float64): Tolerance(1e-7, 1e-7),
+    ("nf4_linear.backward", torch.float32): Tolerance(
+        1e-5, 1.3e-6, "as the forward: float32 sums of O(1) terms",
+    ),
+    ("nf4_linear.backward", torch.bfloat16): Tolerance(
+        2 * _BF16_EPS, 1.6e-2,
+        "grad_x = g W rounded once to bf16; grad_b = g.sum(0) in bf16 over <= 257 rows is "
+        "summed by torch with a float32 accumulator and rounded once",
+    ),
+    ("nf4_linear.backward", torch.float16): Tolerance(
+        2 * _FP16_EPS, 1e-3, "as bf16 at float16 precision",
+    ),
+    # Linear4bit (bf16 compute) vs the same layer's dequantize-then-F.linear in float64: the
+    # input and bias are rounded to bf16 on entry (same in both), the output once on exit.
+    ("linear4bit.forward", torch.bfloat16): Tolerance(
+        2 * _BF16_EPS, 1.6e-2, "one rounding of the output to bf16, as nf4_linear.forward",
+    ),
 }
 
 

@@ -30,6 +30,7 @@
 // time with __builtin_cpu_supports, and a portable scalar version used everywhere else.
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mean.h>
@@ -760,6 +761,9 @@ void gemm_forward(const WeightView& w, const at::Tensor& x_acc, int64_t in, int6
                   at::Tensor& y_acc) {
   const int64_t tiles = (out + kTileRows - 1) / kTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // OpenMP workers do not inherit the caller's dispatch state: these ATen calls run below
+    // autograd (the op's own autograd formula is registered in Python).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor scratch;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o0 = t * kTileRows, o1 = std::min(out, o0 + kTileRows);
@@ -776,6 +780,9 @@ void gemm_grad_input(const WeightView& w, const at::Tensor& g_acc, int64_t in, i
                      at::Tensor& gx_acc) {
   const int64_t tiles = (in + kTileCols - 1) / kTileCols;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // OpenMP workers do not inherit the caller's dispatch state: these ATen calls run below
+    // autograd (the op's own autograd formula is registered in Python).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor scratch;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * kTileCols, k1 = std::min(in, k0 + kTileCols);

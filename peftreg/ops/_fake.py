@@ -120,10 +120,23 @@ def _nf4_check_blocksize(op: str, name: str, value: int) -> None:
     )
 
 
+# c10::ScalarType names, so the fake kernels' messages read like the C++ ones.
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+    torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
+}
+
+
+def _scalar_type(dtype: torch.dtype) -> str:
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype))
+
+
 def _nf4_check_dtype(op: str, t: torch.Tensor, name: str, expected: torch.dtype) -> None:
     torch._check(
         t.dtype == expected,
-        lambda: f"{op}: argument '{name}' has dtype {t.dtype}; expected {expected}",
+        lambda: f"{op}: argument '{name}' has dtype {_scalar_type(t.dtype)}; expected "
+        f"{_scalar_type(expected)}",
     )
 
 
@@ -162,7 +175,8 @@ def _nf4_check_weight(op: str, codes: torch.Tensor, absmax: torch.Tensor,
     else:
         torch._check(
             absmax.dtype == torch.float32,
-            lambda: f"{op}: argument 'absmax' has dtype {absmax.dtype}; expected Float "
+            lambda: f"{op}: argument 'absmax' has dtype {_scalar_type(absmax.dtype)}; expected "
+            "Float "
             "(float32 scales) or Byte (uint8 double-quantized scales)",
         )
         torch._check(
@@ -197,7 +211,8 @@ def _nf4_quantize_fake(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tens
     _nf4_check_blocksize(op, "blocksize", blocksize)
     torch._check(
         x.dtype in _NF4_QUANTIZE_DTYPES,
-        lambda: f"{op}: argument 'x' has dtype {x.dtype}; expected Float (float32), BFloat16 "
+        lambda: f"{op}: argument 'x' has dtype {_scalar_type(x.dtype)}; expected Float "
+        "(float32), BFloat16 "
         "or Half (float16)",
     )
     n = x.numel()

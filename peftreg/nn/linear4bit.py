@@ -1,0 +1,217 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``Linear4bit``: a linear layer whose frozen weight is stored as NF4 (QLoRA's base layer).
+
+The weight lives in buffers (codes, scales, second-level scales) so ``module.to(device)``,
+``state_dict()`` and safetensors work without pickling; ``state_dict()`` emits bitsandbytes'
+serialized layout (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ``bias``), and
+``load_state_dict`` accepts it, from a peftreg or a bitsandbytes ``Linear4bit``. The forward is
+the fused ``peftreg::nf4_linear`` op (the weight is decoded tile by tile inside the product,
+never materialised) or, when no compiled kernel exists for the device, dequantize-then-matmul
+in plain PyTorch after one warning (:mod:`peftreg.kernels`). Gradients flow to the input (and
+to the bias if it requires grad); the weight is frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from peftreg import kernels
+from peftreg.ops import nf4 as nf4_ops
+from peftreg.ops import reference
+from peftreg.quant.nf4_tensor import QUANT_STATE_SUFFIX, NF4FormatError, NF4Tensor
+
+__all__ = ["Linear4bit"]
+
+# Buffer name of each NF4Tensor field (a buffer name cannot contain a dot; state_dict() maps
+# them to bitsandbytes' dotted keys).
+_BUFFERS: dict[str, str] = {
+    "codes": "weight",
+    "absmax": "weight_absmax",
+    "nested_absmax": "weight_nested_absmax",
+    "offset": "weight_offset",
+}
+
+
+class Linear4bit(nn.Module):
+    """``y = x @ W^T + b`` with ``W`` frozen in NF4 (4.127 bits per weight with double quant).
+
+    Build one from a trained layer with :meth:`from_linear`; construct directly (zero weight)
+    only to load a state dict into.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        bias: whether the layer has a bias (kept in ``compute_dtype``).
+        blocksize: NF4 block size (power of two, 32..4096).
+        double_quant: double-quantize the block scales (QLoRA section 3).
+        compute_dtype: dtype of the product (inputs are cast to it, outputs cast back).
+        weight_dtype: dtype the weight had before quantization (what :meth:`dequantize` returns).
+        device: where to allocate.
+
+    Attributes:
+        peftreg_linear: True, so ``target_modules="all-linear"`` counts this layer.
+    """
+
+    peftreg_linear: ClassVar[bool] = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 blocksize: int = 64, double_quant: bool = True,
+                 compute_dtype: torch.dtype = torch.bfloat16,
+                 weight_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.compute_dtype = compute_dtype
+        storage = NF4Tensor.zeros((self.out_features, self.in_features), weight_dtype, blocksize,
+                                  double_quant, device=device)
+        self._set_storage(storage)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=compute_dtype,
+                                                 device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> Linear4bit:
+        """Quantize ``linear``'s weight to NF4; the bias is kept (in ``compute_dtype``).
+
+        The new layer is on ``linear``'s device. The bias keeps ``linear.bias.requires_grad``.
+        """
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
+                    weight_dtype=weight.dtype, device=weight.device)
+        layer._set_storage(NF4Tensor.quantize(weight, blocksize, double_quant))
+        if linear.bias is not None:
+            assert layer.bias is not None
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach().to(compute_dtype))
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
+
+    # --- the NF4 storage ------------------------------------------------------------------------
+
+    def _set_storage(self, storage: NF4Tensor) -> None:
+        for field, tensor in storage.tensors().items():
+            self.register_buffer(_BUFFERS[field], tensor)
+        self.weight_dtype = storage.dtype
+        self.blocksize = storage.blocksize
+        self.nested_blocksize = storage.nested_blocksize
+
+    @property
+    def nf4(self) -> NF4Tensor:
+        """The weight's storage record (sharing this module's buffers)."""
+        return NF4Tensor(codes=self.weight, absmax=self.weight_absmax,
+                         shape=torch.Size((self.out_features, self.in_features)),
+                         dtype=self.weight_dtype, blocksize=self.blocksize,
+                         nested_absmax=self.weight_nested_absmax, offset=self.weight_offset,
+                         nested_blocksize=self.nested_blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.weight_absmax.dtype == torch.uint8
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``(out_features, in_features)`` (default dtype: ``weight_dtype``)."""
+        return self.nf4.dequantize(dtype)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the layer: NF4 storage, the two code tables (serialized with the
+        weight) and the bias."""
+        tables = 16 * 4 + (256 * 4 if self.double_quant else 0)
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.nf4.nbytes + tables + bias
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if kernels.use_compiled("nf4_linear", xc.device):
+            y = nf4_ops.linear(xc, self.weight, self.weight_absmax, blocksize=self.blocksize,
+                               out_features=self.out_features, in_features=self.in_features,
+                               nested_absmax=self.weight_nested_absmax, offset=self.weight_offset,
+                               nested_blocksize=self.nested_blocksize, bias=bias)
+        else:
+            y = reference.nf4_linear(xc, self.weight, self.weight_absmax,
+                                     self.weight_nested_absmax, self.weight_offset,
+                                     self.blocksize, self.nested_blocksize, self.out_features,
+                                     self.in_features, bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+    # --- module plumbing --------------------------------------------------------------------------
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> Linear4bit:
+        # Module.to(dtype) / .half() would cast the float32 scales: keep the NF4 buffers'
+        # dtypes and apply only the device part of the change.
+        saved = {name: self._buffers.pop(name) for name in _BUFFERS.values()}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in saved.items():
+                if tensor is not None:
+                    moved = fn(tensor)
+                    if moved.dtype != tensor.dtype:
+                        moved = tensor.to(moved.device)
+                    tensor = moved
+                self._buffers[name] = tensor
+        return self
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        # bitsandbytes' order: weight, bias, then the quant state of the weight.
+        weight_state = self.nf4.to_state_dict(prefix + "weight")
+        destination[prefix + "weight"] = weight_state.pop(prefix + "weight")
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for key, value in weight_state.items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        weight_key = prefix + "weight"
+        ours = [k for k in state_dict if k == weight_key or k.startswith(weight_key + ".")]
+        if not ours:
+            missing_keys.extend([weight_key, f"{weight_key}.{QUANT_STATE_SUFFIX}"])
+        else:
+            storage = NF4Tensor.from_state_dict(state_dict, weight_key, device=self.weight.device)
+            if tuple(storage.shape) != (self.out_features, self.in_features):
+                raise NF4FormatError(
+                    f"NF4 state dict: key '{weight_key}.{QUANT_STATE_SUFFIX}': shape "
+                    f"{list(storage.shape)} does not match this layer "
+                    f"({self.out_features}, {self.in_features})")
+            self._set_storage(storage)
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key in state_dict:
+                value = state_dict[bias_key]
+                if tuple(value.shape) != (self.out_features,):
+                    error_msgs.append(f"size mismatch for {bias_key}: copying a param with "
+                                      f"shape {tuple(value.shape)}, expected "
+                                      f"({self.out_features},)")
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(value.to(self.bias.dtype))
+            else:
+                missing_keys.append(bias_key)
+        elif bias_key in state_dict:
+            unexpected_keys.append(bias_key)
+        known = set(ours) | {bias_key}
+        for key in state_dict:
+            if key.startswith(prefix) and key not in known and "." not in key[len(prefix):]:
+                unexpected_keys.append(key)
