@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import tiny_hf
 import torch
 
 import peftreg
@@ -21,6 +22,7 @@ from peftreg.integrations.transformers import (
 from peftreg_plugins.lora import LoraConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
 from peftreg.integrations.transformers import SaveAdapterCallback  # noqa: E402
 
 pytestmark = pytest.mark.transformers
@@ -39,20 +41,11 @@ def _one_thread():
 
 
 def make_bert():
-    torch.manual_seed(31)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config)
+    return tiny_hf.bert(seed=31, vocab_size=VOCAB)
 
 
 def make_llama():
-    torch.manual_seed(32)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_hf.llama(seed=32, vocab_size=VOCAB)
 
 
 def classification_rows(n=8, length=10):

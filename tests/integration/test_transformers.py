@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import tiny_hf
 import torch
 
 import peftreg
@@ -11,20 +12,11 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 
 def make_llama():
-    torch.manual_seed(11)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_hf.llama(seed=11)
 
 
 def make_bert():
-    torch.manual_seed(12)
-    config = transformers.BertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_hf.bert(seed=12)
 
 
 IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))

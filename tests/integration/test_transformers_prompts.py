@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import tiny_hf
 import torch
 
 import peftreg
@@ -25,20 +26,11 @@ IDS_OF = ["prompt", "prefix", "prefix-projection"]
 
 
 def make_llama():
-    torch.manual_seed(21)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_hf.llama(seed=21)
 
 
 def make_bert():
-    torch.manual_seed(22)
-    config = transformers.BertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_hf.bert(seed=22)
 
 
 def _strong(model):

@@ -18,6 +18,7 @@ import math
 import shutil
 
 import pytest
+import tiny_hf
 import torch
 
 peft = pytest.importorskip("peft", reason="peft is not installed")
@@ -49,20 +50,11 @@ NOISE = 0.3  # added to every adapter weight so that B != 0 and scales differ fr
 
 
 def make_llama():
-    torch.manual_seed(31)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_hf.llama(seed=31, vocab_size=VOCAB)
 
 
 def make_bert():
-    torch.manual_seed(32)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_hf.bert(seed=32, vocab_size=VOCAB)
 
 
 def logits(model):

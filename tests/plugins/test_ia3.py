@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import tiny_hf
 import torch
 from torch import nn
 
@@ -36,22 +37,11 @@ def _transformers():
 
 
 def make_llama():
-    transformers = _transformers()
-    torch.manual_seed(11)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_hf.llama(seed=11)
 
 
 def make_bert():
-    transformers = _transformers()
-    torch.manual_seed(12)
-    config = transformers.BertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_hf.bert(seed=12)
 
 
 def _hf_forward(model, ids):
