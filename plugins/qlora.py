@@ -1,0 +1,202 @@
+# SPDX-License-Identifier: Apache-2.0
+"""QLoRA (Dettmers et al. 2023): LoRA adapters on a frozen base stored in 4-bit NormalFloat.
+
+The targeted base Linear layers (by default every linear layer except the output head, as in
+the paper) are replaced by :class:`peftreg.nn.Linear4bit` (NF4 with double quantization, about
+4.13 bits per weight at block 64); LoRA factors in the compute dtype sit on top. Gradients flow
+through the 4-bit product to the adapters only: the quantized weight is never materialised as a
+dense matrix during training.
+
+Quantization replaces the base layers for good: deleting the adapter leaves them 4-bit.
+Merging densifies the adapted layers (dequantize, then add the LoRA update), so
+``merge_and_unload()`` returns a dense model; :func:`requantize` turns its merged layers back into
+4-bit ones and reports the error that adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+import peftreg
+from peftreg.families import ModelFamily
+from peftreg.host import AdapterHost, iter_slots, replace_module
+from peftreg.method import Capabilities, PEFTMethod
+from peftreg.model import host_for
+from peftreg.nn import Linear4bit
+from peftreg.targets import ALL_LINEAR, TargetedConfig, output_head_paths, select_targets
+from peftreg_plugins.lora import LoraConfig, LoraLinear
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class QLoraConfig(LoraConfig):
+    """Config of a QLoRA adapter: every LoRA field, plus the quantization of the base.
+
+    Attributes:
+        blocksize: NF4 block size (a power of two in 32..4096; the paper uses 64).
+        double_quant: quantize the per-block scales again (8-bit, blocks of 256).
+        compute_dtype: dtype the 4-bit product and the LoRA factors compute in.
+        quantize: ``"all-linear"`` quantizes every linear layer except the output head (the
+            paper's setting); ``"targets"`` only the layers LoRA adapts.
+        target_modules: as for LoRA, but ``None`` means ``"all-linear"`` (the paper adapts every
+            linear layer).
+    """
+
+    method: ClassVar[str] = "qlora"
+
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quantize: Literal["all-linear", "targets"] = "all-linear"
+
+    def validate(self) -> None:
+        super().validate()
+        b = self.blocksize
+        if b < 32 or b > 4096 or b & (b - 1):
+            raise self.error("blocksize", "must be a power of two in 32..4096", b)
+
+
+class _QuantizeSpec(TargetedConfig):
+    """Target spec for the layers to quantize (``"all-linear"`` minus excluded ones)."""
+
+
+def _quantize_paths(model: nn.Module, config: QLoraConfig, family: ModelFamily | None,
+                    lora_paths: list[str]) -> list[str]:
+    if config.quantize == "targets":
+        return lora_paths
+    spec = _QuantizeSpec(target_modules=ALL_LINEAR)
+    paths = select_targets(model, spec, (nn.Linear, Linear4bit), family)
+    heads = output_head_paths(model, family)
+    return [p for p in paths if p not in heads]
+
+
+def _quantize(model: nn.Module, path: str, config: QLoraConfig) -> Linear4bit:
+    module = model.get_submodule(path)
+    host = module if isinstance(module, AdapterHost) else None
+    base = host.base if host is not None else module
+    if isinstance(base, Linear4bit):
+        return base
+    if not isinstance(base, nn.Linear):
+        raise peftreg.TargetNotFoundError(f"QLoRA can only quantize nn.Linear; {path!r} is a "
+                                          f"{type(base).__name__}")
+    quantized = Linear4bit.from_linear(base, blocksize=config.blocksize,
+                                       double_quant=config.double_quant,
+                                       compute_dtype=_DTYPES[config.compute_dtype])
+    if host is not None:
+        host.base = quantized
+    else:
+        replace_module(model, path, quantized)
+    return quantized
+
+
+def quantize_base(model: nn.Module, config: QLoraConfig,
+                  family: ModelFamily | None = None) -> list[str]:
+    """Replace the layers ``config`` quantizes by :class:`Linear4bit` (what injection does
+    first); useful to build the 4-bit base model itself, e.g. for comparisons and tests.
+
+    Returns:
+        The quantized layer paths.
+    """
+    lora_paths = select_targets(model, config, (nn.Linear, Linear4bit), family, ALL_LINEAR)
+    paths = _quantize_paths(model, config, family, lora_paths)
+    for path in paths:
+        _quantize(model, path, config)
+    return paths
+
+
+class QLoraMethod(PEFTMethod):
+    """LoRA on a 4-bit NF4 base with double quantization; merging densifies the base."""
+
+    name: ClassVar[str] = "qlora"
+    config_cls: ClassVar[type[QLoraConfig]] = QLoraConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True)
+    suggested_learning_rate: ClassVar[float] = 2e-3
+
+    def _targets(self, model: nn.Module, config: QLoraConfig,
+                 family: ModelFamily | None) -> list[str]:
+        return select_targets(model, config, (nn.Linear, Linear4bit), family, ALL_LINEAR)
+
+    def inject(self, model: nn.Module, adapter_name: str, config: QLoraConfig,  # type: ignore[override]
+               family: ModelFamily | None) -> list[str]:
+        lora_paths = self._targets(model, config, family)
+        quantize_base(model, config, family)
+        dtype = _DTYPES[config.compute_dtype]
+        for path in lora_paths:
+            host = host_for(model, path)
+            r, scaling = config.rank_and_scale(path)
+            adapter_dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else dtype
+            host.adapters[adapter_name] = LoraLinear(
+                host.base, r, scaling, config.lora_dropout, config.init_lora_weights,
+                adapter_dtype)
+        return lora_paths
+
+    def merge(self, model: nn.Module, adapter_name: str) -> None:
+        for _, slot in iter_slots(model):
+            if (isinstance(slot, AdapterHost) and adapter_name in slot.adapters
+                    and isinstance(slot.base, Linear4bit)):
+                slot.base = dense_linear(slot.base)
+        super().merge(model, adapter_name)
+
+    def parameter_count(  # type: ignore[override]
+        self, model: nn.Module, config: QLoraConfig, family: ModelFamily | None
+    ) -> int:
+        """``sum over adapted matrices of r * (d_in + d_out)``, as LoRA."""
+        total = 0
+        for path in self._targets(model, config, family):
+            module = model.get_submodule(path)
+            module = getattr(module, "base", module)
+            r, _ = config.rank_and_scale(path)
+            total += r * (module.in_features + module.out_features)
+        return total
+
+
+def dense_linear(layer: Linear4bit) -> nn.Linear:
+    """A dense ``nn.Linear`` (compute dtype) holding ``layer``'s dequantized weight."""
+    weight = layer.dequantize()
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    dense.requires_grad_(False)
+    return dense
+
+
+def requantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
+               paths: list[str] | None = None) -> dict[str, float]:
+    """Quantize dense Linear layers of a merged model back to NF4.
+
+    Args:
+        model: typically the result of ``merge_and_unload()``.
+        blocksize: NF4 block size.
+        double_quant: quantize the scales too.
+        paths: layers to quantize (default: every ``nn.Linear`` except the output head).
+
+    Returns:
+        The relative Frobenius error each layer's weight gained, by path.
+    """
+    if paths is None:
+        heads = output_head_paths(model, None)
+        paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and p not in heads]
+    errors = {}
+    for path in paths:
+        dense = model.get_submodule(path)
+        quantized = Linear4bit.from_linear(dense, blocksize=blocksize, double_quant=double_quant,
+                                           compute_dtype=dense.weight.dtype)
+        original = dense.weight.detach().float()
+        diff = quantized.dequantize().float() - original
+        errors[path] = float(diff.norm() / original.norm().clamp_min(1e-12))
+        replace_module(model, path, quantized)
+    return errors
+
+
+@peftreg.hookimpl
+def peftreg_register_methods() -> list[PEFTMethod]:
+    """Provide QLoRA."""
+    return [QLoraMethod()]
