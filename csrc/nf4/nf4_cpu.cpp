@@ -38,6 +38,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -879,6 +880,17 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad, const at::Tensor& c
 
 }  // namespace
 }  // namespace peftreg::nf4
+
+// nf4_dequantize_into mutates `out`, so torch.library cannot attach a Python autograd formula
+// (peftreg/ops/_autograd.py covers the other NF4 ops). torch's fallbacks make autograd refuse
+// inputs that require grad and keep version counters right for the mutated output.
+TORCH_LIBRARY_IMPL(peftreg, Autograd, m) {
+  m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(peftreg, ADInplaceOrView, m) {
+  m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}
 
 TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
   m.impl("nf4_quantize", &peftreg::nf4::nf4_quantize_cpu);

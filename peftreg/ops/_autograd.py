@@ -173,3 +173,29 @@ torch.library.register_autograd(
     _nf4_grad_input_backward,
     setup_context=_nf4_grad_input_setup_context,
 )
+
+
+# --- the NF4 storage ops: not differentiable ---------------------------------------------------
+#
+# Quantization is piecewise constant, and the dequantized weight of a QLoRA base layer is frozen,
+# so these ops have no useful gradient. They still get an autograd registration (every peftreg op
+# has one): calling backward through them raises a clear error instead of silently returning
+# zeros. (nf4_dequantize_into mutates its output, which torch.library cannot register here; its
+# Autograd kernel is torch's "not implemented" fallback, registered in csrc/nf4/nf4_cpu.cpp.)
+
+
+def _not_differentiable(op: str) -> Any:
+    def backward(ctx: Any, *grads: Any) -> tuple[torch.Tensor | None, ...]:
+        raise RuntimeError(
+            f"peftreg::{op} is not differentiable (NF4 storage is frozen); detach its tensor "
+            "inputs, or use peftreg::nf4_linear, whose input gradient is defined")
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        return None
+
+    return backward, setup_context
+
+
+for _op in ("nf4_quantize", "nf4_double_quantize", "nf4_dequantize"):
+    _backward, _setup = _not_differentiable(_op)
+    torch.library.register_autograd(f"peftreg::{_op}", _backward, setup_context=_setup)

@@ -47,6 +47,55 @@ def test_opcheck_lora_linear(op_device, case):
     torch.library.opcheck(torch.ops.peftreg.lora_linear.default, args)
 
 
+def _nf4_sample_inputs(device: torch.device) -> dict[str, tuple[object, tuple, dict]]:
+    """Sample (op, args, kwargs) per NF4 case: with/without double quant, odd sizes, grads."""
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape, grad=False, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(
+            grad)
+
+    p = torch.ops.peftreg
+    weight = t(6, 40)
+    codes, absmax = p.nf4_quantize(weight, 32)
+    dq_absmax, nested, offset = p.nf4_double_quantize(absmax, 256)
+    plain = (codes, absmax, None, None, 32, 256)
+    dq = (codes, dq_absmax, nested, offset, 32, 256)
+    return {
+        "quantize_odd_bf16": (p.nf4_quantize.default, (t(7, 9, dtype=torch.bfloat16), 64), {}),
+        "quantize_fp16": (p.nf4_quantize.default, (t(130, dtype=torch.float16), 32), {}),
+        "double_quantize": (p.nf4_double_quantize.default, (absmax, 256), {}),
+        "dequantize_dq_bf16": (p.nf4_dequantize.default, (*dq, [6, 40], torch.bfloat16), {}),
+        "dequantize_plain_f32": (p.nf4_dequantize.default, (*plain, [240], torch.float32), {}),
+        "dequantize_into_fp16": (p.nf4_dequantize_into.default,
+                                 (*dq, torch.empty(6, 40, dtype=torch.float16, device=device)),
+                                 {}),
+        "linear_dq_grads": (p.nf4_linear.default, (t(3, 40, grad=True), *dq, 6, 40,
+                                                   t(6, grad=True)), {}),
+        "linear_plain_3d": (p.nf4_linear.default, (t(2, 5, 40, grad=True), *plain, 6, 40, None),
+                            {}),
+        "linear_no_grad_bf16": (p.nf4_linear.default,
+                                (t(9, 40, dtype=torch.bfloat16), *dq, 6, 40,
+                                 t(6, dtype=torch.bfloat16)), {}),
+        "linear_float64": (p.nf4_linear.default, (t(2, 40, grad=True, dtype=torch.float64), *dq,
+                                                  6, 40, None), {}),
+        "grad_input": (p.nf4_linear_grad_input.default, (t(4, 6, grad=True), *dq, 6, 40), {}),
+    }
+
+
+NF4_OPCHECK_CASES = ["quantize_odd_bf16", "quantize_fp16", "double_quantize",
+                     "dequantize_dq_bf16", "dequantize_plain_f32", "dequantize_into_fp16",
+                     "linear_dq_grads", "linear_plain_3d", "linear_no_grad_bf16",
+                     "linear_float64", "grad_input"]
+
+
+@pytest.mark.parametrize("case", NF4_OPCHECK_CASES, ids=[f"case={c}" for c in NF4_OPCHECK_CASES])
+def test_opcheck_nf4(op_device, case):
+    """Schema, fake kernel, autograd registration and AOT dispatch of every NF4 op."""
+    op, args, kwargs = _nf4_sample_inputs(op_device)[case]
+    torch.library.opcheck(op, args, kwargs)
+
+
 @pytest.mark.usefixtures("require_extension")
 def test_ops_list_matches_dispatcher():
     """peftreg.ops.OPS (used by kernel_report and `peftreg doctor`) lists every defined op."""
