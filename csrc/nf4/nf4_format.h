@@ -49,25 +49,16 @@ inline constexpr int64_t kDefaultNestedBlocksize = 256;
 // block scales to zeros (code 7) instead of dividing by zero.
 inline constexpr float kMinAbsmax = 1e-38f;
 
-// The NF4 codebook, float32, index order (QLoRA appendix E; bitsandbytes' table).
-inline constexpr float kNF4Code[kCodes] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
-};
+// The NF4 codebook, float32, index order (QLoRA appendix E; bitsandbytes' table). A macro so
+// the CUDA kernels can initialise a __constant__ copy from the same literals.
+#define PEFTREG_NF4_CODE_VALUES                                                          \
+  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,             \
+      -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,        \
+      0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,                 \
+      0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                  \
+      0.7229568362236023f, 1.0f
+
+inline constexpr float kNF4Code[kCodes] = {PEFTREG_NF4_CODE_VALUES};
 
 // float32 midpoints between neighbouring NF4 codes: (a + b) rounded to float32, then halved
 // (exact), as bitsandbytes forms its decision boundaries.
