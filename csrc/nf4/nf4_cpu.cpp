@@ -708,6 +708,186 @@ void axpy(double alpha, const float* x, double* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<double>(x[i]);
 }
 
+// Batch-1 GEMV for even in_features (every weight row then starts on a byte): the dot product
+// of weight row o with x, decoding the nibbles straight into FMAs against the even- and
+// odd-indexed halves of x (x_even[j] = x[2j], x_odd[j] = x[2j + 1]), with the unscaled code
+// values; each block's partial sum is scaled once. No decode buffer, no per-block table.
+float dot_row_scalar(const WeightView& w, int64_t o, int64_t in, const float* x_even,
+                     const float* x_odd) {
+  float total = 0.0f;
+  for (int64_t e0 = o * in, e1 = (o + 1) * in; e0 < e1;) {
+    const int64_t b = e0 >> w.block_shift;
+    const int64_t seg_end = std::min(e1, (b + 1) << w.block_shift);
+    float partial = 0.0f;
+    const int64_t j0 = (e0 - o * in) / 2;
+    for (int64_t i = 0; i < (seg_end - e0) / 2; ++i) {
+      const uint8_t byte = w.codes[e0 / 2 + i];
+      partial += kNF4Code[byte >> 4] * x_even[j0 + i] + kNF4Code[byte & 0x0F] * x_odd[j0 + i];
+    }
+    total += w.scale(b) * partial;
+    e0 = seg_end;
+  }
+  return total;
+}
+
+#if PEFTREG_NF4_X86
+__attribute__((target("avx2,fma"))) float dot_row_avx2(const WeightView& w, int64_t o,
+                                                       int64_t in, const float* x_even,
+                                                       const float* x_odd) {
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4Code);
+  const __m256 lut_hi = _mm256_loadu_ps(kNF4Code + 8);
+  const __m256i low_mask = _mm256_set1_epi32(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  float tail = 0.0f;
+  for (int64_t e0 = o * in, e1 = (o + 1) * in; e0 < e1;) {
+    const int64_t b = e0 >> w.block_shift;
+    const int64_t seg_end = std::min(e1, (b + 1) << w.block_shift);
+    const uint8_t* bytes = w.codes + e0 / 2;
+    const int64_t nbytes = (seg_end - e0) / 2;
+    const float* xe = x_even + (e0 - o * in) / 2;
+    const float* xo = x_odd + (e0 - o * in) / 2;
+    __m256 partial = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= nbytes; i += 8) {
+      const __m256i v =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)));
+      const __m256i hi_idx = _mm256_srli_epi32(v, 4);
+      const __m256i lo_idx = _mm256_and_si256(v, low_mask);
+      const __m256 hi = _mm256_blendv_ps(
+          _mm256_permutevar8x32_ps(lut_lo, hi_idx), _mm256_permutevar8x32_ps(lut_hi, hi_idx),
+          _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
+      const __m256 lo = _mm256_blendv_ps(
+          _mm256_permutevar8x32_ps(lut_lo, lo_idx), _mm256_permutevar8x32_ps(lut_hi, lo_idx),
+          _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+      partial = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xe + i), partial);
+      partial = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xo + i), partial);
+    }
+    const float s = w.scale(b);
+    float rest = 0.0f;
+    for (; i < nbytes; ++i) {
+      rest += kNF4Code[bytes[i] >> 4] * xe[i] + kNF4Code[bytes[i] & 0x0F] * xo[i];
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(s), partial, acc);
+    tail += s * rest;
+    e0 = seg_end;
+  }
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1))) + tail;
+}
+#endif
+
+#if PEFTREG_NF4_X86
+// The fastest batch-1 path, for in_features % 64 == 0 and blocks of >= 64 elements (every block
+// then covers whole 32-byte chunks of a row, aligned to the row start): the four bytes of each
+// NF4 float32 value come from four 16-entry byte shuffles, and interleaving the byte planes
+// yields the exact float32 code values, 64 weights per 32-byte chunk, in a fixed lane order that
+// the permuted copies of x (x_even_p / x_odd_p, see permute_chunks) follow.
+__attribute__((target("avx2,fma"))) float dot_row_chunks_avx2(const WeightView& w, int64_t o,
+                                                              int64_t in, const float* x_even_p,
+                                                              const float* x_odd_p) {
+  alignas(16) uint8_t planes[4][16];
+  for (int k = 0; k < kCodes; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, &kNF4Code[k], sizeof(bits));
+    for (int byte = 0; byte < 4; ++byte) planes[byte][k] = static_cast<uint8_t>(bits >> (8 * byte));
+  }
+  __m256i table[4];
+  for (int byte = 0; byte < 4; ++byte) {
+    table[byte] = _mm256_broadcastsi128_si256(
+        _mm_load_si128(reinterpret_cast<const __m128i*>(planes[byte])));
+  }
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const int64_t row_bytes = in / 2;
+  const int64_t block_bytes = w.blocksize / 2;
+  const uint8_t* row = w.codes + o * row_bytes;
+  const int64_t first_block = (o * in) >> w.block_shift;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t start = 0; start < row_bytes; start += block_bytes) {
+    __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
+    __m256 p2 = _mm256_setzero_ps(), p3 = _mm256_setzero_ps();
+    for (int64_t c = start; c < start + block_bytes; c += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+      const __m256i idx[2] = {_mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                              _mm256_and_si256(v, mask)};
+      const float* xs[2] = {x_even_p + c, x_odd_p + c};
+      for (int half = 0; half < 2; ++half) {
+        const __m256i b0 = _mm256_shuffle_epi8(table[0], idx[half]);
+        const __m256i b1 = _mm256_shuffle_epi8(table[1], idx[half]);
+        const __m256i b2 = _mm256_shuffle_epi8(table[2], idx[half]);
+        const __m256i b3 = _mm256_shuffle_epi8(table[3], idx[half]);
+        const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), lo23 = _mm256_unpacklo_epi8(b2, b3);
+        const __m256i hi01 = _mm256_unpackhi_epi8(b0, b1), hi23 = _mm256_unpackhi_epi8(b2, b3);
+        const float* x = xs[half];
+        p0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)),
+                             _mm256_loadu_ps(x), p0);
+        p1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)),
+                             _mm256_loadu_ps(x + 8), p1);
+        p2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)),
+                             _mm256_loadu_ps(x + 16), p2);
+        p3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)),
+                             _mm256_loadu_ps(x + 24), p3);
+      }
+    }
+    const __m256 partial = _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(w.scale(first_block + start / block_bytes)), partial,
+                          acc);
+  }
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+
+// Reorders a row-relative array v[j] (one value per code byte j) into the lane order of
+// dot_row_chunks_avx2: within each 32-byte chunk, the shuffles produce the weights of bytes
+// 0-3 and 16-19, then 4-7 and 20-23, then 8-11 and 24-27, then 12-15 and 28-31.
+void permute_chunks(const float* v, int64_t n, float* out) {
+  static constexpr int kOrder[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                     8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+  for (int64_t c = 0; c < n; c += 32) {
+    for (int i = 0; i < 32; ++i) out[c + i] = v[c + kOrder[i]];
+  }
+}
+#endif
+
+void gemv_forward_one_row(const WeightView& w, const float* x, int64_t in, int64_t out,
+                          float* y) {
+  std::vector<float> halves(static_cast<size_t>(in));
+  float* x_even = halves.data();
+  float* x_odd = halves.data() + in / 2;
+  for (int64_t j = 0; j < in / 2; ++j) {
+    x_even[j] = x[2 * j];
+    x_odd[j] = x[2 * j + 1];
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(in, 1));
+  const bool avx2 = cpu_has_avx2_fma();
+#if PEFTREG_NF4_X86
+  if (avx2 && in % 64 == 0 && w.blocksize >= 64) {
+    std::vector<float> permuted(static_cast<size_t>(in));
+    float* xe = permuted.data();
+    float* xo = permuted.data() + in / 2;
+    permute_chunks(x_even, in / 2, xe);
+    permute_chunks(x_odd, in / 2, xo);
+    at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) y[o] = dot_row_chunks_avx2(w, o, in, xe, xo);
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+#if PEFTREG_NF4_X86
+      if (avx2) {
+        y[o] = dot_row_avx2(w, o, in, x_even, x_odd);
+        continue;
+      }
+#endif
+      y[o] = dot_row_scalar(w, o, in, x_even, x_odd);
+    }
+  });
+  (void)avx2;
+}
+
 // y_acc (rows, out) = x_acc (rows, in) @ W^T, decode path. Acc is float or double.
 template <typename Acc>
 void gemv_forward(const WeightView& w, const Acc* x, int64_t rows, int64_t in, int64_t out,
@@ -804,8 +984,21 @@ void gemm_grad_input(const WeightView& w, const at::Tensor& g_acc, int64_t in, i
 }
 
 // result (rows, n_cols) in acc dtype = input @ op(W); `forward` selects W^T (nf4_linear) or W.
-at::Tensor product(const WeightView& w, const at::Tensor& input2d, int64_t in, int64_t out,
+at::Tensor product(const WeightView& w_in, const at::Tensor& input2d, int64_t in, int64_t out,
                    bool forward) {
+  // With double quantization, decode every block's scale once up front (blocks = numel / 64:
+  // a small pass) rather than once per block visit inside the hot loops.
+  WeightView w = w_in;
+  at::Tensor scales;
+  if (w.absmax == nullptr && w.numel > 0) {
+    const int64_t blocks = num_blocks(w.numel, w.blocksize);
+    scales = at::empty({blocks}, at::TensorOptions().dtype(at::kFloat));
+    float* dst = scales.data_ptr<float>();
+    at::parallel_for(0, blocks, kGrainElements, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) dst[b] = w_in.scale(b);
+    });
+    w.absmax = dst;
+  }
   const at::ScalarType acc = input2d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor a = input2d.scalar_type() == acc ? input2d.contiguous()
                                                     : input2d.to(acc).contiguous();
@@ -823,6 +1016,8 @@ at::Tensor product(const WeightView& w, const at::Tensor& input2d, int64_t in, i
         gemv_grad_input<double>(w, a.const_data_ptr<double>(), rows, in, out,
                                 result.data_ptr<double>());
       }
+    } else if (forward && rows == 1 && in % 2 == 0) {
+      gemv_forward_one_row(w, a.const_data_ptr<float>(), in, out, result.data_ptr<float>());
     } else if (forward) {
       gemv_forward<float>(w, a.const_data_ptr<float>(), rows, in, out, result.data_ptr<float>());
     } else {

@@ -30,7 +30,7 @@ from peftreg.errors import PeftregError
 from peftreg.ops import nf4 as nf4_ops
 from peftreg.ops import reference
 
-__all__ = ["NF4FormatError", "NF4Tensor", "QUANT_STATE_SUFFIX"]
+__all__ = ["QUANT_STATE_SUFFIX", "NF4FormatError", "NF4Tensor"]
 
 #: Key suffix of the JSON metadata tensor (bitsandbytes' packed quant state for NF4).
 QUANT_STATE_SUFFIX: Final[str] = "quant_state.bitsandbytes__nf4"

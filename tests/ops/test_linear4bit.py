@@ -261,7 +261,7 @@ def test_nested_prefix_round_trip():
     assert torch.equal(copy[1].weight, model[1].weight)
 
 
-# --- without the compiled extension ----------------------------------------------------------------
+# --- without the compiled extension ------------------------------------------------------------
 
 
 _NO_EXTENSION_SCRIPT = """
