@@ -182,6 +182,20 @@ def test_loads_a_bitsandbytes_state_dict(double_quant):
                                **tol("linear4bit.forward", torch.bfloat16))
 
 
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no_dq"])
+def test_bitsandbytes_loads_our_state_dict(double_quant):
+    """bitsandbytes reads peftreg's file as it reads its own (Params4bit.from_prequantized)."""
+    import bitsandbytes.functional as F
+
+    layer = Linear4bit.from_linear(_dense(128, 24), double_quant=double_quant)
+    state = load(save(layer.state_dict()))
+    stats = {k.removeprefix("weight."): v for k, v in state.items() if k.startswith("weight.")}
+    param = bnb.nn.Params4bit.from_prequantized(data=state["weight"], quantized_stats=stats,
+                                                requires_grad=False, device="cpu")
+    assert torch.equal(F.dequantize_4bit(param.data, param.quant_state), layer.dequantize())
+
+
 def _good_state() -> dict[str, torch.Tensor]:
     return dict(Linear4bit.from_linear(_dense()).state_dict())
 
