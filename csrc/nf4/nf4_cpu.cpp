@@ -988,9 +988,11 @@ at::Tensor product(const WeightView& w_in, const at::Tensor& input2d, int64_t in
                    bool forward) {
   // With double quantization, decode every block's scale once up front (blocks = numel / 64:
   // a small pass) rather than once per block visit inside the hot loops.
+  // (The batch-1 row kernels read each scale once anyway and decode it inline.)
   WeightView w = w_in;
   at::Tensor scales;
-  if (w.absmax == nullptr && w.numel > 0) {
+  const bool one_row = forward && input2d.size(0) == 1 && in % 2 == 0;
+  if (w.absmax == nullptr && w.numel > 0 && !one_row) {
     const int64_t blocks = num_blocks(w.numel, w.blocksize);
     scales = at::empty({blocks}, at::TensorOptions().dtype(at::kFloat));
     float* dst = scales.data_ptr<float>();
