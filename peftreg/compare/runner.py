@@ -43,12 +43,12 @@ class RunSettings:
         latency_repeats: timed forward passes for the latency ratio.
     """
 
-    steps: int = 120
+    steps: int = 80
     batch_size: int = 16
     max_length: int = 48
     seed: int = 0
     learning_rate: float | None = None
-    test_per_class: int = 150
+    test_per_class: int = 100
     latency_repeats: int = 5
 
 
