@@ -63,12 +63,13 @@ def timed_steps(model, batch, steps: int, warmup: int) -> tuple[float, float]:
 
 
 def floor(dtype, batch, steps, warmup):
+    """The frozen base alone: forward and the backward pass to the input, no weight gradients
+    and no optimizer (what every method pays before its adapters add anything)."""
     model = make_base(dtype)
     model.requires_grad_(False)
-    embed = model.get_input_embeddings()
-    embed.weight.requires_grad_(True)  # so the backward pass runs through every layer
-    result = timed_steps(model, batch, steps, warmup)
-    return result
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    return timed_steps(model, {"inputs_embeds": embeds, "labels": batch["labels"]}, steps,
+                       warmup)
 
 
 def peftreg_model(method: str, dtype):
@@ -107,6 +108,7 @@ def peft_bnb_qlora(dtype):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps, bf16 only")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "training_step.json")
     args = parser.parse_args()
@@ -116,7 +118,9 @@ def main() -> None:
     ids = torch.randint(0, 4096, (8, 128), generator=gen)
     batch = {"input_ids": ids, "labels": ids}
     rows, records = [], []
-    for dtype in ([torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16]):
+    dtypes = {"float32": [torch.float32], "bfloat16": [torch.bfloat16],
+              "both": [torch.float32, torch.bfloat16]}[args.dtype]
+    for dtype in ([torch.bfloat16] if args.quick else dtypes):
         name = str(dtype).removeprefix("torch.")
         floor_ms, floor_mb = floor(dtype, batch, steps, warmup)
         cases = {"peftreg LoRA": lambda d=dtype: peftreg_model("lora", d),
