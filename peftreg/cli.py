@@ -1,6 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``peftreg`` command line: ``compare``, ``methods``, ``inspect``, ``convert``, ``doctor``,
-``demo``."""
+"""The ``peftreg`` command line: ``compare``, ``methods``, ``inspect``, ``convert``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -112,14 +111,6 @@ def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    """Run the built-in demonstration (see :mod:`peftreg.demo`)."""
-    from peftreg.demo import run_demo
-
-    run_demo(console, steps=args.steps, seed=args.seed)
-    return 0
-
-
 def cmd_convert(args: argparse.Namespace, console: Console) -> int:
     """Convert an adapter directory between peftreg's and Hugging Face PEFT's formats."""
     from peftreg.io.convert import convert
@@ -159,14 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     from peftreg.compare.command import add_arguments
 
     add_arguments(p)
-    p = sub.add_parser("demo", help="adapt, train, save and reload a small model with LoRA")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
 COMMANDS = {"methods": cmd_methods, "inspect": cmd_inspect, "doctor": cmd_doctor,
-            "demo": cmd_demo, "compare": cmd_compare, "convert": cmd_convert}
+            "compare": cmd_compare, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -195,7 +195,7 @@ class PrefixTuningMethod(PEFTMethod):
         device = weight.device if weight is not None else torch.device("cpu")
         slot = InputSlot.attached_to(model)
         slot.adapters[adapter_name] = PrefixEncoder(config, geometry, dtype, device)
-        return [f"{layer}" for layer in family.layers] if family else []
+        return list(family.layers)  # type: ignore[union-attr]  # _geometry checked it
 
     def parameter_count(  # type: ignore[override]
         self, model: nn.Module, config: PrefixTuningConfig, family: ModelFamily | None

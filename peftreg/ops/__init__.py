@@ -260,9 +260,11 @@ def warn_fallback_once(reason: str) -> None:
         if _fallback_warned:
             return
         _fallback_warned = True
+    # Reasons taken from extension_error() already say how to build; say it once.
+    hint = "" if BUILD_HINT in reason else f" To use the compiled kernels, {BUILD_HINT}."
     warnings.warn(
         f"peftreg: {reason}; using the plain-PyTorch path (peftreg.ops.reference), which is "
-        f"correct but slower. To use the compiled kernels, {BUILD_HINT}.",
+        f"correct but slower.{hint}",
         PeftregFallbackWarning,
         stacklevel=2,
     )

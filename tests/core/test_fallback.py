@@ -34,3 +34,4 @@ def test_plain_pytorch_path_warns_exactly_once():
     count, message = result.stdout.strip().split("\n", 1)
     assert count == "1", result.stdout
     assert "PEFTREG_EXTENSION=off" in message and "build_ext" in message, message
+    assert message.count("build_ext") == 1, message  # how to build is said once

@@ -28,8 +28,8 @@ def _lm_loss(model, ids):
 
 # -- small random-init transformers models (skipped without the package) -----------------------
 
-HF_IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
-HF_LABELS = torch.tensor([0, 2])
+HF_IDS, HF_LABELS = tiny_hf.IDS, tiny_hf.LABELS
+_hf_forward, _llama_loss, _bert_loss = tiny_hf.logits, tiny_hf.llama_loss, tiny_hf.bert_loss
 
 
 def _transformers():
@@ -42,18 +42,6 @@ def make_llama():
 
 def make_bert():
     return tiny_hf.bert(seed=12)
-
-
-def _hf_forward(model, ids):
-    return model(input_ids=ids).logits
-
-
-def _llama_loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
-
-
-def _bert_loss(model, ids):
-    return model(input_ids=ids, labels=HF_LABELS).loss
 
 
 # -- conformance ---------------------------------------------------------------------------------
