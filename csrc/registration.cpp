@@ -28,6 +28,16 @@ TORCH_LIBRARY(peftreg, m) {
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "float scaling, Tensor? x_lora=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // The gradients of lora_linear except the base weight's and bias's (computed with plain
+  // matmuls by the autograd formula, since the base is normally frozen): grad_x (the base's
+  // g @ W plus, when x_lora is None, the low-rank path's), grad_lora_a, grad_lora_b and
+  // grad_x_lora, each only where output_mask asks for it (an empty tensor otherwise). x and
+  // weight may be None when no requested gradient reads them.
+  m.def(
+      "lora_linear_backward(Tensor grad, Tensor? x, Tensor? weight, Tensor lora_a, "
+      "Tensor lora_b, float scaling, Tensor? x_lora, bool[4] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
+      {at::Tag::pt2_compliant_tag});
 
   // NF4 4-bit storage (QLoRA, Dettmers et al. 2023, section 3) in bitsandbytes' byte format
   // (csrc/nf4/nf4_format.h; docs/format.md "NF4 storage"; docs/ops.md). A quantized weight is

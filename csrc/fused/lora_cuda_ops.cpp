@@ -4,7 +4,8 @@
 // kernel), writes the base product x @ W^T + bias into the output with one ATen addmm (cuBLAS),
 // then calls the plain-pointer launch API of lora_cuda.cu to add the low-rank update in place,
 // on the current stream of x's device under a device guard. The (rows x r) workspace comes from
-// the caching allocator.
+// the caching allocator. peftreg::lora_linear_backward is composed of ATen products
+// (csrc/fused/lora_math.h), which cuBLAS runs natively in every dtype.
 //
 // Compiled only in CUDA builds (setup.py picks files ending in _cuda_ops.cpp together with the
 // *_cuda.cu files). Only c10/cuda headers are used for streams and guards: <ATen/cuda/...> needs
@@ -24,6 +25,7 @@
 #include "common/checks.h"
 #include "fused/lora_args.h"
 #include "fused/lora_cuda.h"
+#include "fused/lora_math.h"
 
 namespace peftreg::fused {
 namespace {
@@ -92,9 +94,24 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   return y.view(s.out_shape);
 }
 
+// The backward through ATen (cuBLAS multiplies bf16/fp16 natively with fp32 accumulation).
+LoraGrads lora_linear_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& x,
+                                    const std::optional<at::Tensor>& weight,
+                                    const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                    double scaling, const std::optional<at::Tensor>& x_lora,
+                                    std::array<bool, 4> output_mask) {
+  const LoraBackwardSizes s = check_lora_backward_args(grad, x, weight, lora_a, lora_b, x_lora,
+                                                       output_mask);
+  checks::check_device_type(grad, kLoraBackwardOp, "grad", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s,
+                                 grad.scalar_type());
+}
+
 }  // namespace
 }  // namespace peftreg::fused
 
 TORCH_LIBRARY_IMPL(peftreg, CUDA, m) {
   m.impl("lora_linear", &peftreg::fused::lora_linear_cuda);
+  m.impl("lora_linear_backward", &peftreg::fused::lora_linear_backward_cuda);
 }
