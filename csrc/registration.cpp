@@ -79,6 +79,22 @@ TORCH_LIBRARY(peftreg, m) {
       "Tensor? offset, int blocksize, int nested_blocksize, int out_features, "
       "int in_features) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // LoRA on an NF4 base (QLoRA): nf4_linear's product plus lora_linear's low-rank update, all
+  // summed in float32 and rounded once; W stays 4-bit. Differentiable in x, bias, lora_a,
+  // lora_b and x_lora; the backward op has lora_linear_backward's contract (no weight
+  // gradient: the quantized base is frozen).
+  m.def(
+      "nf4_lora_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? offset, int blocksize, int nested_blocksize, int out_features, int in_features, "
+      "Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "nf4_lora_linear_backward(Tensor grad, Tensor? x, Tensor codes, Tensor absmax, "
+      "Tensor? nested_absmax, Tensor? offset, int blocksize, int nested_blocksize, "
+      "int out_features, int in_features, Tensor lora_a, Tensor lora_b, float scaling, "
+      "Tensor? x_lora, bool[4] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 // A minimal module object so that `import peftreg._C` loads the shared library and runs the

@@ -136,17 +136,22 @@ class LoraLinear(LayerAdapter):
         return y + (low * self.scaling).to(y.dtype)
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        if not isinstance(base, nn.Linear) or x.dtype != base.weight.dtype:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        quantized = getattr(base, "supports_fused_lora", None)  # 4-bit bases (QLoRA)
+        if quantized is not None:
+            if not quantized(x, a, b):
+                return None
+        elif not (isinstance(base, nn.Linear) and base.weight.dtype == x.dtype == a.dtype
+                  and kernels.use_compiled("lora_linear", x.device)):
             return None
-        if self.lora_A.weight.dtype != x.dtype or not kernels.use_compiled("lora_linear",
-                                                                          x.device):
-            return None
-        from peftreg.ops.fused import lora_linear
-
+        # Dropout stays torch's own op (its backward and RNG as in the unfused path).
         x_lora = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training \
             else None
-        return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight,
-                           self.scaling, x_lora)
+        if quantized is not None:
+            return base.forward_with_lora(x, a, b, self.scaling, x_lora)
+        from peftreg.ops.fused import lora_linear
+
+        return lora_linear(x, base.weight, base.bias, a, b, self.scaling, x_lora)
 
     def merge_into(self, base: nn.Module) -> None:
         w = base.weight  # type: ignore[union-attr]

@@ -18,14 +18,17 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 
 #include "common/checks.h"
 #include "fused/lora_args.h"
 #include "fused/lora_cuda.h"
 #include "fused/lora_math.h"
+#include "fused/qlora_args.h"
 
 namespace peftreg::fused {
 namespace {
@@ -108,10 +111,73 @@ LoraGrads lora_linear_backward_cuda(const at::Tensor& grad, const std::optional<
                                  grad.scalar_type());
 }
 
+// LoRA on an NF4 base: the CUDA nf4_linear / nf4_linear_grad_input kernels (called through the
+// dispatcher; they round to x's dtype) plus the low-rank terms added in place with cuBLAS.
+using Nf4LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                               int64_t, int64_t, int64_t, int64_t,
+                               const std::optional<at::Tensor>&);
+using Nf4GradInputFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                                  int64_t);
+
+at::Tensor nf4_lora_linear_cuda(const at::Tensor& x, const at::Tensor& codes,
+                                const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                int64_t nested_blocksize, int64_t out_features,
+                                int64_t in_features, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                double scaling, const std::optional<at::Tensor>& x_lora) {
+  static const auto nf4_linear = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("peftreg::nf4_linear", "")
+                                     .typed<Nf4LinearFn>();
+  const Nf4LoraSizes s = check_nf4_lora_args(x, out_features, in_features, bias, lora_a, lora_b,
+                                             x_lora);
+  checks::check_device_type(x, kNf4LoraOp, "x", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor y = nf4_linear.call(x, codes, absmax, nested_absmax, offset, blocksize,
+                                 nested_blocksize, out_features, in_features, bias)
+                     .reshape({s.rows, out_features});
+  const at::Tensor xl2d = rows_2d(x_lora.has_value() ? *x_lora : x, s.rows, in_features);
+  add_low_rank(y, xl2d, lora_a, lora_b, scaling);
+  return y.view(s.out_shape);
+}
+
+LoraGrads nf4_lora_linear_backward_cuda(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& codes,
+    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+    int64_t out_features, int64_t in_features, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& x_lora,
+    std::array<bool, 4> output_mask) {
+  static const auto grad_input = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("peftreg::nf4_linear_grad_input", "")
+                                     .typed<Nf4GradInputFn>();
+  const LoraBackwardSizes s = check_lora_backward_args(grad, x, std::nullopt, lora_a, lora_b,
+                                                       x_lora, output_mask, kNf4LoraBackwardOp,
+                                                       /*weight_needed=*/false);
+  checks::check_device_type(grad, kNf4LoraBackwardOp, "grad", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  const at::Tensor g2d = rows_2d(grad, s.rows, out_features);
+  at::Tensor grad_x;
+  if (s.need[kGradX]) {
+    grad_x = grad_input.call(g2d, codes, absmax, nested_absmax, offset, blocksize,
+                             nested_blocksize, out_features, in_features);
+  }
+  const LowRankGrads lr = low_rank_grads_for(g2d, x, lora_a, lora_b, scaling, x_lora, s,
+                                             grad.scalar_type(),
+                                             s.need[kGradX] ? &grad_x : nullptr);
+  return finish_grads(grad, grad_x, lr, s);
+}
+
 }  // namespace
 }  // namespace peftreg::fused
 
 TORCH_LIBRARY_IMPL(peftreg, CUDA, m) {
   m.impl("lora_linear", &peftreg::fused::lora_linear_cuda);
   m.impl("lora_linear_backward", &peftreg::fused::lora_linear_backward_cuda);
+  m.impl("nf4_lora_linear", &peftreg::fused::nf4_lora_linear_cuda);
+  m.impl("nf4_lora_linear_backward", &peftreg::fused::nf4_lora_linear_backward_cuda);
 }

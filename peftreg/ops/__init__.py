@@ -59,6 +59,8 @@ __all__ = [
 OPS: Final[tuple[str, ...]] = (
     "lora_linear",
     "lora_linear_backward",
+    "nf4_lora_linear",
+    "nf4_lora_linear_backward",
     "nf4_quantize",
     "nf4_double_quantize",
     "nf4_dequantize",

@@ -188,6 +188,58 @@ torch.library.register_autograd(
 )
 
 
+# --- peftreg::nf4_lora_linear ------------------------------------------------------------------
+#
+# lora_linear's formulas with the base W frozen in NF4: grad_x = g dequant(W) (+ grad_u A), A's
+# and B's gradients as for lora_linear, grad_b = g summed over rows; all but grad_b come from
+# peftreg::nf4_lora_linear_backward.
+
+_NF4_LORA_NUM_INPUTS = 14  # x, 4 weight tensors, 4 ints, bias, lora_a, lora_b, scaling, x_lora
+
+
+def _nf4_lora_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, codes, absmax, nested_absmax, offset, bs, nbs, out_f, in_f, _bias, lora_a, lora_b, \
+        scaling, x_lora = inputs
+    needs = _padded_needs(ctx, _NF4_LORA_NUM_INPUTS)
+    need_x, need_bias, need_a, need_b, need_xl = needs[0], needs[9], needs[10], needs[11], \
+        needs[13]
+    has_x_lora = x_lora is not None
+    save_x = not has_x_lora and (need_a or need_b)
+    save_x_lora = has_x_lora and (need_a or need_b)
+    ctx.save_for_backward(x if save_x else None, codes, absmax, nested_absmax, offset, lora_a,
+                          lora_b, x_lora if save_x_lora else None)
+    ctx.weight_meta = (int(bs), int(nbs), int(out_f), int(in_f))
+    ctx.scaling = float(scaling)
+    ctx.need_bias = need_bias
+    ctx.output_mask = [need_x, need_a, need_b, need_xl and has_x_lora]
+
+
+def _nf4_lora_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, codes, absmax, nested_absmax, offset, lora_a, lora_b, x_lora = ctx.saved_tensors
+    bs, nbs, out_f, in_f = ctx.weight_meta
+    mask = ctx.output_mask
+    grads: list[torch.Tensor | None] = [None, None, None, None]
+    if any(mask):
+        if torch.is_grad_enabled():
+            raise RuntimeError("peftreg::nf4_lora_linear supports first-order gradients only "
+                               "(backward with create_graph=True is not implemented)")
+        grads = list(torch.ops.peftreg.nf4_lora_linear_backward.default(
+            grad, x, codes, absmax, nested_absmax, offset, bs, nbs, out_f, in_f, lora_a, lora_b,
+            ctx.scaling, x_lora, mask))
+        grads = [g if wanted else None for g, wanted in zip(grads, mask, strict=True)]
+    grad_x, grad_a, grad_b, grad_xl = grads
+    grad_bias = grad.reshape(-1, out_f).sum(0) if ctx.need_bias else None
+    return (grad_x, None, None, None, None, None, None, None, None, grad_bias, grad_a, grad_b,
+            None, grad_xl)
+
+
+torch.library.register_autograd(
+    "peftreg::nf4_lora_linear",
+    _nf4_lora_backward,
+    setup_context=_nf4_lora_setup_context,
+)
+
+
 # --- the NF4 storage ops: not differentiable ---------------------------------------------------
 #
 # Quantization is piecewise constant, and the dequantized weight of a QLoRA base layer is frozen,
@@ -209,6 +261,7 @@ def _not_differentiable(op: str) -> Any:
     return backward, setup_context
 
 
-for _op in ("nf4_quantize", "nf4_double_quantize", "nf4_dequantize", "lora_linear_backward"):
+for _op in ("nf4_quantize", "nf4_double_quantize", "nf4_dequantize", "lora_linear_backward",
+            "nf4_lora_linear_backward"):
     _backward, _setup = _not_differentiable(_op)
     torch.library.register_autograd(f"peftreg::{_op}", _backward, setup_context=_setup)

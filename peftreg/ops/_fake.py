@@ -343,3 +343,36 @@ def _nf4_linear_grad_input_fake(grad: torch.Tensor, codes: torch.Tensor, absmax:
     _nf4_check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
                       out_features * in_features)
     return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+@torch.library.register_fake("peftreg::nf4_lora_linear")
+def _nf4_lora_linear_fake(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                          nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                          blocksize: int, nested_blocksize: int, out_features: int,
+                          in_features: int, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, scaling: float,
+                          x_lora: torch.Tensor | None = None) -> torch.Tensor:
+    """Shape of nf4_linear's output; the LoRA factors must fit (in_features, out_features)."""
+    out = _nf4_linear_fake(x, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                           out_features, in_features, bias)
+    _check_dim(lora_a, "lora_a", 2, "(r, in_features)")
+    _check_dim(lora_b, "lora_b", 2, "(out_features, r)")
+    _check_size(lora_a, "lora_a", 1, in_features, "(r, in_features)", "in_features")
+    _check_size(lora_b, "lora_b", 0, out_features, "(out_features, r)", "out_features")
+    _check_size(lora_b, "lora_b", 1, lora_a.shape[0], "(out_features, r)", "r = lora_a.shape[0]")
+    return out
+
+
+@torch.library.register_fake("peftreg::nf4_lora_linear_backward")
+def _nf4_lora_linear_backward_fake(
+    grad: torch.Tensor, x: torch.Tensor | None, codes: torch.Tensor, absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
+    nested_blocksize: int, out_features: int, in_features: int, lora_a: torch.Tensor,
+    lora_b: torch.Tensor, scaling: float, x_lora: torch.Tensor | None,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient shapes of nf4_lora_linear (as lora_linear_backward)."""
+    torch._check(len(output_mask) == 4, lambda: "output_mask must have 4 entries")
+    _check_size(lora_a, "lora_a", 1, in_features, "(r, in_features)", "in_features")
+    _check_size(lora_b, "lora_b", 0, out_features, "(out_features, r)", "out_features")
+    return _lora_grads_fake(grad, lora_a, lora_b, x_lora is not None, output_mask)

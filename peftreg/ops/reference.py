@@ -217,3 +217,15 @@ def nf4_linear_grad_input(grad: torch.Tensor, codes: torch.Tensor, absmax: torch
     weight = nf4_dequantize(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
                             (out_features, in_features), torch.float32)
     return grad @ weight.to(grad.dtype)
+
+
+def nf4_lora_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                    nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                    blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
+                    bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: float, x_lora: torch.Tensor | None = None) -> torch.Tensor:
+    """QLoRA's layer (Dettmers et al. 2023, eq. 5): the dequantized base plus the LoRA update."""
+    base = nf4_linear(x, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                      out_features, in_features, bias)
+    x_l = x if x_lora is None else x_lora
+    return base + scaling * F.linear(F.linear(x_l, lora_a), lora_b)
