@@ -107,7 +107,7 @@ def write_seed_corpus(directory: Path) -> int:
 
     directory.mkdir(parents=True, exist_ok=True)
     configs = [peftreg.config_for("lora", r=2, target_modules=["q_proj", "v_proj"]),
-               peftreg.config_for("ia3", target_modules=["k_proj"], feedforward_modules=[]),
+               peftreg.config_for("ia3", target_modules=["k_proj"], feedforward_modules=None),
                peftreg.config_for("lora", r=1, target_modules=["o_proj"], use_rslora=True)]
     count = 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,12 +7,13 @@ bit. Repeated many times, for peftreg's own format and for the PEFT export.
 
 The child is forked from the test process (torch already imported, one intra-op thread) so
 each round costs milliseconds instead of an interpreter start-up. Bounded by ``KILLS`` and by
-``PEFTREG_KILL_SECONDS`` (default 8 s per format).
+``PEFTREG_KILL_SECONDS`` (default 6 s per format).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import peftreg
 from peftreg.io import peft_format
@@ -32,8 +34,8 @@ from peftreg_plugins.lora import LoraConfig
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin",
                                 reason="needs fork() (POSIX, not macOS's fork-unsafe libs)")
 
-KILLS = int(os.environ.get("PEFTREG_KILLS", "60"))
-SECONDS = float(os.environ.get("PEFTREG_KILL_SECONDS", "8"))
+KILLS = int(os.environ.get("PEFTREG_KILLS", "100"))
+SECONDS = float(os.environ.get("PEFTREG_KILL_SECONDS", "6"))
 
 
 def _two_adapters(make_tiny):
@@ -72,13 +74,15 @@ def _matches(saved, model) -> bool:
 
 
 def _kill_loop(models, directory, fmt, read):
-    """Run the kill rounds; return (kills, rounds that left a half-written file behind)."""
+    """Run the kill rounds; return (kills, kills that cut a write short, kills that left a PEFT
+    export between its two renames)."""
     models[0].save_adapter(directory, "default", format=fmt)
     start = time.perf_counter()
     models[1].save_adapter(directory, "default", format=fmt)
     one_save = time.perf_counter() - start
     rng = random.Random(1234)
-    kills = interrupted = 0
+    kills = interrupted = between = 0
+    previous: set[str] = set()
     deadline = time.monotonic() + SECONDS
     while kills < KILLS and time.monotonic() < deadline:
         pid = os.fork()
@@ -90,12 +94,31 @@ def _kill_loop(models, directory, fmt, read):
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
             f"the saving child exited on its own (status {status}) before the kill")
         kills += 1
-        leftovers = [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
-        interrupted += bool(leftovers) or len(list(directory.glob("adapter.*.safetensors"))) > 1
+        # Temporary or unreferenced files that were not there after the previous kill: this
+        # kill cut a write short (a completed save removes all of them).
+        leftovers = {p.name for p in directory.iterdir() if p.name.endswith(".tmp")}
+        tensor_files = {p.name for p in directory.glob("adapter.*.safetensors")}
+        if len(tensor_files) > 1:
+            leftovers |= tensor_files
+        interrupted += bool(leftovers - previous)
+        previous = leftovers
+        between += _between_renames(directory)
         saved = read(directory)
         assert _matches(saved, models[0]) or _matches(saved, models[1]), (
             f"after kill {kills} the directory holds neither adapter: {sorted(os.listdir(directory))}")
-    return kills, interrupted
+    return kills, interrupted, between
+
+
+def _between_renames(directory) -> bool:
+    """A PEFT export cut between its renames: new weights beside the config they replace."""
+    weights = directory / peft_format.PEFT_WEIGHTS_FILE
+    if not weights.exists():
+        return False
+    with safe_open(weights, "pt") as handle:
+        meta = handle.metadata() or {}
+    config = (directory / PEFT_CONFIG_FILE).read_bytes()
+    return (meta.get("peftreg_replaces_config_sha256") == hashlib.sha256(config).hexdigest()
+            and meta.get("peftreg_adapter_config", "").encode() != config)
 
 
 @pytest.mark.parametrize("fmt", ["peftreg", "peft"])
@@ -103,9 +126,9 @@ def test_killed_saves_leave_the_old_or_the_new_adapter(make_tiny, tmp_path, toke
     models = _two_adapters(make_tiny)
     directory = tmp_path / "adapter"
     read = read_adapter_dir if fmt == "peftreg" else read_peft_dir
-    kills, interrupted = _kill_loop(models, directory, fmt, read)
-    print(f"\n[reliability] {fmt} saves: {kills} kills survived, {interrupted} of them left a "
-          "half-written file behind")
+    kills, interrupted, between = _kill_loop(models, directory, fmt, read)
+    print(f"\n[reliability] {fmt} saves: {kills} kills survived; {interrupted} cut a write "
+          f"short, {between} fell between the PEFT renames")
     assert kills >= min(KILLS, 10)
     # The kill windows really fell inside saves, not only between them.
     assert interrupted >= 1

@@ -24,7 +24,7 @@ LAYER = "layers.1.self_attn.q_proj"
 @pytest.fixture
 def model(make_tiny):
     model = peftreg.adapt(make_tiny(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    model.add_adapter("other", IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
+    model.add_adapter("other", IA3Config(target_modules=["k_proj"], feedforward_modules=None),
                       activate=False)
     return model
 

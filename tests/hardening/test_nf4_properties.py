@@ -56,7 +56,7 @@ def _per_element_absmax(absmax: torch.Tensor, blocksize: int, n: int) -> torch.T
     return absmax.double().repeat_interleave(blocksize)[:n]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(x=tensors(), blocksize=st.sampled_from(BLOCKSIZES))
 def test_round_trip_error_is_within_half_the_widest_code_gap(x, blocksize):
     codes, absmax = nf4.quantize(x, blocksize)
@@ -76,7 +76,7 @@ def test_round_trip_error_is_within_half_the_widest_code_gap(x, blocksize):
     assert torch.equal(absmax, padded.view(blocks, blocksize).amax(dim=1))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(x=tensors(), blocksize=st.sampled_from(BLOCKSIZES))
 def test_codes_round_trip(x, blocksize):
     codes, absmax = nf4.quantize(x, blocksize)
@@ -93,7 +93,7 @@ def test_codes_round_trip(x, blocksize):
     assert torch.equal(absmax[absmax >= MIN_ABSMAX], again_absmax[absmax >= MIN_ABSMAX])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(x=tensors(torch.bfloat16), blocksize=st.sampled_from(BLOCKSIZES),
        out_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 def test_bf16_input_and_any_output_dtype_match_the_reference(x, blocksize, out_dtype):
@@ -106,7 +106,7 @@ def test_bf16_input_and_any_output_dtype_match_the_reference(x, blocksize, out_d
     assert torch.equal(out, ref)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(x=tensors(), blocksize=st.sampled_from(BLOCKSIZES), data=st.data())
 def test_any_nan_or_inf_is_refused_by_both(x, blocksize, data):
     flat = x.reshape(-1).clone()
@@ -118,7 +118,7 @@ def test_any_nan_or_inf_is_refused_by_both(x, blocksize, data):
         reference.nf4_quantize(flat.reshape(x.shape), blocksize)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(x=tensors(), blocksize=st.sampled_from(BLOCKSIZES),
        nested=st.sampled_from([32, 256]))
 def test_double_quantization_matches_the_reference(x, blocksize, nested):

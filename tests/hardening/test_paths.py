@@ -49,8 +49,8 @@ def test_hostile_adapter_names_are_refused_everywhere(make_tiny, tmp_path, name)
     assert str(directory / CONFIG_FILE) in str(info.value)
     with pytest.raises(AdapterFileError):
         peftreg.load(make_tiny(), directory)
-    assert _files(tmp_path) == ["inside", "inside/adapter", "inside/adapter/adapter.json",
-                                f"inside/adapter/{meta['tensors']['file']}"]
+    assert _files(tmp_path) == sorted(["inside", "inside/adapter", "inside/adapter/adapter.json",
+                                       f"inside/adapter/{meta['tensors']['file']}"])
 
 
 @pytest.mark.parametrize("name", GOOD_NAMES)

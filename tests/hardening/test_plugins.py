@@ -21,7 +21,14 @@ from ..core._fakes import FakeEntryPoint, ShiftConfig, ShiftMethod, methods_plug
 
 
 def _builtin_entry_points():
-    return list(md.entry_points(group=GROUP))
+    # Only peftreg's own: the test-only distributions (tests/plugin_dists) may be importable too.
+    return [ep for ep in md.entry_points(group=GROUP)
+            if ep.dist is not None and ep.dist.metadata["Name"] == "peftreg"]
+
+
+class ExitingEntryPoint(FakeEntryPoint):
+    def load(self):
+        raise SystemExit(3)
 
 
 class RaisingName(ShiftMethod):
@@ -34,20 +41,26 @@ class FakeLora(LoraMethod):
     """Claims the built-in name."""
 
 
-def _exit_on_import():
+def _exit():
     raise SystemExit(3)
+
+
+def _entry_point(name, dist, target):
+    if target is ExitingEntryPoint:
+        return ExitingEntryPoint(name, dist, None)
+    return FakeEntryPoint(name, dist, target)
 
 
 BAD_PLUGINS = {
     "import-error": (ImportError("No module named 'missing_dep'"), "missing_dep"),
-    "sys-exit-on-import": (SystemExit(3), "SystemExit"),
+    "sys-exit-on-import": (ExitingEntryPoint, "SystemExit"),
     "returns-dict": (plugin_module("m", peftreg_register_methods=lambda: {"a": 1}), "got dict"),
     "returns-none": (plugin_module("m", peftreg_register_methods=lambda: None), "got NoneType"),
     "returns-strings": (plugin_module("m", peftreg_register_methods=lambda: ["lora"]),
                         "'lora' is not a PEFTMethod instance"),
     "hook-raises": (plugin_module("m", peftreg_register_methods=lambda: 1 / 0),
                     "ZeroDivisionError"),
-    "hook-exits": (plugin_module("m", peftreg_register_methods=_exit_on_import), "SystemExit"),
+    "hook-exits": (plugin_module("m", peftreg_register_methods=_exit), "SystemExit"),
     "name-property-raises": (methods_plugin(RaisingName()), "name lookup exploded"),
     "unknown-hook": (plugin_module("m", peftreg_not_a_hook=lambda: None), "without a spec"),
     "same-name-twice": (methods_plugin(ShiftMethod(), ShiftMethod()),
@@ -62,7 +75,7 @@ BAD_PLUGINS = {
 @pytest.mark.parametrize(("target", "reason"), list(BAD_PLUGINS.values()), ids=list(BAD_PLUGINS))
 def test_a_bad_plugin_is_reported_by_distribution_and_harms_nothing(make_tiny, token_batch,
                                                                      target, reason):
-    evil = FakeEntryPoint("evil", "evil-dist", target)
+    evil = _entry_point("evil", "evil-dist", target)
     registry = Registry.from_entry_points([evil, *_builtin_entry_points()], strict=False)
     AdaptedModel(make_tiny(), registry=registry)  # family lookup runs every describe hook
     failures = [f for f in registry.failures if f.dist == "evil-dist"]
@@ -80,16 +93,17 @@ def test_strict_mode_refuses_the_same_plugins():
     for name, (target, _) in BAD_PLUGINS.items():
         if name == "garbage-family":  # reported when a model is described, not at load time
             continue
-        evil = FakeEntryPoint("evil", "evil-dist", target)
+        evil = _entry_point("evil", "evil-dist", target)
         with pytest.raises(PluginError, match="evil-dist"):
             Registry.from_entry_points([evil, *_builtin_entry_points()], strict=True)
 
 
 def test_every_builtin_method_survives_all_bad_plugins_at_once(make_tiny, token_batch):
-    evils = [FakeEntryPoint(f"evil{i}", f"evil-dist-{i}", target)
+    evils = [_entry_point(f"evil{i}", f"evil-dist-{i}", target)
              for i, (target, _) in enumerate(BAD_PLUGINS.values())]
     registry = Registry.from_entry_points([*evils, *_builtin_entry_points()], strict=False)
     builtin = Registry.from_entry_points(_builtin_entry_points(), strict=True)
+    AdaptedModel(make_tiny(), registry=registry)  # runs the describe-model hooks
     assert {f.dist for f in registry.failures} == {e.dist.metadata["Name"] for e in evils}
     assert set(builtin.names()) <= set(registry.names())
     family = builtin.describe_model(make_tiny())
