@@ -13,7 +13,7 @@ import pytest
 from .fuzz_adapter_reader import Harness, encode
 
 TARGET = Path(__file__).with_name("fuzz_adapter_reader.py")
-SECONDS = int(os.environ.get("PEFTREG_FUZZ_SECONDS", "8"))
+SECONDS = int(os.environ.get("PEFTREG_FUZZ_SECONDS", "4"))
 
 
 def test_harness_accepts_valid_and_garbage_inputs_without_atheris(tmp_path):

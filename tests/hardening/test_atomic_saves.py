@@ -105,7 +105,8 @@ def _kill_loop(models, directory, fmt, read):
         between += _between_renames(directory)
         saved = read(directory)
         assert _matches(saved, models[0]) or _matches(saved, models[1]), (
-            f"after kill {kills} the directory holds neither adapter: {sorted(os.listdir(directory))}")
+            f"after kill {kills} the directory holds neither adapter: "
+            f"{sorted(os.listdir(directory))}")
     return kills, interrupted, between
 
 
