@@ -168,8 +168,10 @@ def read_safetensors(path: Path, data: bytes | None = None) -> tuple[dict[str, t
                 f"{path}: tensor {name!r} has dtype {tensor.dtype}; adapter weights must be "
                 "floating point"
             )
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        # float8 has no isfinite kernel; widening is exact for every float8 value.
+        wide = tensor.float() if tensor.element_size() == 1 else tensor
+        if tensor.numel() and not bool(torch.isfinite(wide).all()):
+            bad = int((~torch.isfinite(wide)).sum())
             raise AdapterFileError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values")
     return tensors, metadata
 

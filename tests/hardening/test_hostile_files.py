@@ -128,6 +128,11 @@ CASES = [
      [KEY, "1 NaN or infinite"]),
     ("inf", lambda d: _with(d, lambda t: t[KEY].view(-1)[:2].fill_(float("-inf"))), None,
      [KEY, "2 NaN or infinite"]),
+    ("float8-nan", lambda d: _with(d, lambda t: t.__setitem__(
+        KEY, torch.full_like(t[KEY], float("nan")).to(torch.float8_e4m3fn))), None,
+     [KEY, "128 NaN or infinite"]),
+    ("float8-fine-but-shape", lambda d: _with(d, lambda t: t.__setitem__(
+        KEY, torch.zeros(3).to(torch.float8_e5m2))), None, [KEY, r"has shape \(3,\)"]),
     ("wrong-shape", lambda d: _with(d, lambda t: t.__setitem__(KEY, torch.zeros(4, 7))), None,
      [KEY, r"has shape \(4, 7\), the model expects \(4, 32\)"]),
     ("missing-key", lambda d: _with(d, lambda t: t.pop(KEY)), None,
