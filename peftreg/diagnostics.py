@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
@@ -143,7 +143,7 @@ class GradientWatch:
         self.findings: list[NonFiniteGradient] = []
         self.steps: dict[tuple[str, str, str], int] = {}
 
-    def _hook(self, key: tuple[str, str, str]):  # noqa: ANN202 - a torch tensor hook
+    def _hook(self, key: tuple[str, str, str]) -> Callable[[torch.Tensor], None]:
         def check(grad: torch.Tensor) -> None:
             step = self.steps.get(key, 0) + 1
             self.steps[key] = step

@@ -7,7 +7,7 @@ bit. Repeated many times, for peftreg's own format and for the PEFT export.
 
 The child is forked from the test process (torch already imported, one intra-op thread) so
 each round costs milliseconds instead of an interpreter start-up. Bounded by ``KILLS`` and by
-``PEFTREG_KILL_SECONDS`` (default 6 s per format).
+``PEFTREG_KILL_SECONDS`` (default 4 s per format).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darw
                                 reason="needs fork() (POSIX, not macOS's fork-unsafe libs)")
 
 KILLS = int(os.environ.get("PEFTREG_KILLS", "100"))
-SECONDS = float(os.environ.get("PEFTREG_KILL_SECONDS", "6"))
+SECONDS = float(os.environ.get("PEFTREG_KILL_SECONDS", "4"))
 
 
 def _two_adapters(make_tiny):

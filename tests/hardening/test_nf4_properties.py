@@ -76,7 +76,7 @@ def test_round_trip_error_is_within_half_the_widest_code_gap(x, blocksize):
     assert torch.equal(absmax, padded.view(blocks, blocksize).amax(dim=1))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(x=tensors(), blocksize=st.sampled_from(BLOCKSIZES))
 def test_codes_round_trip(x, blocksize):
     codes, absmax = nf4.quantize(x, blocksize)
