@@ -36,9 +36,12 @@ def test_harness_accepts_valid_and_garbage_inputs_without_atheris(tmp_path):
 
 def test_fuzz_the_reader_for_a_bounded_time(tmp_path):
     pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris)")
+    from .fuzz_adapter_reader import write_seed_corpus
+
     corpus = tmp_path / "corpus"
+    write_seed_corpus(corpus)  # here, where torch is already imported
     run = subprocess.run(
-        [sys.executable, str(TARGET), "--seed-corpus", str(corpus),
+        [sys.executable, str(TARGET),
          f"-max_total_time={SECONDS}", "-rss_limit_mb=4096", "-max_len=65536",
          f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=SECONDS + 120)

@@ -87,7 +87,7 @@ JSON = st.recursive(
     max_leaves=8)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_any_json_for_any_method_is_a_config_or_a_config_error(registry, data):
     name = data.draw(st.sampled_from(registry.names()), label="method")

@@ -4,7 +4,7 @@ After a warm-up, neither resident memory nor the number of live Python objects a
 grow, the model's parameter count must return to the base after each round, and every loaded
 adapter must give exactly the outputs of a fresh model holding only that adapter.
 
-Bounded by time: ``PEFTREG_SOAK_SECONDS`` (default 5) after a fixed warm-up.
+Bounded by time: ``PEFTREG_SOAK_SECONDS`` (default 4) after a fixed warm-up.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from peftreg_plugins.houlsby import HoulsbyConfig
 from peftreg_plugins.ia3 import IA3Config
 from peftreg_plugins.lora import LoraConfig
 
-SECONDS = float(os.environ.get("PEFTREG_SOAK_SECONDS", "5"))
-WARMUP_ROUNDS = 5
+SECONDS = float(os.environ.get("PEFTREG_SOAK_SECONDS", "4"))
+WARMUP_ROUNDS = 4
 # Allocator and interpreter caches settle during the warm-up; what is left is noise of a few
 # MiB. A leak of one tiny adapter per round (~10 KiB of tensors plus module objects) over the
 # hundreds of rounds run here would exceed both bounds.
