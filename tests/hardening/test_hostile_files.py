@@ -236,3 +236,39 @@ def test_nf4_state_with_an_absurd_shape_is_refused_without_allocating():
     state[meta_key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     with pytest.raises(NF4FormatError, match="code bytes but shape"):
         NF4Tensor.from_state_dict(state, "w")
+
+
+@pytest.fixture
+def peft_saved(make_tiny, tmp_path):
+    model = peftreg.adapt(make_tiny(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    return model.save_adapter(tmp_path / "peft", format="peft")
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda doc: doc.update(r=10**9), ["asks for 224000000000", "refused before allocating"]),
+        (lambda doc: doc.update(rank_pattern={"q_proj": 10**12}),
+         ["asks for 128000000000384", "refused before allocating"]),
+    ],
+    ids=["rank-10^9", "rank-pattern-10^12"],
+)
+def test_peft_config_with_absurd_rank_is_refused_unallocated(peft_saved, make_tiny, edit, words):
+    path = peft_saved / "adapter_config.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    model = AdaptedModel(make_tiny())
+    with pytest.raises(AdapterFileError) as info:
+        model.load_adapter(peft_saved)
+    assert str(peft_saved) in str(info.value)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert model.adapters == {}
+
+
+def test_peft_config_with_a_duplicate_key_is_refused(peft_saved, make_tiny):
+    path = peft_saved / "adapter_config.json"
+    path.write_text(path.read_text().replace('"r": 4', '"r": 4, "r": 400'))
+    with pytest.raises(AdapterFileError, match="key 'r' appears twice") as info:
+        peftreg.load(make_tiny(), peft_saved)
+    assert str(path) in str(info.value)
