@@ -99,7 +99,8 @@ def parse_header(data: bytes, source: str) -> tuple[dict[str, dict], dict[str, s
     try:
         header = loads_strict(data[8:8 + header_len].decode("utf-8"))
     except DuplicateKeyError as exc:
-        raise fail(f"header names tensor {exc.args[0]!r} more than once") from exc
+        raise fail(f"header names {exc.args[0]!r} more than once (a tensor stored twice, or "
+                   "a repeated metadata key)") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise fail(f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
