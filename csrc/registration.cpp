@@ -11,6 +11,8 @@
 #include <ATen/core/enum_tag.h>
 #include <torch/library.h>
 
+#include "paged/page_pool.h"
+
 #ifndef PEFTREG_WITH_CUDA
 #define PEFTREG_WITH_CUDA 0
 #endif
@@ -69,6 +71,12 @@ TORCH_LIBRARY(peftreg, m) {
       "Tensor? offset, int blocksize, int nested_blocksize, int out_features, "
       "int in_features) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+
+  // ---- Paged optimizer state (issue 7) -------------------------------------------------------
+  // The torch custom class peftreg.PagePool (csrc/paged/page_pool.h): fixed-size pages of
+  // optimizer state under a fast-tier budget, with the fused AdamW update as a method. A class,
+  // not ops, so it adds nothing to peftreg.ops.OPS.
+  peftreg::paged::register_page_pool(m);
 }
 
 // A minimal module object so that `import peftreg._C` loads the shared library and runs the

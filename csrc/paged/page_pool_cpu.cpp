@@ -1,0 +1,227 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// CPU page backend: page buffers in process memory (the fast tier) and one backing file per
+// pool in a caller-chosen directory (see page_pool.h for why pread/pwrite and not a mapping),
+// plus the fused AdamW update of one resident page.
+#include "paged/page_pool.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <string>
+
+namespace peftreg::paged {
+
+namespace {
+
+constexpr size_t kAlign = 64;       // cache line; lets the compiler use aligned vector loads
+constexpr int64_t kGrain = 16384;   // elements per parallel task: ~200 KiB of traffic
+
+std::string os_error(int err) {
+  return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")";
+}
+
+template <typename T>
+inline float load(const void* base, int64_t i) {
+  return static_cast<float>(static_cast<const T*>(base)[i]);
+}
+
+template <typename T>
+inline void store(void* base, int64_t i, float value) {
+  static_cast<T*>(base)[i] = static_cast<T>(value);  // c10 types round to nearest even
+}
+
+// One element of torch.optim.AdamW's single-tensor step (torch/optim/adamw.py), in its order:
+//   p  = p * (1 - lr wd)                      decoupled weight decay (Loshchilov & Hutter)
+//   m  = lerp(m, g, 1 - beta1)                torch's lerp: m + w (g - m) for w < 0.5
+//   v  = v * beta2 + (1 - beta2) g g          addcmul
+//   d  = sqrt(v) / sqrt(1 - beta2^t) + eps
+//   p  = p + (-lr / (1 - beta1^t)) m / d      addcdiv
+// Compiled with -ffp-contract=off, so no step is fused into an FMA.
+template <typename T>
+#if defined(__GNUC__) && !defined(__clang__)
+// sqrtf of a non-negative value never sets errno; without this GCC keeps the loop scalar.
+__attribute__((optimize("no-math-errno")))
+#endif
+void adamw_range(const AdamWSegment& seg, float* __restrict m, float* __restrict v,
+                 int64_t begin, int64_t end) {
+  const AdamWScalars s = seg.s;
+  const float w = s.one_minus_beta1;
+  for (int64_t i = begin; i < end; ++i) {
+    float g = load<T>(seg.grad, i);
+    if (s.maximize) {
+      g = -g;
+    }
+    float p = load<T>(seg.param, i) * s.decay;
+    const float mi = w < 0.5f ? m[i] + w * (g - m[i]) : g - (g - m[i]) * (1.0f - w);
+    const float vi = v[i] * s.beta2 + s.one_minus_beta2 * g * g;
+    const float denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
+    p = p + s.neg_step_size * mi / denom;
+    m[i] = mi;
+    v[i] = vi;
+    store<T>(seg.param, i, p);
+  }
+}
+
+void adamw_segment(const AdamWSegment& seg, float* m, float* v) {
+  float* ms = m + seg.state_index;
+  float* vs = v + seg.state_index;
+  at::parallel_for(0, seg.count, kGrain, [&](int64_t begin, int64_t end) {
+    switch (seg.dtype) {
+      case ParamDType::kFloat32:
+        adamw_range<float>(seg, ms, vs, begin, end);
+        break;
+      case ParamDType::kBFloat16:
+        adamw_range<c10::BFloat16>(seg, ms, vs, begin, end);
+        break;
+      case ParamDType::kFloat16:
+        adamw_range<c10::Half>(seg, ms, vs, begin, end);
+        break;
+    }
+  });
+}
+
+class CpuBackend final : public PageBackend {
+ public:
+  CpuBackend(int64_t page_bytes, std::string directory)
+      : page_bytes_(page_bytes), directory_(std::move(directory)) {
+    struct stat info {};
+    TORCH_CHECK(::stat(directory_.c_str(), &info) == 0 && S_ISDIR(info.st_mode),
+                "peftreg paged: the backing directory '", directory_,
+                "' does not exist or is not a directory");
+    std::string pattern = directory_ + "/.peftreg-paged-XXXXXX";
+    fd_ = ::mkstemp(pattern.data());
+    TORCH_CHECK(fd_ >= 0, "peftreg paged: cannot create the backing file in directory '",
+                directory_, "': ", os_error(errno),
+                "; pass a writable backing_dir (or raise the budget so nothing is paged)");
+    // Unlinked at once: the file lives exactly as long as this descriptor, so it goes away
+    // at close, at exit and on a crash, and no other process can reach it.
+    ::unlink(pattern.c_str());
+  }
+
+  ~CpuBackend() override {
+    if (fd_ >= 0) {
+      ::close(fd_);
+    }
+  }
+
+  void* alloc_fast() override {
+    void* buf = std::aligned_alloc(kAlign, static_cast<size_t>(page_bytes_));
+    if (buf == nullptr) {
+      throw std::bad_alloc();
+    }
+    return buf;
+  }
+
+  void free_fast(void* buf) override { std::free(buf); }
+
+  void reserve(int64_t num_pages) override {
+    const off_t old_size = static_cast<off_t>(reserved_pages_ * page_bytes_);
+    const off_t new_size = static_cast<off_t>(num_pages * page_bytes_);
+    if (new_size <= old_size) {
+      return;
+    }
+    // posix_fallocate allocates the blocks now, so a full disk (or a file-size limit) is
+    // reported here instead of by a page-out in the middle of a step.
+    int err = ::posix_fallocate(fd_, old_size, new_size - old_size);
+    if (err == EOPNOTSUPP || err == EINVAL) {  // file systems without fallocate
+      err = ::ftruncate(fd_, new_size) == 0 ? 0 : errno;
+    }
+    if (err != 0) {
+      (void)::ftruncate(fd_, old_size);  // give back what a partial allocation took
+      TORCH_CHECK(false, "peftreg paged: the backing directory '", directory_,
+                  "' cannot hold ", new_size, " bytes of paged optimizer state: ",
+                  os_error(err),
+                  "; free space there, choose another backing_dir or raise the budget");
+    }
+    reserved_pages_ = num_pages;
+  }
+
+  std::string page_out(int64_t page, void* buf) override {
+    if (injected_failure()) {
+      return "writing page " + std::to_string(page) + " to the backing file in '" + directory_ +
+             "': " + os_error(ENOSPC) + " [simulated by the fault-injection hook]";
+    }
+    const char* src = static_cast<const char*>(buf);
+    int64_t done = 0;
+    while (done < page_bytes_) {
+      const ssize_t n = ::pwrite(fd_, src + done, static_cast<size_t>(page_bytes_ - done),
+                                 static_cast<off_t>(page * page_bytes_ + done));
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n <= 0) {
+        const int err = n < 0 ? errno : ENOSPC;
+        return "writing page " + std::to_string(page) + " to the backing file in '" +
+               directory_ + "': " + os_error(err);
+      }
+      done += n;
+    }
+    return "";
+  }
+
+  void page_in(int64_t page, void* buf) override {
+    char* dst = static_cast<char*>(buf);
+    int64_t done = 0;
+    while (done < page_bytes_) {
+      const ssize_t n = ::pread(fd_, dst + done, static_cast<size_t>(page_bytes_ - done),
+                                static_cast<off_t>(page * page_bytes_ + done));
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      TORCH_CHECK(n > 0, "peftreg paged: reading page ", page, " back from the backing file in '",
+                  directory_, "' failed: ", n < 0 ? os_error(errno) : "unexpected end of file");
+      done += n;
+    }
+  }
+
+  void zero(int64_t /*page*/, void* buf) override {
+    std::memset(buf, 0, static_cast<size_t>(page_bytes_));
+  }
+
+  void adamw(int64_t /*page*/, void* buf, int64_t elements_per_page,
+             const std::vector<AdamWSegment>& segments) override {
+    float* m = static_cast<float*>(buf);
+    float* v = m + elements_per_page;
+    for (const AdamWSegment& seg : segments) {
+      adamw_segment(seg, m, v);
+    }
+  }
+
+  void copy_out(int64_t /*page*/, const void* buf, void* dst) override {
+    std::memcpy(dst, buf, static_cast<size_t>(page_bytes_));
+  }
+
+  void copy_in(int64_t /*page*/, void* buf, const void* src) override {
+    std::memcpy(buf, src, static_cast<size_t>(page_bytes_));
+  }
+
+  std::string describe() const override {
+    return "cpu: process memory, backing file in '" + directory_ + "'";
+  }
+
+ private:
+  int64_t page_bytes_;
+  std::string directory_;
+  int fd_ = -1;
+  int64_t reserved_pages_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<PageBackend> make_cpu_backend(int64_t page_bytes, const std::string& directory) {
+  return std::make_unique<CpuBackend>(page_bytes, directory);
+}
+
+}  // namespace peftreg::paged
