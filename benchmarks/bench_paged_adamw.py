@@ -109,9 +109,7 @@ QLORA_RUN = textwrap.dedent("""
             opt = PagedAdamW(params, lr=1e-4, budget_fraction=None if kind == "paged-all"
                              else float(kind.split("-")[1]))
         for _ in range(steps):
-            out = model(ids)
-            logits = out.logits if hasattr(out, "logits") else out
-            logits.float().pow(2).mean().backward()
+            model(ids, labels=ids)["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     result = {"kind": kind, "rss_increase": peak.increase, "rss_peak": peak.peak,

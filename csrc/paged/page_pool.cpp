@@ -129,6 +129,18 @@ void PagePool::make_room() {
   }
 }
 
+void PagePool::trim() {
+  // After a failed page-out the pool may sit above the budget; shrink back once paging works.
+  auto it = lru_.begin();
+  while (counters_.resident_bytes > budget_bytes_ && it != lru_.end()) {
+    const int64_t id = *it;
+    ++it;
+    if (pages_[static_cast<size_t>(id)].pins == 0 && !evict(id)) {
+      return;
+    }
+  }
+}
+
 void* PagePool::acquire(int64_t id) {
   Page& page = pages_[static_cast<size_t>(id)];
   if (page.buf != nullptr) {
@@ -214,6 +226,7 @@ void PagePool::adamw_step(const std::vector<AdamWParam>& params, const AdamWHype
   }
   forward_ = !forward_;
   const bool prefetch = backend_->async_prefetch();
+  trim();
   for (size_t k = 0; k < touched.size(); ++k) {
     const int64_t page = touched[k];
     const bool ahead = prefetch && k + 1 < touched.size();
@@ -248,7 +261,10 @@ void PagePool::read_page(int64_t page, void* dst) {
   backend_->copy_out(page, buf, dst);
   backend_->after_use(page);
   release(page);
-  raise_pending();
+  // Reads and writes do not raise for a failed page-out: the page stayed resident, and a
+  // checkpoint (state_dict) is exactly what a user wants to take while the backing tier fails.
+  // The next step tries to page out again and raises if it still fails.
+  pending_error_.clear();
 }
 
 void PagePool::write_page(int64_t page, const void* src) {
@@ -261,7 +277,7 @@ void PagePool::write_page(int64_t page, const void* src) {
   backend_->after_use(page);
   pages_[static_cast<size_t>(page)].dirty = true;
   release(page);
-  raise_pending();
+  pending_error_.clear();  // as in read_page
 }
 
 Counters PagePool::counters() const {

@@ -20,7 +20,9 @@
 // Failure contract: a page-out that fails leaves the page resident and dirty (nothing is
 // lost), the pool stops paging out for the rest of the operation (so the step still completes,
 // above the budget), and the error is raised when the operation ends, naming the backing tier
-// and the OS error. A page-in that fails raises at once; the backing copy is untouched.
+// and the OS error. Reading or writing single pages (state_dict / load_state_dict) never
+// raises for a failed page-out, so a checkpoint can be taken while the backing tier fails. A
+// page-in that fails raises at once; the backing copy is untouched.
 //
 // Residency never exceeds max(budget, one page) on the CPU (one page is pinned at a time) and
 // budget + one page on CUDA (the page being updated plus the one being prefetched).
@@ -191,6 +193,7 @@ class PagePool {
   void* acquire(int64_t page);  // resident + pinned + most recently used
   void release(int64_t page);
   void make_room();
+  void trim();
   bool evict(int64_t page);
   void* take_buffer();
   void check_open(const char* what) const;

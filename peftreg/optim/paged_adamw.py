@@ -270,9 +270,13 @@ class PagedAdamW(Optimizer):
         they are (float32, on the parameter's device)."""
         out = super().state_dict()
         by_index = self._index_to_param()
-        # The packed entries are this optimizer's own state dicts: copy before adding to them.
+        # The packed entries are this optimizer's own state dicts: copy before adding to them,
+        # and clone the step counters, which are incremented in place (a dict loaded into
+        # another optimizer must not share them with this one).
         out["state"] = {
-            index: {**entry, **{k: v.to(by_index[index].device)
+            index: {**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                       for k, v in entry.items()},
+                    **{k: v.to(by_index[index].device)
                                 for k, v in self._read_state(by_index[index]).items()}}
             for index, entry in out["state"].items()
         }
@@ -302,7 +306,10 @@ class PagedAdamW(Optimizer):
                 raise ValueError(f"PagedAdamW.load_state_dict: state of parameter {index} "
                                  f"lacks {missing}")
             moments[int(index)] = {k: entry.pop(k) for k in _STATE_KEYS}
-            rest[index] = entry
+            # Cloned: step counters are incremented in place and must not stay shared with
+            # the optimizer the dict came from.
+            rest[index] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                           for k, v in entry.items()}
         state_dict["state"] = rest
         groups = [dict(g) for g in state_dict.get("param_groups", [])]
         for g in groups:

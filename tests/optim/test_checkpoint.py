@@ -57,7 +57,7 @@ def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(OptimizerCheckpointError, match="cannot read"):
         read_optimizer_state(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(OptimizerCheckpointError, match="junk.safetensors"):
+    with pytest.raises(OptimizerCheckpointError, match=r"junk\.safetensors"):
         read_optimizer_state(tmp_path / "junk.safetensors")
     with pytest.raises(OptimizerCheckpointError, match="cannot store"):
         write_optimizer_state(tmp_path / "x.safetensors",

@@ -60,7 +60,8 @@ def test_fp32_equals_torch_adamw(paged_device, budget):
         torch.testing.assert_close(a, b, **tol("paged_adamw.vs_torch", torch.float32))
     # The twin that can fail: the parameters did move.
     start = _params(torch.float32, paged_device)
-    assert all((a - s).abs().max() > 1e-2 for a, s in zip(ours, start, strict=True))
+    moved = [(a - s).abs().max().item() for a, s in zip(ours, start, strict=True)]
+    assert min(moved) > 0 and max(moved) > 5 * HYPER["lr"], moved
     state, ref_state = paged.state_dict()["state"], torch_opt.state_dict()["state"]
     assert state.keys() == ref_state.keys()
     for index in state:
@@ -200,7 +201,7 @@ def test_bad_arguments(require_pool):
         PagedAdamW(p, budget_bytes=PAGE, budget_fraction=0.5)
     with pytest.raises(ValueError, match="multiple of 4096"):
         PagedAdamW(p, page_bytes=1000)
-    with pytest.raises(ValueError, match="dtype torch.int64"):
+    with pytest.raises(ValueError, match=r"dtype torch\.int64"):
         PagedAdamW([torch.zeros(3, dtype=torch.long)])
     with pytest.raises(ValueError, match="betas"):
         PagedAdamW(p, betas=(1.0, 0.9))
@@ -216,12 +217,13 @@ def test_qlora_trainable_params(require_pool, make_tiny, token_batch):
         return model, [p for p in model.parameters() if p.requires_grad]
 
     def loss_of(model):
-        logits = model(token_batch)
-        logits = logits.logits if hasattr(logits, "logits") else logits
-        return logits.float().pow(2).mean()
+        return model(token_batch, labels=token_batch)["loss"]
 
     (m1, p1), (m2, p2) = model_and_params(), model_and_params()
     assert p1 and all(a.dtype == torch.float32 for a in p1)
+    with torch.no_grad():  # the adapters' random init differs between the two models
+        for a, b in zip(p1, p2, strict=True):
+            b.copy_(a)
     paged = PagedAdamW(p1, lr=1e-2, page_bytes=PAGE, budget_fraction=0.05)
     torch_opt = torch.optim.AdamW(p2, lr=1e-2)
     for _ in range(4):
