@@ -227,27 +227,41 @@ void PagePool::adamw_step(const std::vector<AdamWParam>& params, const AdamWHype
   forward_ = !forward_;
   const bool prefetch = backend_->async_prefetch();
   trim();
-  for (size_t k = 0; k < touched.size(); ++k) {
-    const int64_t page = touched[k];
-    const bool ahead = prefetch && k + 1 < touched.size();
-    void* buf = acquire(page);
+  // Pages pinned together; never more than the budget holds, so making room for the last of
+  // them can always evict enough unpinned pages.
+  const int64_t max_batch = prefetch ? 1 : std::max<int64_t>(1, budget_bytes_ / page_bytes_);
+  size_t k = 0;
+  while (k < touched.size()) {
+    std::vector<PageWork> batch;
     try {
-      if (ahead) {
-        // Queue the next page's copy now so it overlaps this page's update. With a budget of
-        // under two pages the pinned current page cannot make room for it, which is why
-        // residency may reach budget + one page on CUDA.
-        acquire(touched[k + 1]);
-        release(touched[k + 1]);  // unpinned but most recently used: LRU evicts it last
+      while (k < touched.size() && static_cast<int64_t>(batch.size()) < max_batch) {
+        const int64_t page = touched[k];
+        void* buf = acquire(page);
+        batch.push_back(PageWork{page, buf, &by_page[static_cast<size_t>(page)]});
+        ++k;
       }
-      backend_->before_use(page);
-      backend_->adamw(page, buf, per_page, by_page[static_cast<size_t>(page)]);
-      backend_->after_use(page);
+      if (prefetch && k < touched.size()) {
+        // Queue the next page's copy now so it overlaps this batch's update. With a budget
+        // of under two pages the pinned current page cannot make room for it, which is why
+        // residency may reach budget + one page on CUDA.
+        acquire(touched[k]);
+        release(touched[k]);  // unpinned but most recently used: LRU evicts it last
+      }
+      for (const PageWork& w : batch) {
+        backend_->before_use(w.page);
+      }
+      backend_->adamw(batch, per_page);
     } catch (...) {
-      release(page);
+      for (const PageWork& w : batch) {
+        release(w.page);
+      }
       throw;
     }
-    pages_[static_cast<size_t>(page)].dirty = true;
-    release(page);
+    for (const PageWork& w : batch) {
+      backend_->after_use(w.page);
+      pages_[static_cast<size_t>(w.page)].dirty = true;
+      release(w.page);
+    }
   }
   raise_pending();
 }

@@ -93,6 +93,13 @@ struct AdamWSegment {
   AdamWScalars s;
 };
 
+// One resident, pinned page and the segments to update in it.
+struct PageWork {
+  int64_t page;
+  void* buf;
+  const std::vector<AdamWSegment>* segments;
+};
+
 struct Counters {
   int64_t resident_bytes = 0;
   int64_t peak_resident_bytes = 0;
@@ -121,10 +128,9 @@ class PageBackend {
   virtual void after_use(int64_t /*page*/) {}
   // Whether page-ins are asynchronous, so prefetching the next page overlaps the update.
   virtual bool async_prefetch() const { return false; }
-  // Update the segments of one resident page (elements_per_page floats of exp_avg followed by
-  // as many of exp_avg_sq).
-  virtual void adamw(int64_t page, void* buf, int64_t elements_per_page,
-                     const std::vector<AdamWSegment>& segments) = 0;
+  // Update the segments of a batch of resident pages (each page: elements_per_page floats of
+  // exp_avg followed by as many of exp_avg_sq).
+  virtual void adamw(const std::vector<PageWork>& batch, int64_t elements_per_page) = 0;
   // Copy a resident page out to / in from a caller buffer of the same device.
   virtual void copy_out(int64_t page, const void* buf, void* dst) = 0;
   virtual void copy_in(int64_t page, void* buf, const void* src) = 0;
@@ -168,7 +174,10 @@ class PagePool {
   int64_t add_pages(int64_t count);
   // One AdamW step over `params` (AdamW, Loshchilov & Hutter 2019, algorithm 2, with torch's
   // bias correction and eps placement). Pages are swept once each, alternating direction from
-  // one call to the next so the pages LRU kept resident at the end are the first reused.
+  // one call to the next so the pages LRU kept resident at the end are the first reused. On
+  // the CPU as many pages as the budget holds are pinned and updated in one parallel pass
+  // (small parameters alone would leave threads idle); on CUDA one page at a time, with the
+  // next one prefetched.
   void adamw_step(const std::vector<AdamWParam>& params, const AdamWHyper& hyper);
   // Copy page `page` out to / in from a device buffer of page_bytes.
   void read_page(int64_t page, void* dst);

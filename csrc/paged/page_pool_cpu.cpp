@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -43,13 +44,16 @@ inline void store(void* base, int64_t i, float value) {
 }
 
 // One element of torch.optim.AdamW's single-tensor step (torch/optim/adamw.py), in its order:
+//   g  = -g if maximize
 //   p  = p * (1 - lr wd)                      decoupled weight decay (Loshchilov & Hutter)
 //   m  = lerp(m, g, 1 - beta1)                torch's lerp: m + w (g - m) for w < 0.5
 //   v  = v * beta2 + (1 - beta2) g g          addcmul
 //   d  = sqrt(v) / sqrt(1 - beta2^t) + eps
 //   p  = p + (-lr / (1 - beta1^t)) m / d      addcdiv
-// Compiled with -ffp-contract=off, so no step is fused into an FMA.
-template <typename T>
+// Compiled with -ffp-contract=off, so no step is fused into an FMA. The loop has no branches
+// (the lerp form is a template argument, maximize a multiplication by an exact +-1) so that
+// the compiler vectorises it.
+template <typename T, bool kSmallWeight>
 #if defined(__GNUC__) && !defined(__clang__)
 // sqrtf of a non-negative value never sets errno; without this GCC keeps the loop scalar.
 __attribute__((optimize("no-math-errno")))
@@ -58,38 +62,48 @@ void adamw_range(const AdamWSegment& seg, float* __restrict m, float* __restrict
                  int64_t begin, int64_t end) {
   const AdamWScalars s = seg.s;
   const float w = s.one_minus_beta1;
+  const float one_minus_w = 1.0f - w;
+  const float sign = s.maximize ? -1.0f : 1.0f;
+  const T* __restrict grad = static_cast<const T*>(seg.grad);
+  T* __restrict param = static_cast<T*>(seg.param);
   for (int64_t i = begin; i < end; ++i) {
-    float g = load<T>(seg.grad, i);
-    if (s.maximize) {
-      g = -g;
-    }
-    float p = load<T>(seg.param, i) * s.decay;
-    const float mi = w < 0.5f ? m[i] + w * (g - m[i]) : g - (g - m[i]) * (1.0f - w);
+    const float g = static_cast<float>(grad[i]) * sign;
+    const float p = static_cast<float>(param[i]) * s.decay;
+    const float m0 = m[i];
+    const float mi = kSmallWeight ? m0 + w * (g - m0) : g - (g - m0) * one_minus_w;
     const float vi = v[i] * s.beta2 + s.one_minus_beta2 * g * g;
     const float denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
-    p = p + s.neg_step_size * mi / denom;
     m[i] = mi;
     v[i] = vi;
-    store<T>(seg.param, i, p);
+    param[i] = static_cast<T>(p + s.neg_step_size * mi / denom);  // c10 types round to even
   }
 }
 
-void adamw_segment(const AdamWSegment& seg, float* m, float* v) {
+template <typename T>
+void adamw_range_dispatch_weight(const AdamWSegment& seg, float* m, float* v, int64_t begin,
+                                 int64_t end) {
+  if (seg.s.one_minus_beta1 < 0.5f) {
+    adamw_range<T, true>(seg, m, v, begin, end);
+  } else {
+    adamw_range<T, false>(seg, m, v, begin, end);
+  }
+}
+
+// Elements [begin, end) of one segment whose page's moments start at m / v.
+void adamw_part(const AdamWSegment& seg, float* m, float* v, int64_t begin, int64_t end) {
   float* ms = m + seg.state_index;
   float* vs = v + seg.state_index;
-  at::parallel_for(0, seg.count, kGrain, [&](int64_t begin, int64_t end) {
-    switch (seg.dtype) {
-      case ParamDType::kFloat32:
-        adamw_range<float>(seg, ms, vs, begin, end);
-        break;
-      case ParamDType::kBFloat16:
-        adamw_range<c10::BFloat16>(seg, ms, vs, begin, end);
-        break;
-      case ParamDType::kFloat16:
-        adamw_range<c10::Half>(seg, ms, vs, begin, end);
-        break;
-    }
-  });
+  switch (seg.dtype) {
+    case ParamDType::kFloat32:
+      adamw_range_dispatch_weight<float>(seg, ms, vs, begin, end);
+      break;
+    case ParamDType::kBFloat16:
+      adamw_range_dispatch_weight<c10::BFloat16>(seg, ms, vs, begin, end);
+      break;
+    case ParamDType::kFloat16:
+      adamw_range_dispatch_weight<c10::Half>(seg, ms, vs, begin, end);
+      break;
+  }
 }
 
 class CpuBackend final : public PageBackend {
@@ -190,13 +204,36 @@ class CpuBackend final : public PageBackend {
     std::memset(buf, 0, static_cast<size_t>(page_bytes_));
   }
 
-  void adamw(int64_t /*page*/, void* buf, int64_t elements_per_page,
-             const std::vector<AdamWSegment>& segments) override {
-    float* m = static_cast<float*>(buf);
-    float* v = m + elements_per_page;
-    for (const AdamWSegment& seg : segments) {
-      adamw_segment(seg, m, v);
+  void adamw(const std::vector<PageWork>& batch, int64_t elements_per_page) override {
+    // Every segment of the batch as one flat range of elements, split across threads by
+    // element count: LoRA-sized parameters are smaller than a thread's share.
+    struct Task {
+      const AdamWSegment* seg;
+      float* m;
+      float* v;
+    };
+    std::vector<Task> tasks;
+    std::vector<int64_t> starts;  // first flat element of each task
+    int64_t total = 0;
+    for (const PageWork& w : batch) {
+      float* m = static_cast<float*>(w.buf);
+      for (const AdamWSegment& seg : *w.segments) {
+        tasks.push_back(Task{&seg, m, m + elements_per_page});
+        starts.push_back(total);
+        total += seg.count;
+      }
     }
+    at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+      size_t t = static_cast<size_t>(
+          std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1);
+      while (begin < end) {
+        const Task& task = tasks[t];
+        const int64_t stop = std::min(end, starts[t] + task.seg->count);
+        adamw_part(*task.seg, task.m, task.v, begin - starts[t], stop - starts[t]);
+        begin = stop;
+        ++t;
+      }
+    });
   }
 
   void copy_out(int64_t /*page*/, const void* buf, void* dst) override {

@@ -128,19 +128,20 @@ class CudaBackend final : public PageBackend {
 
   bool async_prefetch() const override { return true; }
 
-  void adamw(int64_t /*page*/, void* buf, int64_t elements_per_page,
-             const std::vector<AdamWSegment>& segments) override {
+  void adamw(const std::vector<PageWork>& batch, int64_t elements_per_page) override {
     c10::cuda::CUDAGuard guard(device_);
     cudaStream_t stream = compute().stream();
-    float* m = static_cast<float*>(buf);
-    float* v = m + elements_per_page;
-    for (const AdamWSegment& seg : segments) {
-      const AdamWScalars& s = seg.s;
-      const cuda::AdamWLaunch launch{seg.param, seg.grad, static_cast<int>(seg.dtype), seg.count,
-                                     m + seg.state_index, v + seg.state_index, s.decay,
-                                     s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.bc2_sqrt,
-                                     s.eps, s.neg_step_size, s.maximize ? 1 : 0};
-      C10_CUDA_CHECK(cuda::launch_adamw(launch, stream));
+    for (const PageWork& w : batch) {
+      float* m = static_cast<float*>(w.buf);
+      float* v = m + elements_per_page;
+      for (const AdamWSegment& seg : *w.segments) {
+        const AdamWScalars& s = seg.s;
+        const cuda::AdamWLaunch launch{seg.param, seg.grad, static_cast<int>(seg.dtype),
+                                       seg.count, m + seg.state_index, v + seg.state_index,
+                                       s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
+                                       s.bc2_sqrt, s.eps, s.neg_step_size, s.maximize ? 1 : 0};
+        C10_CUDA_CHECK(cuda::launch_adamw(launch, stream));
+      }
     }
   }
 
