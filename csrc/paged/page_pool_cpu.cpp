@@ -21,6 +21,15 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <type_traits>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define PEFTREG_X86_DISPATCH 1
+#include <immintrin.h>
+#else
+#define PEFTREG_X86_DISPATCH 0
+#endif
+#define PEFTREG_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace peftreg::paged {
 
@@ -33,15 +42,27 @@ std::string os_error(int err) {
   return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")";
 }
 
-template <typename T>
-inline float load(const void* base, int64_t i) {
-  return static_cast<float>(static_cast<const T*>(base)[i]);
+// Element access with the conversions written out for float32 and bfloat16, so the loop
+// below vectorises (c10's conversion operators are opaque to GCC's vectoriser). bfloat16 is
+// rounded to nearest even with NaN kept quiet, exactly as c10::BFloat16 rounds.
+PEFTREG_ALWAYS_INLINE float load(const float* p, int64_t i) { return p[i]; }
+PEFTREG_ALWAYS_INLINE void store(float* p, int64_t i, float x) { p[i] = x; }
+PEFTREG_ALWAYS_INLINE float load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
 }
-
-template <typename T>
-inline void store(void* base, int64_t i, float value) {
-  static_cast<T*>(base)[i] = static_cast<T>(value);  // c10 types round to nearest even
+PEFTREG_ALWAYS_INLINE void store(c10::BFloat16* p, int64_t i, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  p[i].x = x != x ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
+PEFTREG_ALWAYS_INLINE float load(const c10::Half* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+PEFTREG_ALWAYS_INLINE void store(c10::Half* p, int64_t i, float x) { p[i] = c10::Half(x); }
 
 // One element of torch.optim.AdamW's single-tensor step (torch/optim/adamw.py), in its order:
 //   g  = -g if maximize
@@ -50,16 +71,12 @@ inline void store(void* base, int64_t i, float value) {
 //   v  = v * beta2 + (1 - beta2) g g          addcmul
 //   d  = sqrt(v) / sqrt(1 - beta2^t) + eps
 //   p  = p + (-lr / (1 - beta1^t)) m / d      addcdiv
-// Compiled with -ffp-contract=off, so no step is fused into an FMA. The loop has no branches
-// (the lerp form is a template argument, maximize a multiplication by an exact +-1) so that
-// the compiler vectorises it.
+// Compiled with -ffp-contract=off, so no step is fused into an FMA. The lerp form is a
+// template argument and maximize a multiplication by an exact +-1, so the loop has no
+// branches. This scalar loop runs the tails and CPUs without AVX2.
 template <typename T, bool kSmallWeight>
-#if defined(__GNUC__) && !defined(__clang__)
-// sqrtf of a non-negative value never sets errno; without this GCC keeps the loop scalar.
-__attribute__((optimize("no-math-errno")))
-#endif
-void adamw_range(const AdamWSegment& seg, float* __restrict m, float* __restrict v,
-                 int64_t begin, int64_t end) {
+PEFTREG_ALWAYS_INLINE void adamw_body(const AdamWSegment& seg, float* __restrict m,
+                                      float* __restrict v, int64_t begin, int64_t end) {
   const AdamWScalars s = seg.s;
   const float w = s.one_minus_beta1;
   const float one_minus_w = 1.0f - w;
@@ -67,16 +84,90 @@ void adamw_range(const AdamWSegment& seg, float* __restrict m, float* __restrict
   const T* __restrict grad = static_cast<const T*>(seg.grad);
   T* __restrict param = static_cast<T*>(seg.param);
   for (int64_t i = begin; i < end; ++i) {
-    const float g = static_cast<float>(grad[i]) * sign;
-    const float p = static_cast<float>(param[i]) * s.decay;
+    const float g = load(grad, i) * sign;
+    const float p = load(param, i) * s.decay;
     const float m0 = m[i];
     const float mi = kSmallWeight ? m0 + w * (g - m0) : g - (g - m0) * one_minus_w;
     const float vi = v[i] * s.beta2 + s.one_minus_beta2 * g * g;
     const float denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
     m[i] = mi;
     v[i] = vi;
-    param[i] = static_cast<T>(p + s.neg_step_size * mi / denom);  // c10 types round to even
+    store(param, i, p + s.neg_step_size * mi / denom);
   }
+}
+
+// The extension is built for baseline x86-64, and GCC will not vectorise sqrtf without
+// -fno-math-errno (a flag the per-function optimize attribute does not carry), so the float32
+// and bfloat16 loops get an explicit AVX2 version chosen at run time. It performs the same
+// IEEE operations in the same order without FMA, so it rounds exactly as the scalar loop.
+#if PEFTREG_X86_DISPATCH
+__attribute__((target("avx2"))) inline __m256 avx2_load(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2"))) inline void avx2_store(float* p, __m256 x) {
+  _mm256_storeu_ps(p, x);
+}
+__attribute__((target("avx2"))) inline __m256 avx2_load(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+__attribute__((target("avx2"))) inline void avx2_store(c10::BFloat16* p, __m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+template <typename T, bool kSmallWeight>
+__attribute__((target("avx2"))) void adamw_range_avx2(const AdamWSegment& seg, float* m,
+                                                      float* v, int64_t begin, int64_t end) {
+  const AdamWScalars& s = seg.s;
+  const __m256 w = _mm256_set1_ps(s.one_minus_beta1);
+  const __m256 one_minus_w = _mm256_set1_ps(1.0f - s.one_minus_beta1);
+  const __m256 sign = _mm256_set1_ps(s.maximize ? -1.0f : 1.0f);
+  const __m256 decay = _mm256_set1_ps(s.decay);
+  const __m256 beta2 = _mm256_set1_ps(s.beta2);
+  const __m256 one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
+  const __m256 bc2_sqrt = _mm256_set1_ps(s.bc2_sqrt);
+  const __m256 eps = _mm256_set1_ps(s.eps);
+  const __m256 neg_step = _mm256_set1_ps(s.neg_step_size);
+  const T* grad = static_cast<const T*>(seg.grad);
+  T* param = static_cast<T*>(seg.param);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 g = _mm256_mul_ps(avx2_load(grad + i), sign);
+    const __m256 p = _mm256_mul_ps(avx2_load(param + i), decay);
+    const __m256 m0 = _mm256_loadu_ps(m + i);
+    const __m256 diff = _mm256_sub_ps(g, m0);
+    const __m256 mi = kSmallWeight ? _mm256_add_ps(m0, _mm256_mul_ps(w, diff))
+                                   : _mm256_sub_ps(g, _mm256_mul_ps(diff, one_minus_w));
+    const __m256 vi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i), beta2),
+                                    _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, g), g));
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2_sqrt), eps);
+    _mm256_storeu_ps(m + i, mi);
+    _mm256_storeu_ps(v + i, vi);
+    avx2_store(param + i, _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(neg_step, mi), denom)));
+  }
+  adamw_body<T, kSmallWeight>(seg, m, v, i, end);  // the tail
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+template <typename T, bool kSmallWeight>
+void adamw_range(const AdamWSegment& seg, float* m, float* v, int64_t begin, int64_t end) {
+#if PEFTREG_X86_DISPATCH
+  if constexpr (!std::is_same_v<T, c10::Half>) {
+    if (kHasAvx2) {
+      adamw_range_avx2<T, kSmallWeight>(seg, m, v, begin, end);
+      return;
+    }
+  }
+#endif
+  adamw_body<T, kSmallWeight>(seg, m, v, begin, end);
 }
 
 template <typename T>
