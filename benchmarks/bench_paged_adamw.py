@@ -65,23 +65,19 @@ def step_rows(device: torch.device, min_run_time: float) -> tuple[list[dict], di
                 rows.append({"name": name, "error": str(exc).splitlines()[0]})
                 continue
         opt.step()  # states exist before timing
-        before = opt.counters() if isinstance(opt, PagedAdamW) else None
         timing = time_callable(opt.step, device, min_run_time=min_run_time)
         row = {"name": name, **timing.to_dict()}
         if isinstance(opt, PagedAdamW):
-            after = opt.counters()
-            calls = timing.runs  # blocked_autorange runs each block at least once
-            row["counters"] = after
-            row["steps_measured_at_least"] = calls
-            # Per step from a separate, counted run (the timer does not say how many calls).
-            b0 = opt.counters()
+            # Bytes per step from one more counted step (the timer does not report its calls).
+            before = opt.counters()
             opt.step()
-            b1 = opt.counters()
-            row["bytes_out_per_step"] = b1["bytes_out"] - b0["bytes_out"]
-            row["bytes_in_per_step"] = b1["bytes_in"] - b0["bytes_in"]
+            after = opt.counters()
+            row["counters"] = after
+            row["bytes_out_per_step"] = after["bytes_out"] - before["bytes_out"]
+            row["bytes_in_per_step"] = after["bytes_in"] - before["bytes_in"]
             row["peak_resident_bytes"] = after["peak_resident_bytes"]
+            row["budget_bytes"] = after["budget_bytes"]
             row["state_bytes"] = after["num_pages"] * after["page_bytes"]
-            del before
             opt.close()
         rows.append(row)
     return rows, {"trainable_params": sum(p.numel() for p in lora_params(torch.device("cpu")))}
