@@ -235,3 +235,18 @@ def test_qlora_trainable_params(require_pool, make_tiny, token_batch):
         torch.testing.assert_close(a, b, **tol("paged_adamw.vs_torch", torch.float32))
     assert paged.counters()["pages_out"] > 0
     paged.close()
+
+
+def test_add_param_group_grows_the_pool(paged_device):
+    ours, theirs = _params(torch.float32, paged_device), _params(torch.float32, paged_device)
+    paged = PagedAdamW(ours[:2], **HYPER, page_bytes=PAGE, budget_bytes=2 * PAGE)
+    torch_opt = torch.optim.AdamW(theirs[:2], **HYPER)
+    pages_before = paged.counters()["num_pages"]
+    paged.add_param_group({"params": ours[2:], "lr": 5e-3})
+    torch_opt.add_param_group({"params": theirs[2:], "lr": 5e-3})
+    assert paged.counters()["num_pages"] > pages_before
+    _run(paged, ours, 0, 10)
+    _run(torch_opt, theirs, 0, 10)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, **tol("paged_adamw.vs_torch", torch.float32))
+    paged.close()
