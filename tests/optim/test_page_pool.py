@@ -187,3 +187,21 @@ def test_default_backing_dir_removed_at_close_and_at_exit(require_pool):
     left = Path(proc.stdout.strip().splitlines()[-1])
     assert left.name.startswith("peftreg-paged-")
     assert not left.exists()
+
+
+def test_without_the_extension_the_error_says_how_to_build():
+    script = textwrap.dedent("""
+        import torch
+        from peftreg.ops import ExtensionUnavailableError
+        from peftreg.optim import PagedAdamW
+        try:
+            PagedAdamW([torch.nn.Parameter(torch.zeros(3))])
+        except ExtensionUnavailableError as exc:
+            print("ERROR:", exc)
+    """)
+    env = {**os.environ, "PEFTREG_EXTENSION": "off"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR: peftreg's page pool (PagedAdamW) needs the compiled extension" in proc.stdout
+    assert "setup.py build_ext --inplace" in proc.stdout
