@@ -115,7 +115,9 @@ class PagePool:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._cleanup: weakref.finalize | None = None
-        if backing_dir is None:
+        if self.device.type == "cuda":
+            directory = ""  # the backing tier is pinned host memory: no directory
+        elif backing_dir is None:
             directory = tempfile.mkdtemp(prefix="peftreg-paged-")
             # finalize runs at close(), at garbage collection and at interpreter exit.
             self._cleanup = weakref.finalize(self, _remove_tree, directory)
@@ -124,7 +126,7 @@ class PagePool:
             if not Path(directory).is_dir():
                 raise PagingError(f"{_ERROR_PREFIX} the backing directory '{directory}' does "
                                   "not exist or is not a directory")
-        self.backing_dir = Path(directory)
+        self.backing_dir: Path | None = Path(directory) if directory else None
         try:
             self._pool = torch.classes.peftreg.PagePool(str(self.device), int(page_bytes),
                                                         int(budget_bytes), directory)
