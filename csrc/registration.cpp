@@ -11,6 +11,8 @@
 #include <ATen/core/enum_tag.h>
 #include <torch/library.h>
 
+#include "paged/page_pool.h"
+
 #ifndef PEFTREG_WITH_CUDA
 #define PEFTREG_WITH_CUDA 0
 #endif
@@ -95,6 +97,12 @@ TORCH_LIBRARY(peftreg, m) {
       "Tensor? x_lora, bool[4] output_mask) -> "
       "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
       {at::Tag::pt2_compliant_tag});
+
+  // ---- Paged optimizer state -------------------------------------------------------
+  // The torch custom class peftreg.PagePool (csrc/paged/page_pool.h): fixed-size pages of
+  // optimizer state under a fast-tier budget, with the fused AdamW update as a method. A class,
+  // not ops, so it adds nothing to peftreg.ops.OPS.
+  peftreg::paged::register_page_pool(m);
 }
 
 // A minimal module object so that `import peftreg._C` loads the shared library and runs the
