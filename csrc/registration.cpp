@@ -24,11 +24,14 @@ TORCH_LIBRARY(peftreg, m) {
 
   // y = x @ weight^T + bias + scaling * ((x_lora or x) @ lora_a^T) @ lora_b^T
   // (LoRA, Hu et al. 2021, eq. 3, with the alpha/r factor passed as `scaling`). x may have any
-  // number of leading dims; x_lora is dropout(x) computed by the caller. The kernels never form
-  // the dense lora_b @ lora_a product.
+  // number of leading dims; x_lora is an input of the LoRA path computed by the caller, or
+  // dropout_p > 0 applies dropout to x inside the op with a mask regenerated from dropout_seed
+  // (an int64 tensor) in the backward (csrc/fused/lora_dropout.h). The kernels never form the
+  // dense lora_b @ lora_a product.
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scaling, Tensor? x_lora=None) -> Tensor",
+      "float scaling, Tensor? x_lora=None, float dropout_p=0., Tensor? dropout_seed=None) "
+      "-> Tensor",
       {at::Tag::pt2_compliant_tag});
   // The gradients of lora_linear except the base weight's and bias's (computed with plain
   // matmuls by the autograd formula, since the base is normally frozen): grad_x (the base's
@@ -37,7 +40,8 @@ TORCH_LIBRARY(peftreg, m) {
   // weight may be None when no requested gradient reads them.
   m.def(
       "lora_linear_backward(Tensor grad, Tensor? x, Tensor? weight, Tensor lora_a, "
-      "Tensor lora_b, float scaling, Tensor? x_lora, bool[4] output_mask) -> "
+      "Tensor lora_b, float scaling, Tensor? x_lora, bool[4] output_mask, float dropout_p=0., "
+      "Tensor? dropout_seed=None) -> "
       "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
       {at::Tag::pt2_compliant_tag});
 
@@ -88,13 +92,14 @@ TORCH_LIBRARY(peftreg, m) {
   m.def(
       "nf4_lora_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, "
       "Tensor? offset, int blocksize, int nested_blocksize, int out_features, int in_features, "
-      "Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None) -> Tensor",
+      "Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None, "
+      "float dropout_p=0., Tensor? dropout_seed=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "nf4_lora_linear_backward(Tensor grad, Tensor? x, Tensor codes, Tensor absmax, "
       "Tensor? nested_absmax, Tensor? offset, int blocksize, int nested_blocksize, "
       "int out_features, int in_features, Tensor lora_a, Tensor lora_b, float scaling, "
-      "Tensor? x_lora, bool[4] output_mask) -> "
+      "Tensor? x_lora, bool[4] output_mask, float dropout_p=0., Tensor? dropout_seed=None) -> "
       "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
       {at::Tag::pt2_compliant_tag});
 

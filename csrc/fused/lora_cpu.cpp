@@ -42,6 +42,7 @@
 #include "common/checks.h"
 #include "fused/lora_args.h"
 #include "fused/lora_cpu.h"
+#include "fused/lora_dropout.h"
 #include "fused/lora_math.h"
 
 namespace peftreg::fused {
@@ -108,9 +109,11 @@ namespace {
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                            const at::Tensor& lora_b, double scaling,
-                           const std::optional<at::Tensor>& x_lora) {
+                           const std::optional<at::Tensor>& x_lora, double dropout_p,
+                           const std::optional<at::Tensor>& dropout_seed) {
   const LoraLinearSizes s = check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora);
   checks::check_device_type(x, kLoraLinearOp, "x", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kLoraLinearOp, dropout_p, dropout_seed, x_lora);
   const at::ScalarType compute = lora_compute_dtype(x.scalar_type(),
                                                     cpu_widens_16bit(x.scalar_type()));
 
@@ -124,8 +127,9 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   } else {
     at::mm_out(y, x2d, w.t());
   }
-  const at::Tensor xl2d =
+  at::Tensor xl2d =
       x_lora.has_value() ? as_compute(rows_2d(*x_lora, s.rows, s.in_features), compute) : x2d;
+  if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
   add_low_rank(y, xl2d, as_compute(lora_a, compute), as_compute(lora_b, compute), scaling);
 
   const at::Tensor out = compute == x.scalar_type() ? y : y.to(x.scalar_type());
@@ -139,13 +143,16 @@ LoraGrads lora_linear_backward_cpu(const at::Tensor& grad, const std::optional<a
                                    const std::optional<at::Tensor>& weight,
                                    const at::Tensor& lora_a, const at::Tensor& lora_b,
                                    double scaling, const std::optional<at::Tensor>& x_lora,
-                                   std::array<bool, 4> output_mask) {
+                                   std::array<bool, 4> output_mask, double dropout_p,
+                                   const std::optional<at::Tensor>& dropout_seed) {
   const LoraBackwardSizes s = check_lora_backward_args(grad, x, weight, lora_a, lora_b, x_lora,
                                                        output_mask);
   checks::check_device_type(grad, kLoraBackwardOp, "grad", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kLoraBackwardOp, dropout_p, dropout_seed, x_lora);
   const at::ScalarType compute = lora_compute_dtype(grad.scalar_type(),
                                                     cpu_widens_16bit(grad.scalar_type()));
-  return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s, compute);
+  return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s, compute,
+                                 dropout);
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 #include <tuple>
 
 #include "fused/lora_args.h"
+#include "fused/lora_dropout.h"
 
 namespace peftreg::fused {
 
@@ -64,10 +65,11 @@ inline void add_low_rank(at::Tensor& y_acc, const at::Tensor& xl_acc, const at::
   y_acc.addmm_(u, b_acc.t(), /*beta=*/1.0, /*alpha=*/scaling);
 }
 
-// Low-rank gradients given g (rows, out) in the compute dtype. When `base_grad_x` is defined it
-// is the base layer's input gradient (rows, in) in the compute dtype and, if x feeds the LoRA
-// path (no separate x_lora), grad_u A is accumulated into it in place. Returns compute-dtype
-// tensors (grad_A, grad_B, grad_x_lora); undefined where not requested.
+// Low-rank gradients given g (rows, out) in the compute dtype; xl_acc is the LoRA path's input
+// (after dropout, if any). When `base_grad_x` is defined it is the base layer's input gradient
+// (rows, in) in the compute dtype and, if x feeds the LoRA path (no separate x_lora), grad_u A
+// (through dropout's mask) is accumulated into it in place. Returns compute-dtype tensors
+// (grad_A, grad_B, grad_x_lora); undefined where not requested.
 struct LowRankGrads {
   at::Tensor grad_a, grad_b, grad_x_lora;
 };
@@ -75,7 +77,7 @@ struct LowRankGrads {
 inline LowRankGrads low_rank_backward(const at::Tensor& g_acc, const at::Tensor& xl_acc,
                                       const at::Tensor& a_acc, const at::Tensor& b_acc,
                                       double scaling, bool has_x_lora, at::Tensor* base_grad_x,
-                                      const LoraGradMask& need) {
+                                      const LoraGradMask& need, const LoraDropout& dropout) {
   LowRankGrads out;
   const bool into_base = need[kGradX] && !has_x_lora && base_grad_x != nullptr;
   const bool need_xl = need[kGradXLora] && has_x_lora;
@@ -84,7 +86,11 @@ inline LowRankGrads low_rank_backward(const at::Tensor& g_acc, const at::Tensor&
     at::Tensor grad_u = at::mm(g_acc, b_acc);
     grad_u.mul_(scaling);
     if (need[kGradA]) out.grad_a = at::mm(grad_u.t(), xl_acc);
-    if (into_base) base_grad_x->addmm_(grad_u, a_acc);
+    if (into_base && dropout.active()) {
+      lora_dropout_accumulate_grad(*base_grad_x, at::mm(grad_u, a_acc), dropout);
+    } else if (into_base) {
+      base_grad_x->addmm_(grad_u, a_acc);
+    }
     if (need_xl) out.grad_x_lora = at::mm(grad_u, a_acc);
   }
   if (need[kGradB]) {
@@ -97,21 +103,24 @@ inline LowRankGrads low_rank_backward(const at::Tensor& g_acc, const at::Tensor&
   return out;
 }
 
-// low_rank_backward with the LoRA input taken from x_lora or x (rows-flattened, widened).
+// low_rank_backward with the LoRA input taken from x_lora or dropout(x) or x (rows-flattened,
+// in the compute dtype).
 inline LowRankGrads low_rank_grads_for(const at::Tensor& g_acc,
                                        const std::optional<at::Tensor>& x,
                                        const at::Tensor& lora_a, const at::Tensor& lora_b,
                                        double scaling, const std::optional<at::Tensor>& x_lora,
                                        const LoraBackwardSizes& s, at::ScalarType compute,
-                                       at::Tensor* base_grad_x) {
+                                       at::Tensor* base_grad_x, const LoraDropout& dropout) {
   at::Tensor xl_acc;
   if (s.need[kGradA] || s.need[kGradB]) {
     xl_acc = as_compute(rows_2d(x_lora.has_value() ? *x_lora : *x, s.rows, s.in_features),
                         compute);
+    // The forward's mask, regenerated from the seed (nothing of it was saved).
+    if (dropout.active()) xl_acc = lora_dropout_apply(xl_acc, dropout);
   }
   return low_rank_backward(g_acc, xl_acc, as_compute(lora_a, compute),
                            as_compute(lora_b, compute), scaling, x_lora.has_value(), base_grad_x,
-                           s.need);
+                           s.need, dropout);
 }
 
 // Rounds compute-dtype gradients to the caller's dtypes and shapes; empty where not requested.
@@ -136,12 +145,13 @@ inline LoraGrads lora_backward_composite(const at::Tensor& grad,
                                          const std::optional<at::Tensor>& weight,
                                          const at::Tensor& lora_a, const at::Tensor& lora_b,
                                          double scaling, const std::optional<at::Tensor>& x_lora,
-                                         const LoraBackwardSizes& s, at::ScalarType compute) {
+                                         const LoraBackwardSizes& s, at::ScalarType compute,
+                                         const LoraDropout& dropout) {
   const at::Tensor g = as_compute(rows_2d(grad, s.rows, s.out_features), compute);
   at::Tensor grad_x;
   if (s.need[kGradX]) grad_x = at::mm(g, as_compute(*weight, compute));
   const LowRankGrads lr = low_rank_grads_for(g, x, lora_a, lora_b, scaling, x_lora, s, compute,
-                                             s.need[kGradX] ? &grad_x : nullptr);
+                                             s.need[kGradX] ? &grad_x : nullptr, dropout);
   return finish_grads(grad, grad_x, lr, s);
 }
 

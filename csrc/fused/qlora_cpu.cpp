@@ -21,6 +21,7 @@
 #include "common/checks.h"
 #include "fused/lora_args.h"
 #include "fused/lora_cpu.h"
+#include "fused/lora_dropout.h"
 #include "fused/lora_math.h"
 #include "fused/qlora_args.h"
 #include "nf4/nf4_cpu.h"
@@ -35,18 +36,21 @@ at::Tensor nf4_lora_linear_cpu(const at::Tensor& x, const at::Tensor& codes,
                                int64_t nested_blocksize, int64_t out_features,
                                int64_t in_features, const std::optional<at::Tensor>& bias,
                                const at::Tensor& lora_a, const at::Tensor& lora_b,
-                               double scaling, const std::optional<at::Tensor>& x_lora) {
+                               double scaling, const std::optional<at::Tensor>& x_lora,
+                               double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const Nf4LoraSizes s = check_nf4_lora_args(x, out_features, in_features, bias, lora_a, lora_b,
                                              x_lora);
   checks::check_device_type(x, kNf4LoraOp, "x", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kNf4LoraOp, dropout_p, dropout_seed, x_lora);
   const at::Tensor x2d = rows_2d(x, s.rows, in_features);
   at::Tensor y = nf4::nf4_product_acc_cpu(kNf4LoraOp, x2d, "x", codes, absmax, nested_absmax,
                                           offset, blocksize, nested_blocksize, out_features,
                                           in_features, /*forward=*/true);
   const at::ScalarType compute = y.scalar_type();  // float32, or float64 for float64 input
   if (bias.has_value()) y.add_(as_compute(*bias, compute));
-  const at::Tensor xl2d = as_compute(
+  at::Tensor xl2d = as_compute(
       x_lora.has_value() ? rows_2d(*x_lora, s.rows, in_features) : x2d, compute);
+  if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
   add_low_rank(y, xl2d, as_compute(lora_a, compute), as_compute(lora_b, compute), scaling);
 
   const at::Tensor out = y.to(x.scalar_type());
@@ -62,11 +66,14 @@ LoraGrads nf4_lora_linear_backward_cpu(
     const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
     int64_t out_features, int64_t in_features, const at::Tensor& lora_a,
     const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& x_lora,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   const LoraBackwardSizes s = check_lora_backward_args(grad, x, std::nullopt, lora_a, lora_b,
                                                        x_lora, output_mask, kNf4LoraBackwardOp,
                                                        /*weight_needed=*/false);
   checks::check_device_type(grad, kNf4LoraBackwardOp, "grad", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kNf4LoraBackwardOp, dropout_p, dropout_seed,
+                                                x_lora);
   TORCH_CHECK(s.out_features == out_features && s.in_features == in_features,
               kNf4LoraBackwardOp, ": grad has ", s.out_features, " features and lora_a ",
               s.in_features, " but the weight is (", out_features, ", ", in_features, ")");
@@ -80,7 +87,7 @@ LoraGrads nf4_lora_linear_backward_cpu(
   }
   const LowRankGrads lr = low_rank_grads_for(as_compute(g2d, compute), x, lora_a, lora_b,
                                              scaling, x_lora, s, compute,
-                                             s.need[kGradX] ? &grad_x : nullptr);
+                                             s.need[kGradX] ? &grad_x : nullptr, dropout);
   return finish_grads(grad, grad_x, lr, s);
 }
 

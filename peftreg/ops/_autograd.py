@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-_LORA_NUM_INPUTS = 7  # x, weight, bias, lora_a, lora_b, scaling, x_lora
+_LORA_NUM_INPUTS = 9  # x, weight, bias, lora_a, lora_b, scaling, x_lora, dropout_p, seed
 
 
 def _needs_input_grad(ctx: Any) -> tuple[bool, ...]:
@@ -46,10 +46,12 @@ def _needs_input_grad(ctx: Any) -> tuple[bool, ...]:
 
 
 def _lora_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, x_lora = inputs
-    need_x, need_w, _need_bias, need_a, need_b, _, need_xl = _needs_input_grad(ctx)
+    x, weight, _bias, lora_a, lora_b, scaling, x_lora, dropout_p, dropout_seed = (
+        tuple(inputs) + (None, 0.0, None))[:_LORA_NUM_INPUTS]
+    need_x, need_w, _need_bias, need_a, need_b, _, need_xl, *_ = _needs_input_grad(ctx)
     has_x_lora = x_lora is not None
-    # x is read by grad_W, and by grad_A/grad_B when it is also the LoRA input; weight by grad_x.
+    # x is read by grad_W, and by grad_A/grad_B when it is also the LoRA input (dropout's mask
+    # is regenerated from the seed, so dropout(x) itself is never saved); weight by grad_x.
     save_x = need_w or (not has_x_lora and (need_a or need_b))
     save_x_lora = has_x_lora and (need_a or need_b)
     ctx.save_for_backward(
@@ -58,7 +60,9 @@ def _lora_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.
         lora_a,
         lora_b,
         x_lora if save_x_lora else None,
+        dropout_seed,
     )
+    ctx.dropout_p = float(dropout_p or 0.0)
     ctx.scaling = float(scaling)
     ctx.has_x_lora = has_x_lora
     ctx.output_mask = [need_x, need_a, need_b, need_xl and has_x_lora]
@@ -67,11 +71,16 @@ def _lora_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.
 def _lora_grads_differentiable(grad: torch.Tensor, x: torch.Tensor | None,
                                weight: torch.Tensor | None, lora_a: torch.Tensor,
                                lora_b: torch.Tensor, s: float, x_lora: torch.Tensor | None,
-                               mask: list[bool]) -> list[torch.Tensor | None]:
+                               mask: list[bool], dropout_p: float = 0.0,
+                               seed: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """The module docstring's formulas as plain matmuls (for a differentiable backward)."""
+    from peftreg.ops.reference import lora_dropout
+
     need_x, need_a, need_b, need_xl = mask
     g = grad.reshape(-1, grad.shape[-1])
     x_l = x_lora if x_lora is not None else x
+    if dropout_p > 0 and x_l is not None:
+        x_l = lora_dropout(x_l, dropout_p, seed)
     xl2d = x_l.reshape(-1, lora_a.shape[1]) if x_l is not None else None
     grad_u = torch.mm(g, lora_b) * s
     x_shape = (*grad.shape[:-1], lora_a.shape[1])
@@ -79,7 +88,10 @@ def _lora_grads_differentiable(grad: torch.Tensor, x: torch.Tensor | None,
     if need_x:
         grad_x = torch.mm(g, weight)
         if x_lora is None:
-            grad_x = grad_x + torch.mm(grad_u, lora_a)
+            low = torch.mm(grad_u, lora_a)
+            if dropout_p > 0:  # dropout's backward: the same mask and scale
+                low = lora_dropout(low, dropout_p, seed)
+            grad_x = grad_x + low
         grad_x = grad_x.reshape(x_shape)
     if need_a:
         grad_a = torch.mm(grad_u.t(), xl2d)
@@ -91,7 +103,7 @@ def _lora_grads_differentiable(grad: torch.Tensor, x: torch.Tensor | None,
 
 
 def _lora_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, weight, lora_a, lora_b, x_lora = ctx.saved_tensors
+    x, weight, lora_a, lora_b, x_lora, seed = ctx.saved_tensors
     _, need_w, need_bias, *_ = _needs_input_grad(ctx)
     mask = ctx.output_mask
     grads: list[torch.Tensor | None] = [None, None, None, None]
@@ -99,10 +111,10 @@ def _lora_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | 
         # backward(create_graph=True): the compiled backward has no derivative of its own, so
         # the same formulas run as differentiable matmuls (double backward, gradgradcheck).
         grads = _lora_grads_differentiable(grad, x, weight, lora_a, lora_b, ctx.scaling, x_lora,
-                                           mask)
+                                           mask, ctx.dropout_p, seed)
     elif any(mask):
         grads = list(torch.ops.peftreg.lora_linear_backward.default(
-            grad, x, weight, lora_a, lora_b, ctx.scaling, x_lora, mask))
+            grad, x, weight, lora_a, lora_b, ctx.scaling, x_lora, mask, ctx.dropout_p, seed))
         grads = [g if wanted else None for g, wanted in zip(grads, mask, strict=True)]
     grad_x, grad_a, grad_b, grad_xl = grads
     grad_w = grad_bias = None
@@ -111,7 +123,7 @@ def _lora_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | 
         grad_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
     if need_bias:
         grad_bias = g.sum(0)
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_xl
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_xl, None, None
 
 
 torch.library.register_autograd(
@@ -194,12 +206,12 @@ torch.library.register_autograd(
 # and B's gradients as for lora_linear, grad_b = g summed over rows; all but grad_b come from
 # peftreg::nf4_lora_linear_backward.
 
-_NF4_LORA_NUM_INPUTS = 14  # x, 4 weight tensors, 4 ints, bias, lora_a, lora_b, scaling, x_lora
+_NF4_LORA_NUM_INPUTS = 16  # x, 4 weight tensors, 4 ints, bias, A, B, scaling, x_lora, p, seed
 
 
 def _nf4_lora_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, codes, absmax, nested_absmax, offset, bs, nbs, out_f, in_f, _bias, lora_a, lora_b, \
-        scaling, x_lora = inputs
+        scaling, x_lora, dropout_p, dropout_seed = (tuple(inputs) + (None, 0.0, None))[:16]
     needs = _padded_needs(ctx, _NF4_LORA_NUM_INPUTS)
     need_x, need_bias, need_a, need_b, need_xl = needs[0], needs[9], needs[10], needs[11], \
         needs[13]
@@ -207,7 +219,8 @@ def _nf4_lora_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Ten
     save_x = not has_x_lora and (need_a or need_b)
     save_x_lora = has_x_lora and (need_a or need_b)
     ctx.save_for_backward(x if save_x else None, codes, absmax, nested_absmax, offset, lora_a,
-                          lora_b, x_lora if save_x_lora else None)
+                          lora_b, x_lora if save_x_lora else None, dropout_seed)
+    ctx.dropout_p = float(dropout_p or 0.0)
     ctx.weight_meta = (int(bs), int(nbs), int(out_f), int(in_f))
     ctx.scaling = float(scaling)
     ctx.need_bias = need_bias
@@ -215,7 +228,7 @@ def _nf4_lora_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Ten
 
 
 def _nf4_lora_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, codes, absmax, nested_absmax, offset, lora_a, lora_b, x_lora = ctx.saved_tensors
+    x, codes, absmax, nested_absmax, offset, lora_a, lora_b, x_lora, seed = ctx.saved_tensors
     bs, nbs, out_f, in_f = ctx.weight_meta
     mask = ctx.output_mask
     grads: list[torch.Tensor | None] = [None, None, None, None]
@@ -225,12 +238,12 @@ def _nf4_lora_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | Non
                                "(backward with create_graph=True is not implemented)")
         grads = list(torch.ops.peftreg.nf4_lora_linear_backward.default(
             grad, x, codes, absmax, nested_absmax, offset, bs, nbs, out_f, in_f, lora_a, lora_b,
-            ctx.scaling, x_lora, mask))
+            ctx.scaling, x_lora, mask, ctx.dropout_p, seed))
         grads = [g if wanted else None for g, wanted in zip(grads, mask, strict=True)]
     grad_x, grad_a, grad_b, grad_xl = grads
     grad_bias = grad.reshape(-1, out_f).sum(0) if ctx.need_bias else None
     return (grad_x, None, None, None, None, None, None, None, None, grad_bias, grad_a, grad_b,
-            None, grad_xl)
+            None, grad_xl, None, None)
 
 
 torch.library.register_autograd(

@@ -63,6 +63,8 @@ def _lora_linear_fake(
     lora_b: torch.Tensor,
     scaling: float,
     x_lora: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shape of ``x @ weight^T + bias + scaling * (x_l @ lora_a^T) @ lora_b^T``."""
     torch._check(
@@ -133,6 +135,8 @@ def _lora_linear_backward_fake(
     scaling: float,
     x_lora: torch.Tensor | None,
     output_mask: Sequence[bool],
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient shapes of lora_linear (csrc/fused/lora_args.h holds the full checks)."""
     torch._check(len(output_mask) == 4, lambda: "output_mask must have 4 entries")
@@ -351,7 +355,8 @@ def _nf4_lora_linear_fake(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Te
                           blocksize: int, nested_blocksize: int, out_features: int,
                           in_features: int, bias: torch.Tensor | None, lora_a: torch.Tensor,
                           lora_b: torch.Tensor, scaling: float,
-                          x_lora: torch.Tensor | None = None) -> torch.Tensor:
+                          x_lora: torch.Tensor | None = None, dropout_p: float = 0.0,
+                          dropout_seed: torch.Tensor | None = None) -> torch.Tensor:
     """Shape of nf4_linear's output; the LoRA factors must fit (in_features, out_features)."""
     out = _nf4_linear_fake(x, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
                            out_features, in_features, bias)
@@ -369,7 +374,7 @@ def _nf4_lora_linear_backward_fake(
     nested_absmax: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
     nested_blocksize: int, out_features: int, in_features: int, lora_a: torch.Tensor,
     lora_b: torch.Tensor, scaling: float, x_lora: torch.Tensor | None,
-    output_mask: Sequence[bool],
+    output_mask: Sequence[bool], dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient shapes of nf4_lora_linear (as lora_linear_backward)."""
     torch._check(len(output_mask) == 4, lambda: "output_mask must have 4 entries")

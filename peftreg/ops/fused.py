@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from peftreg import ops as _ops
+from peftreg.ops.reference import new_dropout_seed
 
-__all__ = ["lora_linear", "nf4_lora_linear"]
+__all__ = ["lora_linear", "new_dropout_seed", "nf4_lora_linear"]
 
 
 def lora_linear(
@@ -23,6 +24,8 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     x_lora: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A LoRA-adapted linear layer in one fused op: base product plus low-rank update.
 
@@ -41,6 +44,11 @@ def lora_linear(
         x_lora: input of the low-rank path when it differs from ``x``, typically
             ``dropout(x)`` computed by the caller (so dropout's backward stays torch's); same
             shape as ``x``. ``None``, or ``x`` itself, means the LoRA path reads ``x``.
+        dropout_p: dropout probability on the LoRA path's input, applied inside the op; the
+            backward regenerates the mask from ``dropout_seed`` instead of saving it or
+            ``dropout(x)`` (see docs/ops.md). Excludes ``x_lora``.
+        dropout_seed: int64 tensor with one element (for example
+            :func:`new_dropout_seed`); required when ``dropout_p > 0``.
 
     Returns:
         Tensor of shape ``(..., out_features)`` with ``x``'s dtype, on ``x``'s device.
@@ -62,8 +70,9 @@ def lora_linear(
     if x_lora is x:
         x_lora = None  # identical inputs: take the cheaper path, gradients are the same
     return torch.ops.peftreg.lora_linear.default(
-        x, weight, bias, lora_a, lora_b, float(scaling), x_lora
+        x, weight, bias, lora_a, lora_b, float(scaling), x_lora, float(dropout_p), dropout_seed
     )
+
 
 
 def nf4_lora_linear(
@@ -82,6 +91,8 @@ def nf4_lora_linear(
     nested_blocksize: int = 256,
     bias: torch.Tensor | None = None,
     x_lora: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A QLoRA layer in one fused op: NF4 base product plus the LoRA update.
 
@@ -98,7 +109,8 @@ def nf4_lora_linear(
         lora_a, lora_b: ``(r, in_features)`` and ``(out_features, r)`` in ``x.dtype``.
         scaling: the update's factor (``alpha / r``).
         bias: ``(out_features,)`` in ``x.dtype``, or None.
-        x_lora: input of the low-rank path when it differs from ``x`` (e.g. ``dropout(x)``).
+        x_lora: input of the low-rank path when it differs from ``x``.
+        dropout_p, dropout_seed: dropout inside the op, as for :func:`lora_linear`.
 
     Raises:
         ExtensionUnavailableError: no compiled kernel for ``x``'s device.
@@ -115,4 +127,5 @@ def nf4_lora_linear(
         x_lora = None
     return torch.ops.peftreg.nf4_lora_linear.default(
         x, codes, absmax, nested_absmax, offset, int(blocksize), int(nested_blocksize),
-        int(out_features), int(in_features), bias, lora_a, lora_b, float(scaling), x_lora)
+        int(out_features), int(in_features), bias, lora_a, lora_b, float(scaling), x_lora,
+        float(dropout_p), dropout_seed)
