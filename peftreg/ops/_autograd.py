@@ -45,9 +45,18 @@ def _needs_input_grad(ctx: Any) -> tuple[bool, ...]:
     return needs + (False,) * (_LORA_NUM_INPUTS - len(needs))
 
 
+def _with_defaults(inputs: tuple[Any, ...], count: int, trailing: tuple[Any, ...]
+                   ) -> tuple[Any, ...]:
+    """``inputs`` completed to ``count`` entries with the schema's defaults for the trailing
+    ``len(trailing)`` arguments (the dispatcher may drop trailing arguments left at default)."""
+    inputs = tuple(inputs)[:count]
+    missing = count - len(inputs)
+    return inputs + trailing[len(trailing) - missing:] if missing else inputs
+
+
 def _lora_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, x_lora, dropout_p, dropout_seed = (
-        tuple(inputs) + (None, 0.0, None))[:_LORA_NUM_INPUTS]
+    x, weight, _bias, lora_a, lora_b, scaling, x_lora, dropout_p, dropout_seed = _with_defaults(
+        inputs, _LORA_NUM_INPUTS, (None, 0.0, None))
     need_x, need_w, _need_bias, need_a, need_b, _, need_xl, *_ = _needs_input_grad(ctx)
     has_x_lora = x_lora is not None
     # x is read by grad_W, and by grad_A/grad_B when it is also the LoRA input (dropout's mask
@@ -211,7 +220,8 @@ _NF4_LORA_NUM_INPUTS = 16  # x, 4 weight tensors, 4 ints, bias, A, B, scaling, x
 
 def _nf4_lora_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, codes, absmax, nested_absmax, offset, bs, nbs, out_f, in_f, _bias, lora_a, lora_b, \
-        scaling, x_lora, dropout_p, dropout_seed = (tuple(inputs) + (None, 0.0, None))[:16]
+        scaling, x_lora, dropout_p, dropout_seed = _with_defaults(inputs, _NF4_LORA_NUM_INPUTS,
+                                                                  (None, 0.0, None))
     needs = _padded_needs(ctx, _NF4_LORA_NUM_INPUTS)
     need_x, need_bias, need_a, need_b, need_xl = needs[0], needs[9], needs[10], needs[11], \
         needs[13]

@@ -142,7 +142,7 @@ def test_compiled_training_with_lora_dropout_fullgraph(make_tiny, token_batch):
         call = torch.compile(model, fullgraph=True, backend="aot_eager") if compile_it else model
         torch.manual_seed(11)
         runs.append(logits_loss_grads(model, call, token_batch))
-    (eager_logits, eager_loss, eager_grads), (graph_logits, graph_loss, graph_grads) = runs
+    (_eager_logits, eager_loss, eager_grads), (_graph_logits, graph_loss, graph_grads) = runs
     torch.testing.assert_close(graph_loss, eager_loss)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(graph_grads[name], grad, msg=name)
