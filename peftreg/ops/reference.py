@@ -232,7 +232,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
     The method rescales activations element-wise with learned vectors: keys and values of the
     attention, ``l_k ⊙ K`` and ``l_v ⊙ V`` (the *outputs* of the key/value projections), and the
-    feed-forward activation ``(l_ff ⊙ γ(W1 x)) W2`` (the *input* of the down projection).
+    feed-forward activation ``(l_ff ⊙ act(W1 x)) W2`` (the *input* of the down projection).
 
     Args:
         x: ``(..., in_features)``.
