@@ -53,10 +53,13 @@ def _stacked(host: AdapterHost, names: tuple[str, ...], dtype: torch.dtype,
     out_f, in_f = factors[0][1].shape[0], factors[0][0].shape[1]
     with torch.no_grad():
         lora_a = torch.zeros(len(names), r_max, in_f, dtype=dtype, device=device)
-        lora_b = torch.zeros(len(names), out_f, r_max, dtype=dtype, device=device)
+        # B is stored as (n, r, out) and passed as its (n, out, r) transposed view: the CPU
+        # kernel reads B one rank component (a contiguous output row) at a time.
+        lora_bt = torch.zeros(len(names), r_max, out_f, dtype=dtype, device=device)
         for k, (a, b, _) in enumerate(factors):
             lora_a[k, : a.shape[0]] = a.to(dtype)
-            lora_b[k, :, : b.shape[1]] = b.to(dtype)
+            lora_bt[k, : b.shape[1]] = b.t().to(dtype)
+        lora_b = lora_bt.transpose(1, 2)
         scaling = torch.tensor([float(s) for _, _, s in factors], dtype=torch.float32,
                                device=device)
     stacks = (lora_a, lora_b, scaling)

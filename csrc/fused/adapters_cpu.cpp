@@ -73,33 +73,61 @@ inline void store_row(const acc_t* src, scalar_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
-// sum_i a[i] * b[i], vectorised.
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  using V = Vectorized<acc_t>;
-  V acc(acc_t(0));
+// The hot loops below are plain loops written so the compiler vectorises them (independent
+// partial sums instead of one serial reduction), compiled once per instruction set and picked at
+// load time (GCC/Clang target_clones): the extension is built without -march flags, so this is
+// what makes AVX2/AVX-512 available to it. Other compilers/architectures get the baseline build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PEFTREG_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PEFTREG_SIMD_CLONES
+#endif
+
+constexpr int kLanes = 16;  // independent partial sums: a multiple of every vector width
+
+template <typename T>
+inline __attribute__((always_inline)) T dot_impl(const T* a, const T* b, int64_t n) {
+  T acc[kLanes] = {};
   int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) {
-    acc = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), acc);
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
   }
-  acc_t lanes[V::size()];
-  acc.store(lanes);
-  acc_t sum = 0;
-  for (int j = 0; j < V::size(); ++j) sum += lanes[j];
+  T sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
-// y[i] += alpha * x[i], vectorised.
-template <typename acc_t>
-inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
-  using V = Vectorized<acc_t>;
-  const V va(alpha);
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) {
-    at::vec::fmadd(va, V::loadu(x + i), V::loadu(y + i)).store(y + i);
-  }
-  for (; i < n; ++i) y[i] += alpha * x[i];
+// sum_i a[i] * b[i]
+PEFTREG_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
+  return dot_impl(a, b, n);
+}
+PEFTREG_SIMD_CLONES double dot(const double* a, const double* b, int64_t n) {
+  return dot_impl(a, b, n);
+}
+
+// y[i] += alpha * x[i]
+PEFTREG_SIMD_CLONES void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+PEFTREG_SIMD_CLONES void axpy(double alpha, const double* x, double* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// v[i] = (v[i] + b[i]) * l[i]
+PEFTREG_SIMD_CLONES void bias_scale(float* v, const float* b, const float* l, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = (v[i] + b[i]) * l[i];
+}
+PEFTREG_SIMD_CLONES void bias_scale(double* v, const double* b, const double* l, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = (v[i] + b[i]) * l[i];
+}
+
+// acc[i] += g[i] * y[i]
+PEFTREG_SIMD_CLONES void mul_acc(float* acc, const float* g, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += g[i] * y[i];
+}
+PEFTREG_SIMD_CLONES void mul_acc(double* acc, const double* g, const double* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += g[i] * y[i];
 }
 
 // Applies f (on Vectorized<acc_t>) and fs (on scalars) to n elements in place.
@@ -202,17 +230,11 @@ at::Tensor ia3_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     load_row(l.const_data_ptr<scalar_t>(), lw.data(), out);
     if (b.defined()) load_row(b.const_data_ptr<scalar_t>(), bw.data(), out);
     at::parallel_for(0, s.rows, row_grain(out), [&](int64_t begin, int64_t end) {
-      using V = Vectorized<acc_t>;
       std::vector<acc_t> row(out);
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* yr = yp + i * out;
         load_row(yr, row.data(), out);
-        int64_t j = 0;
-        for (; j + V::size() <= out; j += V::size()) {
-          ((V::loadu(row.data() + j) + V::loadu(bw.data() + j)) * V::loadu(lw.data() + j))
-              .store(row.data() + j);
-        }
-        for (; j < out; ++j) row[j] = (row[j] + bw[j]) * lw[j];
+        bias_scale(row.data(), bw.data(), lw.data(), out);
         store_row(row.data(), yr, out);
       }
     });
@@ -247,14 +269,7 @@ at::Tensor ia3_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& out, con
         for (int64_t i = r0; i < r1; ++i) {
           load_row(gp + i * nout, gr.data(), nout);
           load_row(yp + i * nout, yr.data(), nout);
-          using V = Vectorized<acc_t>;
-          int64_t j = 0;
-          for (; j + V::size() <= nout; j += V::size()) {
-            at::vec::fmadd(V::loadu(gr.data() + j), V::loadu(yr.data() + j),
-                           V::loadu(acc + j))
-                .store(acc + j);
-          }
-          for (; j < nout; ++j) acc[j] += gr[j] * yr[j];
+          mul_acc(acc, gr.data(), yr.data(), nout);
         }
       }
     });
@@ -382,10 +397,12 @@ at::Tensor lora_multi_add_cpu(const at::Tensor& base, const at::Tensor& x,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_multi", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    // Widened once per call (n * r * (in + out) elements, small next to the rows); B is
-    // transposed to (n, r, out) so the update is r contiguous axpys along the output row.
+    // The update is r contiguous axpys along the output row, so B is read as (n, r, out). A
+    // caller that stores B that way (lora_b a transposed view, as peftreg.row_adapters does)
+    // costs no copy; otherwise it is transposed (and half precision widened) once per call,
+    // n * r * (in + out) elements, small next to the rows.
     const at::Tensor a_acc = lora_a.to(acc_type).contiguous();
-    const at::Tensor bt_acc = lora_b.to(acc_type).transpose(1, 2).contiguous();
+    const at::Tensor bt_acc = lora_b.to(acc_type).transpose(1, 2).contiguous();  // no-op then
     const at::Tensor s_acc = scaling.to(acc_type).contiguous();
     const acc_t* ap = a_acc.const_data_ptr<acc_t>();
     const acc_t* btp = bt_acc.const_data_ptr<acc_t>();
