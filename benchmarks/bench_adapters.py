@@ -4,7 +4,7 @@
 Usage::
 
     python benchmarks/bench_adapters.py [--quick] [--device cpu|cuda] [--out PATH]
-        [--only multi,ia3,houlsby]
+        [--only multi,ia3,houlsby] [--dtypes fp32,bf16]
 
 Three tables, each a median over repeated runs with ratios (``> 1x``: the fused op is faster):
 
@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--only", default="multi,ia3,houlsby")
+    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     for op in ("lora_multi_add", "ia3_linear", "houlsby_adapter"):
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     tables = set(args.only.split(","))
     min_run_time = 0.1 if args.quick else 0.4
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
+    if args.dtypes:
+        dtypes = args.dtypes.split(",")
     big = device.type == "cuda"
     multi_cases = [(32, 1024)] if args.quick else (
         [(8, 4096), (64, 4096), (2048, 4096)] if big else [(8, 1024), (64, 1024), (512, 1024)])
