@@ -78,6 +78,19 @@ def test_matches_reference(op_device, dtype, shape):
     assert torch.equal(out[none], low["base"][none])
 
 
+@dtype_param
+def test_grouped_gemm_and_row_paths_in_one_batch(op_device, dtype):
+    """The CPU kernel sends adapters with >= 16 rows through BLAS and the rest row by row."""
+    m = masters((60,), 24, 20, 4, 3, seed=3)
+    m["index"] = torch.tensor([0] * 40 + [1] * 3 + [-1] * 5 + [2] * 12)[torch.randperm(60)]
+    low = {k: (v.to(dtype) if v.is_floating_point() and k != "scaling" else v).to(op_device)
+           for k, v in m.items()}
+    high = {k: (v.to(dtype).double() if v.is_floating_point() and k != "scaling" else v)
+            for k, v in m.items()}
+    scaled_close(adapters.lora_multi_add(**low), per_row_loop(high), "lora_multi_add.forward",
+                 dtype, "output")
+
+
 def test_per_sequence_index_and_padded_ranks(op_device):
     """A (batch,) index broadcasts over the sequence; rank padding with zeros is exact."""
     m = masters((3, 4), 10, 6, 4, 2)
