@@ -24,9 +24,10 @@
 //   copy of h (the bias rides along as an extra column of ones in the activation buffer), so the
 //   (rows x hidden) bottleneck output of plain PyTorch never exists. The op also returns the
 //   (rows x bottleneck) pre-activation z, the only activation the backward needs besides h.
-// * Multi-LoRA: one pass over the rows, in parallel, each row reading its adapter's A and B
-//   (rows are visited grouped by adapter so a thread's rows reuse cached weights); no Python loop,
-//   no per-adapter gather/scatter of sub-batches.
+// * Multi-LoRA: rows are grouped by adapter in C++ (no Python loop, no per-adapter masks).
+//   Adapters with many rows in the batch run as grouped BLAS GEMMs (Punica's SGMV segments);
+//   the rest, the usual serving case of a few rows per adapter, in one parallel pass over the
+//   rows, each reading its adapter's A and B from cache.
 //
 // Precision: half-precision inputs are widened to float (double stays double) for every
 // elementwise step and for the multi-LoRA dot products; GEMMs go through ATen (fp32 accumulate).
