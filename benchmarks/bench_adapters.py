@@ -179,6 +179,30 @@ def bench_multi(cases: list[tuple[int, int]], dtypes: list[str], device: torch.d
 # --- IA3 and Houlsby -----------------------------------------------------------------------
 
 
+def saved_for_backward_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``.
+
+    Counted with saved-tensor hooks, so it covers torch's own ops and the custom ops' setup
+    contexts alike; inputs that both paths save (x, weights) count on both sides.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return total
+
+
+
 def bench_layer(table: str, cases: list[tuple[int, int, int]], dtypes: list[str],
                 device: torch.device, min_run_time: float) -> list[dict[str, Any]]:
     results = []
@@ -225,10 +249,16 @@ def bench_layer(table: str, cases: list[tuple[int, int, int]], dtypes: list[str]
                             return torch.autograd.grad(y, [xin, *leaves], g)
 
                         t = time_callable(step, device, min_run_time=min_run_time)
+                        saved = None
+                        if mode != "fwd":
+                            saved = saved_for_backward_bytes(
+                                lambda fn=fn, leaves=leaves, xin=xin, call=call: call(
+                                    xin, *leaves, fn))
                         results.append({"table": table, "case": f"{rows}x{in_f}->{width}",
                                         "variant": variant, "rows": rows, "in": in_f,
                                         "out": width, "dtype": dtype_name, "mode": mode,
-                                        "impl": impl, **t.to_dict()})
+                                        "impl": impl, "saved_for_backward_bytes": saved,
+                                        **t.to_dict()})
                         print(f"  {table} {rows}x{in_f} {variant:6} {dtype_name} {mode:7} "
                               f"{impl:5} {t.median_ms:9.3f} ms", file=sys.stderr)
     return results
@@ -273,10 +303,14 @@ def summarise(results: list[dict[str, Any]]) -> None:
             k = {"table": table, "case": case, "variant": variant, "dtype": dtype, "mode": mode}
             plain = _median(results, **k, impl="plain")
             fused = _median(results, **k, impl="fused")
+            saved = {r["impl"]: r["saved_for_backward_bytes"] for r in results
+                     if all(r.get(key) == v for key, v in k.items())}
+            mib = {i: "-" if b is None else f"{b / 2**20:.2f}" for i, b in saved.items()}
             rows.append([case, variant, dtype, mode, fmt_ms(plain), fmt_ms(fused),
-                         fmt_ratio(plain, fused)])
-        print_table(f"{table}: fused op vs plain PyTorch (ms)",
-                    ["case", "variant", "dtype", "mode", "plain", "fused", "plain/fused"], rows)
+                         fmt_ratio(plain, fused), mib.get("plain", "-"), mib.get("fused", "-")])
+        print_table(f"{table}: fused op vs plain PyTorch (ms; MiB saved for backward)",
+                    ["case", "variant", "dtype", "mode", "plain", "fused", "plain/fused",
+                     "saved plain", "saved fused"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
