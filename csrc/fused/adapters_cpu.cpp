@@ -15,9 +15,9 @@
 // Where the savings come from (the plain PyTorch expressions are in reference.py):
 // * IA3 output scaling: the bias and the scale are applied in one vectorised pass over the GEMM
 //   output, in place; plain PyTorch writes the linear output and then a second (rows x out)
-//   tensor. The backward (_autograd.py) keeps only the op's output, not the pre-scale product:
-//   ia3_scale_grad recovers it as y / l, and recomputes it from x and W only for channels whose
-//   scale is exactly zero (where y carries no information).
+//   tensor. The backward (_autograd.py) keeps the op's output and input, not the pre-scale
+//   product: ia3_scale_grad recovers it as y / l, and recomputes it from x and W only for
+//   channels whose scale is exactly zero (where y carries no information).
 // * IA3 input scaling: x * l is formed a block of rows at a time in a small buffer that stays in
 //   cache and is multiplied right away, never as a (rows x in) tensor in memory.
 // * Houlsby: the up projection, its bias and the residual are one GEMM that accumulates onto a

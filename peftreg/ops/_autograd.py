@@ -207,9 +207,10 @@ for _op in ("nf4_quantize", "nf4_double_quantize", "nf4_dequantize"):
 #     y = p * l
 #     grad_x = (g * l) W      grad_W = (g * l)^T x      grad_b = sum_rows(g * l)
 #     grad_l = sum_rows(g * p)                           (peftreg::ia3_scale_grad)
-# The output y is saved instead of p: y is kept alive by its consumer (attention saves keys and
-# values for its own backward), so no (rows x out) activation is added; ia3_scale_grad recovers
-# p = y / l, recomputing it from x and W only for channels whose scale is exactly zero.
+# The output y and the input x are saved instead of p: y is usually kept by its consumer anyway
+# (attention saves keys and values) and one x is shared by the key and value projections.
+# ia3_scale_grad recovers p = y / l, recomputing it from x and W only for channels whose scale is
+# exactly zero (x is what makes that exact). The memory trade-off is in docs/ops.md.
 #
 # Input scaling (scale_input=True), xs = x * l:
 #     y = xs W^T + b
