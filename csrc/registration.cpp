@@ -11,6 +11,8 @@
 #include <ATen/core/enum_tag.h>
 #include <torch/library.h>
 
+#include "paged/page_pool.h"
+
 #ifndef PEFTREG_WITH_CUDA
 #define PEFTREG_WITH_CUDA 0
 #endif
@@ -22,11 +24,25 @@ TORCH_LIBRARY(peftreg, m) {
 
   // y = x @ weight^T + bias + scaling * ((x_lora or x) @ lora_a^T) @ lora_b^T
   // (LoRA, Hu et al. 2021, eq. 3, with the alpha/r factor passed as `scaling`). x may have any
-  // number of leading dims; x_lora is dropout(x) computed by the caller. The kernels never form
-  // the dense lora_b @ lora_a product.
+  // number of leading dims; x_lora is an input of the LoRA path computed by the caller, or
+  // dropout_p > 0 applies dropout to x inside the op with a mask regenerated from dropout_seed
+  // (an int64 tensor) in the backward (csrc/fused/lora_dropout.h). The kernels never form the
+  // dense lora_b @ lora_a product.
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scaling, Tensor? x_lora=None) -> Tensor",
+      "float scaling, Tensor? x_lora=None, float dropout_p=0., Tensor? dropout_seed=None) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // The gradients of lora_linear except the base weight's and bias's (computed with plain
+  // matmuls by the autograd formula, since the base is normally frozen): grad_x (the base's
+  // g @ W plus, when x_lora is None, the low-rank path's), grad_lora_a, grad_lora_b and
+  // grad_x_lora, each only where output_mask asks for it (an empty tensor otherwise). x and
+  // weight may be None when no requested gradient reads them.
+  m.def(
+      "lora_linear_backward(Tensor grad, Tensor? x, Tensor? weight, Tensor lora_a, "
+      "Tensor lora_b, float scaling, Tensor? x_lora, bool[4] output_mask, float dropout_p=0., "
+      "Tensor? dropout_seed=None) -> "
+      "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
       {at::Tag::pt2_compliant_tag});
 
   // --- IA3, Houlsby, multi-LoRA (kernels: csrc/fused/adapters_*; docs/ops.md) ---------------
@@ -100,6 +116,29 @@ TORCH_LIBRARY(peftreg, m) {
       "Tensor? offset, int blocksize, int nested_blocksize, int out_features, "
       "int in_features) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // LoRA on an NF4 base (QLoRA): nf4_linear's product plus lora_linear's low-rank update, all
+  // summed in float32 and rounded once; W stays 4-bit. Differentiable in x, bias, lora_a,
+  // lora_b and x_lora; the backward op has lora_linear_backward's contract (no weight
+  // gradient: the quantized base is frozen).
+  m.def(
+      "nf4_lora_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? offset, int blocksize, int nested_blocksize, int out_features, int in_features, "
+      "Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, Tensor? x_lora=None, "
+      "float dropout_p=0., Tensor? dropout_seed=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "nf4_lora_linear_backward(Tensor grad, Tensor? x, Tensor codes, Tensor absmax, "
+      "Tensor? nested_absmax, Tensor? offset, int blocksize, int nested_blocksize, "
+      "int out_features, int in_features, Tensor lora_a, Tensor lora_b, float scaling, "
+      "Tensor? x_lora, bool[4] output_mask, float dropout_p=0., Tensor? dropout_seed=None) -> "
+      "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
+      {at::Tag::pt2_compliant_tag});
+
+  // ---- Paged optimizer state -------------------------------------------------------
+  // The torch custom class peftreg.PagePool (csrc/paged/page_pool.h): fixed-size pages of
+  // optimizer state under a fast-tier budget, with the fused AdamW update as a method. A class,
+  // not ops, so it adds nothing to peftreg.ops.OPS.
+  peftreg::paged::register_page_pool(m);
 }
 
 // A minimal module object so that `import peftreg._C` loads the shared library and runs the

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftreg.config import MethodConfig
+from peftreg.diagnostics import NonFiniteGradientError, check_gradients, watch_gradients
 from peftreg.errors import (
     AdapterError,
     AdapterFileError,
@@ -59,6 +60,7 @@ __all__ = [
     "MethodInfo",
     "ModelFamily",
     "ModelFamilyError",
+    "NonFiniteGradientError",
     "PEFTMethod",
     "PeftregError",
     "PluginError",
@@ -70,6 +72,7 @@ __all__ = [
     "UnsupportedOperationError",
     "__version__",
     "adapt",
+    "check_gradients",
     "config_for",
     "default_registry",
     "hookimpl",
@@ -77,6 +80,7 @@ __all__ = [
     "load",
     "methods",
     "select_targets",
+    "watch_gradients",
 ]
 
 
@@ -90,7 +94,8 @@ def config_for(method: str, **fields: Any) -> MethodConfig:
 
     Example: ``peftreg.config_for("lora", r=16, target_modules="all-linear")``.
     """
-    return default_registry().get(method).config_cls(**fields)
+    # Through from_dict so a misspelt field is a ConfigError listing the known ones.
+    return default_registry().get(method).config_cls.from_dict({**fields, "method": method})
 
 
 def load(model: Any, directory: Any, name: str | None = None, *, trainable: bool = False,

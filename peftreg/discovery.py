@@ -118,7 +118,8 @@ def load_entry_points(
                 raise PluginError(f"entry point {ep.name!r} is listed twice")
             plugin: Any = ep.load()
             pm.register(plugin, name=plugin_name)
-        except Exception as exc:
+        # SystemExit too: a plugin calling sys.exit() on import must not end the host program.
+        except (Exception, SystemExit) as exc:
             reason = f"failed to load: {_describe_error(exc)}"
             failure = PluginFailure(dist, version, ep.name, reason)
             if strict:

@@ -20,7 +20,7 @@ from torch import nn
 from peftreg import discovery
 from peftreg.config import MethodConfig
 from peftreg.discovery import PluginFailure, PluginSource
-from peftreg.errors import DuplicateMethodError, PluginError, UnknownMethodError
+from peftreg.errors import ConfigError, DuplicateMethodError, PluginError, UnknownMethodError
 from peftreg.families import ModelFamily
 from peftreg.method import Capabilities, PEFTMethod
 
@@ -139,7 +139,7 @@ class Registry:
             for impl in impls:
                 try:
                     returned = impl.function()
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     self._fail(source, f"peftreg_register_methods raised "
                                f"{type(exc).__name__}: {exc}")
                     continue
@@ -153,7 +153,10 @@ class Registry:
             return []
         good = []
         for item in returned:
-            problem = _method_problem(item)
+            try:
+                problem = _method_problem(item)
+            except Exception as exc:  # e.g. a ``name`` property that raises
+                problem = f"checking {type(item).__name__} raised {type(exc).__name__}: {exc}"
             if problem:
                 self._fail(source, f"peftreg_register_methods returned an invalid method: "
                            f"{problem}")
@@ -213,6 +216,26 @@ class Registry:
             )
         return method
 
+    def config_from_dict(self, data: object) -> MethodConfig:
+        """Build the config that a JSON object describes, whatever its method.
+
+        Args:
+            data: the dict form written by :meth:`MethodConfig.to_dict` (``"method"`` names
+                the method; ``"format_version"`` may be older, and is then migrated).
+
+        Raises:
+            ConfigError: not an object, no ``"method"``, or an invalid config (see
+                :meth:`MethodConfig.from_dict`).
+            UnknownMethodError: no installed method has that name.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"a method config must be a JSON object, got {type(data).__name__}")
+        method = data.get("method")
+        if not isinstance(method, str):
+            raise ConfigError(f"a method config needs a \"method\" string naming one of: "
+                              f"{', '.join(self.names())} (got {method!r})")
+        return self.get(method).config_cls.from_dict(data)
+
     def infos(self) -> list[MethodInfo]:
         """Every installed method with capabilities and provenance, sorted by name."""
         out = []
@@ -243,7 +266,7 @@ class Registry:
             source = by_plugin.get(id(impl.plugin), _UNKNOWN)
             try:
                 result = impl.function(model=model)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 self._fail(source, f"peftreg_describe_model raised {type(exc).__name__}: {exc}")
                 continue
             if result is None:

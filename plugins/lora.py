@@ -27,6 +27,7 @@ from peftreg.families import ModelFamily
 from peftreg.host import LayerAdapter
 from peftreg.method import Capabilities, PEFTMethod
 from peftreg.model import host_for
+from peftreg.ops.reference import lora_dropout, new_dropout_seed
 from peftreg.targets import TargetedConfig, select_targets
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,7 +118,10 @@ class LoraLinear(LayerAdapter):
         kw = {"device": device, "dtype": dtype or base_dtype}
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Dropout on the LoRA path's input. Both paths draw the same counter-based mask from a
+        # per-call seed (peftreg.ops.reference.lora_dropout): the fused op regenerates it in its
+        # backward instead of saving it, and the plain path gives identical numbers.
+        self.dropout_p = float(dropout)
         self.r, self.scaling = r, scaling
         with torch.no_grad():
             if init == "gaussian":
@@ -132,21 +136,31 @@ class LoraLinear(LayerAdapter):
 
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight
-        low = self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))
+        x_lora = x.to(a.dtype)
+        if self.training and self.dropout_p > 0:
+            x_lora = lora_dropout(x_lora, self.dropout_p, new_dropout_seed())
+        low = self.lora_B(self.lora_A(x_lora))
         return y + (low * self.scaling).to(y.dtype)
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        if not isinstance(base, nn.Linear) or x.dtype != base.weight.dtype:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        quantized = getattr(base, "supports_fused_lora", None)  # 4-bit bases (QLoRA)
+        if quantized is not None:
+            if not quantized(x, a, b):
+                return None
+        elif not (isinstance(base, nn.Linear) and base.weight.dtype == x.dtype == a.dtype
+                  and kernels.use_compiled("lora_linear", x.device)):
             return None
-        if self.lora_A.weight.dtype != x.dtype or not kernels.use_compiled("lora_linear",
-                                                                          x.device):
-            return None
+        # Dropout runs inside the op: its mask comes from a seed and is regenerated in the
+        # backward, so neither the mask nor dropout(x) is kept for the backward.
+        p = self.dropout_p if self.training else 0.0
+        if quantized is not None:
+            return base.forward_with_lora(x, a, b, self.scaling, p)
         from peftreg.ops.fused import lora_linear
 
-        x_lora = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training \
-            else None
-        return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight,
-                           self.scaling, x_lora)
+        seed = new_dropout_seed() if p > 0 else None
+        return lora_linear(x, base.weight, base.bias, a, b, self.scaling, dropout_p=p,
+                           dropout_seed=seed)
 
     def merge_into(self, base: nn.Module) -> None:
         w = base.weight  # type: ignore[union-attr]

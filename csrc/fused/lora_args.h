@@ -6,8 +6,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/SmallVector.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 
@@ -16,6 +18,7 @@
 namespace peftreg::fused {
 
 inline constexpr const char* kLoraLinearOp = "peftreg::lora_linear";
+inline constexpr const char* kLoraBackwardOp = "peftreg::lora_linear_backward";
 
 struct LoraLinearSizes {
   int64_t rows = 0;          // product of x's leading dimensions
@@ -78,6 +81,71 @@ inline LoraLinearSizes check_lora_linear_args(const at::Tensor& x, const at::Ten
   ck::check_same_device(lora_b, op, "lora_b", x, "x");
   if (bias.has_value()) ck::check_same_device(*bias, op, "bias", x, "x");
   if (x_lora.has_value()) ck::check_same_device(*x_lora, op, "x_lora", x, "x");
+  return s;
+}
+
+struct LoraBackwardSizes {
+  int64_t rows = 0;
+  int64_t in_features = 0;   // lora_a.shape[1]
+  int64_t out_features = 0;  // grad.shape[-1]
+  c10::SmallVector<int64_t, 6> x_shape;  // (*grad.shape[:-1], in_features)
+  std::array<bool, 4> need{};  // output_mask: grad_x, grad_lora_a, grad_lora_b, grad_x_lora
+};
+
+// Validates the backward's arguments. `op` names the calling op in messages (the NF4 variant
+// shares these checks). `weight_needed` is false for a base whose input gradient the caller
+// computes itself (the NF4 base).
+inline LoraBackwardSizes check_lora_backward_args(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const std::optional<at::Tensor>& x_lora, std::array<bool, 4> output_mask,
+    const char* op = kLoraBackwardOp, bool weight_needed = true) {
+  namespace ck = peftreg::checks;
+  LoraBackwardSizes s;
+  s.need = output_mask;
+  ck::check_min_dim(grad, op, "grad", 1, "(..., out_features)");
+  ck::check_dim(lora_a, op, "lora_a", 2, "(r, in_features)");
+  ck::check_dim(lora_b, op, "lora_b", 2, "(out_features, r)");
+  s.out_features = grad.size(-1);
+  s.in_features = lora_a.size(1);
+  s.rows = 1;
+  for (int64_t d = 0; d + 1 < grad.dim(); ++d) s.rows *= grad.size(d);
+  s.x_shape.assign(grad.sizes().begin(), grad.sizes().end());
+  s.x_shape.back() = s.in_features;
+  ck::check_size(lora_b, op, "lora_b", 0, s.out_features, "(out_features, r)",
+                 "out_features = grad.shape[-1]");
+  ck::check_size(lora_b, op, "lora_b", 1, lora_a.size(0), "(out_features, r)",
+                 "r = lora_a.shape[0]");
+  const bool lora_input_needed = s.need[1] || s.need[2];
+  const std::optional<at::Tensor>& lora_input = x_lora.has_value() ? x_lora : x;
+  TORCH_CHECK(!lora_input_needed || lora_input.has_value(), op,
+              ": the gradients of lora_a/lora_b need the LoRA input: pass x (or x_lora)");
+  TORCH_CHECK(!(weight_needed && s.need[0]) || weight.has_value(), op,
+              ": grad_x needs the base weight: pass weight");
+  for (const auto* t : {&x, &x_lora}) {
+    if (t->has_value()) {
+      const char* name = t == &x ? "x" : "x_lora";
+      TORCH_CHECK((*t)->sizes() == c10::IntArrayRef(s.x_shape), op, ": argument '", name,
+                  "' must have shape ", c10::IntArrayRef(s.x_shape),
+                  " (grad's leading dims, in_features) but has shape ", (*t)->sizes());
+      ck::check_same_dtype(**t, op, name, grad, "grad");
+      ck::check_same_device(**t, op, name, grad, "grad");
+    }
+  }
+  if (weight_needed && weight.has_value()) {
+    ck::check_dim(*weight, op, "weight", 2, "(out_features, in_features)");
+    ck::check_size(*weight, op, "weight", 0, s.out_features, "(out_features, in_features)",
+                   "out_features = grad.shape[-1]");
+    ck::check_size(*weight, op, "weight", 1, s.in_features, "(out_features, in_features)",
+                   "in_features = lora_a.shape[1]");
+    ck::check_same_dtype(*weight, op, "weight", grad, "grad");
+    ck::check_same_device(*weight, op, "weight", grad, "grad");
+  }
+  ck::check_supported_dtype(grad, op, "grad");
+  ck::check_same_dtype(lora_a, op, "lora_a", grad, "grad");
+  ck::check_same_dtype(lora_b, op, "lora_b", grad, "grad");
+  ck::check_same_device(lora_a, op, "lora_a", grad, "grad");
+  ck::check_same_device(lora_b, op, "lora_b", grad, "grad");
   return s;
 }
 

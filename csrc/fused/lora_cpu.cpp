@@ -1,62 +1,158 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CPU kernel of peftreg::lora_linear (schema in csrc/registration.cpp):
+// CPU kernels of peftreg::lora_linear and peftreg::lora_linear_backward (schemas in
+// csrc/registration.cpp):
 //
 //   y = x @ W^T + bias + scaling * ((x_lora or x) @ A^T) @ B^T       (LoRA, Hu et al. 2021, eq. 3)
 //
-// It is three BLAS calls into one output buffer: the base product is written straight into y
-// (with the bias as the addmm input), the rank-r projection u = x_l @ A^T is a small (rows x r)
-// matrix, and the low-rank update is accumulated into y in place by addmm_ with alpha = scaling.
-// Compared with the unfused PyTorch expression this saves two (rows x out) temporaries and two
-// elementwise passes, and it never forms the dense (out x in) product B @ A.
+// Forward: the base product goes straight into the output buffer (bias as the addmm input) and
+// the rank-r update is accumulated into it in place (csrc/fused/lora_math.h), so the only LoRA
+// temporary is the (rows, r) projection. Backward: the base's input gradient g @ W is computed
+// into a fresh buffer and the low-rank input gradient is accumulated into it in place; A's and B's
+// gradients come from (rows, r) intermediates. Neither direction forms B @ A.
 //
-// Precision: for bf16/fp16 ATen's CPU GEMM accumulates in fp32 and rounds once per call, so y
-// is rounded after the base product, u once, and y once more after the in-place update (which
-// reads y, adds in fp32 and rounds). The backward lives in peftreg/ops/_autograd.py.
+// 16-bit inputs on processors without native bf16/fp16 arithmetic run every product in float32
+// (see lora_math.h for why and what that means for the numbers); the output is rounded once.
+// The forward refuses to return a 16-bit output that overflowed from finite inputs (a silent inf
+// would turn into NaN further on); the backward does not check, because fp16 loss scaling
+// relies on overflowing gradients reaching the scaler.
 //
 // Per-operator ATen headers instead of <ATen/ATen.h> keep this translation unit's compile time
 // down (header parsing dominates it).
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/all.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/max.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/ArrayRef.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "common/checks.h"
 #include "fused/lora_args.h"
+#include "fused/lora_cpu.h"
+#include "fused/lora_dropout.h"
+#include "fused/lora_math.h"
 
 namespace peftreg::fused {
+
+bool cpu_widens_16bit(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  // PEFTREG_CPU_WIDEN_16BIT=0/1 overrides the hardware probe (tests use it to run both paths).
+  if (const char* env = std::getenv("PEFTREG_CPU_WIDEN_16BIT"); env != nullptr && *env != '\0') {
+    return std::strcmp(env, "0") != 0;
+  }
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");
+  static const bool native_fp16 = __builtin_cpu_supports("avx512fp16");
+  return t == at::kBFloat16 ? !native_bf16 : !native_fp16;
+#else
+  return false;  // other architectures: trust ATen's 16-bit GEMM
+#endif
+}
+
+namespace {
+
+// True if any element of the 16-bit tensor t is inf or NaN: all exponent bits set. An integer
+// scan of the bit patterns, far cheaper than the product it follows.
+bool any_non_finite_16bit(const at::Tensor& t) {
+  const uint16_t exponent = t.scalar_type() == at::kBFloat16 ? 0x7F80 : 0x7C00;
+  const auto* bits = static_cast<const uint16_t*>(t.const_data_ptr());
+  std::atomic<bool> found{false};
+  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    uint16_t hit = 0;
+    for (int64_t i = begin; i < end; ++i) hit |= ((bits[i] & exponent) == exponent);
+    if (hit) found.store(true, std::memory_order_relaxed);
+  });
+  return found.load();
+}
+
+bool all_finite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+
+// The guard described at the top of the file; `inputs` are every tensor the output depends on.
+void check_no_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,
+                       std::initializer_list<const at::Tensor*> inputs) {
+  if (!any_non_finite_16bit(y)) return;
+  for (const at::Tensor* t : inputs) {
+    if (t != nullptr && t->defined() && !all_finite(*t)) return;  // inf/NaN came in: pass through
+  }
+  // y_acc is the float32 result when the products were widened, else y itself (then inf).
+  const double largest = at::abs(y_acc).max().item<double>();
+  TORCH_CHECK(false, op, ": the ", y.scalar_type(), " output overflowed (largest |y| = ",
+              largest, ", beyond the dtype's finite range) although every input is finite; "
+              "compute this layer in float32 (or bfloat16 instead of float16), or rescale "
+              "its inputs");
+}
+
+}  // namespace
+
+void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,
+                                 std::initializer_list<const at::Tensor*> inputs) {
+  if (y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf) {
+    check_no_overflow(op, y, y_acc, inputs);
+  }
+}
+
 namespace {
 
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                            const at::Tensor& lora_b, double scaling,
-                           const std::optional<at::Tensor>& x_lora) {
+                           const std::optional<at::Tensor>& x_lora, double dropout_p,
+                           const std::optional<at::Tensor>& dropout_seed) {
   const LoraLinearSizes s = check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora);
   checks::check_device_type(x, kLoraLinearOp, "x", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kLoraLinearOp, dropout_p, dropout_seed, x_lora);
+  const at::ScalarType compute = lora_compute_dtype(x.scalar_type(),
+                                                    cpu_widens_16bit(x.scalar_type()));
 
-  // Flatten leading dims into rows. reshape is free for contiguous x and copies otherwise;
-  // .contiguous() then guarantees unit stride along in_features for the GEMM. weight, lora_a and
-  // lora_b are passed as transposed views: the GEMM reads either memory order without a copy,
-  // and ATen copies internally only for layouts BLAS cannot express.
-  const at::Tensor x2d = x.reshape({s.rows, s.in_features}).contiguous();
-  at::Tensor y = at::empty({s.rows, s.out_features}, x.options());
-
+  // weight, A and B enter the GEMMs as transposed views: BLAS reads either memory order
+  // without a copy (widening makes a contiguous float32 copy anyway).
+  const at::Tensor x2d = as_compute(rows_2d(x, s.rows, s.in_features), compute);
+  const at::Tensor w = as_compute(weight, compute);
+  at::Tensor y = at::empty({s.rows, s.out_features}, x2d.options());
   if (bias.has_value()) {
-    at::addmm_out(y, *bias, x2d, weight.t());
+    at::addmm_out(y, as_compute(*bias, compute), x2d, w.t());
   } else {
-    at::mm_out(y, x2d, weight.t());
+    at::mm_out(y, x2d, w.t());
   }
+  at::Tensor xl2d =
+      x_lora.has_value() ? as_compute(rows_2d(*x_lora, s.rows, s.in_features), compute) : x2d;
+  if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
+  add_low_rank(y, xl2d, as_compute(lora_a, compute), as_compute(lora_b, compute), scaling);
 
-  const at::Tensor xl2d =
-      x_lora.has_value() ? x_lora->reshape({s.rows, s.in_features}).contiguous() : x2d;
-  const at::Tensor u = at::mm(xl2d, lora_a.t());  // (rows, r): the only LoRA temporary
-  y.addmm_(u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  const at::Tensor out = compute == x.scalar_type() ? y : y.to(x.scalar_type());
+  const at::Tensor* xl = x_lora.has_value() ? &*x_lora : nullptr;
+  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+  check_16bit_output_overflow(kLoraLinearOp, out, y, {&x, &weight, b, &lora_a, &lora_b, xl});
+  return out.view(s.out_shape);
+}
 
-  return y.view(s.out_shape);
+LoraGrads lora_linear_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& x,
+                                   const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                   double scaling, const std::optional<at::Tensor>& x_lora,
+                                   std::array<bool, 4> output_mask, double dropout_p,
+                                   const std::optional<at::Tensor>& dropout_seed) {
+  const LoraBackwardSizes s = check_lora_backward_args(grad, x, weight, lora_a, lora_b, x_lora,
+                                                       output_mask);
+  checks::check_device_type(grad, kLoraBackwardOp, "grad", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kLoraBackwardOp, dropout_p, dropout_seed, x_lora);
+  const at::ScalarType compute = lora_compute_dtype(grad.scalar_type(),
+                                                    cpu_widens_16bit(grad.scalar_type()));
+  return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s, compute,
+                                 dropout);
 }
 
 }  // namespace
@@ -64,4 +160,5 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
   m.impl("lora_linear", &peftreg::fused::lora_linear_cpu);
+  m.impl("lora_linear_backward", &peftreg::fused::lora_linear_backward_cpu);
 }

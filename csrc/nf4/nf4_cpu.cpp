@@ -54,6 +54,7 @@
 
 #include "common/checks.h"
 #include "nf4/nf4_args.h"
+#include "nf4/nf4_cpu.h"
 #include "nf4/nf4_format.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -1076,6 +1077,20 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad, const at::Tensor& c
 }
 
 }  // namespace
+
+at::Tensor nf4_product_acc_cpu(const char* op, const at::Tensor& input2d, const char* input_name,
+                               const at::Tensor& codes, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& offset, int64_t blocksize,
+                               int64_t nested_blocksize, int64_t out_features,
+                               int64_t in_features, bool forward) {
+  const QuantizedWeight q = check_quantized_weight(op, input2d, input_name, codes, absmax,
+                                                   nested_absmax, offset, blocksize,
+                                                   nested_blocksize, out_features * in_features);
+  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
+  return product(h.view, input2d, in_features, out_features, forward);
+}
+
 }  // namespace peftreg::nf4
 
 // nf4_dequantize_into mutates `out`, so torch.library cannot attach a Python autograd formula

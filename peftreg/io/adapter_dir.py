@@ -30,8 +30,14 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from peftreg.config import MethodConfig
-from peftreg.errors import AdapterError, AdapterFileError, PeftregError
-from peftreg.io.validate import compare_to_expected, read_safetensors
+from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnknownMethodError
+from peftreg.io.validate import (
+    DuplicateKeyError,
+    compare_to_expected,
+    loads_strict,
+    read_bounded,
+    read_safetensors,
+)
 
 if TYPE_CHECKING:
     from peftreg.discovery import PluginSource
@@ -43,6 +49,9 @@ FORMAT = "peftreg-adapter"
 FORMAT_VERSION = 1
 TENSOR_FILE = re.compile(r"adapter\.[0-9a-f]{16}\.safetensors")
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# Parameters a config may ask for beyond what its file holds before it is refused unallocated
+# (64 MiB of float32): below this, building the adapter to compare shapes costs little.
+ALLOCATION_SLACK = 2**24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,25 +182,18 @@ def write_adapter_dir(
         "tensors": {"file": tensor_name, "sha256": digest, "count": len(tensors),
                     "parameters": sum(t.numel() for t in tensors.values())},
     }
-    previous = _referenced_tensor_file(directory)
     _atomic_write(directory / tensor_name, blob)
     _atomic_write(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-    if previous is not None and previous != tensor_name:
-        with contextlib.suppress(OSError):
-            (directory / previous).unlink()
+    # Only now is the previous tensor file unreferenced. Tensor files of saves killed before
+    # their config rename were never referenced; they go too, so kills leave no litter.
+    for other in directory.glob("adapter.*.safetensors"):
+        if other.name != tensor_name and TENSOR_FILE.fullmatch(other.name):
+            with contextlib.suppress(OSError):
+                other.unlink()
     for stale in directory.glob(".adapter*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink()
     return directory
-
-
-def _referenced_tensor_file(directory: Path) -> str | None:
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        name = meta["tensors"]["file"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return name if isinstance(name, str) and TENSOR_FILE.fullmatch(name) else None
 
 
 def read_adapter_dir(directory: str | Path, registry: Registry | None = None) -> AdapterDir:
@@ -202,6 +204,7 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
             checksum, or holding invalid tensors; the message names the file and the problem.
         UnknownMethodError: the method it names is not installed.
     """
+    from peftreg.model import ADAPTER_NAME
     from peftreg.registry import default_registry
 
     registry = registry or default_registry()
@@ -217,8 +220,11 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = loads_strict(config_path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise AdapterFileError(f"{config_path}: key {exc.args[0]!r} appears twice in one "
+                               "object") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterFileError(f"{config_path}: not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{config_path}: not a peftreg adapter file "
@@ -233,12 +239,21 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
     method_name = meta.get("method")
     if not isinstance(method_name, str):
         raise AdapterFileError(f"{config_path}: \"method\" is missing or not a string")
-    method = registry.get(method_name)
+    try:
+        method = registry.get(method_name)
+    except UnknownMethodError as exc:
+        raise UnknownMethodError(f"{config_path}: {exc}") from exc
     try:
         config = method.config_cls.from_dict(meta.get("config"))  # type: ignore[arg-type]
     except PeftregError as exc:
         raise AdapterFileError(f"{config_path}: invalid config: {exc}") from exc
     adapter_name = meta.get("adapter_name", "default")
+    # The name later becomes a directory name (PEFT export) and a module key: same rule as
+    # AdaptedModel.add_adapter, checked here so the error names the file.
+    if not isinstance(adapter_name, str) or ADAPTER_NAME.fullmatch(adapter_name) is None:
+        raise AdapterFileError(f"{config_path}: adapter_name {adapter_name!r} is not a valid "
+                               "adapter name (letters, digits, '_' and '-', at most 64, not "
+                               "starting with a digit or '-')")
     tensors_meta = meta.get("tensors")
     if not isinstance(tensors_meta, dict):
         raise AdapterFileError(f"{config_path}: \"tensors\" entry is missing")
@@ -248,15 +263,17 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
         raise AdapterFileError(f"{config_path}: tensor file name {tensor_name!r} is not of the "
                                "form adapter.<16 hex digits>.safetensors")
     tensor_path = directory / tensor_name
-    try:
-        data = tensor_path.read_bytes()
-    except OSError as exc:
-        raise AdapterFileError(f"{tensor_path}: cannot read: {exc}") from exc
+    # A shared directory (a git repository, an archive) can hold symlinks: the name is plain,
+    # but it must not lead out of the directory to some other file on this machine.
+    if tensor_path.is_symlink() and tensor_path.resolve().parent != directory.resolve():
+        raise AdapterFileError(f"{tensor_path}: is a link out of the adapter directory; "
+                               "refusing to follow it")
+    data = read_bounded(tensor_path)
     if hashlib.sha256(data).hexdigest() != digest:
         raise AdapterFileError(f"{tensor_path}: checksum does not match {CONFIG_FILE} (the file "
                                "is damaged or was replaced)")
     tensors, _ = read_safetensors(tensor_path, data)
-    return AdapterDir(directory, str(adapter_name), config, meta, tensors, tensor_path)
+    return AdapterDir(directory, adapter_name, config, meta, tensors, tensor_path)
 
 
 def load_adapter(
@@ -297,6 +314,7 @@ def load_adapter(
     name = name or saved.adapter_name
     if name in model.adapters:
         raise AdapterError(f"an adapter named {name!r} already exists; pass another name")
+    _check_size_before_allocating(model, saved)
     record = model.add_adapter(name, saved.config, activate=False, trainable=trainable)
     expected = model.adapter_state_dict(name)
     problems = compare_to_expected(saved.tensors, expected, str(saved.tensor_file))
@@ -312,3 +330,26 @@ def load_adapter(
     if activate:
         model.set_active(name)
     return record
+
+
+def _check_size_before_allocating(model: AdaptedModel, saved: AdapterDir) -> None:
+    """Refuse a config that asks for more adapter parameters than the file holds.
+
+    The tensors are bounded by the file's size, but the config is not: a rank of 10**9 would
+    otherwise be allocated by ``add_adapter`` (possibly exhausting memory) before the shape
+    comparison could refuse it. The method's closed-form count needs no allocation; a method
+    without one (``None``) or whose count fails is left to the shape comparison.
+    """
+    method = model.registry.method_for(saved.config)
+    try:
+        needed = method.parameter_count(model.model, saved.config, model.family)
+    except Exception:  # the count is advisory; add_adapter reports the real problem
+        return
+    held = saved.parameter_count
+    # Small excesses are left to the shape comparison, whose report names each tensor.
+    if isinstance(needed, int) and needed > held + ALLOCATION_SLACK:
+        raise AdapterFileError(
+            f"{saved.path}: its config asks for {needed} {saved.config.method} parameters in "
+            f"this model but {saved.tensor_file.name} holds only {held}; refused before "
+            "allocating (a rank or size in the config does not match the saved tensors)"
+        )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnsupportedOperationError
 from peftreg.io.adapter_dir import CONFIG_FILE as PEFTREG_CONFIG_FILE
 from peftreg.io.adapter_dir import MAX_CONFIG_BYTES, AdapterDir, _fsync_dir
-from peftreg.io.validate import read_safetensors
+from peftreg.io.validate import DuplicateKeyError, loads_strict, read_safetensors
 
 if TYPE_CHECKING:
     from torch import nn
@@ -221,13 +222,6 @@ def read_peft_dir(
         raise AdapterFileError(f"{directory}: no {PEFT_CONFIG_FILE} (not a PEFT adapter)")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        doc = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{config_path}: not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise AdapterFileError(f"{config_path}: not a JSON object (Hugging Face PEFT adapter "
-                               "config expected)")
     weights_path = directory / PEFT_WEIGHTS_FILE
     if not weights_path.is_file():
         hint = ""
@@ -236,7 +230,18 @@ def read_peft_dir(
                     "with PEFT's safe_serialization=True)")
         raise AdapterFileError(f"{directory}: Hugging Face PEFT adapter directory without "
                                f"{PEFT_WEIGHTS_FILE}{hint}")
-    tensors, _ = read_safetensors(weights_path)
+    tensors, metadata = read_safetensors(weights_path)
+    text = _config_text(config_path, metadata)
+    try:
+        doc = loads_strict(text.decode("utf-8"))
+    except DuplicateKeyError as exc:
+        raise AdapterFileError(f"{config_path}: key {exc.args[0]!r} appears twice in one "
+                               "object") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AdapterFileError(f"{config_path}: not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise AdapterFileError(f"{config_path}: not a JSON object (Hugging Face PEFT adapter "
+                               "config expected)")
     if family is None and model is not None:
         family = registry.describe_model(model)
     config, ours = from_peft(doc, tensors, registry=registry, model=model, family=family,
@@ -868,14 +873,43 @@ def _prompt_to_peft(config: Any, tensors: dict[str, torch.Tensor], family: Model
     return body, out
 
 
+# Keys of the safetensors metadata that make an export crash-consistent (see write_peft_dir).
+_META_CONFIG: Final = "peftreg_adapter_config"
+_META_REPLACES: Final = "peftreg_replaces_config_sha256"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _config_text(config_path: Path, metadata: dict[str, str]) -> bytes:
+    """The config that belongs with the weights file just read.
+
+    The weights file of a peftreg export carries its config and the checksum of the config
+    file it replaced. If ``adapter_config.json`` still has that old checksum, the export was
+    interrupted between its two renames: the weights are new and their own config is the right
+    one. Any other difference is an edit made after the export, and the file on disk wins.
+    """
+    data = config_path.read_bytes()
+    embedded = metadata.get(_META_CONFIG)
+    if embedded is not None and _sha256(data) == metadata.get(_META_REPLACES):
+        return embedded.encode()
+    return data
+
+
 def write_peft_dir(directory: str | Path, doc: dict[str, Any],
                    tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``.
 
-    Both files are written in full under temporary names first and then moved into place
-    (tensors, then config), so a failure while writing leaves a previous export as it was;
-    only a crash between the two renames can pair new tensors with the old config, which the
-    reader's checks then report. No other file in the directory is touched.
+    PEFT's two fixed file names cannot be replaced together in one rename, so the weights
+    file carries the new config text and the checksum of the config file it replaces (in its
+    safetensors metadata, which PEFT ignores). Both files are written in full and synced under
+    temporary names, then the weights are moved into place, then the config. A crash before the
+    first rename leaves the previous export; a crash between the renames leaves new weights
+    next to the old config, which peftreg's reader recognises by that checksum and reads with
+    the new config. So peftreg always reads either the previous export or the new one. (PEFT
+    itself reads the pair as it finds it; the next export, or this one completing, repairs it.)
+    No other file in the directory is touched.
 
     Returns:
         The directory.
@@ -890,9 +924,19 @@ def write_peft_dir(directory: str | Path, doc: dict[str, Any],
         raise AdapterFileError(f"{directory}: holds a peftreg adapter ({PEFTREG_CONFIG_FILE}); "
                                "export to PEFT's format in another directory")
     directory.mkdir(parents=True, exist_ok=True)
-    blob = save_safetensors_bytes({k: t.detach().to("cpu").contiguous()
-                                   for k, t in tensors.items()}, metadata={"format": "pt"})
     text = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        replaces = _sha256((directory / PEFT_CONFIG_FILE).read_bytes())
+    except OSError:
+        replaces = ""
+    blob = save_safetensors_bytes(
+        {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()},
+        metadata={"format": "pt", _META_CONFIG: text.decode(), _META_REPLACES: replaces})
+    # Temporary files of an export killed earlier: harmless to readers, removed here.
+    for name in (PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE):
+        for stale in directory.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     staged: list[str] = []
     try:
         for name, data in ((PEFT_WEIGHTS_FILE, blob), (PEFT_CONFIG_FILE, text)):
@@ -903,6 +947,9 @@ def write_peft_dir(directory: str | Path, doc: dict[str, Any],
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(staged[0], directory / PEFT_WEIGHTS_FILE)
+        # The weights rename must be on disk before the config's, or after a power cut the
+        # new config could sit next to the old weights, which nothing can recognise.
+        _fsync_dir(directory)
         os.replace(staged[1], directory / PEFT_CONFIG_FILE)
     finally:
         for tmp in staged:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +28,55 @@ DTYPE_SIZES: dict[str, int] = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (json.loads would keep the last silently)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def loads_strict(text: str | bytes) -> object:
+    """``json.loads`` that refuses duplicate keys at any depth.
+
+    Two header entries for one tensor name would otherwise collapse to the last one, so what
+    a reader sees would depend on the reader; refusing the file is the only safe answer.
+
+    Raises:
+        ValueError: a duplicate key (``DuplicateKeyError``, naming it) or invalid JSON.
+    """
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def memory_limit() -> int:
+    """Bytes of physical memory, the ceiling for anything read whole into memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no cheap answer, no limit
+        return sys.maxsize
+
+
+def read_bounded(path: Path) -> bytes:
+    """Read a whole file, refusing one larger than this machine's memory before reading it.
+
+    Raises:
+        AdapterFileError: unreadable or too large (naming the file).
+    """
+    try:
+        size = path.stat().st_size
+        if size > memory_limit():
+            raise AdapterFileError(f"{path}: {size} bytes is more than this machine's "
+                                   f"{memory_limit()} bytes of memory")
+        return path.read_bytes()
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read: {exc}") from exc
 
 
 def parse_header(data: bytes, source: str) -> tuple[dict[str, dict], dict[str, str]]:
@@ -46,8 +97,11 @@ def parse_header(data: bytes, source: str) -> tuple[dict[str, dict], dict[str, s
     if header_len > MAX_HEADER_BYTES:
         raise fail(f"header of {header_len} bytes is larger than the {MAX_HEADER_BYTES} allowed")
     try:
-        header = json.loads(data[8:8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = loads_strict(data[8:8 + header_len].decode("utf-8"))
+    except DuplicateKeyError as exc:
+        raise fail(f"header names {exc.args[0]!r} more than once (a tensor stored twice, or "
+                   "a repeated metadata key)") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise fail(f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
@@ -103,10 +157,7 @@ def read_safetensors(path: Path, data: bytes | None = None) -> tuple[dict[str, t
             tensors.
     """
     if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise AdapterFileError(f"{path}: cannot read: {exc}") from exc
+        data = read_bounded(path)
     _, metadata = parse_header(data, str(path))
     try:
         tensors = load_safetensors_bytes(data)
@@ -118,8 +169,10 @@ def read_safetensors(path: Path, data: bytes | None = None) -> tuple[dict[str, t
                 f"{path}: tensor {name!r} has dtype {tensor.dtype}; adapter weights must be "
                 "floating point"
             )
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        # float8 has no isfinite kernel; widening is exact for every float8 value.
+        wide = tensor.float() if tensor.element_size() == 1 else tensor
+        if tensor.numel() and not bool(torch.isfinite(wide).all()):
+            bad = int((~torch.isfinite(wide)).sum())
             raise AdapterFileError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values")
     return tensors, metadata
 

@@ -146,6 +146,36 @@ class Linear4bit(nn.Module):
                                      self.in_features, bias)
         return y.to(x.dtype)
 
+    def supports_fused_lora(self, x: torch.Tensor, lora_a: torch.Tensor,
+                            lora_b: torch.Tensor) -> bool:
+        """Whether :meth:`forward_with_lora` has a kernel for these tensors: A and B in the
+        compute dtype, and the kernel mode and extension allow the compiled op on x's device."""
+        if lora_a.dtype != self.compute_dtype or lora_b.dtype != self.compute_dtype:
+            return False
+        return kernels.use_compiled("nf4_lora_linear", x.device)
+
+    def forward_with_lora(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                          scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
+        """This layer plus a LoRA update in one fused op (QLoRA's layer).
+
+        ``forward(x) + scaling * (x_l A^T) B^T`` with every sum in float32 and one rounding to
+        the compute dtype (then cast to x's dtype, as :meth:`forward`); call only when
+        :meth:`supports_fused_lora` is true. ``dropout_p`` applies dropout to the LoRA path's
+        input inside the op (a fresh seed per call; the mask is never stored).
+        """
+        from peftreg.ops.fused import new_dropout_seed, nf4_lora_linear
+
+        xc = x.to(self.compute_dtype)
+        seed = new_dropout_seed() if dropout_p > 0 else None
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = nf4_lora_linear(xc, self.weight, self.weight_absmax, blocksize=self.blocksize,
+                               out_features=self.out_features, in_features=self.in_features,
+                               lora_a=lora_a, lora_b=lora_b, scaling=scaling,
+                               nested_absmax=self.weight_nested_absmax,
+                               offset=self.weight_offset, nested_blocksize=self.nested_blocksize,
+                               bias=bias, dropout_p=dropout_p, dropout_seed=seed)
+        return y.to(x.dtype)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, blocksize={self.blocksize}, "

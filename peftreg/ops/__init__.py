@@ -58,6 +58,9 @@ __all__ = [
 #: Every operator defined in csrc/registration.cpp (tests check this list against the dispatcher).
 OPS: Final[tuple[str, ...]] = (
     "lora_linear",
+    "lora_linear_backward",
+    "nf4_lora_linear",
+    "nf4_lora_linear_backward",
     "nf4_quantize",
     "nf4_double_quantize",
     "nf4_dequantize",

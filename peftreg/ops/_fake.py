@@ -10,6 +10,8 @@ registrations live here. Imported by :mod:`peftreg.ops` only after the compiled 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -61,6 +63,8 @@ def _lora_linear_fake(
     lora_b: torch.Tensor,
     scaling: float,
     x_lora: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shape of ``x @ weight^T + bias + scaling * (x_l @ lora_a^T) @ lora_b^T``."""
     torch._check(
@@ -106,6 +110,41 @@ def _lora_linear_fake(
         _check_same_device(tensor, name, x)
 
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _lora_grads_fake(grad: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     has_x_lora: bool, output_mask: Sequence[bool]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes of (grad_x, grad_lora_a, grad_lora_b, grad_x_lora); empty where not requested."""
+    need_x, need_a, need_b, need_xl = output_mask
+    x_shape = (*grad.shape[:-1], lora_a.shape[1])
+    # Each unrequested output is its own empty tensor: outputs never alias one another.
+    return (grad.new_empty(x_shape if need_x else (0,)),
+            grad.new_empty(lora_a.shape if need_a else (0,)),
+            grad.new_empty(lora_b.shape if need_b else (0,)),
+            grad.new_empty(x_shape if need_xl and has_x_lora else (0,)))
+
+
+@torch.library.register_fake("peftreg::lora_linear_backward")
+def _lora_linear_backward_fake(
+    grad: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None,
+    output_mask: Sequence[bool],
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient shapes of lora_linear (csrc/fused/lora_args.h holds the full checks)."""
+    torch._check(len(output_mask) == 4, lambda: "output_mask must have 4 entries")
+    _check_dim(lora_a, "lora_a", 2, "(r, in_features)")
+    _check_dim(lora_b, "lora_b", 2, "(out_features, r)")
+    _check_size(lora_b, "lora_b", 0, grad.shape[-1], "(out_features, r)",
+                "out_features = grad.shape[-1]")
+    return _lora_grads_fake(grad, lora_a, lora_b, x_lora is not None, output_mask)
 
 
 # --- NF4 ops (csrc/nf4/nf4_args.h holds the C++ checks these repeat) -------------------------
@@ -308,6 +347,40 @@ def _nf4_linear_grad_input_fake(grad: torch.Tensor, codes: torch.Tensor, absmax:
     _nf4_check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
                       out_features * in_features)
     return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+@torch.library.register_fake("peftreg::nf4_lora_linear")
+def _nf4_lora_linear_fake(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                          nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                          blocksize: int, nested_blocksize: int, out_features: int,
+                          in_features: int, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, scaling: float,
+                          x_lora: torch.Tensor | None = None, dropout_p: float = 0.0,
+                          dropout_seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Shape of nf4_linear's output; the LoRA factors must fit (in_features, out_features)."""
+    out = _nf4_linear_fake(x, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                           out_features, in_features, bias)
+    _check_dim(lora_a, "lora_a", 2, "(r, in_features)")
+    _check_dim(lora_b, "lora_b", 2, "(out_features, r)")
+    _check_size(lora_a, "lora_a", 1, in_features, "(r, in_features)", "in_features")
+    _check_size(lora_b, "lora_b", 0, out_features, "(out_features, r)", "out_features")
+    _check_size(lora_b, "lora_b", 1, lora_a.shape[0], "(out_features, r)", "r = lora_a.shape[0]")
+    return out
+
+
+@torch.library.register_fake("peftreg::nf4_lora_linear_backward")
+def _nf4_lora_linear_backward_fake(
+    grad: torch.Tensor, x: torch.Tensor | None, codes: torch.Tensor, absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
+    nested_blocksize: int, out_features: int, in_features: int, lora_a: torch.Tensor,
+    lora_b: torch.Tensor, scaling: float, x_lora: torch.Tensor | None,
+    output_mask: Sequence[bool], dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient shapes of nf4_lora_linear (as lora_linear_backward)."""
+    torch._check(len(output_mask) == 4, lambda: "output_mask must have 4 entries")
+    _check_size(lora_a, "lora_a", 1, in_features, "(r, in_features)", "in_features")
+    _check_size(lora_b, "lora_b", 0, out_features, "(out_features, r)", "out_features")
+    return _lora_grads_fake(grad, lora_a, lora_b, x_lora is not None, output_mask)
 
 
 # --- IA3, Houlsby, multi-LoRA (csrc/fused/adapters_args.h holds the C++ checks these repeat) ---

@@ -26,6 +26,8 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     x_lora: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """LoRA forward: ``h = W0 x + b + scaling * B A x`` (Hu et al. 2021, eq. 3).
 
@@ -43,14 +45,57 @@ def lora_linear(
         lora_b: ``B``, ``(out_features, r)``.
         scaling: ``alpha / r``.
         x_lora: input of the low-rank path (e.g. ``dropout(x)``); None means ``x``.
+        dropout_p, dropout_seed: dropout on the low-rank path's input with the fused ops'
+            mask (:func:`lora_dropout`), when ``dropout_p > 0``.
 
     Returns:
         ``(..., out_features)`` tensor; autograd flows through ordinary torch ops.
     """
     base = F.linear(x, weight, bias)
     x_l = x if x_lora is None else x_lora
+    if dropout_p > 0:
+        x_l = lora_dropout(x_l, dropout_p, dropout_seed)
     update = F.linear(F.linear(x_l, lora_a), lora_b)
     return base + scaling * update
+
+
+_M32 = 0xFFFFFFFF
+
+
+def lora_dropout_mask(seed: int, numel: int, p: float,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The fused ops' dropout mask (csrc/fused/lora_dropout.h) with torch integer ops.
+
+    Element ``i`` of the rows-flattened input is kept when a 32-bit hash of ``(seed, i)``
+    (MurmurHash3's fmix32 finaliser of the index mixed with the seed) is at least
+    ``p * 2**32``. Values stay below 2**32 in int64, so products wrap only above bit 63 and
+    the low 32 bits are exact.
+    """
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    h = ((i & _M32) * 0x9E3779B1 & _M32) + ((i >> 32) * 0x85EBCA77 & _M32) + (seed & _M32)
+    h = (h & _M32) ^ ((seed >> 32) & _M32)
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    h = h ^ (h >> 16)
+    threshold = min(int(p * 2**32), _M32)
+    return h >= threshold
+
+
+def new_dropout_seed() -> torch.Tensor:
+    """A fresh seed for :func:`lora_dropout` and the fused ops' dropout, drawn from torch's
+    default CPU generator (so ``torch.manual_seed`` makes training reproducible); traceable by
+    ``torch.compile``."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | int | None) -> torch.Tensor:
+    """Inverted dropout of ``x`` with :func:`lora_dropout_mask` (kept values scaled 1/(1-p))."""
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a dropout_seed")
+    keep = lora_dropout_mask(int(seed), x.numel(), p, x.device).view(x.shape)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros_like(x))
 
 
 # --- NF4 storage (QLoRA, Dettmers et al. 2023; bitsandbytes' byte format) --------------------
@@ -218,6 +263,22 @@ def nf4_linear_grad_input(grad: torch.Tensor, codes: torch.Tensor, absmax: torch
     weight = nf4_dequantize(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
                             (out_features, in_features), torch.float32)
     return grad @ weight.to(grad.dtype)
+
+
+def nf4_lora_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                    nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                    blocksize: int, nested_blocksize: int, out_features: int, in_features: int,
+                    bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: float, x_lora: torch.Tensor | None = None,
+                    dropout_p: float = 0.0, dropout_seed: torch.Tensor | int | None = None
+                    ) -> torch.Tensor:
+    """QLoRA's layer (Dettmers et al. 2023, eq. 5): the dequantized base plus the LoRA update."""
+    base = nf4_linear(x, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                      out_features, in_features, bias)
+    x_l = x if x_lora is None else x_lora
+    if dropout_p > 0:
+        x_l = lora_dropout(x_l, dropout_p, dropout_seed)
+    return base + scaling * F.linear(F.linear(x_l, lora_a), lora_b)
 
 
 # --- IA3, Houlsby, multi-LoRA -----------------------------------------------------------------

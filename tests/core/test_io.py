@@ -157,7 +157,7 @@ def _edit_meta(directory, **changes):
         ({"config__format_version": 7}, AdapterFileError, "format_version 7 is newer"),
         ({"tensors__file": "../../etc/passwd"}, AdapterFileError, "is not of the form"),
         ({"tensors__sha256": "0" * 64}, AdapterFileError, "checksum does not match"),
-        ({"adapter_name": "../evil"}, AdapterError, "invalid adapter name"),
+        ({"adapter_name": "../evil"}, AdapterFileError, "not a valid adapter name"),
     ],
     ids=["future", "version-type", "unknown-method", "bad-rank", "unknown-field",
          "future-config", "traversal", "checksum", "evil-name"],

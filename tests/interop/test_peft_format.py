@@ -209,7 +209,10 @@ def test_exported_config_has_peft_common_keys(tmp_path):
     from safetensors import safe_open
 
     with safe_open(tmp_path / PEFT_WEIGHTS_FILE, "pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        # PEFT's own key, plus the two that make the export crash-consistent (PEFT ignores them).
+        assert handle.metadata()["format"] == "pt"
+        assert set(handle.metadata()) == {"format", "peftreg_adapter_config",
+                                          "peftreg_replaces_config_sha256"}
     lora = peftreg.adapt(make_llama(), LoraConfig(r=2))
     lora.save_adapter(tmp_path / "lora", format="peft")
     doc = json.loads((tmp_path / "lora" / PEFT_CONFIG_FILE).read_text())

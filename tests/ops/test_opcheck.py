@@ -47,6 +47,27 @@ def test_opcheck_lora_linear(op_device, case):
     torch.library.opcheck(torch.ops.peftreg.lora_linear.default, args)
 
 
+# (output_mask, with x_lora, dtype): LoRA-only training, everything, input gradient only.
+BACKWARD_CASES = {
+    "lora_only_f32": ([False, True, True, False], False, torch.float32),
+    "all_x_lora_bf16": ([True, True, True, True], True, torch.bfloat16),
+    "input_only_bf16": ([True, False, False, False], False, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", list(BACKWARD_CASES), ids=[f"case={c}" for c in BACKWARD_CASES])
+def test_opcheck_lora_linear_backward(op_device, case):
+    """The compiled backward op on its own: schema, fake kernel (empty unrequested outputs)."""
+    mask, with_x_lora, dtype = BACKWARD_CASES[case]
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=dtype, device=op_device)
+
+    x_lora = t(2, 5, 8) if with_x_lora else None
+    args = (t(2, 5, 6), t(2, 5, 8), t(6, 8), t(3, 8), t(6, 3), 0.5, x_lora, mask)
+    torch.library.opcheck(torch.ops.peftreg.lora_linear_backward.default, args)
+
+
 def _nf4_sample_inputs(device: torch.device) -> dict[str, tuple[object, tuple, dict]]:
     """Sample (op, args, kwargs) per NF4 case: with/without double quant, odd sizes, grads."""
     gen = torch.Generator().manual_seed(0)

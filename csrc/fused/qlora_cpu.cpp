@@ -1,0 +1,100 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// CPU kernels of peftreg::nf4_lora_linear and its backward: LoRA on a frozen NF4 base (QLoRA,
+// Dettmers et al. 2023, eq. 5, without the double-dequantization notation):
+//
+//   y = x @ dequant(W)^T + bias + scaling * ((x_lora or x) @ A^T) @ B^T
+//
+// The base product is the NF4 kernel's tile-by-tile product (csrc/nf4/nf4_cpu.cpp), taken in
+// float32 before rounding; bias and the low-rank update (csrc/fused/lora_math.h) are added to
+// that float32 result and the output is rounded once. The backward likewise adds the low-rank
+// input gradient to the NF4 kernel's float32 g @ dequant(W). So a bf16 QLoRA layer gets fp32
+// accumulation throughout, W never exists as a dense matrix, and the only LoRA temporaries are
+// (rows, r).
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+#include "common/checks.h"
+#include "fused/lora_args.h"
+#include "fused/lora_cpu.h"
+#include "fused/lora_dropout.h"
+#include "fused/lora_math.h"
+#include "fused/qlora_args.h"
+#include "nf4/nf4_cpu.h"
+
+namespace peftreg::fused {
+namespace {
+
+at::Tensor nf4_lora_linear_cpu(const at::Tensor& x, const at::Tensor& codes,
+                               const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& offset, int64_t blocksize,
+                               int64_t nested_blocksize, int64_t out_features,
+                               int64_t in_features, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_a, const at::Tensor& lora_b,
+                               double scaling, const std::optional<at::Tensor>& x_lora,
+                               double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  const Nf4LoraSizes s = check_nf4_lora_args(x, out_features, in_features, bias, lora_a, lora_b,
+                                             x_lora);
+  checks::check_device_type(x, kNf4LoraOp, "x", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kNf4LoraOp, dropout_p, dropout_seed, x_lora);
+  const at::Tensor x2d = rows_2d(x, s.rows, in_features);
+  at::Tensor y = nf4::nf4_product_acc_cpu(kNf4LoraOp, x2d, "x", codes, absmax, nested_absmax,
+                                          offset, blocksize, nested_blocksize, out_features,
+                                          in_features, /*forward=*/true);
+  const at::ScalarType compute = y.scalar_type();  // float32, or float64 for float64 input
+  if (bias.has_value()) y.add_(as_compute(*bias, compute));
+  at::Tensor xl2d = as_compute(
+      x_lora.has_value() ? rows_2d(*x_lora, s.rows, in_features) : x2d, compute);
+  if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
+  add_low_rank(y, xl2d, as_compute(lora_a, compute), as_compute(lora_b, compute), scaling);
+
+  const at::Tensor out = y.to(x.scalar_type());
+  const at::Tensor* xl = x_lora.has_value() ? &*x_lora : nullptr;
+  const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
+  check_16bit_output_overflow(kNf4LoraOp, out, y, {&x, b, &lora_a, &lora_b, xl});
+  return out.view(s.out_shape);
+}
+
+LoraGrads nf4_lora_linear_backward_cpu(
+    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& codes,
+    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+    int64_t out_features, int64_t in_features, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& x_lora,
+    std::array<bool, 4> output_mask, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
+  const LoraBackwardSizes s = check_lora_backward_args(grad, x, std::nullopt, lora_a, lora_b,
+                                                       x_lora, output_mask, kNf4LoraBackwardOp,
+                                                       /*weight_needed=*/false);
+  checks::check_device_type(grad, kNf4LoraBackwardOp, "grad", c10::DeviceType::CPU);
+  const LoraDropout dropout = lora_dropout_args(kNf4LoraBackwardOp, dropout_p, dropout_seed,
+                                                x_lora);
+  TORCH_CHECK(s.out_features == out_features && s.in_features == in_features,
+              kNf4LoraBackwardOp, ": grad has ", s.out_features, " features and lora_a ",
+              s.in_features, " but the weight is (", out_features, ", ", in_features, ")");
+  const at::Tensor g2d = rows_2d(grad, s.rows, out_features);
+  const at::ScalarType compute = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_x;
+  if (s.need[kGradX]) {
+    grad_x = nf4::nf4_product_acc_cpu(kNf4LoraBackwardOp, g2d, "grad", codes, absmax,
+                                      nested_absmax, offset, blocksize, nested_blocksize,
+                                      out_features, in_features, /*forward=*/false);
+  }
+  const LowRankGrads lr = low_rank_grads_for(as_compute(g2d, compute), x, lora_a, lora_b,
+                                             scaling, x_lora, s, compute,
+                                             s.need[kGradX] ? &grad_x : nullptr, dropout);
+  return finish_grads(grad, grad_x, lr, s);
+}
+
+}  // namespace
+}  // namespace peftreg::fused
+
+TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
+  m.impl("nf4_lora_linear", &peftreg::fused::nf4_lora_linear_cpu);
+  m.impl("nf4_lora_linear_backward", &peftreg::fused::nf4_lora_linear_backward_cpu);
+}

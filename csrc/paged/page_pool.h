@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// PagePool: optimizer state kept in fixed-size pages under a resident-bytes budget for the fast
+// tier (issue 7). When admitting a page would exceed the budget, the least-recently-used
+// unpinned pages are moved to a backing tier and brought back on their next access. Callers
+// never see where a page lives: they ask for a page and get a pointer to a resident copy.
+//
+// The pool itself is device-neutral and free of torch types; a PageBackend does the moving:
+//   CPU   fast tier = page buffers in process memory; backing tier = one file in a chosen
+//         directory, unlinked as soon as it is created (so it disappears with the process,
+//         even on SIGKILL), sized up front with posix_fallocate (a full disk is reported when
+//         pages are added, before training) and written with pwrite/read with pread.
+//         Why not a shared mapping of the file: a failed write through a mapping arrives as
+//         SIGBUS and kills the process, while pwrite returns an error the pool can report
+//         with the page still resident and intact.
+//   CUDA  fast tier = device memory; backing tier = pinned host memory; copies run on a side
+//         stream ordered with the compute stream by events, so the next page is prefetched
+//         while the current one is updated (page_pool_cuda_ops.cpp).
+//
+// Failure contract: a page-out that fails leaves the page resident and dirty (nothing is
+// lost), the pool stops paging out for the rest of the operation (so the step still completes,
+// above the budget), and the error is raised when the operation ends, naming the backing tier
+// and the OS error. Reading or writing single pages (state_dict / load_state_dict) never
+// raises for a failed page-out, so a checkpoint can be taken while the backing tier fails. A
+// page-in that fails raises at once; the backing copy is untouched.
+//
+// Residency never exceeds max(budget, one page) on the CPU (one page is pinned at a time) and
+// budget + one page on CUDA (the page being updated plus the one being prefetched).
+//
+// The paged AdamW update also lives here (adamw_step) rather than in a dispatcher op: the
+// optimizer state is owned by the pool and has no tensor identity, so a torch op schema could
+// not describe it, and a method on the registered class keeps `peftreg.ops.OPS` unchanged.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace torch {
+class Library;
+}
+
+namespace peftreg::paged {
+
+// dtype codes of parameters and gradients handed to the AdamW update.
+enum class ParamDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// One parameter (or its slice) updated by adamw_step. Its exp_avg and exp_avg_sq occupy
+// elements [state_offset, state_offset + numel) of the pool's state array (see PagePool).
+struct AdamWParam {
+  void* param = nullptr;
+  const void* grad = nullptr;
+  ParamDType dtype = ParamDType::kFloat32;
+  int64_t numel = 0;
+  int64_t state_offset = 0;
+  double step = 1;  // this parameter's step count after the increment (bias correction)
+};
+
+struct AdamWHyper {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+  bool maximize = false;
+};
+
+// Scalars of one parameter's update, rounded to float32 the way torch.optim.AdamW's
+// single-tensor path rounds its Python-float scalars when it passes them to float32 kernels.
+struct AdamWScalars {
+  float decay;       // 1 - lr * weight_decay
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float bc2_sqrt;    // sqrt(1 - beta2 ** step)
+  float eps;
+  float neg_step_size;  // -lr / (1 - beta1 ** step)
+  bool maximize;
+};
+AdamWScalars adamw_scalars(const AdamWHyper& h, double step);
+
+// A contiguous run of one parameter inside one page: param/grad elements [0, count) at the
+// given pointers, state elements [state_index, state_index + count) of that page.
+struct AdamWSegment {
+  void* param;
+  const void* grad;
+  ParamDType dtype;
+  int64_t count;
+  int64_t state_index;
+  AdamWScalars s;
+};
+
+// One resident, pinned page and the segments to update in it.
+struct PageWork {
+  int64_t page;
+  void* buf;
+  const std::vector<AdamWSegment>* segments;
+};
+
+struct Counters {
+  int64_t resident_bytes = 0;
+  int64_t peak_resident_bytes = 0;
+  int64_t pages_out = 0;
+  int64_t pages_in = 0;
+  int64_t bytes_out = 0;
+  int64_t bytes_in = 0;
+};
+
+// Moves pages between the tiers; one implementation per device.
+class PageBackend {
+ public:
+  virtual ~PageBackend() = default;
+  virtual void* alloc_fast() = 0;
+  virtual void free_fast(void* buf) = 0;
+  // Make the backing tier able to hold pages [0, num_pages); throws a clear error if it cannot.
+  virtual void reserve(int64_t num_pages) = 0;
+  // Page-out: copy `buf` to the backing slot of `page`. Returns "" or an error message; on
+  // error the backing slot may be partial but `buf` is untouched.
+  virtual std::string page_out(int64_t page, void* buf) = 0;
+  // Page-in (throws on failure) and zero-fill of a fresh page.
+  virtual void page_in(int64_t page, void* buf) = 0;
+  virtual void zero(int64_t page, void* buf) = 0;
+  // Ordering hooks around a use of a resident page (CUDA: stream events; CPU: nothing).
+  virtual void before_use(int64_t /*page*/) {}
+  virtual void after_use(int64_t /*page*/) {}
+  // Whether page-ins are asynchronous, so prefetching the next page overlaps the update.
+  virtual bool async_prefetch() const { return false; }
+  // Update the segments of a batch of resident pages (each page: elements_per_page floats of
+  // exp_avg followed by as many of exp_avg_sq).
+  virtual void adamw(const std::vector<PageWork>& batch, int64_t elements_per_page) = 0;
+  // Copy a resident page out to / in from a caller buffer of the same device.
+  virtual void copy_out(int64_t page, const void* buf, void* dst) = 0;
+  virtual void copy_in(int64_t page, void* buf, const void* src) = 0;
+  virtual std::string describe() const = 0;
+  // Testing hook: the next `after` page-outs succeed, then each fails with a simulated ENOSPC
+  // (negative: never).
+  void inject_write_failure(int64_t after) { fail_after_ = after; }
+
+ protected:
+  // Returns true when the current page-out must fail (fault injection).
+  bool injected_failure() {
+    if (fail_after_ < 0) return false;
+    if (fail_after_ == 0) return true;
+    --fail_after_;
+    return false;
+  }
+
+ private:
+  int64_t fail_after_ = -1;
+};
+
+std::unique_ptr<PageBackend> make_cpu_backend(int64_t page_bytes, const std::string& directory);
+#if defined(PEFTREG_WITH_CUDA) && PEFTREG_WITH_CUDA
+std::unique_ptr<PageBackend> make_cuda_backend(int64_t page_bytes, int device_index);
+#endif
+
+class PagePool {
+ public:
+  // page_bytes: a positive multiple of 4096; budget_bytes: at least one page.
+  PagePool(std::unique_ptr<PageBackend> backend, int64_t page_bytes, int64_t budget_bytes);
+  ~PagePool();
+
+  int64_t page_bytes() const { return page_bytes_; }
+  int64_t budget_bytes() const { return budget_bytes_; }
+  int64_t num_pages() const;
+  // float32 elements of one state (exp_avg or exp_avg_sq) per page: page_bytes / 8.
+  int64_t elements_per_page() const { return page_bytes_ / 8; }
+
+  // Appends `count` zero pages; returns the id of the first. Reserves backing space once the
+  // pages no longer fit the budget, so a full disk is reported here.
+  int64_t add_pages(int64_t count);
+  // One AdamW step over `params` (AdamW, Loshchilov & Hutter 2019, algorithm 2, with torch's
+  // bias correction and eps placement). Pages are swept once each, alternating direction from
+  // one call to the next so the pages LRU kept resident at the end are the first reused. On
+  // the CPU as many pages as the budget holds are pinned and updated in one parallel pass
+  // (small parameters alone would leave threads idle); on CUDA one page at a time, with the
+  // next one prefetched.
+  void adamw_step(const std::vector<AdamWParam>& params, const AdamWHyper& hyper);
+  // Copy page `page` out to / in from a device buffer of page_bytes.
+  void read_page(int64_t page, void* dst);
+  void write_page(int64_t page, const void* src);
+  Counters counters() const;
+  void reset_peak();
+  std::string describe() const;
+  PageBackend& backend() { return *backend_; }
+  // Drops every page and the backing tier; the pool is unusable afterwards.
+  void close();
+  bool closed() const;
+
+ private:
+  struct Page {
+    void* buf = nullptr;        // resident copy, or nullptr
+    bool on_backing = false;    // the backing tier holds a valid copy
+    bool dirty = false;         // the resident copy differs from the backing copy
+    int pins = 0;
+    std::list<int64_t>::iterator lru_pos;
+  };
+
+  void* acquire(int64_t page);  // resident + pinned + most recently used
+  void release(int64_t page);
+  void make_room();
+  void trim();
+  bool evict(int64_t page);
+  void* take_buffer();
+  void check_open(const char* what) const;
+  void check_page(int64_t page, const char* what) const;
+  void raise_pending();
+
+  mutable std::mutex mutex_;
+  std::unique_ptr<PageBackend> backend_;
+  int64_t page_bytes_;
+  int64_t budget_bytes_;
+  int64_t reserved_pages_ = 0;
+  std::vector<Page> pages_;
+  std::list<int64_t> lru_;       // resident pages, least recently used first
+  std::vector<void*> free_bufs_; // fast-tier buffers to reuse (never more than the peak)
+  Counters counters_;
+  std::string pending_error_;    // first page-out failure of the current operation
+  bool forward_ = true;
+  bool closed_ = false;
+};
+
+// Registers the torch custom class peftreg.PagePool; called from the TORCH_LIBRARY block in
+// csrc/registration.cpp (the only one of the namespace).
+void register_page_pool(torch::Library& m);
+
+}  // namespace peftreg::paged
