@@ -45,6 +45,37 @@ TORCH_LIBRARY(peftreg, m) {
       "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_x_lora)",
       {at::Tag::pt2_compliant_tag});
 
+  // --- IA3, Houlsby, multi-LoRA (kernels: csrc/fused/adapters_*; docs/ops.md) ---------------
+  // IA3 (Liu et al. 2022, section 3.3) fused into the product it scales. scale_input=False:
+  // y = (x @ weight^T + bias) * scale, scale (out_features,) (keys, values); scale_input=True:
+  // y = (x * scale) @ weight^T + bias, scale (in_features,) (feed-forward down projection).
+  m.def(
+      "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor scale, bool scale_input) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Gradient of ia3_linear (scale_input=False) with respect to scale, given its output `out`:
+  // sum over rows of grad * (x @ weight^T + bias), recovered as out / scale except where a scale
+  // entry is zero (recomputed from x and weight there).
+  m.def(
+      "ia3_scale_grad(Tensor grad, Tensor out, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor scale) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Houlsby bottleneck (Houlsby et al. 2019, section 2.1) as one op:
+  // out = h + act(h @ w_down^T + b_down) @ w_up^T + b_up, activation in {relu, gelu, silu,
+  // tanh}; also returns z = h @ w_down^T + b_down (rows x bottleneck), saved for the backward.
+  m.def(
+      "houlsby_adapter(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "str activation) -> (Tensor out, Tensor z)",
+      {at::Tag::pt2_compliant_tag});
+  // Batched multi-adapter LoRA (S-LoRA, Sheng et al. 2023; Punica, Chen et al. 2023): row i of
+  // x uses adapter k = index[i] of the stacked lora_a (n, r, in), lora_b (n, out, r) and
+  // scaling (n,): out[i] = base[i] + scaling[k] * (x[i] @ lora_a[k]^T) @ lora_b[k]^T, or
+  // base[i] when k == -1. index has shape x.shape[:-1]. Inference only (see _autograd.py).
+  m.def(
+      "lora_multi_add(Tensor base, Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, "
+      "Tensor index) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
   // NF4 4-bit storage (QLoRA, Dettmers et al. 2023, section 3) in bitsandbytes' byte format
   // (csrc/nf4/nf4_format.h; docs/format.md "NF4 storage"; docs/ops.md). A quantized weight is
   // passed as codes (uint8, (numel + 1) // 2 packed bytes), absmax (float32 per block, or uint8

@@ -62,6 +62,12 @@ class LayerAdapter(nn.Module):
         """
         return None
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A (r, in), B (out, r), scaling)`` if this adapter adds ``scaling * B A x`` to the
+        base output (LoRA), else ``None``; lets the host serve several such adapters per row in
+        one batched op (:mod:`peftreg.row_adapters`)."""
+        return None
+
     def merge_into(self, base: nn.Module) -> None:
         """Fold this adapter into ``base``'s weights in place."""
         raise UnsupportedOperationError(f"{type(self).__name__} cannot be merged")
@@ -144,6 +150,10 @@ class AdapterHost(AdapterSlot):
         super().__init__()
         self.base = base
         self.merged: list[str] = []
+        # Per-row adapter names while AdaptedModel.per_row_adapters is in effect (else None),
+        # and the stacked factors of the last per-row call (peftreg.row_adapters).
+        self.row_adapters: tuple[str | None, ...] | None = None
+        self._row_stack_cache: Any = None
 
     # -- AdapterSlot ---------------------------------------------------------------------------
 
@@ -190,6 +200,10 @@ class AdapterHost(AdapterSlot):
                     "adapters are merged into the weights; unmerge them before disabling"
                 )
             return self.base(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            from peftreg.row_adapters import per_row_forward
+
+            return per_row_forward(self, self.row_adapters, x, *args, **kwargs)
         running = [self.adapters[n] for n in self.active if n not in self.merged]
         if not running:
             return self.base(x, *args, **kwargs)

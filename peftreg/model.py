@@ -157,8 +157,14 @@ class AdaptedModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None,
+                **kwargs: Any) -> Any:
+        """Call the wrapped model; ``adapter_names`` (one per batch row) runs it as
+        :meth:`per_row_adapters` does, and is not passed on to the model."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.per_row_adapters(adapter_names):
+            return self.model(*args, **kwargs)
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -290,6 +296,64 @@ class AdaptedModel(nn.Module):
             raise AdapterError("adapters are merged into the weights; unmerge before switching")
         self._active = wanted
         self._apply_state()
+
+    @contextlib.contextmanager
+    def per_row_adapters(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Inside the ``with`` block, row ``i`` of every batch uses adapter ``names[i]`` alone.
+
+        One batch serves several LoRA adapters over the shared base model (S-LoRA / Punica
+        batching): each adapted layer computes its base output once and adds every row's own
+        low-rank update in one batched op. ``None`` means the base model for that row. Each row's
+        result equals running the model with only that adapter active; a layer the row's adapter
+        does not adapt gives the base output. The active-adapter setting is ignored meanwhile.
+
+        Works for any model whose adapted layers see the batch as their first input dimension
+        (or as flattened rows). Also available as ``model(..., adapter_names=[...])``.
+
+        Args:
+            names: one adapter name (or ``None``) per batch row.
+
+        Raises:
+            AdapterError: an unknown adapter name, or no names.
+            UnsupportedOperationError: a named adapter is not LoRA on Linear layers or has
+                ``modules_to_save``, adapters are merged, or the model is in training mode
+                (this path is inference-only).
+        """
+        rows = tuple(names)
+        if not rows:
+            raise AdapterError("per_row_adapters needs one adapter name (or None) per row")
+        if self.training:
+            raise UnsupportedOperationError(
+                "per-row adapters are for inference: call model.eval() first (the batched "
+                "multi-adapter op has no backward; train adapters one at a time)")
+        if self._merged:
+            raise UnsupportedOperationError(
+                f"per-row adapters need unmerged weights, but {self._merged} are merged; call "
+                "unmerge() first")
+        for name in dict.fromkeys(n for n in rows if n is not None):
+            self._check_per_row(self.record(name))
+        hosts = [slot for _, slot in iter_slots(self.model) if isinstance(slot, AdapterHost)]
+        for host in hosts:
+            host.row_adapters = rows
+        try:
+            yield
+        finally:
+            for host in hosts:
+                host.row_adapters = None
+
+    def _check_per_row(self, record: AdapterRecord) -> None:
+        method = record.method.name
+        if record.saved_modules:
+            raise UnsupportedOperationError(
+                f"adapter {record.name!r} ({method}) cannot be served per row: it trains whole "
+                f"modules ({', '.join(record.saved_modules)}, modules_to_save)")
+        for path, slot, module in self._adapter_modules(record.name):
+            factors = getattr(module, "low_rank_factors", None)
+            if not isinstance(slot, AdapterHost) or factors is None or factors() is None:
+                raise UnsupportedOperationError(
+                    f"adapter {record.name!r} ({method}) cannot be served per row: only LoRA "
+                    f"adapters on Linear layers can, and {path or 'the model'} holds a "
+                    f"{type(module).__name__}")
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         """Allow or forbid training of adapter ``name``."""

@@ -18,6 +18,10 @@ standard deviations, a scale the paper reports training to be robust at).
 Each adapted module adds ``2*h*m + m + h`` parameters (two weight matrices and two biases).
 The nonlinearity sits between the two projections, so the adapter cannot be folded into the
 base weights: it is not mergeable and adds a little computation at inference.
+
+When the compiled extension is built, the whole bottleneck (down projection, activation, up
+projection, residual) runs as one ``peftreg::houlsby_adapter`` op whose backward keeps only the
+(rows x m) pre-activation; otherwise, or with ``PEFTREG_KERNELS=reference``, plain PyTorch.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 import peftreg
+from peftreg import kernels
 from peftreg.errors import ModelFamilyError
 from peftreg.families import ModelFamily
 from peftreg.host import LayerAdapter
@@ -109,6 +114,7 @@ class HoulsbyAdapter(LayerAdapter):
         kw = {"device": device, "dtype": dtype}
         self.adapter_down = nn.Linear(hidden, bottleneck, bias=True, **kw)
         self.act = _ACTIVATIONS[non_linearity]()
+        self.non_linearity = non_linearity
         self.adapter_up = nn.Linear(bottleneck, hidden, bias=True, **kw)
         with torch.no_grad():
             nn.init.trunc_normal_(self.adapter_down.weight, std=INIT_STD,
@@ -123,6 +129,12 @@ class HoulsbyAdapter(LayerAdapter):
         return self.adapter_up(self.act(self.adapter_down(h.to(dtype))))
 
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        down, up = self.adapter_down, self.adapter_up
+        if y.dtype == down.weight.dtype and kernels.use_compiled("houlsby_adapter", y.device):
+            from peftreg.ops.adapters import houlsby_adapter
+
+            return houlsby_adapter(y, down.weight, down.bias, up.weight, up.bias,
+                                   self.non_linearity)
         return y + self.bottleneck(y).to(y.dtype)
 
 

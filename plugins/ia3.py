@@ -11,6 +11,10 @@ an output scale ``l`` gives ``W' = diag(l) W`` and ``b' = l * b``; an input scal
 ``W' = W diag(l)`` with the bias unchanged. Each adapted layer adds ``out_features`` parameters
 (output scaling) or ``in_features`` (feed-forward input scaling).
 
+When the compiled extension is built, a layer whose only active adapter is (IA)^3 runs as one
+``peftreg::ia3_linear`` op (the scale fused into the product, see docs/ops.md); otherwise, or with
+``PEFTREG_KERNELS=reference``, plain PyTorch computes the same thing.
+
 Parameter names and shapes follow HF PEFT's (``ia3_l``: ``(out, 1)`` or ``(1, in)``) so saved
 keys read ``<module path>.ia3_l``.
 """
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 import peftreg
+from peftreg import kernels
 from peftreg.errors import ConfigError, ModelFamilyError, UnsupportedOperationError
 from peftreg.families import ModelFamily
 from peftreg.host import LayerAdapter
@@ -119,6 +124,18 @@ class IA3Linear(LayerAdapter):
         if self.is_feedforward:
             return y
         return y * self.ia3_l.view(-1).to(y.dtype)
+
+    def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if type(base) is not nn.Linear:
+            return None
+        weight = base.weight
+        if not (x.dtype == weight.dtype == self.ia3_l.dtype):
+            return None
+        if not kernels.use_compiled("ia3_linear", x.device):
+            return None
+        from peftreg.ops.adapters import ia3_linear
+
+        return ia3_linear(x, weight, base.bias, self.ia3_l, self.is_feedforward)
 
     def _checked_scale(self, operation: str) -> torch.Tensor:
         scale = self.ia3_l.detach().float()

@@ -170,6 +170,10 @@ class LoraLinear(LayerAdapter):
         w = base.weight  # type: ignore[union-attr]
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
+    # Per-row multi-adapter serving (peftreg.row_adapters, peftreg::lora_multi_add).
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
+
 
 class LoraEmbedding(LayerAdapter):
     """LoRA factors for one ``nn.Embedding``: the update ``scaling * (B @ A)^T`` is a table.

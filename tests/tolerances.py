@@ -125,6 +125,52 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("paged_adamw.vs_reference", torch.float16): Tolerance(
         2 * _FP16_EPS, 1e-3, "as bf16 at float16 precision",
     ),
+    # --- IA3, Houlsby, multi-LoRA (tests/ops/test_ia3_op.py, test_houlsby_op.py,
+    # test_multi_lora.py): kernel vs float64 reference on the same rounded inputs, both sides
+    # divided by max(1, max|expected|) as for lora_linear.
+    ("ia3_linear.forward", torch.float32): Tolerance(1e-5, 1.3e-6),
+    ("ia3_linear.forward", torch.float64): Tolerance(1e-7, 1e-7),
+    ("ia3_linear.forward", torch.bfloat16): Tolerance(
+        4 * _BF16_EPS, 1.6e-2,
+        "output scaling rounds the GEMM output, then (y + b) * l once more; input scaling rounds "
+        "x * l, then the GEMM output: two roundings of values up to ~2x |y| (bias and product "
+        "may cancel): 2 * 2 * 2^-9 < 4 * 2^-8",
+    ),
+    ("ia3_linear.backward", torch.float32): Tolerance(1e-5, 1.3e-6),
+    ("ia3_linear.backward", torch.float64): Tolerance(1e-7, 1e-7),
+    ("ia3_linear.backward", torch.bfloat16): Tolerance(
+        4 * _BF16_EPS, 1.6e-2,
+        "g * l and g W are rounded to bf16 before the next product, and grad_l reads the "
+        "bf16-rounded output: two or three roundings as in the forward",
+    ),
+    ("houlsby_adapter.forward", torch.float32): Tolerance(1e-5, 1.3e-6),
+    ("houlsby_adapter.forward", torch.float64): Tolerance(1e-7, 1e-7),
+    ("houlsby_adapter.forward", torch.bfloat16): Tolerance(
+        4 * _BF16_EPS, 1.6e-2,
+        "z, act(z) and the output are each rounded to bf16 (three roundings of values up to "
+        "~2x |out|), as lora_linear.forward",
+    ),
+    ("houlsby_adapter.backward", torch.float32): Tolerance(1e-5, 1.3e-6),
+    ("houlsby_adapter.backward", torch.float64): Tolerance(1e-7, 1e-7),
+    ("houlsby_adapter.backward", torch.bfloat16): Tolerance(
+        4 * _BF16_EPS, 1.6e-2,
+        "g Wu, the activation derivative and the products after it are rounded to bf16, and "
+        "z is the forward's bf16-rounded pre-activation: three roundings as in the forward",
+    ),
+    ("lora_multi_add.forward", torch.float32): Tolerance(1e-5, 1.3e-6),
+    ("lora_multi_add.forward", torch.float64): Tolerance(1e-7, 1e-7),
+    ("lora_multi_add.forward", torch.bfloat16): Tolerance(
+        2 * _BF16_EPS, 1.6e-2,
+        "the kernel widens to float32 and rounds the output once (<= 2^-9 of max|out|)",
+    ),
+    # Plugins in PEFTREG_KERNELS=auto (fused ops) vs reference (plain PyTorch) on a tiny model,
+    # both in the same dtype: float32 sums in different orders through a few layers.
+    ("adapters.plugin_paths", torch.float32): Tolerance(1e-5, 1e-4),
+    ("adapters.plugin_paths", torch.bfloat16): Tolerance(
+        8 * _BF16_EPS, 1.6e-2,
+        "both paths round to bf16, at different points (the fused ops round fewer "
+        "intermediates), and the differences pass through two transformer layers",
+    ),
 }
 
 

@@ -67,6 +67,11 @@ OPS: Final[tuple[str, ...]] = (
     "nf4_dequantize_into",
     "nf4_linear",
     "nf4_linear_grad_input",
+    # IA3, Houlsby, multi-LoRA (peftreg.ops.adapters)
+    "ia3_linear",
+    "ia3_scale_grad",
+    "houlsby_adapter",
+    "lora_multi_add",
 )
 #: Devices reported by :func:`kernel_report`.
 DEVICES: Final[tuple[str, ...]] = ("cpu", "cuda")

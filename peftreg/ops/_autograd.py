@@ -288,3 +288,162 @@ for _op in ("nf4_quantize", "nf4_double_quantize", "nf4_dequantize", "lora_linea
             "nf4_lora_linear_backward"):
     _backward, _setup = _not_differentiable(_op)
     torch.library.register_autograd(f"peftreg::{_op}", _backward, setup_context=_setup)
+
+
+# === IA3, Houlsby, multi-LoRA =====================================================================
+#
+# peftreg::ia3_linear, output scaling (scale_input=False), rows flattened, p = x W^T + b:
+#     y = p * l
+#     grad_x = (g * l) W      grad_W = (g * l)^T x      grad_b = sum_rows(g * l)
+#     grad_l = sum_rows(g * p)                           (peftreg::ia3_scale_grad)
+# The output y and the input x are saved instead of p: y is usually kept by its consumer anyway
+# (attention saves keys and values) and one x is shared by the key and value projections.
+# ia3_scale_grad recovers p = y / l, recomputing it from x and W only for channels whose scale is
+# exactly zero (x is what makes that exact). The memory trade-off is in docs/ops.md.
+#
+# Input scaling (scale_input=True), xs = x * l:
+#     y = xs W^T + b
+#     gW = g W                grad_x = gW * l           grad_l = sum_rows(x * gW)
+#     grad_W = g^T xs         grad_b = sum_rows(g)
+# Only x (an input, alive anyway) and l are saved; xs is rebuilt only if W trains.
+
+_IA3_NUM_INPUTS = 5  # x, weight, bias, scale, scale_input
+
+
+def _ia3_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, bias, scale, scale_input = inputs
+    need_x, need_w, _need_b, need_l, _ = _padded_needs(ctx, _IA3_NUM_INPUTS)
+    ctx.scale_input = bool(scale_input)
+    ctx.x_shape = x.shape
+    if ctx.scale_input:
+        ctx.save_for_backward(x if (need_l or need_w) else None,
+                              weight if (need_x or need_l) else None, scale, None, None)
+    else:
+        ctx.save_for_backward(x if (need_w or need_l) else None,
+                              weight if (need_x or need_l) else None, scale,
+                              output if need_l else None, bias if need_l else None)
+
+
+def _ia3_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, scale, out, bias = ctx.saved_tensors
+    need_x, need_w, need_b, need_l, _ = _padded_needs(ctx, _IA3_NUM_INPUTS)
+    in_features = ctx.x_shape[-1]
+    g = grad.reshape(-1, grad.shape[-1])
+    x2d = x.reshape(-1, in_features) if x is not None else None
+    grad_x = grad_w = grad_b = grad_l = None
+    if ctx.scale_input:
+        if need_x or need_l:
+            g_w = torch.mm(g, weight)  # (rows, in): shared by grad_x and grad_l
+            if need_x:
+                grad_x = (g_w * scale).reshape(ctx.x_shape)
+            if need_l:
+                grad_l = (x2d * g_w).sum(0)
+        if need_w:
+            grad_w = torch.mm(g.t(), x2d * scale)
+        if need_b:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, grad_l, None
+    g_l = g * scale if (need_x or need_w or need_b) else None
+    if need_x:
+        grad_x = torch.mm(g_l, weight).reshape(ctx.x_shape)
+    if need_w:
+        grad_w = torch.mm(g_l.t(), x2d)
+    if need_b:
+        grad_b = g_l.sum(0)
+    if need_l:
+        grad_l = torch.ops.peftreg.ia3_scale_grad.default(grad, out, x, weight, bias, scale)
+    return grad_x, grad_w, grad_b, grad_l, None
+
+
+torch.library.register_autograd(
+    "peftreg::ia3_linear", _ia3_linear_backward, setup_context=_ia3_linear_setup_context)
+
+_ia3_grad_backward, _ia3_grad_setup = _not_differentiable("ia3_scale_grad")
+torch.library.register_autograd(
+    "peftreg::ia3_scale_grad", _ia3_grad_backward, setup_context=_ia3_grad_setup)
+
+
+# peftreg::houlsby_adapter, rows flattened, z = h Wd^T + bd, a = act(z):
+#     out = h + a Wu^T + bu
+#     grad_a = g Wu           grad_z = act'(z) * grad_a    (aten's *_backward of the activation)
+#     grad_h = g + grad_z Wd  grad_Wd = grad_z^T h          grad_bd = sum_rows(grad_z)
+#     grad_Wu = g^T a         grad_bu = sum_rows(g)
+# Saved: h (an input), the weights, and z (rows x bottleneck, the op's second output); a is
+# recomputed from z (one elementwise pass over a small matrix) instead of being stored.
+
+_HOULSBY_NUM_INPUTS = 6  # h, w_down, b_down, w_up, b_up, activation
+_HOULSBY_FORWARD = {
+    "relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+}
+
+
+def _houlsby_act_backward(grad_a: torch.Tensor, z: torch.Tensor, activation: str
+                          ) -> torch.Tensor:
+    aten = torch.ops.aten
+    if activation == "relu":
+        return aten.threshold_backward.default(grad_a, z, 0)
+    if activation == "gelu":
+        return aten.gelu_backward.default(grad_a, z, approximate="none")
+    if activation == "silu":
+        return aten.silu_backward.default(grad_a, z)
+    return aten.tanh_backward.default(grad_a, torch.tanh(z))
+
+
+def _houlsby_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    h, w_down, _b_down, w_up, _b_up, activation = inputs
+    _, z = output
+    ctx.mark_non_differentiable(z)
+    need_h, need_wd, need_bd, need_wu, _need_bu, _ = _padded_needs(ctx, _HOULSBY_NUM_INPUTS)
+    need_grad_z = need_h or need_wd or need_bd
+    ctx.save_for_backward(h if need_wd else None, w_down if need_h else None,
+                          w_up if need_grad_z else None, z if (need_grad_z or need_wu) else None)
+    ctx.activation = activation
+    ctx.h_shape = h.shape
+
+
+def _houlsby_backward(ctx: Any, grad: torch.Tensor, _grad_z: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, ...]:
+    h, w_down, w_up, z = ctx.saved_tensors
+    need_h, need_wd, need_bd, need_wu, need_bu, _ = _padded_needs(ctx, _HOULSBY_NUM_INPUTS)
+    hidden = ctx.h_shape[-1]
+    g = grad.reshape(-1, hidden)
+    z2d = z.reshape(-1, z.shape[-1]) if z is not None else None
+    grad_h = grad_wd = grad_bd = grad_wu = grad_bu = None
+    if need_h or need_wd or need_bd:
+        grad_z = _houlsby_act_backward(torch.mm(g, w_up), z2d, ctx.activation)
+        if need_h:
+            grad_h = grad.reshape(ctx.h_shape) + torch.mm(grad_z, w_down).reshape(ctx.h_shape)
+        if need_wd:
+            grad_wd = torch.mm(grad_z.t(), h.reshape(-1, hidden))
+        if need_bd:
+            grad_bd = grad_z.sum(0)
+    if need_wu:
+        grad_wu = torch.mm(g.t(), _HOULSBY_FORWARD[ctx.activation](z2d))
+    if need_bu:
+        grad_bu = g.sum(0)
+    return grad_h, grad_wd, grad_bd, grad_wu, grad_bu, None
+
+
+torch.library.register_autograd(
+    "peftreg::houlsby_adapter", _houlsby_backward, setup_context=_houlsby_setup_context)
+
+
+# peftreg::lora_multi_add is an inference op (multi-adapter serving): peftreg.ops.adapters
+# refuses to call it when a gradient would be needed, and this registration makes any backward
+# that still reaches it fail with the same explanation instead of returning wrong zeros.
+
+
+def _lora_multi_backward(ctx: Any, *grads: Any) -> tuple[torch.Tensor | None, ...]:
+    raise RuntimeError(
+        "peftreg::lora_multi_add is inference-only (per-row multi-adapter LoRA serving) and has "
+        "no backward; train each adapter on its own (model.set_active(name)) and use per-row "
+        "adapters under torch.no_grad() / model.eval()")
+
+
+def _lora_multi_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    return None
+
+
+torch.library.register_autograd(
+    "peftreg::lora_multi_add", _lora_multi_backward, setup_context=_lora_multi_setup)

@@ -381,3 +381,167 @@ def _nf4_lora_linear_backward_fake(
     _check_size(lora_a, "lora_a", 1, in_features, "(r, in_features)", "in_features")
     _check_size(lora_b, "lora_b", 0, out_features, "(out_features, r)", "out_features")
     return _lora_grads_fake(grad, lora_a, lora_b, x_lora is not None, output_mask)
+
+
+# --- IA3, Houlsby, multi-LoRA (csrc/fused/adapters_args.h holds the C++ checks these repeat) ---
+
+
+def _adapter_check(op: str, cond: bool, message: str) -> None:
+    torch._check(cond, lambda: f"{op}: {message}")
+
+
+def _adapter_same(op: str, named: list[tuple[str, torch.Tensor]], ref: torch.Tensor,
+                  ref_name: str) -> None:
+    for name, t in named:
+        _adapter_check(op, t.dtype == ref.dtype,
+                       f"argument '{name}' has dtype {t.dtype} but '{ref_name}' has dtype "
+                       f"{ref.dtype}; all tensor arguments must share one dtype")
+    for name, t in named:
+        _adapter_check(op, t.device == ref.device,
+                       f"argument '{name}' is on device {t.device} but '{ref_name}' is on "
+                       f"device {ref.device}; all tensor arguments must be on one device")
+
+
+def _adapter_dim(op: str, t: torch.Tensor, name: str, dim: int, layout: str) -> None:
+    _adapter_check(op, t.dim() == dim,
+                   f"argument '{name}' must be {dim}-D {layout} but has shape {_shape(t)}")
+
+
+def _adapter_size(op: str, t: torch.Tensor, name: str, dim: int, expected: int, layout: str,
+                  meaning: str) -> None:
+    _adapter_check(op, t.shape[dim] == expected,
+                   f"argument '{name}' must have shape {layout} with size {expected} at dim "
+                   f"{dim} ({meaning}) but has shape {_shape(t)}")
+
+
+def _adapter_input(op: str, x: torch.Tensor, name: str, layout: str) -> None:
+    _adapter_check(op, x.dim() >= 1, f"argument '{name}' must have at least 1 dimension(s) "
+                   f"{layout} but has shape {_shape(x)}")
+    _adapter_check(op, x.dtype in _SUPPORTED_DTYPES,
+                   f"argument '{name}' has dtype {x.dtype}; expected one of float32, bfloat16, "
+                   "float16 or float64")
+
+
+def _ia3_weight_checks(op: str, x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> int:
+    _adapter_input(op, x, "x", "(..., in_features)")
+    _adapter_dim(op, weight, "weight", 2, "(out_features, in_features)")
+    _adapter_size(op, weight, "weight", 1, x.shape[-1], "(out_features, in_features)",
+                  "in_features = x.shape[-1]")
+    out_features = weight.shape[0]
+    if bias is not None:
+        _adapter_dim(op, bias, "bias", 1, "(out_features,)")
+        _adapter_size(op, bias, "bias", 0, out_features, "(out_features,)",
+                      "out_features = weight.shape[0]")
+    return out_features
+
+
+@torch.library.register_fake("peftreg::ia3_linear")
+def _ia3_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     scale: torch.Tensor, scale_input: bool) -> torch.Tensor:
+    """Shape of ``(x W^T + b) * l`` or ``(x * l) W^T + b``."""
+    op = "peftreg::ia3_linear"
+    out_features = _ia3_weight_checks(op, x, weight, bias)
+    if scale_input:
+        _adapter_dim(op, scale, "scale", 1, "(in_features,)")
+        _adapter_size(op, scale, "scale", 0, x.shape[-1], "(in_features,)",
+                      "scale_input=True: in_features = x.shape[-1]")
+    else:
+        _adapter_dim(op, scale, "scale", 1, "(out_features,)")
+        _adapter_size(op, scale, "scale", 0, out_features, "(out_features,)",
+                      "scale_input=False: out_features = weight.shape[0]")
+    named = [("weight", weight), ("scale", scale)] + ([("bias", bias)] if bias is not None else [])
+    _adapter_same(op, named, x, "x")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("peftreg::ia3_scale_grad")
+def _ia3_scale_grad_fake(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                         weight: torch.Tensor, bias: torch.Tensor | None,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """Shape of the scale's gradient: ``(out_features,)``."""
+    op = "peftreg::ia3_scale_grad"
+    out_features = _ia3_weight_checks(op, x, weight, bias)
+    _adapter_dim(op, scale, "scale", 1, "(out_features,)")
+    _adapter_size(op, scale, "scale", 0, out_features, "(out_features,)",
+                  "out_features = weight.shape[0]")
+    expected = [*x.shape[:-1], out_features]
+    _adapter_check(op, list(out.shape) == expected,
+                   f"argument 'out' must have shape (*x.shape[:-1], out_features) = {expected} "
+                   f"but has shape {_shape(out)}")
+    _adapter_check(op, grad.shape == out.shape,
+                   f"argument 'grad' must have the same shape as 'out' {_shape(out)} but has "
+                   f"shape {_shape(grad)}")
+    named = [("grad", grad), ("out", out), ("weight", weight), ("scale", scale)]
+    if bias is not None:
+        named.append(("bias", bias))
+    _adapter_same(op, named, x, "x")
+    return x.new_empty((out_features,))
+
+
+_HOULSBY_ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+
+@torch.library.register_fake("peftreg::houlsby_adapter")
+def _houlsby_adapter_fake(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
+                          w_up: torch.Tensor, b_up: torch.Tensor | None,
+                          activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes of ``out`` (like ``h``) and ``z`` (``(..., bottleneck)``)."""
+    op = "peftreg::houlsby_adapter"
+    _adapter_input(op, h, "h", "(..., hidden)")
+    _adapter_dim(op, w_down, "w_down", 2, "(bottleneck, hidden)")
+    _adapter_dim(op, w_up, "w_up", 2, "(hidden, bottleneck)")
+    hidden, bottleneck = h.shape[-1], w_down.shape[0]
+    _adapter_size(op, w_down, "w_down", 1, hidden, "(bottleneck, hidden)", "hidden = h.shape[-1]")
+    _adapter_size(op, w_up, "w_up", 0, hidden, "(hidden, bottleneck)", "hidden = h.shape[-1]")
+    _adapter_size(op, w_up, "w_up", 1, bottleneck, "(hidden, bottleneck)",
+                  "bottleneck = w_down.shape[0]")
+    named = [("w_down", w_down), ("w_up", w_up)]
+    if b_down is not None:
+        _adapter_dim(op, b_down, "b_down", 1, "(bottleneck,)")
+        _adapter_size(op, b_down, "b_down", 0, bottleneck, "(bottleneck,)",
+                      "bottleneck = w_down.shape[0]")
+        named.append(("b_down", b_down))
+    if b_up is not None:
+        _adapter_dim(op, b_up, "b_up", 1, "(hidden,)")
+        _adapter_size(op, b_up, "b_up", 0, hidden, "(hidden,)", "hidden = h.shape[-1]")
+        named.append(("b_up", b_up))
+    _adapter_same(op, named, h, "h")
+    _adapter_check(op, activation in _HOULSBY_ACTIVATIONS,
+                   f"argument 'activation' is '{activation}'; expected one of relu, gelu, silu, "
+                   "tanh")
+    return h.new_empty(h.shape), h.new_empty((*h.shape[:-1], bottleneck))
+
+
+@torch.library.register_fake("peftreg::lora_multi_add")
+def _lora_multi_add_fake(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, scaling: torch.Tensor,
+                         index: torch.Tensor) -> torch.Tensor:
+    """Shape of ``base`` plus each row's own adapter update."""
+    op = "peftreg::lora_multi_add"
+    _adapter_input(op, x, "x", "(..., in_features)")
+    _adapter_dim(op, lora_a, "lora_a", 3, "(adapters, r, in_features)")
+    _adapter_dim(op, lora_b, "lora_b", 3, "(adapters, out_features, r)")
+    _adapter_dim(op, scaling, "scaling", 1, "(adapters,)")
+    adapters, rank, out_features = lora_a.shape[0], lora_a.shape[1], lora_b.shape[1]
+    _adapter_size(op, lora_a, "lora_a", 2, x.shape[-1], "(adapters, r, in_features)",
+                  "in_features = x.shape[-1]")
+    _adapter_size(op, lora_b, "lora_b", 0, adapters, "(adapters, out_features, r)",
+                  "adapters = lora_a.shape[0]")
+    _adapter_size(op, lora_b, "lora_b", 2, rank, "(adapters, out_features, r)",
+                  "r = lora_a.shape[1]")
+    _adapter_size(op, scaling, "scaling", 0, adapters, "(adapters,)",
+                  "adapters = lora_a.shape[0]")
+    expected = [*x.shape[:-1], out_features]
+    _adapter_check(op, list(base.shape) == expected,
+                   f"argument 'base' must have shape (*x.shape[:-1], out_features) = {expected} "
+                   f"but has shape {_shape(base)}")
+    _adapter_check(op, list(index.shape) == list(x.shape[:-1]),
+                   f"argument 'index' must have shape x.shape[:-1] = {list(x.shape[:-1])} (one "
+                   f"adapter per row) but has shape {_shape(index)}")
+    _adapter_check(op, index.dtype == torch.int64,
+                   f"argument 'index' has dtype {index.dtype}; expected Long (int64)")
+    _adapter_same(op, [("base", base), ("lora_a", lora_a), ("lora_b", lora_b)], x, "x")
+    _adapter_check(op, scaling.dtype in _SUPPORTED_DTYPES,
+                   f"argument 'scaling' has dtype {scaling.dtype}; expected a floating dtype")
+    return base.new_empty(base.shape)

@@ -10,6 +10,7 @@ loudly rather than silently land here. Signatures match :mod:`peftreg.ops.fused`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -278,3 +279,94 @@ def nf4_lora_linear(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
     if dropout_p > 0:
         x_l = lora_dropout(x_l, dropout_p, dropout_seed)
     return base + scaling * F.linear(F.linear(x_l, lora_a), lora_b)
+
+
+# --- IA3, Houlsby, multi-LoRA -----------------------------------------------------------------
+
+__all__ += ["HOULSBY_ACTIVATIONS", "houlsby_adapter", "ia3_linear", "lora_multi_add"]
+
+
+def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               scale: torch.Tensor, scale_input: bool) -> torch.Tensor:
+    """(IA)^3 on one linear layer (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is
+    Better and Cheaper than In-Context Learning", section 3.3).
+
+    The method rescales activations element-wise with learned vectors: keys and values of the
+    attention, ``l_k ⊙ K`` and ``l_v ⊙ V`` (the *outputs* of the key/value projections), and the
+    feed-forward activation ``(l_ff ⊙ act(W1 x)) W2`` (the *input* of the down projection).
+
+    Args:
+        x: ``(..., in_features)``.
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or None.
+        scale: ``l``: ``(out_features,)`` when ``scale_input`` is False, ``(in_features,)``
+            when True.
+        scale_input: scale the layer's input (feed-forward) rather than its output.
+
+    Returns:
+        ``(x W^T + b) ⊙ l`` or ``(x ⊙ l) W^T + b``, shape ``(..., out_features)``.
+    """
+    if scale_input:
+        return F.linear(x * scale, weight, bias)
+    return F.linear(x, weight, bias) * scale
+
+
+HOULSBY_ACTIVATIONS: dict[str, Any] = {
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
+}
+
+
+def houlsby_adapter(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
+                    w_up: torch.Tensor, b_up: torch.Tensor | None, activation: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bottleneck adapter (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP",
+    section 2.1, figure 2): project the ``d``-dimensional features down to ``m``, apply a
+    nonlinearity, project back up, and add a skip connection.
+
+    Args:
+        h: the sub-layer output, ``(..., hidden)``.
+        w_down: ``(bottleneck, hidden)``; b_down: ``(bottleneck,)`` or None.
+        w_up: ``(hidden, bottleneck)``; b_up: ``(hidden,)`` or None.
+        activation: ``"relu"``, ``"gelu"`` (exact), ``"silu"`` or ``"tanh"``.
+
+    Returns:
+        ``(h + act(z) W_up^T + b_up, z)`` with ``z = h W_down^T + b_down`` (the pre-activation
+        the compiled op also returns for its backward).
+    """
+    z = F.linear(h, w_down, b_down)
+    return h + F.linear(HOULSBY_ACTIVATIONS[activation](z), w_up, b_up), z
+
+
+def lora_multi_add(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, scaling: torch.Tensor, index: torch.Tensor
+                   ) -> torch.Tensor:
+    """Many LoRA adapters in one batch, one adapter per row (S-LoRA, Sheng et al. 2023,
+    section 4; Punica's SGMV, Chen et al. 2023): ``h_i = base_i + s_k (x_i A_k^T) B_k^T`` with
+    ``k = index_i`` (LoRA, Hu et al. 2021, eq. 3, per row); ``k = -1`` leaves ``base_i``.
+
+    Written as the segmented product the papers describe: the rows of each adapter are gathered,
+    multiplied by that adapter's factors, and scattered back. Ranks below ``r`` are zero-padded,
+    which adds exact zeros.
+
+    Args:
+        base: base layer output ``(..., out_features)``.
+        x: layer input ``(..., in_features)``.
+        lora_a: stacked ``A``, ``(adapters, r, in_features)``.
+        lora_b: stacked ``B``, ``(adapters, out_features, r)``.
+        scaling: ``(adapters,)`` per-adapter ``alpha / r``.
+        index: ``x.shape[:-1]`` int64 adapter per row, -1 for none.
+
+    Returns:
+        Tensor shaped like ``base``.
+    """
+    out_features = base.shape[-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    idx = index.reshape(-1)
+    out = base.reshape(-1, out_features).clone()
+    for k in range(lora_a.shape[0]):
+        rows = torch.nonzero(idx == k).reshape(-1)
+        if rows.numel() == 0:
+            continue
+        update = F.linear(F.linear(x2d.index_select(0, rows), lora_a[k]), lora_b[k])
+        out.index_add_(0, rows, (update * scaling[k]).to(out.dtype))
+    return out.reshape(base.shape)
