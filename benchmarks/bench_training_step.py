@@ -2,8 +2,9 @@
 
 Model: a random-init Llama-style decoder (hidden 512, intermediate 1376, 4 layers, vocab 4096),
 batch 8 x 128 tokens, LoRA r=16 (alpha 32) on every linear layer except the output head; one step
-= forward, backward, AdamW step. Every case runs in a fresh subprocess (so one case's allocator
-caches do not hide another's memory), on the same seeds and batch, one after the other.
+= forward, backward, AdamW step. Step times come from one process that takes the cases' steps in
+turn (so a shared machine's slow drifts hit every case alike); peak memory from one process per
+case, with glibc told to return freed blocks at once so the resident set follows live memory.
 
 Cases, in fp32 and in bf16:
 * floor: the frozen base alone in plain PyTorch, forward plus input gradients (no adapters);
@@ -16,9 +17,9 @@ Cases, in fp32 and in bf16:
 
 "over floor" is the step minus the torch floor; for peftreg's fused rows "over own floor" is the
 step minus the peftreg-kernels floor: what the adapters themselves add. Peak memory is the rise
-of the process's resident memory during the timed steps.
+of the resident memory during one step after a warm-up step.
 
-    python benchmarks/bench_training_step.py [--dtype float32|bfloat16|both] [--steps N]
+    python benchmarks/bench_training_step.py [--dtype float32|bfloat16|both] [--rounds N]
 """
 
 from __future__ import annotations
@@ -117,17 +118,12 @@ def build(case: str, dtype: torch.dtype):
     return peft.get_peft_model(model, lora), False
 
 
-def run_case(case: str, dtype: torch.dtype, steps: int, warmup: int) -> dict:
-    """Time ``steps`` training steps of one case in this process (called in a subprocess)."""
-    from peftreg.compare.memory import PeakMemory
+def _make_step(case: str, dtype: torch.dtype):
+    """A closure running one training step of ``case`` (model built here, batch fixed)."""
+    from peftreg import kernels
 
-    if case.endswith("_plain"):
-        from peftreg import kernels
-
-        kernels.set_kernel_mode("reference")
     model, embeds_in = build(case, dtype)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 4096, (8, 128), generator=gen)
+    ids = torch.randint(0, 4096, (8, 128), generator=torch.Generator().manual_seed(0))
     if embeds_in:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         batch = {"inputs_embeds": embeds, "labels": ids}
@@ -135,78 +131,110 @@ def run_case(case: str, dtype: torch.dtype, steps: int, warmup: int) -> dict:
         batch = {"input_ids": ids, "labels": ids}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    mode = "reference" if case.endswith("_plain") else "auto"
 
     def step() -> None:
-        model(**batch).loss.backward()
+        with kernels.kernels(mode):
+            model(**batch).loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    with PeakMemory() as peak:
-        for _ in range(steps):
+    return step, sum(p.numel() for p in params)
+
+
+def time_interleaved(cases: list[str], dtype: torch.dtype, rounds: int) -> dict:
+    """Median step time per case, the cases' steps taken in turn (A, B, C, A, B, C, ...) so
+    that slow drifts of a shared machine hit every case alike."""
+    steps = {}
+    for case in cases:
+        steps[case], _ = _make_step(case, dtype)
+        steps[case]()  # warm-up
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for _ in range(rounds):
+        for case in cases:
             start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    return {"case": case, "step_ms": 1000 * statistics.median(times),
-            "spread_ms": 1000 * (max(times) - min(times)), "steps": steps,
-            "peak_mb": peak.increase / 2**20, "trainable": sum(p.numel() for p in params)}
+            steps[case]()
+            times[case].append(1000 * (time.perf_counter() - start))
+    return {case: {"step_ms": statistics.median(t), "min_ms": min(t), "rounds": rounds}
+            for case, t in times.items()}
 
 
-def in_subprocess(case: str, dtype: str, steps: int, warmup: int) -> dict:
-    cmd = [sys.executable, __file__, "--one-case", case, "--dtype", dtype, "--steps", str(steps),
-           "--warmup", str(warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+def peak_memory(case: str, dtype: torch.dtype) -> dict:
+    """Resident-memory rise over one training step after a warm-up step (own process)."""
+    from peftreg.compare.memory import PeakMemory
+
+    step, trainable = _make_step(case, dtype)
+    step()
+    with PeakMemory() as peak:
+        step()
+    return {"peak_mb": peak.increase / 2**20, "trainable": trainable}
+
+
+def _subprocess(args: list[str], env: dict[str, str] | None = None) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"case": case, "error": reason[:100]}
+        return {"error": reason[:100]}
     return json.loads(lines[-1])
+
+
+# glibc returns every block of 64 KiB or more to the system when it is freed (a fixed mmap
+# threshold), so the resident set follows live memory and one case's allocator cache cannot
+# hide another's peak.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per case (default 8 in fp32, 2 in bf16)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed steps per case (default 15 in fp32, 2 in bf16)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma list of case keys")
-    parser.add_argument("--one-case", help=argparse.SUPPRESS)
+    parser.add_argument("--timing", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "training_step.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    if args.one_case:
+    if args.timing:
         dtype = getattr(torch, args.dtype)
-        print(json.dumps(run_case(args.one_case, dtype, args.steps, args.warmup)))
+        print(json.dumps(time_interleaved(args.timing.split(","), dtype, args.rounds)))
+        return
+    if args.memory:
+        print(json.dumps(peak_memory(args.memory, getattr(torch, args.dtype))))
         return
 
     rows, records = [], []
-    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
-    for dtype in dtypes:
-        steps = args.steps or (8 if dtype == "float32" else 2)
+    cases = args.cases.split(",")
+    for dtype in ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]:
+        rounds = args.rounds or (15 if dtype == "float32" else 2)
+        print(f"{dtype}: timing {len(cases)} cases, {rounds} rounds ...", flush=True)
+        timing = _subprocess(["--timing", ",".join(cases), "--dtype", dtype,
+                              "--rounds", str(rounds)])
         results = {}
-        for case in args.cases.split(","):
-            print(f"{dtype} {CASES[case]} ...", flush=True)
-            results[case] = in_subprocess(case, dtype, steps, args.warmup)
+        for case in cases:
+            print(f"{dtype}: memory of {CASES[case]} ...", flush=True)
+            memory = _subprocess(["--memory", case, "--dtype", dtype], _MALLOC_ENV)
+            results[case] = {"case": case, "dtype": dtype, **timing.get(case, timing), **memory}
         floor = results.get("floor", {}).get("step_ms")
         own_floor = results.get("floor_kernels", {}).get("step_ms")
         for case, r in results.items():
-            r["dtype"] = dtype
             records.append(r)
-            if "error" in r:
-                rows.append([dtype, CASES[case], "n/a", "", "", "", r["error"][:60]])
+            if "error" in r or "step_ms" not in r:
+                rows.append([dtype, CASES[case], "n/a", "", "", "", r.get("error", "")[:60]])
                 continue
             over = f"{r['step_ms'] - floor:+.0f}" if floor and "floor" not in case else "-"
             own = (f"{r['step_ms'] - own_floor:+.0f}"
                    if own_floor and case.endswith("_fused") else "-")
-            rows.append([dtype, CASES[case], f"{r['step_ms']:.0f}", f"{r['spread_ms']:.0f}",
-                         over, own, f"{r['peak_mb']:.0f}"])
+            peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "n/a"
+            rows.append([dtype, CASES[case], f"{r['step_ms']:.0f}", f"{r['min_ms']:.0f}", over,
+                         own, peak])
     print_table("Training step (batch 8 x 128, LoRA r=16 on every linear layer but the head)",
-                ["dtype", "case", "step ms", "spread ms", "over floor ms", "over own floor ms",
+                ["dtype", "case", "median ms", "min ms", "over floor ms", "over own floor ms",
                  "peak MiB"], rows)
     write_json(args.out, {"environment": environment(torch.device("cpu")), "results": records})
     print(f"wrote {args.out}")
