@@ -185,3 +185,17 @@ def tol(check: str, dtype: torch.dtype) -> dict[str, float]:
     except KeyError:
         raise KeyError(f"tests/tolerances.py has no entry for ({check!r}, {dtype})") from None
     return {"atol": entry.atol, "rtol": entry.rtol}
+
+
+def scaled_close(actual: torch.Tensor, expected: torch.Tensor, check: str, dtype: torch.dtype,
+                 what: str = "") -> None:
+    """assert_close with :func:`tol` after dividing both sides by ``max(1, max|expected|)``.
+
+    Kernel outputs are compared in float64 on the CPU; the scaling turns the table's atol into
+    an error relative to the largest expected value, as the table's entries assume.
+    """
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, what
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual / scale, expected / scale, **tol(check, dtype),
+                               msg=lambda m: f"{what}: {m}" if what else m)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tolerances import tol
+from tolerances import scaled_close
 
 import peftreg
 from peftreg.kernels import kernels
@@ -27,15 +27,6 @@ shape_param = pytest.mark.parametrize("shape", SHAPES,
                                       ids=[f"shape={'x'.join(map(str, s[0])) or 'vec'},"
                                            f"h={s[1]},m={s[2]}" for s in SHAPES])
 NAMES = ("h", "w_down", "b_down", "w_up", "b_up")
-
-
-def scaled_close(actual, expected, check, dtype, what):
-    """assert_close after dividing both sides by max(1, max|expected|) (tests/tolerances.py)."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, what
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual / scale, expected / scale, **tol(check, dtype),
-                               msg=lambda m: f"{what}: {m}")
 
 
 def masters(lead, hidden, m, *, bias=True, seed=0):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tolerances import tol
+from tolerances import scaled_close
 
 import peftreg
 from peftreg import ops
@@ -27,15 +27,6 @@ SHAPES = [((1,), 1, 3), ((7,), 17, 31), ((3, 5), 65, 33), ((), 9, 4), ((300,), 3
 shape_param = pytest.mark.parametrize("shape", SHAPES,
                                       ids=[f"shape={'x'.join(map(str, s[0])) or 'vec'},"
                                            f"in={s[1]},out={s[2]}" for s in SHAPES])
-
-
-def scaled_close(actual, expected, check, dtype, what):
-    """assert_close after dividing both sides by max(1, max|expected|) (tests/tolerances.py)."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, what
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual / scale, expected / scale, **tol(check, dtype),
-                               msg=lambda m: f"{what}: {m}")
 
 
 def masters(lead, in_f, out_f, scale_input, *, bias=True, seed=0):

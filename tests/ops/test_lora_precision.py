@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import tol
+from tolerances import scaled_close
 
 from peftreg.ops import fused
 
@@ -35,12 +35,6 @@ def _reference(m: dict[str, torch.Tensor], s: float) -> torch.Tensor:
     return d["x"] @ d["weight"].T + d["bias"] + s * (d["x"] @ d["lora_a"].T) @ d["lora_b"].T
 
 
-def _scaled_close(actual: torch.Tensor, expected: torch.Tensor, check: str,
-                  dtype: torch.dtype) -> None:
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double() / scale, expected / scale, **tol(check, dtype))
-
-
 @WIDEN
 @DTYPES
 def test_forward_and_backward_match_float64(monkeypatch, widen, dtype):
@@ -50,7 +44,7 @@ def test_forward_and_backward_match_float64(monkeypatch, widen, dtype):
     y = fused.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"],
                           leaves["lora_b"], 1.5)
     assert y.dtype == dtype
-    _scaled_close(y, _reference(m, 1.5), "lora_linear.forward", dtype)
+    scaled_close(y, _reference(m, 1.5), "lora_linear.forward", dtype)
 
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     y.backward(upstream)
@@ -59,7 +53,7 @@ def test_forward_and_backward_match_float64(monkeypatch, widen, dtype):
     _reference(ref_leaves, 1.5).backward(upstream.double())
     for name in ("x", "lora_a", "lora_b"):
         assert leaves[name].grad.dtype == dtype
-        _scaled_close(leaves[name].grad, ref_leaves[name].grad, "lora_linear.backward", dtype)
+        scaled_close(leaves[name].grad, ref_leaves[name].grad, "lora_linear.backward", dtype)
 
 
 @WIDEN
@@ -71,7 +65,7 @@ def test_large_bf16_activations_stay_finite_and_exact(monkeypatch, widen):
     a, b = m["lora_a"].clone().requires_grad_(), m["lora_b"].clone().requires_grad_()
     y = fused.lora_linear(x, m["weight"], m["bias"], a, b, 2.0)
     assert torch.isfinite(y).all()
-    _scaled_close(y, _reference(m, 2.0), "lora_linear.forward", torch.bfloat16)
+    scaled_close(y, _reference(m, 2.0), "lora_linear.forward", torch.bfloat16)
     y.backward(torch.ones_like(y))
     for grad in (x.grad, a.grad, b.grad):
         assert torch.isfinite(grad).all()
@@ -104,4 +98,4 @@ def test_fp32_is_never_widened_or_guarded():
     """float32 runs ATen's own GEMM: equal to the plain expression up to summation order."""
     m = _inputs(torch.float32)
     y = fused.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.5)
-    _scaled_close(y, _reference(m, 1.5), "lora_linear.forward", torch.float32)
+    scaled_close(y, _reference(m, 1.5), "lora_linear.forward", torch.float32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import tol
+from tolerances import scaled_close
 
 from peftreg import kernels
 from peftreg.nn import Linear4bit
@@ -39,12 +39,6 @@ def _reference(layer, x, bias, a, b, s, x_lora):
     return reference.nf4_lora_linear(x, w["codes"], w["absmax"], w["nested_absmax"],
                                      w["offset"], w["blocksize"], w["nested_blocksize"],
                                      w["out_features"], w["in_features"], bias, a, b, s, x_lora)
-
-
-def _close(actual, expected, check, dtype):
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double().cpu() / scale, expected.double().cpu() / scale,
-                               **tol(check, dtype))
 
 
 CASES = [  # (leading shape, in, out, rank, double_quant, with x_lora)
@@ -77,7 +71,7 @@ def test_forward_and_gradients_match_float64(op_device, case, dtype):
     ref_xl = xl.double().requires_grad_() if with_xl else None
     expected = _reference(layer, ref_leaves[0], ref_leaves[1], ref_leaves[2], ref_leaves[3], 1.25,
                           ref_xl)
-    _close(y, expected, "nf4_linear.forward", dtype)
+    scaled_close(y, expected, "nf4_linear.forward", dtype)
 
     upstream = t(*lead, out_f)
     y.backward(upstream)
@@ -85,9 +79,9 @@ def test_forward_and_gradients_match_float64(op_device, case, dtype):
     for name, mine, ref in zip(("x", "bias", "lora_a", "lora_b"), leaves, ref_leaves,
                                strict=True):
         assert mine.grad is not None, name
-        _close(mine.grad, ref.grad, "lora_linear.backward", dtype)
+        scaled_close(mine.grad, ref.grad, "lora_linear.backward", dtype)
     if with_xl:
-        _close(xl_leaf.grad, ref_xl.grad, "lora_linear.backward", dtype)
+        scaled_close(xl_leaf.grad, ref_xl.grad, "lora_linear.backward", dtype)
 
 
 def test_only_requested_gradients(op_device):
@@ -164,6 +158,6 @@ def test_qlora_plugin_fused_equals_reference_path(monkeypatch, dtype):
     ref_out, ref_params = run("reference")
     assert not calls
     check = "nf4_linear.forward" if dtype == torch.float32 else "lora_linear.backward"
-    _close(fused_out, ref_out.double(), check, dtype)
+    scaled_close(fused_out, ref_out.double(), check, dtype)
     for mine, ref in zip(fused_params, ref_params, strict=True):
-        _close(mine, ref.double(), check, dtype)
+        scaled_close(mine, ref.double(), check, dtype)
