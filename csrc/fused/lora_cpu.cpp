@@ -85,9 +85,11 @@ bool any_non_finite_16bit(const at::Tensor& t) {
 
 bool all_finite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
-// The guard described at the top of the file; `inputs` are every tensor the output depends on.
-void check_no_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,
-                       std::initializer_list<const at::Tensor*> inputs) {
+}  // namespace
+
+void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,
+                                 std::initializer_list<const at::Tensor*> inputs) {
+  if (y.scalar_type() != at::kBFloat16 && y.scalar_type() != at::kHalf) return;
   if (!any_non_finite_16bit(y)) return;
   for (const at::Tensor* t : inputs) {
     if (t != nullptr && t->defined() && !all_finite(*t)) return;  // inf/NaN came in: pass through
@@ -98,15 +100,6 @@ void check_no_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_
               largest, ", beyond the dtype's finite range) although every input is finite; "
               "compute this layer in float32 (or bfloat16 instead of float16), or rescale "
               "its inputs");
-}
-
-}  // namespace
-
-void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,
-                                 std::initializer_list<const at::Tensor*> inputs) {
-  if (y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf) {
-    check_no_overflow(op, y, y_acc, inputs);
-  }
 }
 
 namespace {

@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/cuda_elem.cuh"
 #include "fused/lora_cuda.h"
 
 namespace peftreg::fused::cuda {
@@ -36,37 +37,7 @@ constexpr int kTile = 16;                     // 16 x 16 = 256 threads per block
 constexpr int64_t kMaxGridX = 2147483647;     // rows / kTile blocks go on grid.x
 constexpr int64_t kMaxGridY = 65535;          // out / kTile (or r / kTile) blocks go on grid.y
 
-// Loads/stores between the storage type T and its accumulation type.
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
-
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
+using peftreg::cuda_common::Elem;
 
 // Returns sum_k lhs[row, k] * rhs[col, k] for this thread's output element, where
 // row = blockIdx.x * kTile + threadIdx.y and col = blockIdx.y * kTile + threadIdx.x; lhs is
