@@ -131,14 +131,21 @@ class Linear4bit(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
 
+    def _weight_kwargs(self) -> dict[str, Any]:
+        """The quantized weight's fields as the compiled NF4 ops take them."""
+        return {"blocksize": self.blocksize, "out_features": self.out_features,
+                "in_features": self.in_features, "nested_absmax": self.weight_nested_absmax,
+                "offset": self.weight_offset, "nested_blocksize": self.nested_blocksize}
+
+    def _compute_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        bias = self._compute_bias()
         if kernels.use_compiled("nf4_linear", xc.device):
-            y = nf4_ops.linear(xc, self.weight, self.weight_absmax, blocksize=self.blocksize,
-                               out_features=self.out_features, in_features=self.in_features,
-                               nested_absmax=self.weight_nested_absmax, offset=self.weight_offset,
-                               nested_blocksize=self.nested_blocksize, bias=bias)
+            y = nf4_ops.linear(xc, self.weight, self.weight_absmax, bias=bias,
+                               **self._weight_kwargs())
         else:
             y = reference.nf4_linear(xc, self.weight, self.weight_absmax,
                                      self.weight_nested_absmax, self.weight_offset,
@@ -167,13 +174,9 @@ class Linear4bit(nn.Module):
 
         xc = x.to(self.compute_dtype)
         seed = new_dropout_seed() if dropout_p > 0 else None
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = nf4_lora_linear(xc, self.weight, self.weight_absmax, blocksize=self.blocksize,
-                               out_features=self.out_features, in_features=self.in_features,
-                               lora_a=lora_a, lora_b=lora_b, scaling=scaling,
-                               nested_absmax=self.weight_nested_absmax,
-                               offset=self.weight_offset, nested_blocksize=self.nested_blocksize,
-                               bias=bias, dropout_p=dropout_p, dropout_seed=seed)
+        y = nf4_lora_linear(xc, self.weight, self.weight_absmax, lora_a=lora_a, lora_b=lora_b,
+                            scaling=scaling, bias=self._compute_bias(), dropout_p=dropout_p,
+                            dropout_seed=seed, **self._weight_kwargs())
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
