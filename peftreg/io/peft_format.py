@@ -284,10 +284,13 @@ class _Import:
     def tensor_problem(self, key: str, problem: str) -> None:
         self.problems.append(f"{self.weights_path}: tensor {key!r}: {problem}")
 
+    def refusal(self) -> AdapterFileError:
+        return AdapterFileError(f"PEFT adapter refused ({len(self.problems)} problem(s)):\n  "
+                                + "\n  ".join(self.problems))
+
     def raise_problems(self) -> None:
         if self.problems:
-            raise AdapterFileError(f"PEFT adapter refused ({len(self.problems)} problem(s)):\n  "
-                                   + "\n  ".join(self.problems))
+            raise self.refusal()
 
     def config_error(self, problem: str) -> AdapterFileError:
         return AdapterFileError(f"{self.config_path}: {problem}")
@@ -667,8 +670,7 @@ def _prompt_from_peft(ctx: _Import, method: str, tensors: dict[str, torch.Tensor
     prompt = tensors.get(_PROMPT_KEY)
     if prompt is None:
         ctx.tensor_problem(_PROMPT_KEY, "missing")
-        ctx.raise_problems()
-    assert prompt is not None
+        raise ctx.refusal()
     token_dim = doc.get("token_dim")
     if prompt.dim() != 2 or prompt.shape[0] != n:
         ctx.tensor_problem(_PROMPT_KEY, f"shape {tuple(prompt.shape)} does not have "
