@@ -132,7 +132,7 @@ def test_header_checks_can_fail_and_pass(header, accepted):
     if accepted:
         _assert_a_valid_header(blob, *parse_header(blob, "h.safetensors"))
     else:
-        with pytest.raises(AdapterFileError, match="h.safetensors"):
+        with pytest.raises(AdapterFileError, match=r"h\.safetensors"):
             parse_header(blob, "h.safetensors")
 
 
