@@ -153,3 +153,20 @@ def test_the_adapted_model_deep_copies_and_pickles():
             clone.adapter_parameters("default")[0].add_(1.0)
             assert torch.equal(model(input_ids=ids).logits, expected)
         assert clone.model.lm_head.weight is clone.model.model.embed_tokens.weight
+
+
+def test_the_integrations_guide_trainer_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    guide = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
+                if "resume_from_checkpoint" in b]
+    monkeypatch.setattr("tempfile.mkdtemp", lambda: str(tmp_path))
+    namespace: dict = {}
+    exec(compile(block, "docs/integrations.md", "exec"), namespace)
+    model, again = namespace["model"], namespace["again"]
+    with safe_open(tmp_path / "checkpoint-2" / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+    for name, tensor in model.adapter_state_dict("default").items():
+        torch.testing.assert_close(again.adapter_state_dict("default")[name], tensor)
