@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftreg.compare import assets
+from peftreg.compare.gguf import release_dequantized_gguf
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -192,8 +193,10 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
 
     def make_model() -> nn.Module:
         torch.manual_seed(seed)
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        # transformers marks a GGUF model quantized even when it unpacked every weight, and
+        # Trainer then refuses it: take the stale mark off (see peftreg.compare.gguf).
+        return release_dequantized_gguf(transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

@@ -20,9 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +29,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnknownMethodError
+from peftreg.io.atomic import atomic_write, describe_write_failure, fsync_dir
 from peftreg.io.files import readable_file
 from peftreg.io.validate import (
     DuplicateKeyError,
@@ -86,28 +85,9 @@ class AdapterDir:
         return (self.path / CONFIG_FILE).stat().st_size + self.tensor_file.stat().st_size
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot sync directories
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+# The names the PEFT-format writer and the optimizer checkpoint import (kept for them).
+_fsync_dir = fsync_dir
+_atomic_write = atomic_write
 
 
 def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
@@ -121,7 +101,8 @@ def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
 
     Raises:
         AdapterError: ``name`` is not an adapter of ``model``.
-        AdapterFileError: ``directory`` exists and is not a directory.
+        AdapterFileError: ``directory`` cannot be written (it is a file, lies below one, or
+            the system refuses); the message names the directory and the cause.
     """
     record = model.record(name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in
@@ -157,11 +138,31 @@ def write_adapter_dir(
         The directory path.
 
     Raises:
-        AdapterFileError: ``directory`` exists and is not a directory.
+        AdapterFileError: ``directory`` cannot be written (it is a file, lies below one, or
+            the system refuses); the message names the directory and the cause.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"{directory}: exists and is not a directory")
+    try:
+        return _write_adapter_files(directory, adapter_name=adapter_name, config=config,
+                                    tensors=tensors, source=source, targets=targets,
+                                    saved_modules=saved_modules)
+    except OSError as exc:
+        raise AdapterFileError(f"{directory}: cannot write the adapter: "
+                               f"{describe_write_failure(directory / CONFIG_FILE, exc)}") from exc
+
+
+def _write_adapter_files(
+    directory: Path,
+    *,
+    adapter_name: str,
+    config: MethodConfig,
+    tensors: dict[str, torch.Tensor],
+    source: PluginSource,
+    targets: list[str],
+    saved_modules: list[str],
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     blob = save_safetensors_bytes(tensors, metadata={"format": "pt", "peftreg_method":
                                                      config.method})
