@@ -154,15 +154,18 @@ def summary_lines(rows: Sequence[RowSummary], metric: str) -> list[str]:
     """The closing sentences: the verdict and each method's distance to full fine-tuning."""
     winner, tied = verdict(rows, metric)
     by_name = {r.row: r for r in rows}
-    if winner is not None:
+    single_seed = any(math.isnan(by_name[t].metric.half_width) for t in tied)
+    if len(tied) == 1 or (winner is None and not tied):
+        lines = []
+    elif single_seed:
+        lines = [f"no best {metric} named: one seed gives no intervals (run --seeds 2 or more)"]
+    elif winner is not None:
         best = by_name[winner]
         lines = [f"best {metric}: {winner} ({best.metric.format()}); its 95% interval clears "
                  "every other method's"]
-    elif tied:
+    else:
         lines = [f"no clear best {metric}: {', '.join(tied)} are tied within their 95% "
                  f"intervals (best mean: {tied[0]}, {by_name[tied[0]].metric.format()})"]
-    else:
-        lines = []
     full = by_name.get(FULL_FINE_TUNING)
     if full is not None and full.runs:
         lines.append(f"full fine-tuning: {full.metric.format()} with "

@@ -38,7 +38,7 @@ class RunSettings:
         baselines: run full fine-tuning and head-only training as rows too.
     """
 
-    steps: int = 40
+    steps: int = 30
     batch_size: int = 16
     max_length: int = 40
     seed: int = 0

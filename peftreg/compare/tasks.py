@@ -92,6 +92,17 @@ class Task:
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns no example of the batch uses. Padding sits at the end and is
+    masked, so every real token's output is unchanged; the work shrinks with the longest
+    example instead of ``max_length`` (tweets are mostly far shorter)."""
+    mask = batch["attention_mask"]
+    width = mask.shape[1]
+    used = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else width
+    return {k: v[:, :used] if v.dim() == 2 and v.shape[1] == width else v
+            for k, v in batch.items()}
+
+
 def _batches(encoded: dict[str, torch.Tensor], batch_size: int, steps: int, seed: int
              ) -> Iterator[dict[str, torch.Tensor]]:
     n = encoded["labels"].shape[0]
@@ -103,7 +114,7 @@ def _batches(encoded: dict[str, torch.Tensor], batch_size: int, steps: int, seed
             order, cursor = torch.randperm(n, generator=gen), 0
         index = order[cursor:cursor + batch_size]
         cursor += batch_size
-        yield {k: v[index] for k, v in encoded.items()}
+        yield trim_padding({k: v[index] for k, v in encoded.items()})
 
 
 def _encode(tokenizer: Any, examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
@@ -132,6 +143,10 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
     train, test = balanced_split(data, train_per_class, test_per_class, seed)
     train_enc = _encode(tokenizer, train, max_length)
     test_enc = _encode(tokenizer, test, max_length)
+    # Scored in order of length so that each batch trims to similar lengths (accuracy does
+    # not depend on the order).
+    by_length = torch.argsort(test_enc["attention_mask"].sum(dim=1), stable=True)
+    test_enc = {k: v[by_length] for k, v in test_enc.items()}
 
     def make_model(run_seed: int) -> nn.Module:
         torch.manual_seed(run_seed)  # the new head starts the same for every method of a seed
@@ -148,7 +163,7 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
         correct = 0
         with torch.no_grad():
             for start in range(0, test_enc["labels"].shape[0], 64):
-                batch = {k: v[start:start + 64] for k, v in test_enc.items()}
+                batch = trim_padding({k: v[start:start + 64] for k, v in test_enc.items()})
                 logits = model(**inputs(batch)).logits
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
         return correct / test_enc["labels"].shape[0]
@@ -207,7 +222,7 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, test_enc["labels"].shape[0], 32):
-                batch = {k: v[start:start + 32] for k, v in test_enc.items()}
+                batch = trim_padding({k: v[start:start + 32] for k, v in test_enc.items()})
                 total += float(model(**batch).loss) * batch["labels"].shape[0]
                 count += batch["labels"].shape[0]
         return total / count
