@@ -22,7 +22,6 @@ keys read ``<module path>.ia3_l``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import ClassVar, Final
 
 import torch
@@ -35,6 +34,7 @@ from peftreg.families import ModelFamily
 from peftreg.host import LayerAdapter
 from peftreg.method import Capabilities, PEFTMethod
 from peftreg.model import host_for
+from peftreg.patterns import UnsafePatternError, compile_pattern
 from peftreg.targets import TargetedConfig, matches, select_targets
 
 # Scaling a weight by l and dividing it back out is exact to rounding for any l that keeps the
@@ -86,11 +86,10 @@ class IA3Config(TargetedConfig):
             if value == "all-linear":
                 raise self.error("feedforward_modules", "'all-linear' is only valid for "
                                  "target_modules", value)
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise self.error("feedforward_modules", f"invalid regular expression: {exc}",
-                                 value) from exc
+            try:  # from users and files: bounded time
+                compile_pattern(value, f"{type(self).__name__}.feedforward_modules")
+            except UnsafePatternError as exc:
+                raise self.error("feedforward_modules", exc.problem) from exc
 
 
 class IA3Linear(LayerAdapter):

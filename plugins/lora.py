@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import ClassVar, Literal
 
 import torch
@@ -28,6 +27,7 @@ from peftreg.host import LayerAdapter
 from peftreg.method import Capabilities, PEFTMethod
 from peftreg.model import host_for
 from peftreg.ops.reference import lora_dropout, new_dropout_seed
+from peftreg.patterns import UnsafePatternError, compile_pattern, pattern_fullmatch
 from peftreg.targets import TargetedConfig, select_targets
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,6 +79,12 @@ class LoraConfig(TargetedConfig):
         for key, alpha in self.alpha_pattern.items():
             if alpha <= 0:
                 raise self.error("alpha_pattern", f"alpha for {key!r} must be > 0", alpha)
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field):
+                try:  # keys are names or regexes, from users and files: bounded time
+                    compile_pattern(key, f"{type(self).__name__}.{field}")
+                except UnsafePatternError as exc:
+                    raise self.error(field, f"key {exc.problem}") from exc
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         """Rank and scaling for the module at ``path`` (after per-module overrides)."""
@@ -89,7 +95,7 @@ class LoraConfig(TargetedConfig):
 
 def _pattern_value(pattern: dict, path: str, default: float) -> float:
     for key, value in pattern.items():
-        if path == key or path.endswith("." + key) or re.fullmatch(key, path):
+        if path == key or path.endswith("." + key) or pattern_fullmatch(key, path):
             return value
     return default
 

@@ -70,8 +70,10 @@ class Task:
 
     Attributes:
         name: task name for the report.
-        make_model: builds the pretrained base model (same weights every call).
-        train_batches: yields (inputs, labels) training batches, the same sequence every call.
+        make_model: builds the pretrained base model for a seed (same pretrained weights every
+            call; a new head is initialised from the seed).
+        train_batches: yields the training batches for a seed (the same sequence for the same
+            seed; the data order follows the seed).
         evaluate: returns the held-out metric of a model (higher is better when
             ``metric`` is ``"accuracy"``).
         metric: ``"accuracy"`` or ``"loss"``.
@@ -81,8 +83,8 @@ class Task:
     """
 
     name: str
-    make_model: Callable[[], nn.Module]
-    train_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    make_model: Callable[[int], nn.Module]
+    train_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]
     evaluate: Callable[[nn.Module], float]
     metric: str
     latency_inputs: dict[str, torch.Tensor]
@@ -131,8 +133,8 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
     train_enc = _encode(tokenizer, train, max_length)
     test_enc = _encode(tokenizer, test, max_length)
 
-    def make_model() -> nn.Module:
-        torch.manual_seed(seed)  # the new classification head starts the same for every method
+    def make_model(run_seed: int) -> nn.Module:
+        torch.manual_seed(run_seed)  # the new head starts the same for every method of a seed
         return transformers.AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=len(LABELS), local_files_only=True)
 
@@ -154,7 +156,7 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
     return Task(
         name=f"tweet sentiment (3 classes), {model_dir.parent.name}",
         make_model=make_model,
-        train_batches=lambda: _batches(train_enc, batch_size, steps, seed),
+        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
         evaluate=evaluate,
         metric="accuracy",
         latency_inputs=inputs({k: v[:batch_size] for k, v in test_enc.items()}),
@@ -191,8 +193,8 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
 
     train_enc, test_enc = encode(train), encode(test)
 
-    def make_model() -> nn.Module:
-        torch.manual_seed(seed)
+    def make_model(run_seed: int) -> nn.Module:
+        torch.manual_seed(run_seed)
         # transformers marks a GGUF model quantized even when it unpacked every weight, and
         # Trainer then refuses it: take the stale mark off (see peftreg.compare.gguf).
         return release_dequantized_gguf(transformers.AutoModelForCausalLM.from_pretrained(
@@ -213,7 +215,7 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
     return Task(
         name="tweet language modelling, SmolLM2-135M-Instruct",
         make_model=make_model,
-        train_batches=lambda: _batches(train_enc, batch_size, steps, seed),
+        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
         evaluate=evaluate,
         metric="loss",
         latency_inputs={k: v[:batch_size] for k, v in test_enc.items() if k != "labels"},

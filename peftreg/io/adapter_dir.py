@@ -30,6 +30,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnknownMethodError
 from peftreg.io.atomic import atomic_write, describe_write_failure, fsync_dir
+from peftreg.io.files import readable_file
 from peftreg.io.validate import (
     DuplicateKeyError,
     compare_to_expected,
@@ -197,6 +198,19 @@ def _write_adapter_files(
     return directory
 
 
+def no_adapter_message(directory: Path) -> str:
+    """The error for a directory holding neither format's config: what was looked for, and
+    what is there instead."""
+    try:
+        names = sorted(p.name for p in directory.iterdir())
+    except OSError:
+        names = []
+    there = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return (f"{directory}: no adapter found: looked for {CONFIG_FILE} (peftreg's format) and "
+            f"adapter_config.json (Hugging Face PEFT's); the directory holds "
+            f"{there or 'nothing'}")
+
+
 def read_adapter_dir(directory: str | Path, registry: Registry | None = None) -> AdapterDir:
     """Read and check an adapter directory without touching any model.
 
@@ -213,11 +227,9 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: not a directory")
-    if not config_path.is_file():
-        hint = ""
-        if (directory / "adapter_config.json").is_file():
-            hint = " (it looks like a Hugging Face PEFT adapter)"
-        raise AdapterFileError(f"{directory}: no {CONFIG_FILE}{hint}")
+    if not (config_path.exists() or config_path.is_symlink()):
+        raise AdapterFileError(no_adapter_message(directory))
+    config_path = readable_file(directory, CONFIG_FILE, "the adapter config")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
@@ -263,12 +275,8 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
     if not isinstance(tensor_name, str) or not TENSOR_FILE.fullmatch(tensor_name):
         raise AdapterFileError(f"{config_path}: tensor file name {tensor_name!r} is not of the "
                                "form adapter.<16 hex digits>.safetensors")
-    tensor_path = directory / tensor_name
-    # A shared directory (a git repository, an archive) can hold symlinks: the name is plain,
-    # but it must not lead out of the directory to some other file on this machine.
-    if tensor_path.is_symlink() and tensor_path.resolve().parent != directory.resolve():
-        raise AdapterFileError(f"{tensor_path}: is a link out of the adapter directory; "
-                               "refusing to follow it")
+    # The name is plain, but a shared directory can hold links: it must not lead elsewhere.
+    tensor_path = readable_file(directory, tensor_name, f"the tensor file {CONFIG_FILE} names")
     data = read_bounded(tensor_path)
     if hashlib.sha256(data).hexdigest() != digest:
         raise AdapterFileError(f"{tensor_path}: checksum does not match {CONFIG_FILE} (the file "

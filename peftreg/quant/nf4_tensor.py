@@ -219,7 +219,9 @@ class NF4Tensor:
             "shape": list(self.shape),
         }
         if self.double_quant:
-            assert self.offset is not None
+            if self.offset is None or self.nested_absmax is None:
+                raise NF4FormatError("uint8 absmax codes need nested_absmax and offset (double "
+                                     "quantization)")
             meta.update({
                 "nested_blocksize": self.nested_blocksize,
                 "nested_dtype": "float32",
@@ -237,7 +239,9 @@ class NF4Tensor:
         out = {prefix: self.codes, f"{prefix}.absmax": self.absmax,
                f"{prefix}.quant_map": self.quant_map}
         if self.double_quant:
-            assert self.nested_absmax is not None
+            if self.nested_absmax is None:
+                raise NF4FormatError("uint8 absmax codes need nested_absmax (double "
+                                     "quantization)")
             out[f"{prefix}.nested_absmax"] = self.nested_absmax
             out[f"{prefix}.nested_quant_map"] = self.nested_quant_map
         blob = json.dumps(self.metadata()).encode("utf-8")

@@ -404,8 +404,10 @@ def test_broken_tensors_are_refused(broken, change, patterns):
     pytest.param({"fan_in_fan_out": True}, ["fan_in_fan_out"], id="fan_in_fan_out"),
     pytest.param({"target_parameters": ["mlp.experts.down_proj"]}, ["target_parameters"],
                  id="target_parameters"),
-    pytest.param({"use_frobnication": 2}, ["use_frobnication = 2", "may change"],
+    pytest.param({"use_frobnication": True}, ["use_frobnication = True", "switches"],
                  id="unknown-key-set"),
+    pytest.param({"frobnicate_modules": ["q_proj"]}, ["frobnicate_modules = ['q_proj']"],
+                 id="unknown-key-list"),
 ])
 def test_config_features_peftreg_cannot_reproduce_are_refused(broken, changes, patterns):
     edit_config(broken, **changes)
