@@ -185,12 +185,17 @@ class AdaptedModel(nn.Module):
         return [names[id(slot.adapter_module(name))]
                 for _, slot in iter_slots(self.model) for name in slot.adapter_names()]
 
-    def state_dict(self, *, destination: Any = None, prefix: str = "",  # type: ignore[override]
-                   keep_vars: bool = False) -> dict[str, Any]:
+    def state_dict(self, *args: Any, destination: Any = None,  # type: ignore[override]
+                   prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
         """The adapters' tensors (every adapter, saved-module copies included), keyed as in
         ``nn.Module.state_dict``; the frozen base is left out (``model.model.state_dict()`` has
         it). What ``Trainer`` writes as a checkpoint and reads back on resume."""
-        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
+            state = super().state_dict(*args)
+            prefix = args[1] if len(args) > 1 else ""
+        else:
+            state = super().state_dict(destination=destination, prefix=prefix,
+                                       keep_vars=keep_vars)
         keep = tuple(f"{prefix}{path}." for path in self._adapter_module_paths())
         for key in [k for k in state if k.startswith(prefix) and not k.startswith(keep)]:
             del state[key]

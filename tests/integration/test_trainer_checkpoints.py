@@ -49,14 +49,14 @@ def rows():
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def trainer(model, output_dir, **overrides):
+def trainer(model, output_dir, eval_dataset=None, **overrides):
     fields = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], max_steps=STEPS,
                   save_steps=SAVE_EVERY, per_device_train_batch_size=2, learning_rate=5e-2,
                   warmup_steps=0, logging_steps=1, disable_tqdm=True, seed=0,
                   dataloader_num_workers=0)
     fields.update(overrides)
     return transformers.Trainer(model=model, args=transformers.TrainingArguments(**fields),
-                                train_dataset=rows())
+                                train_dataset=rows(), eval_dataset=eval_dataset)
 
 
 def cloned_adapter(model):
@@ -170,3 +170,25 @@ def test_the_integrations_guide_trainer_example_runs(tmp_path, monkeypatch):
         assert set(f.keys()) == set(model.state_dict())
     for name, tensor in model.adapter_state_dict("default").items():
         torch.testing.assert_close(again.adapter_state_dict("default")[name], tensor)
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    # "Best" is the highest eval loss here, so it is the first checkpoint while the loss falls:
+    # loading it must undo the later steps.
+    model = adapted(True)
+    run = trainer(model, tmp_path / "run", eval_dataset=rows(), eval_strategy="steps",
+                  eval_steps=SAVE_EVERY, load_best_model_at_end=True,
+                  metric_for_best_model="eval_loss", greater_is_better=True)
+    run.train()
+    evals = [e["eval_loss"] for e in run.state.log_history if "eval_loss" in e]
+    assert len(evals) >= 2 and evals[1] < evals[0], evals
+    best = tmp_path / "run" / f"checkpoint-{SAVE_EVERY}"
+    assert run.state.best_model_checkpoint == str(best)
+    with safe_open(best / "model.safetensors", "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(tmp_path / "run" / f"checkpoint-{STEPS}" / "model.safetensors", "pt") as f:
+        last = {k: f.get_tensor(k) for k in f.keys()}
+    state = model.state_dict()
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert any(not torch.equal(last[k], v) for k, v in saved.items())
