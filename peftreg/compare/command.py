@@ -16,7 +16,7 @@ from peftreg.compare.progress import TerminalProgress, clock, observer_for
 from peftreg.compare.runner import run_comparison
 from peftreg.compare.runs import RunSettings
 from peftreg.compare.stats import interval
-from peftreg.compare.tasks import TASKS
+from peftreg.compare.tasks import build_task
 from peftreg.errors import UnknownMethodError
 from peftreg.registry import Registry, default_registry
 
@@ -29,9 +29,14 @@ DEFAULT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
     defaults = RunSettings()
-    parser.add_argument("--model", choices=sorted(TASKS), default="minilm",
+    parser.add_argument("--model", default="minilm",
                         help="minilm: MiniLM-L6 tweet sentiment (default); smollm2: SmolLM2-135M "
-                             "tweet language modelling")
+                             "tweet language modelling; or the path of a local pretrained "
+                             "encoder directory (transformers format)")
+    parser.add_argument("--task", default=None, metavar="csv:PATH",
+                        help="classify your own texts: a CSV with a text and a label column")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names, or 'all' for every installed method "
                              f"(default: {','.join(DEFAULT_METHODS)})")
@@ -84,9 +89,10 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
                   f"{settings.seeds} seed(s)" + ("" if args.no_baselines else
                                                  ", with full fine-tuning and head-only rows"),
                   highlight=False)
-    task = TASKS[args.model](steps=settings.steps, batch_size=settings.batch_size,
-                             max_length=settings.max_length, seed=settings.seed,
-                             test_per_class=settings.test_per_class)
+    task = build_task(args.model, args.task, text_column=args.text_column,
+                      label_column=args.label_column, steps=settings.steps,
+                      batch_size=settings.batch_size, max_length=settings.max_length,
+                      seed=settings.seed, test_per_class=settings.test_per_class)
     json_path, png_path = args.out / "results.json", args.out / "results.png"
     done = []
     if args.resume and json_path.is_file():

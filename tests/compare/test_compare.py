@@ -181,3 +181,49 @@ def test_real_default_assets_end_to_end(tmp_path):
 def test_missing_asset_message():
     with pytest.raises(assets.MissingAssetError, match="pip install --no-deps not-a-package==1"):
         assets.package_dir(("not-a-package", "peftreg_no_such_module", "1"))
+
+
+@pytest.fixture(scope="module")
+def user_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "reviews.csv"
+    rows = ["id,review,verdict"]
+    for i in range(40):
+        good = i % 2 == 0
+        rows.append(f"{i},{'great good love' if good else 'awful bad hate'} the car {i},"
+                    f"{'keep' if good else 'drop'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_user_csv_task_with_a_local_model(tmp_path, tiny_bert_dir, user_csv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "--model", str(tiny_bert_dir), "--task", f"csv:{user_csv}", "--text-column", "review",
+        "--label-column", "verdict", "--methods", "lora", "--steps", "2", "--batch-size", "4",
+        "--max-length", "12", "--test-per-class", "5", "--seeds", "2", "--no-baselines",
+        "--format", "markdown", "--out", str(tmp_path)])
+    with open(tmp_path / "log.txt", "w") as log:
+        assert run(args, Console(file=log, width=200)) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["task"].startswith("reviews.csv: 2 classes")
+    assert all(r["error"] is None for r in document["runs"]) and len(document["runs"]) == 2
+    assert "| lora |" in (tmp_path / "log.txt").read_text()
+
+
+def test_user_csv_errors_name_the_problem(tmp_path, user_csv, tiny_bert_dir):
+    from peftreg.compare.tasks import TaskDataError, build_task, read_labelled_csv
+
+    with pytest.raises(TaskDataError, match="no column 'text'; the file has id, review, verdict"):
+        read_labelled_csv(user_csv, "text", "verdict")
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\na,x\nb,x\n")
+    with pytest.raises(TaskDataError, match="1 distinct label"):
+        read_labelled_csv(one, "text", "label")
+    with pytest.raises(TaskDataError, match="not a local model directory|local model directory"):
+        build_task(str(tmp_path / "nowhere"), f"csv:{user_csv}", steps=1, batch_size=1,
+                   max_length=8, seed=0, test_per_class=1)
+    with pytest.raises(TaskDataError, match="only 20 drop examples, 101 needed"):
+        build_task(str(tiny_bert_dir), f"csv:{user_csv}", text_column="review",
+                   label_column="verdict", steps=1, batch_size=1, max_length=8, seed=0,
+                   test_per_class=100)
