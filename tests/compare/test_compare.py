@@ -220,7 +220,7 @@ def test_user_csv_errors_name_the_problem(tmp_path, user_csv, tiny_bert_dir):
     one.write_text("text,label\na,x\nb,x\n")
     with pytest.raises(TaskDataError, match="1 distinct label"):
         read_labelled_csv(one, "text", "label")
-    with pytest.raises(TaskDataError, match="not a local model directory|local model directory"):
+    with pytest.raises(TaskDataError, match="nor a local model directory"):
         build_task(str(tmp_path / "nowhere"), f"csv:{user_csv}", steps=1, batch_size=1,
                    max_length=8, seed=0, test_per_class=1)
     with pytest.raises(TaskDataError, match="only 20 drop examples, 101 needed"):
