@@ -74,6 +74,7 @@ class MethodResult:
     latency_ratio: float = float("nan")           # merged where the method can merge
     latency_ratio_unmerged: float = float("nan")
     notes: str = ""
+    sweep: str = ""               # "field=value" in a sweep
     error: str | None = None
 
 

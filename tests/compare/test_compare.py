@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -227,3 +228,64 @@ def test_user_csv_errors_name_the_problem(tmp_path, user_csv, tiny_bert_dir):
         build_task(str(tiny_bert_dir), f"csv:{user_csv}", text_column="review",
                    label_column="verdict", steps=1, batch_size=1, max_length=8, seed=0,
                    test_per_class=100)
+
+
+def _sweep_run(tmp_path, tiny_bert_dir, tweets_file, monkeypatch, *extra):
+    from peftreg.compare import command
+
+    # The tweets task on the tiny model and its tiny data (no real assets needed).
+    def fake_build(model, data, **sizes):
+        kept = {k: v for k, v in sizes.items() if k not in ("text_column", "label_column")}
+        return sentiment_task(tiny_bert_dir, read_tweets(tweets_file), **kept)
+
+    monkeypatch.setattr(command, "build_task", fake_build)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--steps", "2", "--batch-size", "4", "--max-length", "12",
+                              "--test-per-class", "5", "--seeds", "2", "--out", str(tmp_path),
+                              *extra])
+    with open(tmp_path / "log.txt", "w") as log:
+        assert run(args, Console(file=log, width=250)) == 0
+    return json.loads((tmp_path / "results.json").read_text()), (tmp_path / "log.txt").read_text()
+
+
+def test_sweep_of_a_config_field(tmp_path, tiny_bert_dir, tweets_file, monkeypatch):
+    document, log = _sweep_run(tmp_path, tiny_bert_dir, tweets_file, monkeypatch,
+                               "--methods", "lora,ia3", "--sweep", "r=2,4")
+    assert document["sweep"] == {"field": "r", "values": [2, 4]}
+    runs = {(r["method"], r["sweep"], r["seed"]): r for r in document["runs"]}
+    # baselines run once (they do not depend on r), at the first value
+    assert {k[:2] for k in runs if k[0] == "full fine-tuning"} == {("full fine-tuning", "r=2")}
+    assert runs[("lora", "r=4", 0)]["trainable_params"] > runs[("lora", "r=2", 0)][
+        "trainable_params"]
+    assert "IA3Config has no field 'r'" in runs[("ia3", "r=2", 0)]["error"]
+    rows = {(r["row"], r["sweep"]): r for r in document["rows"]}
+    assert rows[("lora", "r=4")]["metric"]["n"] == 2
+    assert not math.isnan(rows[("lora", "r=4")]["gap_to_full"])
+    assert "against r" in log and (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "[12/12]" in log   # one numbering across the sweep: 2 x 2 lora + 2 x 2 ia3 + 2 x 2
+
+
+def test_sweep_of_targets_and_train_size(tmp_path, tiny_bert_dir, tweets_file, monkeypatch):
+    document, _ = _sweep_run(tmp_path / "t", tiny_bert_dir, tweets_file, monkeypatch,
+                             "--methods", "lora", "--no-baselines", "--sweep",
+                             "targets=attention,attention+mlp,all-linear")
+    params = {r["sweep"]: r["trainable_params"] for r in document["runs"] if r["seed"] == 0}
+    assert params["targets=attention"] < params["targets=attention+mlp"]
+    assert all(r["error"] is None for r in document["runs"])
+    document, _ = _sweep_run(tmp_path / "s", tiny_bert_dir, tweets_file, monkeypatch,
+                             "--methods", "lora", "--sweep", "train-size=9,30")
+    full = [r for r in document["runs"] if r["method"] == "full fine-tuning"]
+    assert {r["sweep"] for r in full} == {"train-size=9", "train-size=30"}
+
+
+def test_bad_sweeps_name_the_problem():
+    from peftreg.compare.sweep import SweepError, parse_sweep
+
+    assert parse_sweep("r=4, 8,16").values == (4, 8, 16)
+    assert parse_sweep("lora_dropout=0.0,0.1").values == (0.0, 0.1)
+    for text, words in (("r", "FIELD=V1,V2"), ("r=4,4", "appears twice"),
+                        ("targets=mlp", "targets are"), ("train-size=0,5", "positive")):
+        with pytest.raises(SweepError, match=words):
+            parse_sweep(text)
