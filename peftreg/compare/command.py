@@ -18,7 +18,7 @@ from peftreg.compare.runs import MethodResult, RunSettings
 from peftreg.compare.stats import interval
 from peftreg.compare.sweep import parse_sweep
 from peftreg.compare.tasks import build_task
-from peftreg.errors import UnknownMethodError
+from peftreg.errors import ConfigError, UnknownMethodError
 from peftreg.registry import Registry, default_registry
 
 # The default set: the low-rank, quantized, rescaling and input-side families, few enough that
@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated method names, or 'all' for every installed method "
                              f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--budget", default="steps", metavar="steps|seconds=N",
+                        help="steps: every run takes --steps steps (default); seconds=N: every "
+                             "run trains for N seconds of wall clock")
     parser.add_argument("--seeds", type=int, default=defaults.seeds,
                         help="runs per method (seeds --seed, --seed + 1, ...); intervals need 2+")
     parser.add_argument("--no-baselines", action="store_true",
@@ -81,6 +84,24 @@ def choose_methods(registry: Registry, requested: str | None) -> list[str]:
     return names
 
 
+def parse_budget(text: str) -> float | None:
+    """``steps`` to None, ``seconds=N`` to N.
+
+    Raises:
+        ConfigError: anything else, or N not a positive number.
+    """
+    if text == "steps":
+        return None
+    kind, _, value = text.partition("=")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if kind != "seconds" or not seconds > 0:
+        raise ConfigError(f"--budget {text!r}: expected 'steps' or 'seconds=N' with N > 0")
+    return seconds
+
+
 class _Numbered:
     """Numbers the runs of consecutive comparisons (one per sweep value) as one sequence."""
 
@@ -104,7 +125,8 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     settings = RunSettings(steps=args.steps, batch_size=args.batch_size,
                            max_length=args.max_length, seed=args.seed, seeds=args.seeds,
                            learning_rate=args.lr, test_per_class=args.test_per_class,
-                           baselines=not args.no_baselines)
+                           baselines=not args.no_baselines,
+                           budget_seconds=parse_budget(args.budget))
     torch.manual_seed(settings.seed)
     console.print(f"preparing task {args.model!r} for methods: {', '.join(methods)}; "
                   f"{settings.seeds} seed(s)" + ("" if args.no_baselines else

@@ -114,7 +114,7 @@ def run_method(name: str, task: Task, settings: RunSettings, registry: Registry,
         result.trainable_params = summary.rows[0].params
         result.trainable_percent = summary.percent(summary.rows[0])
         train(result, model, [p for p in model.parameters() if p.requires_grad], task, seed,
-              on_step)
+              on_step, settings.budget_seconds)
         result.metric = task.evaluate(model)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_adapter(tmp, "compare")

@@ -111,7 +111,8 @@ class Task:
         make_model: builds the pretrained base model for a seed (same pretrained weights every
             call; a new head is initialised from the seed).
         train_batches: yields the training batches for a seed (the same sequence for the same
-            seed; the data order follows the seed).
+            seed; the data order follows the seed); the task's steps, or as many as a second
+            argument asks for (a time budget), cycling through the training set.
         evaluate: returns the held-out metric of a model (higher is better when
             ``metric`` is ``"accuracy"``).
         metric: ``"accuracy"`` or ``"loss"``.
@@ -122,7 +123,7 @@ class Task:
 
     name: str
     make_model: Callable[[int], nn.Module]
-    train_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]
+    train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]]
     evaluate: Callable[[nn.Module], float]
     metric: str
     latency_inputs: dict[str, torch.Tensor]
@@ -215,7 +216,8 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
     return Task(
         name=name or f"tweet sentiment (3 classes), {model_dir.parent.name}",
         make_model=make_model,
-        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
+        train_batches=lambda run_seed, limit=steps: _batches(train_enc, batch_size, limit,
+                                                             run_seed),
         evaluate=evaluate,
         metric="accuracy",
         latency_inputs=inputs({k: v[:batch_size] for k, v in test_enc.items()}),
@@ -277,7 +279,8 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
     return Task(
         name="tweet language modelling, SmolLM2-135M-Instruct",
         make_model=make_model,
-        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
+        train_batches=lambda run_seed, limit=steps: _batches(train_enc, batch_size, limit,
+                                                             run_seed),
         evaluate=evaluate,
         metric="loss",
         latency_inputs={k: v[:batch_size] for k, v in test_enc.items() if k != "labels"},

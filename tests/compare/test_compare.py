@@ -289,3 +289,24 @@ def test_bad_sweeps_name_the_problem():
                         ("targets=mlp", "targets are"), ("train-size=0,5", "positive")):
         with pytest.raises(SweepError, match=words):
             parse_sweep(text)
+
+
+def test_time_budget_gives_every_run_the_same_wall_clock(tiny_bert_dir, tweets_file):
+    from peftreg.compare.command import parse_budget
+
+    settings = RunSettings(steps=2, batch_size=8, max_length=12, seed=1, seeds=1,
+                           test_per_class=10, latency_repeats=1, baselines=True,
+                           budget_seconds=0.4)
+    _, results = run_comparison(_task(tiny_bert_dir, tweets_file, steps=2), ["lora"], settings,
+                                peftreg.default_registry())
+    for r in results:
+        assert r.error is None
+        seconds = r.step_ms * len(r.losses) / 1000
+        # trains until the budget is spent (past the 2 steps the step budget would take)...
+        assert len(r.losses) > 2 and seconds >= 0.4
+        # ...and stops soon after it (a loaded machine can make the last step slow)
+        assert seconds < 0.4 + 4 * r.step_ms / 1000 + 0.5
+    assert parse_budget("steps") is None and parse_budget("seconds=90") == 90.0
+    for bad in ("seconds=0", "minutes=3", "seconds=x"):
+        with pytest.raises(peftreg.ConfigError, match="--budget"):
+            parse_budget(bad)
