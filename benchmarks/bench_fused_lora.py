@@ -8,7 +8,7 @@ Usage::
 For each shape (rows x in -> out, rank r), dtype (fp32, bf16) and mode (``fwd`` under no_grad;
 ``fwd+bwd`` as in LoRA training: frozen weight and bias, gradients for x, A and B) it times
 
-* ``fused``: :func:`peftreg.ops.fused.lora_linear` (needs the compiled extension);
+* ``fused``: :func:`peftreg.ops.lora.lora_linear` (needs the compiled extension);
 * ``reference``: :func:`peftreg.ops.reference.lora_linear`, the unfused PyTorch expression;
 * ``peft``: HF peft's LoRA ``Linear`` around an ``nn.Linear``, when ``peft`` imports;
 
@@ -30,7 +30,8 @@ import torch
 from _harness import environment, fmt_ms, fmt_ratio, print_table, time_callable, write_json
 
 from peftreg import ops
-from peftreg.ops import fused, reference
+from peftreg.ops import lora as lora_ops
+from peftreg.ops import reference
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fused_lora.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -168,7 +169,7 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
             impls: dict[str, tuple[Forward, list[torch.Tensor]]] = {
                 "reference": functional_impl(reference.lora_linear, p)}
             if "fused" not in skipped:
-                impls["fused"] = functional_impl(fused.lora_linear, p)
+                impls["fused"] = functional_impl(lora_ops.lora_linear, p)
             if "peft" not in skipped:
                 try:
                     impls["peft"] = peft_impl(p)

@@ -107,11 +107,7 @@ def per_row_forward(host: AdapterHost, names: RowNames, x: torch.Tensor, *args: 
     lora_a, lora_b, scaling = _stacked(host, on_host, y.dtype, y.device)
     index = row_index(names, on_host, x)
     xin = x.to(y.dtype)
-    from peftreg import kernels
+    from peftreg.ops.adapters import LORA_MULTI_ADD
 
-    if kernels.use_compiled("lora_multi_add", x.device):
-        from peftreg.ops.adapters import lora_multi_add
-    else:
-        from peftreg.ops.reference import lora_multi_add  # type: ignore[assignment]
     with torch.no_grad():
-        return lora_multi_add(y, xin, lora_a, lora_b, scaling, index)
+        return LORA_MULTI_ADD.run(y, xin, lora_a, lora_b, scaling, index)

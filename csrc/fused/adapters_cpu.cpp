@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // CPU kernels of the IA3, Houlsby and multi-LoRA ops (schemas in csrc/registration.cpp, maths in
-// peftreg/ops/reference.py, backward formulas in peftreg/ops/_autograd.py):
+// peftreg/ops/reference.py, backward formulas in peftreg/ops/adapters.py):
 //
 //   ia3_linear      y = (x W^T + b) * l            (output scaling: keys, values)
 //                   y = (x * l) W^T + b            (input scaling: feed-forward down projection)
@@ -15,7 +15,7 @@
 // Where the savings come from (the plain PyTorch expressions are in reference.py):
 // * IA3 output scaling: the bias and the scale are applied in one vectorised pass over the GEMM
 //   output, in place; plain PyTorch writes the linear output and then a second (rows x out)
-//   tensor. The backward (_autograd.py) keeps the op's output and input, not the pre-scale
+//   tensor. The backward (peftreg/ops/adapters.py) keeps the op's output and input, not the pre-scale
 //   product: ia3_scale_grad recovers it as y / l, and recomputes it from x and W only for
 //   channels whose scale is exactly zero (where y carries no information).
 // * IA3 input scaling: x * l is formed a block of rows at a time in a small buffer that stays in

@@ -48,3 +48,20 @@ def op_device(require_extension: None, device: str) -> torch.device:
         pytest.skip(f"this build of the extension has no {device} kernels "
                     f"(built with CUDA: {ops.built_with_cuda()})")
     return torch.device(device)
+
+
+@pytest.fixture
+def op_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the compiled ops called while the test runs (every path, wrapper or ``run``,
+    reaches the kernel through ``Op.overload``)."""
+    from peftreg.ops._op import Op
+
+    calls: list[str] = []
+    real = Op.overload
+
+    def counted(self: Op):  # noqa: ANN202
+        calls.append(self.name)
+        return real.fget(self)
+
+    monkeypatch.setattr(Op, "overload", property(counted))
+    return calls

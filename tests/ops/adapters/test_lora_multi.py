@@ -12,8 +12,7 @@ from tolerances import scaled_close
 
 import peftreg
 from peftreg.errors import AdapterError, UnsupportedOperationError
-from peftreg.kernels import kernels
-from peftreg.ops import adapters, reference
+from peftreg.ops import adapters, kernels, reference
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
