@@ -10,6 +10,9 @@ For each shape (rows x in -> out, rank r), dtype (fp32, bf16) and mode (``fwd`` 
 
 * ``fused``: :func:`peftreg.ops.lora.lora_linear` (needs the compiled extension);
 * ``reference``: :func:`peftreg.ops.reference.lora_linear`, the unfused PyTorch expression;
+* ``default``: what a LoRA layer runs in the default (``auto``) kernel mode:
+  ``LORA_LINEAR.run``, the fused op or the reference by the measured crossover (docs/ops.md);
+  ``reference/default`` must stay >= 0.97 on every shape;
 * ``peft``: HF peft's LoRA ``Linear`` around an ``nn.Linear``, when ``peft`` imports;
 
 and prints medians with ratios (``> 1x`` means fused is faster) and writes JSON to ``--out``
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import environment, fmt_ms, fmt_ratio, print_table, time_callable, write_json
+from _harness import environment, fmt_ms, fmt_ratio, print_table, time_side_by_side, write_json
 
 from peftreg import ops
 from peftreg.ops import lora as lora_ops
@@ -135,6 +138,12 @@ def peft_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
     return model, [lora_a, lora_b]
 
 
+def _default_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """What a LoRA layer runs by default: the op's kernel choice (``Op.run``, auto mode)."""
+    return lora_ops.LORA_LINEAR.run(x, weight, bias, lora_a, lora_b, scaling, None, 0.0, None)
+
+
 def step_fn(forward: Forward, trainable: list[torch.Tensor], p: Problem, mode: str
             ) -> Callable[[], object]:
     if mode == "fwd":
@@ -170,6 +179,7 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
                 "reference": functional_impl(reference.lora_linear, p)}
             if "fused" not in skipped:
                 impls["fused"] = functional_impl(lora_ops.lora_linear, p)
+                impls["default"] = functional_impl(_default_path, p)
             if "peft" not in skipped:
                 try:
                     impls["peft"] = peft_impl(p)
@@ -181,9 +191,10 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
                     ref_y = impls["reference"][0](p.x).float()
                     max_diff = (impls["fused"][0](p.x).float() - ref_y).abs().max().item()
             for mode in modes:
-                for impl, (forward, trainable) in impls.items():
-                    timing = time_callable(step_fn(forward, trainable, p, mode), device,
-                                           min_run_time=min_run_time)
+                steps = {impl: step_fn(forward, trainable, p, mode)
+                         for impl, (forward, trainable) in impls.items()}
+                timings = time_side_by_side(steps, device, min_run_time=min_run_time)
+                for impl, timing in timings.items():
                     results.append({"shape": str(shape), **vars(shape), "dtype": dtype_name,
                                     "mode": mode, "impl": impl,
                                     "max_abs_diff_vs_reference": max_diff, **timing.to_dict()})
@@ -203,10 +214,13 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> None:
     with_peft = any(r["impl"] == "peft" for r in results)
     rows = []
     for shape, dtype, mode in keys:
-        ref, fus, hf = (median(shape, dtype, mode, i) for i in ("reference", "fused", "peft"))
-        row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus)]
+        ref, fus, dfl, hf = (median(shape, dtype, mode, i)
+                             for i in ("reference", "fused", "default", "peft"))
+        row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus), fmt_ms(dfl),
+               fmt_ratio(ref, dfl)]
         rows.append(row + ([fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []))
-    columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused"]
+    columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused",
+               "default ms", "reference/default"]
     columns += ["peft ms", "peft/fused"] if with_peft else []
     print_table(f"peftreg fused LoRA linear on {device} (median; ratio > 1x: fused faster)",
                 columns, rows)

@@ -168,7 +168,7 @@ class LoraLinear(LayerAdapter):
         w = base.weight  # type: ignore[union-attr]
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
-    # Per-row multi-adapter serving (peftreg.row_adapters, peftreg::lora_multi_add).
+    # peftreg.row_adapters.LowRankAdapter: per-row multi-adapter serving (lora_multi_add).
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A.weight, self.lora_B.weight, self.scaling
 

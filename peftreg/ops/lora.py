@@ -54,19 +54,26 @@ def new_dropout_seed() -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> bool:
+def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     lora_a: torch.Tensor, lora_b: torch.Tensor, *_: Any) -> bool:
     """The measured crossover of lora_linear against plain PyTorch (docs/ops.md).
 
-    CUDA: always the kernel. CPU: float32 products are the same BLAS calls on both paths, so
-    the op only pays its own overhead there (0.84x at 128 x 1024); 16-bit inputs from
-    ``_CPU_WIDEN_ROWS`` rows are 5-20x faster fused (this CPU has no 16-bit arithmetic and
-    the op widens once).
+    CUDA: always the kernel. CPU, 16-bit: the kernel from ``_CPU_WIDEN_ROWS`` rows (it widens
+    to float32 once; this CPU has no 16-bit arithmetic: 5-20x faster), plain PyTorch below
+    (the same 16-bit GEMV, without the op's overhead). CPU, float32/64: the products are the
+    same BLAS calls either way, so the kernel wins only where it saves work: in training from
+    ``_CPU_WIDEN_ROWS`` rows (no update temporaries, the update added in place, dropout's mask
+    regenerated instead of stored); inference and single rows run plain PyTorch.
     """
     if x.device.type != "cpu":
         return True
-    if x.dtype in (torch.float32, torch.float64):
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows < _CPU_WIDEN_ROWS:
         return False
-    return x.numel() // max(x.shape[-1], 1) >= _CPU_WIDEN_ROWS
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return True
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
 
 
 LORA_LINEAR = Op("lora_linear", reference=reference.lora_linear, faster=_fused_is_faster)
