@@ -366,6 +366,7 @@ def _tuner_from_peft(ctx: _Import, method: str, tensors: dict[str, torch.Tensor]
     others: dict[str, torch.Tensor] = {}
     copies: dict[str, torch.Tensor] = {}
     ours: dict[str, torch.Tensor] = {}
+    entries = _entries(doc.get("modules_to_save"))
     for key, tensor in tensors.items():
         if not key.startswith(_TUNER_PREFIX):
             ctx.tensor_problem(key, f"unknown tensor: {method} tensors are named "
@@ -376,8 +377,12 @@ def _tuner_from_peft(ctx: _Import, method: str, tensors: dict[str, torch.Tensor]
             continue
         leaf = next((leaf for leaf in _LEAVES[method] if rest.endswith("." + leaf)), None)
         if leaf is None:
+            # A tensor under a modules_to_save module is that module's trained copy, whatever
+            # the module is called (an output head or input embedding included); only the rest
+            # can be a base-weight copy PEFT adds for adapted embedding layers.
             module = rest.rpartition(".")[0].removesuffix(".base_layer")
-            if module.rpartition(".")[2] in _EMBEDDING_NAMES or ".base_layer." in rest:
+            embedding = module.rpartition(".")[2] in _EMBEDDING_NAMES or ".base_layer." in rest
+            if embedding and _saved_owner(rest, entries) is None:
                 copies[rest] = tensor
             else:
                 others[rest] = tensor
@@ -528,6 +533,14 @@ def _pattern_key_from_peft(key: str) -> str:
     return key if _PLAIN_NAME.fullmatch(key) else rf"(?:.*\.)?(?:{key})"
 
 
+def _saved_owner(key: str, entries: list[str]) -> str | None:
+    """The ``modules_to_save`` module path that tensor ``key`` belongs to, if any: PEFT wraps
+    every module whose path ends with an entry (a plain string test)."""
+    parts = key.split(".")
+    ancestors = (".".join(parts[:k]) for k in range(1, len(parts)))
+    return next((a for a in ancestors if any(a.endswith(e) for e in entries)), None)
+
+
 def _saved_modules(ctx: _Import, prefix: str, others: dict[str, torch.Tensor],
                    ours: dict[str, torch.Tensor], model: nn.Module | None,
                    adapted: list[str]) -> list[str]:
@@ -540,9 +553,7 @@ def _saved_modules(ctx: _Import, prefix: str, others: dict[str, torch.Tensor],
     entries = _entries(ctx.doc.get("modules_to_save"))
     paths: list[str] = []
     for rest, tensor in others.items():
-        parts = rest.split(".")
-        ancestors = [".".join(parts[:k]) for k in range(1, len(parts))]
-        owner = next((a for a in ancestors if any(a.endswith(e) for e in entries)), None)
+        owner = _saved_owner(rest, entries)
         if owner is None:
             ctx.tensor_problem(prefix + rest, "unknown tensor: neither an adapter tensor nor "
                                f"part of a modules_to_save module (modules_to_save: {entries})")

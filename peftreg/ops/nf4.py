@@ -79,19 +79,20 @@ def quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.
     return QUANTIZE(x, int(blocksize))
 
 
-def double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256
+def double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256, nearest: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization of the float32 block scales (QLoRA section 3).
 
     Args:
         absmax: float32 ``(blocks,)`` from :func:`quantize`.
         nested_blocksize: scales per second-level block (bitsandbytes uses 256).
+        nearest: pick the nearest 8-bit code instead of bitsandbytes' code (docs/format.md).
 
     Returns:
         ``(absmax_codes, nested_absmax, offset)``: uint8 ``(blocks,)``, float32
         ``(ceil(blocks / nested_blocksize),)`` and a float32 0-dim tensor (the mean of ``absmax``).
     """
-    return DOUBLE_QUANTIZE(absmax, int(nested_blocksize))
+    return DOUBLE_QUANTIZE(absmax, int(nested_blocksize), bool(nearest))
 
 
 def check_out(out: torch.Tensor, size: list[int], dtype: torch.dtype) -> None:
@@ -316,7 +317,8 @@ def _quantize_fake(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, 
 
 
 @DOUBLE_QUANTIZE.register_fake
-def _double_quantize_fake(absmax: torch.Tensor, nested_blocksize: int = 256
+def _double_quantize_fake(absmax: torch.Tensor, nested_blocksize: int = 256,
+                          nearest: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = DOUBLE_QUANTIZE.qualname
     ck.blocksize(op, "nested_blocksize", nested_blocksize)

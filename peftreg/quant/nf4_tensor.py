@@ -80,14 +80,19 @@ class NF4Tensor:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                 nested_blocksize: int = 256) -> NF4Tensor:
+                 nested_blocksize: int = 256, nearest_absmax_codes: bool = False) -> NF4Tensor:
         """Quantize ``weight`` (float32, bfloat16 or float16, finite values).
+
+        The bytes equal bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` on CPU.
 
         Args:
             weight: the dense tensor, any shape.
             blocksize: elements per absmax block (bitsandbytes' default 64).
             double_quant: also quantize the absmax (QLoRA double quantization).
             nested_blocksize: scales per second-level block.
+            nearest_absmax_codes: with double quantization, store the nearest 8-bit code of each
+                scale instead of the one bitsandbytes picks (a slightly smaller scale error,
+                measured in docs/format.md; no longer byte-identical to bitsandbytes).
 
         Raises:
             RuntimeError: NaN/inf in ``weight``, a bad block size or dtype.
@@ -96,7 +101,8 @@ class NF4Tensor:
         codes, absmax = nf4_ops.QUANTIZE.run(w, int(blocksize))
         nested = offset = None
         if double_quant:
-            absmax, nested, offset = nf4_ops.DOUBLE_QUANTIZE.run(absmax, int(nested_blocksize))
+            absmax, nested, offset = nf4_ops.DOUBLE_QUANTIZE.run(
+                absmax, int(nested_blocksize), bool(nearest_absmax_codes))
         return cls(codes=codes, absmax=absmax, shape=torch.Size(w.shape), dtype=w.dtype,
                    blocksize=int(blocksize), nested_absmax=nested, offset=offset,
                    nested_blocksize=int(nested_blocksize))

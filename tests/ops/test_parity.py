@@ -101,6 +101,10 @@ def _double_quantize(d: torch.device, dt: torch.dtype) -> Args:
     return (_t(d, torch.float32, 300).abs() + 0.1, 256)
 
 
+def _double_quantize_nearest(d: torch.device, dt: torch.dtype) -> Args:
+    return (*_double_quantize(d, dt), True)
+
+
 def _dequantize(d: torch.device, dt: torch.dtype) -> Args:
     return (*_nf4_weight(d, dt), [17, 40], dt)
 
@@ -204,6 +208,8 @@ GOOD: list[Good] = [
     Good("nf4_quantize", "odd", _quantize, (torch.float32, torch.bfloat16, torch.float16),
          exact=True),
     Good("nf4_double_quantize", "300_blocks", _double_quantize, (torch.float32,), exact=True),
+    Good("nf4_double_quantize", "nearest_codes", _double_quantize_nearest, (torch.float32,),
+         exact=True),
     Good("nf4_dequantize", "double_quant", _dequantize, (torch.float32, torch.bfloat16),
          exact=True),
     Good("nf4_dequantize", "plain_1d", _dequantize_plain, (torch.float16,), exact=True),
