@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "fused/adapters_args.h"
 #include "fused/adapters_cuda.h"
 
@@ -28,27 +29,8 @@ namespace peftreg::fused {
 namespace {
 
 namespace kc = adapters_cuda;
-
-kc::ScalarKind scalar_kind(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kFloat:
-      return kc::ScalarKind::kFloat32;
-    case at::kDouble:
-      return kc::ScalarKind::kFloat64;
-    case at::kHalf:
-      return kc::ScalarKind::kFloat16;
-    case at::kBFloat16:
-      return kc::ScalarKind::kBFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, op, ": unsupported dtype ", t);
-  return kc::ScalarKind::kFloat32;  // unreachable
-}
-
-cudaStream_t stream_of(const at::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
+using cuda_glue::scalar_kind;
+using cuda_glue::stream_of;
 
 const void* optional_ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
@@ -58,7 +40,7 @@ at::Tensor ia3_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   const Ia3Sizes s = check_ia3_linear_args(x, weight, bias, scale, scale_input);
   checks::check_device_type(x, kIa3LinearOp, "x", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const kc::ScalarKind kind = scalar_kind(x.scalar_type(), kIa3LinearOp);
+  const kc::ScalarKind kind = scalar_kind(kIa3LinearOp, x.scalar_type());
   const at::Tensor x2d = x.reshape({s.rows, s.in_features}).contiguous();
   const at::Tensor l = scale.contiguous();
   at::Tensor y = at::empty({s.rows, s.out_features}, x.options());
@@ -91,7 +73,7 @@ at::Tensor ia3_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& out, co
   const at::Tensor w = weight.contiguous(), l = scale.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor result = at::empty({s.out_features}, x.options());
-  C10_CUDA_CHECK(kc::ia3_scale_grad(scalar_kind(x.scalar_type(), kIa3ScaleGradOp),
+  C10_CUDA_CHECK(kc::ia3_scale_grad(scalar_kind(kIa3ScaleGradOp, x.scalar_type()),
                                     g.const_data_ptr(), y.const_data_ptr(), xc.const_data_ptr(),
                                     w.const_data_ptr(), optional_ptr(b), l.const_data_ptr(),
                                     result.data_ptr(), s.rows, s.in_features, s.out_features,
@@ -118,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> houlsby_adapter_cuda(const at::Tensor& h,
   }
   const int64_t cols = s.bottleneck + (b_up.has_value() ? 1 : 0);
   at::Tensor a = at::empty({s.rows, cols}, h.options());
-  C10_CUDA_CHECK(kc::houlsby_activation(scalar_kind(h.scalar_type(), kHoulsbyOp),
+  C10_CUDA_CHECK(kc::houlsby_activation(scalar_kind(kHoulsbyOp, h.scalar_type()),
                                         z.const_data_ptr(), a.data_ptr(), s.rows, s.bottleneck,
                                         cols, static_cast<int>(act), stream_of(h)));
   const at::Tensor w_up_ext = b_up.has_value() ? at::cat({w_up, b_up->unsqueeze(1)}, 1) : w_up;
@@ -143,7 +125,7 @@ at::Tensor lora_multi_add_cuda(const at::Tensor& base, const at::Tensor& x,
                 ": argument 'index' has values in [", lo_v, ", ", hi_v,
                 "]; expected -1 (no adapter) or an adapter in [0, ", s.adapters, ")");
   }
-  const kc::ScalarKind kind = scalar_kind(x.scalar_type(), kLoraMultiOp);
+  const kc::ScalarKind kind = scalar_kind(kLoraMultiOp, x.scalar_type());
   const at::ScalarType acc = kind == kc::ScalarKind::kFloat64 ? at::kDouble : at::kFloat;
   const at::Tensor x2d = x.reshape({s.rows, s.in_features}).contiguous();
   const at::Tensor base2d = base.reshape({s.rows, s.out_features}).contiguous();

@@ -25,6 +25,7 @@
 #include <optional>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "fused/lora_args.h"
 #include "fused/lora_cuda.h"
 #include "fused/lora_dropout.h"
@@ -33,23 +34,6 @@
 
 namespace peftreg::fused {
 namespace {
-
-cuda::ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::ScalarKind::kFloat32;
-    case at::kDouble:
-      return cuda::ScalarKind::kFloat64;
-    case at::kHalf:
-      return cuda::ScalarKind::kFloat16;
-    case at::kBFloat16:
-      return cuda::ScalarKind::kBFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, kLoraLinearOp, ": unsupported dtype ", t);
-  return cuda::ScalarKind::kFloat32;  // unreachable: TORCH_CHECK(false, ...) throws
-}
 
 at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
@@ -77,7 +61,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
   const at::Tensor a = lora_a.contiguous();
   const at::Tensor b = lora_b.contiguous();
-  const cuda::ScalarKind kind = scalar_kind(x.scalar_type());
+  const cuda::ScalarKind kind = cuda_glue::scalar_kind(kLoraLinearOp, x.scalar_type());
   const at::ScalarType acc_type = kind == cuda::ScalarKind::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor workspace = at::empty({s.rows, s.rank}, x.options().dtype(acc_type));
 
@@ -94,7 +78,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   args.rank = s.rank;
   args.scaling = scaling;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t stream = cuda_glue::stream_of(x);
   C10_CUDA_CHECK(cuda::lora_low_rank_update(args, stream));
   // workspace is freed when this function returns; the caching allocator only hands the block
   // to later work on the same stream, which is ordered after these kernels.
