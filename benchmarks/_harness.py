@@ -87,7 +87,7 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device
     calls = {n: max(1, int(block / per_call[n])) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     spent, rounds = 0.0, 0
-    while spent < min_run_time * len(names) or rounds < 7:
+    while spent < min_run_time * len(names) or rounds < 15:
         order = names[rounds % len(names):] + names[:rounds % len(names)]
         for name in order:
             fn, count = fns[name], calls[name]

@@ -339,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own); 1 is steadier on a busy machine")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--only", default="multi,ia3,houlsby")
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     for op in ("lora_multi_add", "ia3_linear", "houlsby_adapter"):
         if not (ops.has_extension() and ops.kernel_available(op, device.type)):

@@ -28,6 +28,8 @@ Kernel choice: :data:`LORA_LINEAR` ``.run`` follows the crossover in :func:`_fus
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,23 +56,57 @@ def new_dropout_seed() -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
+def _native_16bit() -> frozenset[torch.dtype]:
+    """The 16-bit dtypes this x86 CPU multiplies natively (read once, at import: the crossover
+    runs inside traced forwards, where file reads would break the graph)."""
+    if platform.machine() not in ("x86_64", "AMD64", "i386", "i686"):
+        return frozenset((torch.bfloat16, torch.float16))  # the kernel trusts ATen's GEMM there
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return frozenset(dtype for dtype, flag in ((torch.bfloat16, "avx512_bf16"),
+                                               (torch.float16, "avx512_fp16")) if flag in flags)
+
+
+_NATIVE_16BIT = _native_16bit()
+
+
+def cpu_widens_16bit(dtype: torch.dtype) -> bool:
+    """Whether the CPU kernels widen ``dtype`` (bf16/fp16) to float32 from 32 rows: the
+    processor lacks native arithmetic for it. Mirrors ``cpu_widens_16bit`` in
+    csrc/fused/lora_cpu.cpp, including its ``PEFTREG_CPU_WIDEN_16BIT`` override."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    forced = os.environ.get("PEFTREG_CPU_WIDEN_16BIT", "")
+    if forced:
+        return forced != "0"
+    return dtype not in _NATIVE_16BIT
+
+
 def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      lora_a: torch.Tensor, lora_b: torch.Tensor, *_: Any) -> bool:
     """The measured crossover of lora_linear against plain PyTorch (docs/ops.md).
 
-    CUDA: always the kernel. CPU, 16-bit: the kernel from ``_CPU_WIDEN_ROWS`` rows (it widens
-    to float32 once; this CPU has no 16-bit arithmetic: 5-20x faster), plain PyTorch below
-    (the same 16-bit GEMV, without the op's overhead). CPU, float32/64: the products are the
-    same BLAS calls either way, so the kernel wins only where it saves work: in training from
-    ``_CPU_WIDEN_ROWS`` rows (no update temporaries, the update added in place, dropout's mask
-    regenerated instead of stored); inference and single rows run plain PyTorch.
+    CUDA: always the kernel. CPU, below ``_CPU_WIDEN_ROWS`` rows: plain PyTorch (both run
+    ATen's GEMV; 1 x 4096 forward + backward measured 0.78-0.90x fused). CPU, 16-bit inputs
+    the kernel widens to float32 (no native 16-bit arithmetic): the kernel (4x at 128 x 1024
+    fp16 on an AVX-512 CPU without FP16, 5-20x bf16 on AVX2). Otherwise the products are the
+    same BLAS calls either way and the kernel wins only in training, where it saves the
+    update's temporaries and dropout's mask (a whole fp32 training step: 846 against 906 ms);
+    inference runs plain PyTorch (fp32 forward alone measured 0.84x, issue 14).
     """
     if x.device.type != "cpu":
         return True
     rows = x.numel() // max(x.shape[-1], 1)
     if rows < _CPU_WIDEN_ROWS:
         return False
-    if x.dtype in (torch.bfloat16, torch.float16):
+    if cpu_widens_16bit(x.dtype):
         return True
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
