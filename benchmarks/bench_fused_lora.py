@@ -144,6 +144,16 @@ def _default_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return lora_ops.LORA_LINEAR.run(x, weight, bias, lora_a, lora_b, scaling, None, 0.0, None)
 
 
+def _default_choice(p: Problem, mode: str) -> str:
+    """Which path the default takes for this problem and mode: ``fused`` or ``plain``."""
+    x = p.x.detach().requires_grad_(mode != "fwd")
+    a = p.lora_a.detach().requires_grad_(mode != "fwd")
+    with torch.set_grad_enabled(mode != "fwd"):
+        fused = lora_ops.LORA_LINEAR.use_compiled(x, p.weight, p.bias, a, p.lora_b, p.scaling,
+                                                  None, 0.0, None)
+    return "fused" if fused else "plain"
+
+
 def step_fn(forward: Forward, trainable: list[torch.Tensor], p: Problem, mode: str
             ) -> Callable[[], object]:
     if mode == "fwd":
@@ -194,9 +204,10 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
                 steps = {impl: step_fn(forward, trainable, p, mode)
                          for impl, (forward, trainable) in impls.items()}
                 timings = time_side_by_side(steps, device, min_run_time=min_run_time)
+                chosen = _default_choice(p, mode) if "default" in impls else None
                 for impl, timing in timings.items():
                     results.append({"shape": str(shape), **vars(shape), "dtype": dtype_name,
-                                    "mode": mode, "impl": impl,
+                                    "mode": mode, "impl": impl, "default_is": chosen,
                                     "max_abs_diff_vs_reference": max_diff, **timing.to_dict()})
                     print(f"  {shape!s:28} {dtype_name:5} {mode:8} {impl:10} "
                           f"{timing.median_ms:9.3f} ms", file=sys.stderr)
@@ -216,11 +227,13 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> None:
     for shape, dtype, mode in keys:
         ref, fus, dfl, hf = (median(shape, dtype, mode, i)
                              for i in ("reference", "fused", "default", "peft"))
+        chosen = next((r.get("default_is") for r in results
+                       if (r["shape"], r["dtype"], r["mode"]) == (shape, dtype, mode)), None)
         row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus), fmt_ms(dfl),
-               fmt_ratio(ref, dfl)]
+               fmt_ratio(ref, dfl), chosen or "-"]
         rows.append(row + ([fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []))
     columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused",
-               "default ms", "reference/default"]
+               "default ms", "reference/default", "default is"]
     columns += ["peft ms", "peft/fused"] if with_peft else []
     print_table(f"peftreg fused LoRA linear on {device} (median; ratio > 1x: fused faster)",
                 columns, rows)

@@ -45,7 +45,10 @@ def kernel_mode() -> KernelMode:
     """
     if _mode is not None:
         return _mode
-    env = os.environ.get("PEFTREG_KERNELS", "auto").strip().lower() or "auto"
+    env = os.environ.get("PEFTREG_KERNELS", "auto")
+    if env in _MODES:  # the common case, checked first: this runs on every layer call
+        return env  # type: ignore[return-value]
+    env = env.strip().lower() or "auto"
     if env not in _MODES:
         raise ValueError(f"PEFTREG_KERNELS={env!r}; expected one of {', '.join(_MODES)}")
     return env  # type: ignore[return-value]
@@ -169,9 +172,11 @@ class Op:
         mode = kernel_mode()
         if mode == "reference":
             return False
+        if mode == "auto" and self.faster is not None and not self.faster(*args):
+            return False  # plain PyTorch is at least as fast here: no kernel needed, no warning
         device = _first_device(args)
-        if _ops.has_extension() and _ops.kernel_available(self.name, device.type):
-            return mode == "compiled" or self.faster is None or bool(self.faster(*args))
+        if _ops.has_extension() and _ops.kernel_available(self.name, device):
+            return True
         if mode == "compiled":
             raise _ops.ExtensionUnavailableError(
                 f"PEFTREG_KERNELS=compiled but {self.qualname} has no compiled {device.type} "

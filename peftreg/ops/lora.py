@@ -90,26 +90,24 @@ def cpu_widens_16bit(dtype: torch.dtype) -> bool:
 
 
 def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     lora_a: torch.Tensor, lora_b: torch.Tensor, *_: Any) -> bool:
+                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float = 1.0,
+                     x_lora: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     *_: Any) -> bool:
     """The measured crossover of lora_linear against plain PyTorch (docs/ops.md).
 
-    CUDA: always the kernel. CPU, below ``_CPU_WIDEN_ROWS`` rows: plain PyTorch (both run
-    ATen's GEMV; 1 x 4096 forward + backward measured 0.78-0.90x fused). CPU, 16-bit inputs
-    the kernel widens to float32 (no native 16-bit arithmetic): the kernel (4x at 128 x 1024
-    fp16 on an AVX-512 CPU without FP16, 5-20x bf16 on AVX2). Otherwise the products are the
-    same BLAS calls either way and the kernel wins only in training, where it saves the
-    update's temporaries and dropout's mask (a whole fp32 training step: 846 against 906 ms);
-    inference runs plain PyTorch (fp32 forward alone measured 0.84x, issue 14).
+    CUDA: always the kernel. CPU, from ``_CPU_WIDEN_ROWS`` rows: the kernel when it widens
+    16-bit inputs to float32 (no native 16-bit arithmetic: fp16 4x faster at 128 x 1024 here)
+    or applies dropout (its mask is a few integer operations per element in C++, where plain
+    PyTorch runs them as int64 tensor passes and keeps dropout(x) and the mask: 1.12x).
+    Otherwise both paths run the same BLAS calls and the op's own overhead decides: plain
+    PyTorch (fused/plain measured 0.92-1.00x side by side, issue 14: 0.84x).
     """
     if x.device.type != "cpu":
         return True
     rows = x.numel() // max(x.shape[-1], 1)
     if rows < _CPU_WIDEN_ROWS:
         return False
-    if cpu_widens_16bit(x.dtype):
-        return True
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
+    return cpu_widens_16bit(x.dtype) or dropout_p > 0
 
 
 LORA_LINEAR = Op("lora_linear", reference=reference.lora_linear, faster=_fused_is_faster)
