@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own); 1 is steadier on a busy machine")
+                        help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--only", default="multi,ia3,houlsby")
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16")

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"],
                         default=["fwd", "fwd+bwd"])
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own); 1 is steadier on a busy machine")
+                        help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
     if args.threads:
