@@ -37,7 +37,7 @@ from peftreg.ops import lora as lora_ops
 from peftreg.ops import reference
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fused_lora.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALING_ALPHA = 32.0  # alpha; scaling = alpha / r as in the LoRA paper
 
 
