@@ -172,20 +172,24 @@ class Op:
         mode = kernel_mode()
         if mode == "reference":
             return False
-        if mode == "auto" and self.faster is not None and not self.faster(*args):
-            return False  # plain PyTorch is at least as fast here: no kernel needed, no warning
         device = _first_device(args)
-        if _ops.has_extension() and _ops.kernel_available(self.name, device):
+        if not _ops.has_extension():
+            if mode == "compiled":
+                raise _ops.ExtensionUnavailableError(
+                    f"PEFTREG_KERNELS=compiled but {self.qualname} has no compiled "
+                    f"{device.type} kernel: {_ops.extension_error()}")
+            _ops.warn_fallback_once(
+                f"the compiled extension is not loaded: {_ops.extension_error()}")
+            return False
+        if mode == "auto" and self.faster is not None and not self.faster(*args):
+            return False  # plain PyTorch is at least as fast here: no kernel needed
+        if _ops.kernel_available(self.name, device):
             return True
         if mode == "compiled":
             raise _ops.ExtensionUnavailableError(
                 f"PEFTREG_KERNELS=compiled but {self.qualname} has no compiled {device.type} "
-                f"kernel: {_ops.extension_error() or 'not built for this device'}")
-        if _ops.has_extension():
-            _ops.warn_fallback_once(f"{self.qualname} has no compiled {device.type} kernel")
-        else:
-            _ops.warn_fallback_once(
-                f"the compiled extension is not loaded: {_ops.extension_error()}")
+                "kernel: not built for this device")
+        _ops.warn_fallback_once(f"{self.qualname} has no compiled {device.type} kernel")
         return False
 
     def run(self, *args: Any) -> Any:

@@ -27,7 +27,7 @@ import torch
 
 from peftreg.errors import PeftregError
 from peftreg.ops import nf4 as nf4_ops
-from peftreg.ops import reference
+from peftreg.ops import nf4_codes
 
 __all__ = ["QUANT_STATE_SUFFIX", "NF4FormatError", "NF4Tensor"]
 
@@ -144,12 +144,12 @@ class NF4Tensor:
     @property
     def quant_map(self) -> torch.Tensor:
         """The 16 NF4 code points (float32), as serialized under ``<prefix>.quant_map``."""
-        return reference.nf4_code(self.device)
+        return nf4_codes.nf4_code(self.device)
 
     @property
     def nested_quant_map(self) -> torch.Tensor:
         """The 256-entry dynamic code of the double quantization (float32)."""
-        return reference.dynamic_code(self.device)
+        return nf4_codes.dynamic_code(self.device)
 
     @property
     def nbytes(self) -> int:
@@ -322,7 +322,7 @@ class _StateReader:
             raise self.error(self.prefix, f"holds {codes.numel()} code bytes but shape {shape} "
                                           f"needs (numel + 1) // 2 = {(n + 1) // 2}")
         quant_map = self.get("quant_map", torch.float32)
-        if quant_map.shape != (16,) or not torch.equal(quant_map.cpu(), reference.nf4_code()):
+        if quant_map.shape != (16,) or not torch.equal(quant_map.cpu(), nf4_codes.nf4_code()):
             raise self.error(f"{self.prefix}.quant_map", "does not hold the 16 NF4 code points")
 
         double_quant = "nested_offset" in meta or f"{self.prefix}.nested_absmax" in self.state
@@ -358,7 +358,7 @@ class _StateReader:
                 raise self.error(f"{self.prefix}.nested_absmax", "contains NaN or infinity")
             nested_map = self.get("nested_quant_map", torch.float32)
             if nested_map.shape != (256,) or not torch.equal(nested_map.cpu(),
-                                                             reference.dynamic_code()):
+                                                             nf4_codes.dynamic_code()):
                 raise self.error(f"{self.prefix}.nested_quant_map",
                                  "does not hold the 256-entry dynamic code of double "
                                  "quantization")
