@@ -44,10 +44,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CASES = {
     "floor": "frozen base, torch (floor)",
     "floor_kernels": "frozen base, peftreg kernels",
-    "lora_fused": "peftreg LoRA, fused",
+    "lora_fused": "peftreg LoRA, default kernels (auto)",
     "lora_plain": "peftreg LoRA, plain PyTorch",
     "peft_lora": "HF PEFT LoRA",
-    "qlora_fused": "peftreg QLoRA, fused",
+    "qlora_fused": "peftreg QLoRA, default kernels (auto)",
     "qlora_plain": "peftreg QLoRA, plain PyTorch",
     "peft_qlora": "PEFT + bitsandbytes QLoRA",
 }

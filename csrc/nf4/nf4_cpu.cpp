@@ -1114,7 +1114,7 @@ at::Tensor nf4_product_acc_cpu(const char* op, const at::Tensor& input2d, const 
 }  // namespace peftreg::nf4
 
 // nf4_dequantize_into mutates `out`, so torch.library cannot attach a Python autograd formula
-// (peftreg/ops/_autograd.py covers the other NF4 ops). torch's fallbacks make autograd refuse
+// (peftreg/ops/nf4.py covers the other NF4 ops). torch's fallbacks make autograd refuse
 // inputs that require grad and keep version counters right for the mutated output.
 TORCH_LIBRARY_IMPL(peftreg, Autograd, m) {
   m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());

@@ -206,7 +206,7 @@ at::Tensor product(const char* op, const DeviceWeight& w, const at::Tensor& inpu
     }
     return acc;
   }
-  // The ATen GEMMs below run under the op's own autograd formula (peftreg/ops/_autograd.py).
+  // The ATen GEMMs below run under the op's own autograd formula (peftreg/ops/nf4.py).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor result = at::zeros({rows, n_cols}, a.options());
   if (n_cols == 0 || out == 0 || in == 0) return result;
