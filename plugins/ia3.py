@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 import peftreg
-from peftreg import kernels
 from peftreg.errors import ConfigError, ModelFamilyError, UnsupportedOperationError
 from peftreg.families import ModelFamily
 from peftreg.host import LayerAdapter
@@ -130,11 +129,10 @@ class IA3Linear(LayerAdapter):
         weight = base.weight
         if not (x.dtype == weight.dtype == self.ia3_l.dtype):
             return None
-        if not kernels.use_compiled("ia3_linear", x.device):
-            return None
-        from peftreg.ops.adapters import ia3_linear
+        from peftreg.ops.adapters import IA3_LINEAR
 
-        return ia3_linear(x, weight, base.bias, self.ia3_l, self.is_feedforward)
+        # The compiled op or plain PyTorch, by kernel mode and measured crossover (docs/ops.md).
+        return IA3_LINEAR.run(x, weight, base.bias, self.ia3_l.view(-1), self.is_feedforward)
 
     def _checked_scale(self, operation: str) -> torch.Tensor:
         scale = self.ia3_l.detach().float()

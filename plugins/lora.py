@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftreg
-from peftreg import kernels
 from peftreg.families import ModelFamily
 from peftreg.host import LayerAdapter
 from peftreg.method import Capabilities, PEFTMethod
 from peftreg.model import host_for
-from peftreg.ops.reference import lora_dropout, new_dropout_seed
+from peftreg.ops.lora import LORA_LINEAR, new_dropout_seed
+from peftreg.ops.reference import lora_dropout
 from peftreg.patterns import UnsafePatternError, compile_pattern, pattern_fullmatch
 from peftreg.targets import TargetedConfig, select_targets
 
@@ -154,19 +154,17 @@ class LoraLinear(LayerAdapter):
         if quantized is not None:
             if not quantized(x, a, b):
                 return None
-        elif not (isinstance(base, nn.Linear) and base.weight.dtype == x.dtype == a.dtype
-                  and kernels.use_compiled("lora_linear", x.device)):
+        elif not (isinstance(base, nn.Linear) and base.weight.dtype == x.dtype == a.dtype):
             return None
         # Dropout runs inside the op: its mask comes from a seed and is regenerated in the
         # backward, so neither the mask nor dropout(x) is kept for the backward.
         p = self.dropout_p if self.training else 0.0
         if quantized is not None:
             return base.forward_with_lora(x, a, b, self.scaling, p)
-        from peftreg.ops.fused import lora_linear
-
         seed = new_dropout_seed() if p > 0 else None
-        return lora_linear(x, base.weight, base.bias, a, b, self.scaling, dropout_p=p,
-                           dropout_seed=seed)
+        # The compiled op or plain PyTorch, by kernel mode and measured crossover (docs/ops.md).
+        return LORA_LINEAR.run(x, base.weight, base.bias, a, b, float(self.scaling), None, p,
+                               seed)
 
     def merge_into(self, base: nn.Module) -> None:
         w = base.weight  # type: ignore[union-attr]
@@ -176,7 +174,7 @@ class LoraLinear(LayerAdapter):
         w = base.weight  # type: ignore[union-attr]
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
-    # Per-row multi-adapter serving (peftreg.row_adapters, peftreg::lora_multi_add).
+    # peftreg.row_adapters.LowRankAdapter: per-row multi-adapter serving (lora_multi_add).
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A.weight, self.lora_B.weight, self.scaling
 
