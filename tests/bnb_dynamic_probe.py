@@ -6,7 +6,9 @@ bitsandbytes' CPU kernel does not always pick the nearest code (its bucketed sea
 ``float32(1 + z)``, which merges the codes near zero), so byte identity needs its decision
 boundaries, not the midpoints. They are found by bisection over float32 bit patterns: for each
 code k < 255, the largest normalised value ``z`` in [-1, 1] that it still maps to k or below.
-``z`` is what the kernel searches: the residual divided by its block's absmax.
+``z`` is what the kernel searches: the residual times the float32 reciprocal of its block's
+absmax (its division behaves as that multiplication; tests/ops/nf4 checks cases where the two
+differ).
 
 Run as a script to print the table in the C++ and Python forms kept in the sources::
 

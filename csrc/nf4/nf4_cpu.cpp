@@ -321,11 +321,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
       nested_ptr[b] = amax;
       const float divisor = std::max(amax, kMinAbsmax);
       const float inv = 1.0f / divisor;
+      // bitsandbytes multiplies by the float32 reciprocal of the raw absmax (measured: its
+      // compiled division behaves so), 0 * (1 / 0) is NaN, code 0; the nearest rule scales as
+      // the 4-bit codes do.
+      const float inv_raw = 1.0f / amax;
       const bool full = len == nested_blocksize;
-      // bitsandbytes divides by the raw absmax (0 / 0 is NaN, code 0); the nearest rule scales
-      // as the 4-bit codes do.
       const auto scaled = [&](float r) {
-        return nearest ? scale_clamped(r, full, inv, divisor) : r / amax;
+        return nearest ? scale_clamped(r, full, inv, divisor) : r * inv_raw;
       };
       int64_t i = 0;
       // Eight searches in lockstep: their load-compare chains are independent, so the CPU

@@ -138,10 +138,12 @@ __global__ void double_quantize_kernel(const float* __restrict__ absmax, int64_t
     const bool full = len == nested_blocksize;
     const float divisor = fmaxf(amax, kMinAbsmax);
     const float inv = 1.0f / divisor;
+    // bitsandbytes' CPU quantizer multiplies by the float32 reciprocal of the raw absmax
+    // (0 * (1 / 0) is NaN, code 0).
+    const float inv_raw = __fdiv_rn(1.0f, amax);
     for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
       const float r = __fsub_rn(absmax[first + i], off);
-      // bitsandbytes divides by the raw absmax (0 / 0 is NaN, code 0).
-      const float s = nearest ? scale_clamped(r, full, inv, divisor) : __fdiv_rn(r, amax);
+      const float s = nearest ? scale_clamped(r, full, inv, divisor) : __fmul_rn(r, inv_raw);
       codes[first + i] = static_cast<uint8_t>(dynamic_index(s, bounds));
     }
   }

@@ -19,10 +19,10 @@
 // * Double quantization (QLoRA section 3): offset = mean(absmax); (absmax - offset) quantized in
 //   blocks of `nested_blocksize` (256) with the signed 8-bit dynamic code below; dequantized
 //   absmax = fp32(fp32(code[q] * nested_absmax[block]) + offset). The code of a residual r in a
-//   block whose largest |r| is m follows bitsandbytes' CPU quantizer by default: z = fp32(r / m),
-//   then its measured decision boundaries (kBnbDynamicUpperBits below), which are not the
-//   midpoints: its bucketed search merges the codes near zero and moves other boundaries by up to
-//   about a tenth of a code gap. A block of zero residuals gives z = NaN there, hence code 0.
+//   block whose largest |r| is m follows bitsandbytes' CPU quantizer by default:
+//   z = r * fp32(1 / m), then its measured decision boundaries (kBnbDynamicUpperBits below),
+//   which are not the midpoints: its bucketed search merges the codes near zero and moves other
+//   boundaries by up to about a tenth of a code gap. A block of zero residuals gives z = NaN there, hence code 0.
 //   The nearest-code rule (midpoints, ties to the lower code, same scaling as the 4-bit codes)
 //   stays available as an explicit option.
 // * The signed dynamic code (Dettmers et al. 2022, "8-bit Optimizers via Block-wise

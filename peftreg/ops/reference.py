@@ -224,8 +224,9 @@ def nf4_double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256, neare
     """Quantize the float32 absmax: ``offset = mean``, then 8-bit dynamic blockwise codes.
 
     With ``nearest=False`` (bitsandbytes' bytes) a residual ``r`` in a block whose largest
-    ``|r|`` is ``m`` gets the number of bitsandbytes boundaries strictly below ``fp32(r / m)``
-    (``0 / 0`` is NaN, code 0); with ``nearest=True`` the nearest code, scaled as the 4-bit codes.
+    ``|r|`` is ``m`` gets the number of bitsandbytes boundaries strictly below
+    ``r * fp32(1 / m)`` (``0 * inf`` is NaN, code 0); with ``nearest=True`` the nearest code,
+    scaled as the 4-bit codes.
 
     Returns:
         ``(absmax_codes uint8 (n,), nested_absmax float32 (ceil(n / nested_blocksize),),
@@ -243,7 +244,7 @@ def nf4_double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256, neare
     padded = residual.new_zeros(blocks * nested_blocksize)
     padded[:n] = residual
     nested = padded.view(blocks, nested_blocksize).abs().amax(dim=1)
-    z = (padded.view(blocks, nested_blocksize) / nested.unsqueeze(1)).reshape(-1)[:n]
+    z = (padded.view(blocks, nested_blocksize) * (1.0 / nested).unsqueeze(1)).reshape(-1)[:n]
     index = torch.bucketize(z, bnb_dynamic_bounds(absmax.device), right=False)
     index = torch.where(torch.isnan(z), torch.zeros_like(index), index)
     return index.to(torch.uint8), nested, offset
