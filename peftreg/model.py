@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftreg.aliasing import check_no_base_tensors
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedOperationError
 from peftreg.families import ModelFamily
@@ -238,6 +239,7 @@ class AdaptedModel(nn.Module):
                 p.requires_grad_(False)
         try:
             targets = method.inject(self.model, name, config, self._family)
+            check_no_base_tensors(self.model, name, method.name)
             saved = self._add_saved_modules(name, config, targets)
         except BaseException:
             self._purge(name)
@@ -444,14 +446,24 @@ class AdaptedModel(nn.Module):
     # -- deleting ------------------------------------------------------------------------------
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` and its parameters (unmerging it first if merged)."""
+        """Remove adapter ``name`` and its parameters (unmerging it first if merged).
+
+        Adapters merged after it are unmerged first (a layer unfolds newest first) and merged
+        again once it is gone, where the stacking contract allows; those it does not allow stay
+        unmerged.
+        """
         self.record(name)
+        remerge: list[str] = []
         if name in self._merged:
+            remerge = self._merged[self._merged.index(name) + 1:]
             self.unmerge([name])
         self._purge(name)
         del self._records[name]
         self._active = [n for n in self._active if n != name]
         self._apply_state()
+        for other in remerge:
+            with contextlib.suppress(UnsupportedOperationError):
+                self._merge_one(other)
 
     def _purge(self, name: str) -> None:
         for path, slot in list(iter_slots(self.model)):
@@ -482,25 +494,41 @@ class AdaptedModel(nn.Module):
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights.
 
+        Adapters merge in their application (active) order whatever order ``names`` lists,
+        as the stacking contract requires (see :meth:`peftreg.host.AdapterHost.merge`).
+
         Raises:
-            UnsupportedOperationError: one of them belongs to a method that cannot merge;
-                nothing is merged then.
+            UnsupportedOperationError: one of them belongs to a method that cannot merge, or
+                the stacking contract refuses the combination; nothing is merged then.
         """
         targets = list(self._active if names is None else names)
         for name in targets:
             self._check_mergeable(name)
             if name not in self._active:
                 raise AdapterError(f"adapter {name!r} is not active; only active ones merge")
-        for name in targets:
-            if name not in self._merged:
-                self._merge_one(name)
+        done: list[str] = []
+        try:
+            for name in sorted(targets, key=self._active.index):
+                if name not in self._merged:
+                    self._merge_one(name)
+                    done.append(name)
+        except BaseException:
+            for name in reversed(done):
+                self._unmerge_one(name)
+            raise
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        """Undo :meth:`merge` (default: every merged adapter), newest first."""
-        targets = list(self._merged if names is None else names)
-        for name in reversed(list(self._merged)):
-            if name in targets:
-                self._unmerge_one(name)
+        """Undo :meth:`merge` (default: every merged adapter), newest first.
+
+        Merged adapters unfold in reverse merge order, so unmerging one also unmerges every
+        adapter merged after it (each layer's merged adapters lead its active order).
+        """
+        targets = set(self._merged if names is None else names)
+        hits = [i for i, n in enumerate(self._merged) if n in targets]
+        if not hits:
+            return
+        for name in reversed(self._merged[hits[0]:]):
+            self._unmerge_one(name)
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain model without any adapter module.

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from torch import nn
 
-import peftreg
-from peftreg.families import ModelFamily
+from peftreg.plugin import (
+    ModelFamily,
+    hookimpl,
+)
 
 _LLAMA = {
     "layers": "layers",
@@ -56,7 +58,7 @@ def _find_prefix(model: nn.Module, layers_suffix: str) -> str | None:
     return None
 
 
-@peftreg.hookimpl
+@hookimpl
 def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
     """Describe a transformers model whose ``config.model_type`` has a known layout."""
     config = getattr(model, "config", None)

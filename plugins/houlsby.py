@@ -27,19 +27,24 @@ projection, residual) runs as one ``peftreg::houlsby_adapter`` op whose backward
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import torch
 from torch import nn
 
-import peftreg
-from peftreg import kernels
-from peftreg.errors import ModelFamilyError
-from peftreg.families import ModelFamily
-from peftreg.host import LayerAdapter
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.targets import TargetedConfig, select_targets
+from peftreg.plugin import (
+    Capabilities,
+    LayerAdapter,
+    ModelFamily,
+    ModelFamilyError,
+    PEFTMethod,
+    TargetedConfig,
+    hookimpl,
+    host_for,
+    houlsby_adapter,
+    kernels,
+    select_targets,
+)
 
 NonLinearity = Literal["relu", "gelu", "silu", "tanh"]
 _ACTIVATIONS: Final[dict[str, type[nn.Module]]] = {
@@ -131,7 +136,6 @@ class HoulsbyAdapter(LayerAdapter):
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         down, up = self.adapter_down, self.adapter_up
         if y.dtype == down.weight.dtype and kernels.use_compiled("houlsby_adapter", y.device):
-            from peftreg.ops.adapters import houlsby_adapter
 
             return houlsby_adapter(y, down.weight, down.bias, up.weight, up.bias,
                                    self.non_linearity)
@@ -185,16 +189,16 @@ def plan(model: nn.Module, config: HoulsbyConfig, family: ModelFamily | None
     return planned
 
 
-class HoulsbyMethod(PEFTMethod):
+class HoulsbyMethod(PEFTMethod[HoulsbyConfig]):
     """Bottleneck adapters after attention and feed-forward outputs; not mergeable."""
 
     name: ClassVar[str] = "houlsby"
-    config_cls: ClassVar[type[HoulsbyConfig]] = HoulsbyConfig
+    config_cls = HoulsbyConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
-    def inject(self, model: nn.Module, adapter_name: str, config: HoulsbyConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: HoulsbyConfig,
                family: ModelFamily | None) -> list[str]:
         planned = plan(model, config, family)
         for path, h, m in planned:
@@ -204,14 +208,14 @@ class HoulsbyMethod(PEFTMethod):
                 h, m, config.non_linearity, device=weight.device, dtype=weight.dtype)
         return [path for path, _, _ in planned]
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: HoulsbyConfig, family: ModelFamily | None
     ) -> int:
         """``sum over adapted modules of 2*h*m + m + h`` (down and up weights and biases)."""
         return sum(2 * h * m + m + h for _, h, m in plan(model, config, family))
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide Houlsby bottleneck adapters."""
     return [HoulsbyMethod()]

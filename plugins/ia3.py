@@ -23,19 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 import torch
 from torch import nn
 
-import peftreg
-from peftreg import kernels
-from peftreg.errors import ConfigError, ModelFamilyError, UnsupportedOperationError
-from peftreg.families import ModelFamily
-from peftreg.host import LayerAdapter
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.targets import TargetedConfig, matches, select_targets
+from peftreg.plugin import (
+    Capabilities,
+    ConfigError,
+    LayerAdapter,
+    ModelFamily,
+    ModelFamilyError,
+    PEFTMethod,
+    TargetedConfig,
+    UnsupportedOperationError,
+    hookimpl,
+    host_for,
+    ia3_linear,
+    kernels,
+    matches,
+    select_targets,
+)
 
 # Scaling a weight by l and dividing it back out is exact to rounding for any l that keeps the
 # merged weight a normal float; a channel whose scale has shrunk below this has been switched off
@@ -133,7 +141,6 @@ class IA3Linear(LayerAdapter):
             return None
         if not kernels.use_compiled("ia3_linear", x.device):
             return None
-        from peftreg.ops.adapters import ia3_linear
 
         return ia3_linear(x, weight, base.bias, self.ia3_l, self.is_feedforward)
 
@@ -221,16 +228,16 @@ def plan(model: nn.Module, config: IA3Config, family: ModelFamily | None
     return [(p, matches(p, spec)) for p in paths]
 
 
-class IA3Method(PEFTMethod):
+class IA3Method(PEFTMethod[IA3Config]):
     """Learned scaling of key, value and feed-forward activations; mergeable, no inference cost."""
 
     name: ClassVar[str] = "ia3"
-    config_cls: ClassVar[type[IA3Config]] = IA3Config
+    config_cls = IA3Config
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, inference_latency=False)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     suggested_learning_rate: ClassVar[float] = 1e-2
 
-    def inject(self, model: nn.Module, adapter_name: str, config: IA3Config,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: IA3Config,
                family: ModelFamily | None) -> list[str]:
         planned = plan(model, config, family)
         for path, is_ff in planned:
@@ -240,7 +247,7 @@ class IA3Method(PEFTMethod):
                 label=f"{adapter_name!r} on {path!r}")
         return [path for path, _ in planned]
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: IA3Config, family: ModelFamily | None
     ) -> int:
         """``sum of out_features over output-scaled layers + in_features over feed-forward
@@ -253,7 +260,7 @@ class IA3Method(PEFTMethod):
         return total
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide (IA)^3."""
     return [IA3Method()]

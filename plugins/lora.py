@@ -15,20 +15,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import peftreg
-from peftreg import kernels
-from peftreg.families import ModelFamily
-from peftreg.host import LayerAdapter
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.ops.reference import lora_dropout, new_dropout_seed
-from peftreg.targets import TargetedConfig, select_targets
+from peftreg.plugin import (
+    Capabilities,
+    LayerAdapter,
+    ModelFamily,
+    PEFTMethod,
+    TargetedConfig,
+    hookimpl,
+    host_for,
+    kernels,
+    lora_dropout,
+    lora_linear,
+    new_dropout_seed,
+    select_targets,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,7 +162,6 @@ class LoraLinear(LayerAdapter):
         p = self.dropout_p if self.training else 0.0
         if quantized is not None:
             return base.forward_with_lora(x, a, b, self.scaling, p)
-        from peftreg.ops.fused import lora_linear
 
         seed = new_dropout_seed() if p > 0 else None
         return lora_linear(x, base.weight, base.bias, a, b, self.scaling, dropout_p=p,
@@ -214,16 +219,16 @@ def _default_targets(family: ModelFamily | None) -> list[str] | None:
     return [family.roles["q"], family.roles["v"]]
 
 
-class LoraMethod(PEFTMethod):
+class LoraMethod(PEFTMethod[LoraConfig]):
     """Low-rank updates on Linear and Embedding weights; mergeable, no inference cost."""
 
     name: ClassVar[str] = "lora"
-    config_cls: ClassVar[type[LoraConfig]] = LoraConfig
+    config_cls = LoraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
-    def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                family: ModelFamily | None) -> list[str]:
         paths = select_targets(model, config, self.supported, family, _default_targets(family))
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
@@ -238,7 +243,7 @@ class LoraMethod(PEFTMethod):
                     base, r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
         return paths
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: LoraConfig, family: ModelFamily | None
     ) -> int:
         """``sum over adapted matrices of r * (d_in + d_out)`` (paper section 4)."""
@@ -255,7 +260,7 @@ class LoraMethod(PEFTMethod):
         return total
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide LoRA."""
     return [LoraMethod()]

@@ -16,18 +16,28 @@ Merging densifies the adapted layers (dequantize, then add the LoRA update), so
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-import peftreg
-from peftreg.families import ModelFamily
-from peftreg.host import AdapterHost, iter_slots, replace_module
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.nn import Linear4bit
-from peftreg.targets import ALL_LINEAR, TargetedConfig, output_head_paths, select_targets
+from peftreg.plugin import (
+    ALL_LINEAR,
+    AdapterHost,
+    Capabilities,
+    Linear4bit,
+    ModelFamily,
+    PEFTMethod,
+    TargetedConfig,
+    TargetNotFoundError,
+    UnsupportedOperationError,
+    hookimpl,
+    host_for,
+    iter_slots,
+    output_head_paths,
+    replace_module,
+    select_targets,
+)
 from peftreg_plugins.lora import LoraConfig, LoraLinear
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +92,7 @@ def _quantize(model: nn.Module, path: str, config: QLoraConfig) -> Linear4bit:
     if isinstance(base, Linear4bit):
         return base
     if not isinstance(base, nn.Linear):
-        raise peftreg.TargetNotFoundError(f"QLoRA can only quantize nn.Linear; {path!r} is a "
+        raise TargetNotFoundError(f"QLoRA can only quantize nn.Linear; {path!r} is a "
                                           f"{type(base).__name__}")
     quantized = Linear4bit.from_linear(base, blocksize=config.blocksize,
                                        double_quant=config.double_quant,
@@ -109,11 +119,11 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
     return paths
 
 
-class QLoraMethod(PEFTMethod):
+class QLoraMethod(PEFTMethod[QLoraConfig]):
     """LoRA on a 4-bit NF4 base with double quantization; merging densifies the base."""
 
     name: ClassVar[str] = "qlora"
-    config_cls: ClassVar[type[QLoraConfig]] = QLoraConfig
+    config_cls = QLoraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
@@ -121,7 +131,7 @@ class QLoraMethod(PEFTMethod):
                  family: ModelFamily | None) -> list[str]:
         return select_targets(model, config, (nn.Linear, Linear4bit), family, ALL_LINEAR)
 
-    def inject(self, model: nn.Module, adapter_name: str, config: QLoraConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: QLoraConfig,
                family: ModelFamily | None) -> list[str]:
         lora_paths = self._targets(model, config, family)
         quantize_base(model, config, family)
@@ -136,13 +146,20 @@ class QLoraMethod(PEFTMethod):
         return lora_paths
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
-        for _, slot in iter_slots(model):
-            if (isinstance(slot, AdapterHost) and adapter_name in slot.adapters
-                    and isinstance(slot.base, Linear4bit)):
-                slot.base = dense_linear(slot.base)
+        hosts = [(path, slot) for path, slot in iter_slots(model)
+                 if isinstance(slot, AdapterHost) and adapter_name in slot.adapters]
+        # Checked before densifying, so a refused merge leaves the 4-bit bases as they were.
+        for path, host in hosts:
+            problem = host.merge_problem(adapter_name)
+            if problem:
+                raise UnsupportedOperationError(
+                    f"cannot merge adapter {adapter_name!r} on {path!r}: {problem}")
+        for _, host in hosts:
+            if isinstance(host.base, Linear4bit):
+                host.base = dense_linear(host.base)
         super().merge(model, adapter_name)
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: QLoraConfig, family: ModelFamily | None
     ) -> int:
         """``sum over adapted matrices of r * (d_in + d_out)``, as LoRA."""
@@ -196,7 +213,7 @@ def requantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
     return errors
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide QLoRA."""
     return [QLoraMethod()]

@@ -1,0 +1,125 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The plugin SDK: the one module a method or model-family plugin imports from peftreg.
+
+Everything a built-in plugin uses is here, and the built-ins import nothing else from peftreg
+(a test reads their imports), so a plugin written from docs/plugins.md can do whatever they do.
+Names not listed in ``__all__`` are internals that may change between releases.
+
+The API level (:data:`API_LEVEL`) rises when a name is added here or a promise changes. A
+method declares the level it was written for in ``PEFTMethod.api_level``; one that needs more
+than this peftreg provides is refused at registration with a message naming its distribution,
+and the other plugins keep working.
+
+Groups:
+    configs: :class:`MethodConfig`, :class:`TargetedConfig`, :data:`ALL_LINEAR`.
+    methods: :class:`PEFTMethod` (generic in its config), :class:`Capabilities`,
+        :data:`hookimpl`.
+    layer adapters: :class:`LayerAdapter`, :class:`AdapterHost`, :func:`host_for`,
+        :class:`BaseAccess` / :func:`base_access` (reading the base without owning it).
+    input adapters: :class:`InputAdapter`, :class:`InputSlot`, :data:`CACHE_KEYS`,
+        :func:`cache_length`, :func:`extend_inputs`.
+    targets and families: :func:`select_targets`, :func:`matches`,
+        :func:`output_head_paths`, :func:`is_linear`, :class:`ModelFamily`,
+        :func:`get_module`, :func:`replace_module`, :func:`iter_slots`.
+    kernels: :mod:`kernels` (``kernels.use_compiled(op, device)``), :func:`has_extension`, the
+        op wrappers :func:`lora_linear`, :func:`ia3_linear`, :func:`houlsby_adapter` and the
+        counter-based dropout :func:`lora_dropout` / :func:`new_dropout_seed`.
+    quantized bases: :class:`Linear4bit`.
+    errors: :class:`PeftregError` and the subclasses a plugin raises.
+"""
+
+from __future__ import annotations
+
+from peftreg import kernels
+from peftreg.base_access import BaseAccess
+from peftreg.config import MethodConfig
+from peftreg.errors import (
+    ConfigError,
+    ModelFamilyError,
+    PeftregError,
+    TargetNotFoundError,
+    UnsupportedOperationError,
+)
+from peftreg.families import ModelFamily
+from peftreg.hookspecs import hookimpl
+from peftreg.host import (
+    AdapterHost,
+    AdapterSlot,
+    InputAdapter,
+    InputSlot,
+    LayerAdapter,
+    get_module,
+    iter_slots,
+    replace_module,
+)
+from peftreg.method import API_LEVEL, Capabilities, PEFTMethod
+from peftreg.model import host_for
+from peftreg.nn import Linear4bit
+from peftreg.ops import has_extension
+from peftreg.ops.adapters import houlsby_adapter, ia3_linear
+from peftreg.ops.fused import lora_linear
+from peftreg.ops.reference import lora_dropout, new_dropout_seed
+from peftreg.reference_model import ReferenceTransformer
+from peftreg.sequence import CACHE_KEYS, cache_length, extend_inputs
+from peftreg.targets import (
+    ALL_LINEAR,
+    TargetedConfig,
+    is_linear,
+    matches,
+    output_head_paths,
+    select_targets,
+)
+
+#: Names of this module that belong to the SDK (the rest of peftreg is not promised).
+__all__ = [
+    "ALL_LINEAR",
+    "API_LEVEL",
+    "CACHE_KEYS",
+    "AdapterHost",
+    "AdapterSlot",
+    "BaseAccess",
+    "Capabilities",
+    "ConfigError",
+    "InputAdapter",
+    "InputSlot",
+    "LayerAdapter",
+    "Linear4bit",
+    "MethodConfig",
+    "ModelFamily",
+    "ModelFamilyError",
+    "PEFTMethod",
+    "PeftregError",
+    "ReferenceTransformer",
+    "TargetNotFoundError",
+    "TargetedConfig",
+    "UnsupportedOperationError",
+    "base_access",
+    "cache_length",
+    "extend_inputs",
+    "get_module",
+    "has_extension",
+    "hookimpl",
+    "host_for",
+    "houlsby_adapter",
+    "ia3_linear",
+    "is_linear",
+    "iter_slots",
+    "kernels",
+    "lora_dropout",
+    "lora_linear",
+    "matches",
+    "new_dropout_seed",
+    "output_head_paths",
+    "replace_module",
+    "select_targets",
+]
+
+
+def base_access(host: AdapterHost) -> BaseAccess:
+    """A :class:`BaseAccess` for the base module of ``host`` (from :func:`host_for`).
+
+    Keep it on the layer adapter as a plain attribute: it registers nothing, so the base stays
+    frozen, uncounted and out of the adapter file, and holding it tells the stacking contract
+    that the adapter reads its base.
+    """
+    return BaseAccess(host)
