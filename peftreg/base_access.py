@@ -123,3 +123,29 @@ class BaseAccess:
 
     def __repr__(self) -> str:
         return f"BaseAccess({type(self.module).__name__}, shape={self.shape})"
+
+
+def dense_linear(module: nn.Module) -> nn.Linear:
+    """A frozen ``nn.Linear`` computing what the quantized linear ``module`` computes, with its
+    dequantized weight in the compute dtype (what merging into a quantized base starts from)."""
+    access = access_for(module)
+    weight, bias = access.weight(), access.bias(access.dtype)
+    dense = nn.Linear(access.in_features, access.out_features, bias=bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    dense.requires_grad_(False)
+    return dense
+
+
+class _Holder:
+    def __init__(self, base: nn.Module) -> None:
+        self.base = base
+
+
+def access_for(target: nn.Module) -> BaseAccess:
+    """:class:`BaseAccess` for ``target``: an adapter host (its base, followed when replaced)
+    or a bare base module (that module, for reading shapes and dtypes while building)."""
+    return BaseAccess(target if hasattr(target, "base") else _Holder(target))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftreg.base_access import BaseAccess
+from peftreg.base_access import BaseAccess, dense_linear
 from peftreg.errors import TargetNotFoundError, UnsupportedOperationError
 
 
@@ -211,6 +211,10 @@ class AdapterHost(AdapterSlot):
         if problem:
             layer = f" on {where!r}" if where else ""
             raise UnsupportedOperationError(f"cannot merge adapter {name!r}{layer}: {problem}")
+        if BaseAccess(self).quantized:
+            # Folding an update into packed 4-bit codes is impossible: the layer becomes the
+            # dense layer it computes (unmerge keeps it dense; see docs/plugins.md).
+            self.base = dense_linear(self.base)
         with torch.no_grad():
             adapter.merge_into(self.base)
         self.merged.append(name)

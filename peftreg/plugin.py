@@ -30,8 +30,10 @@ Groups:
 
 from __future__ import annotations
 
+from torch import nn
+
 from peftreg import kernels
-from peftreg.base_access import BaseAccess
+from peftreg.base_access import BaseAccess, access_for, dense_linear
 from peftreg.config import MethodConfig
 from peftreg.errors import (
     ConfigError,
@@ -95,6 +97,7 @@ __all__ = [
     "UnsupportedOperationError",
     "base_access",
     "cache_length",
+    "dense_linear",
     "extend_inputs",
     "get_module",
     "has_extension",
@@ -115,11 +118,12 @@ __all__ = [
 ]
 
 
-def base_access(host: AdapterHost) -> BaseAccess:
+def base_access(host: AdapterHost | nn.Module) -> BaseAccess:
     """A :class:`BaseAccess` for the base module of ``host`` (from :func:`host_for`).
 
     Keep it on the layer adapter as a plain attribute: it registers nothing, so the base stays
     frozen, uncounted and out of the adapter file, and holding it tells the stacking contract
-    that the adapter reads its base.
+    that the adapter reads its base at run time. Given a bare module (``host.base``) it reads
+    that module; use that only while building (shapes, device, dtype), not to keep.
     """
-    return BaseAccess(host)
+    return access_for(host)

@@ -35,10 +35,12 @@ from torch import nn
 from peftreg.plugin import (
     Capabilities,
     LayerAdapter,
+    Linear4bit,
     ModelFamily,
     ModelFamilyError,
     PEFTMethod,
     TargetedConfig,
+    base_access,
     hookimpl,
     host_for,
     houlsby_adapter,
@@ -195,7 +197,7 @@ class HoulsbyMethod(PEFTMethod[HoulsbyConfig]):
     name: ClassVar[str] = "houlsby"
     config_cls = HoulsbyConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
     def inject(self, model: nn.Module, adapter_name: str, config: HoulsbyConfig,
@@ -203,9 +205,9 @@ class HoulsbyMethod(PEFTMethod[HoulsbyConfig]):
         planned = plan(model, config, family)
         for path, h, m in planned:
             host = host_for(model, path)
-            weight = host.base.weight  # type: ignore[union-attr]
+            view = base_access(host.base)
             host.adapters[adapter_name] = HoulsbyAdapter(
-                h, m, config.non_linearity, device=weight.device, dtype=weight.dtype)
+                h, m, config.non_linearity, device=view.device, dtype=view.dtype)
         return [path for path, _, _ in planned]
 
     def parameter_count(

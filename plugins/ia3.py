@@ -32,11 +32,13 @@ from peftreg.plugin import (
     Capabilities,
     ConfigError,
     LayerAdapter,
+    Linear4bit,
     ModelFamily,
     ModelFamilyError,
     PEFTMethod,
     TargetedConfig,
     UnsupportedOperationError,
+    base_access,
     hookimpl,
     host_for,
     ia3_linear,
@@ -111,11 +113,13 @@ class IA3Linear(LayerAdapter):
         label: ``"<adapter> on <module path>"``, for error messages.
     """
 
-    def __init__(self, base: nn.Linear, is_feedforward: bool, init_ones: bool = True,
+    def __init__(self, base: nn.Module, is_feedforward: bool, init_ones: bool = True,
                  label: str = "") -> None:
         super().__init__()
-        shape = (1, base.in_features) if is_feedforward else (base.out_features, 1)
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # Through base access, so a quantized base (QLoRA's, under a stacked IA3) works too.
+        view = base_access(base)
+        shape = (1, view.in_features) if is_feedforward else (view.out_features, 1)
+        kw = {"device": view.device, "dtype": view.dtype}
         self.ia3_l = nn.Parameter(torch.ones(shape, **kw))
         if not init_ones:
             with torch.no_grad():
@@ -234,7 +238,7 @@ class IA3Method(PEFTMethod[IA3Config]):
     name: ClassVar[str] = "ia3"
     config_cls = IA3Config
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, inference_latency=False)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 1e-2
 
     def inject(self, model: nn.Module, adapter_name: str, config: IA3Config,
@@ -243,7 +247,7 @@ class IA3Method(PEFTMethod[IA3Config]):
         for path, is_ff in planned:
             host = host_for(model, path)
             host.adapters[adapter_name] = IA3Linear(
-                host.base, is_ff, config.init_ia3_weights,  # type: ignore[arg-type]
+                host.base, is_ff, config.init_ia3_weights,
                 label=f"{adapter_name!r} on {path!r}")
         return [path for path, _ in planned]
 

@@ -24,6 +24,7 @@ from torch import nn
 from peftreg.plugin import (
     Capabilities,
     LayerAdapter,
+    Linear4bit,
     ModelFamily,
     PEFTMethod,
     TargetedConfig,
@@ -225,7 +226,7 @@ class LoraMethod(PEFTMethod[LoraConfig]):
     name: ClassVar[str] = "lora"
     config_cls = LoraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,

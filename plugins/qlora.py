@@ -30,13 +30,14 @@ from peftreg.plugin import (
     PEFTMethod,
     TargetedConfig,
     TargetNotFoundError,
-    UnsupportedOperationError,
     hookimpl,
     host_for,
-    iter_slots,
     output_head_paths,
     replace_module,
     select_targets,
+)
+from peftreg.plugin import (
+    dense_linear as sdk_dense_linear,
 )
 from peftreg_plugins.lora import LoraConfig, LoraLinear
 
@@ -145,20 +146,6 @@ class QLoraMethod(PEFTMethod[QLoraConfig]):
                 adapter_dtype)
         return lora_paths
 
-    def merge(self, model: nn.Module, adapter_name: str) -> None:
-        hosts = [(path, slot) for path, slot in iter_slots(model)
-                 if isinstance(slot, AdapterHost) and adapter_name in slot.adapters]
-        # Checked before densifying, so a refused merge leaves the 4-bit bases as they were.
-        for path, host in hosts:
-            problem = host.merge_problem(adapter_name)
-            if problem:
-                raise UnsupportedOperationError(
-                    f"cannot merge adapter {adapter_name!r} on {path!r}: {problem}")
-        for _, host in hosts:
-            if isinstance(host.base, Linear4bit):
-                host.base = dense_linear(host.base)
-        super().merge(model, adapter_name)
-
     def parameter_count(
         self, model: nn.Module, config: QLoraConfig, family: ModelFamily | None
     ) -> int:
@@ -174,15 +161,7 @@ class QLoraMethod(PEFTMethod[QLoraConfig]):
 
 def dense_linear(layer: Linear4bit) -> nn.Linear:
     """A dense ``nn.Linear`` (compute dtype) holding ``layer``'s dequantized weight."""
-    weight = layer.dequantize()
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
-    dense.requires_grad_(False)
-    return dense
+    return sdk_dense_linear(layer)
 
 
 def requantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
