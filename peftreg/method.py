@@ -36,11 +36,14 @@ class Capabilities:
         quantized_base: the method works on (or creates) a quantized frozen base.
         inference_latency: the adapter adds computation at inference even when merged where
             possible (true for methods that cannot merge or that add tokens).
+        compilable: ``torch.compile`` of an adapted model gives the eager outputs (the
+            plugin's tests check it; the conformance kit's ``"compile"`` check runs only then).
     """
 
     mergeable: bool
     quantized_base: bool = False
     inference_latency: bool = False
+    compilable: bool = False
 
 
 class PEFTMethod(abc.ABC, Generic[C]):

@@ -225,7 +225,7 @@ class LoraMethod(PEFTMethod[LoraConfig]):
 
     name: ClassVar[str] = "lora"
     config_cls = LoraConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, compilable=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
 

@@ -125,7 +125,8 @@ class QLoraMethod(PEFTMethod[QLoraConfig]):
 
     name: ClassVar[str] = "qlora"
     config_cls = QLoraConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True,
+                                                       compilable=True)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
     def _targets(self, model: nn.Module, config: QLoraConfig,
