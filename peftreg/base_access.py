@@ -125,6 +125,27 @@ class BaseAccess:
         return f"BaseAccess({type(self.module).__name__}, shape={self.shape})"
 
 
+def merge_weight(module: nn.Module) -> torch.Tensor:
+    """The dense floating weight of ``module`` to fold an update into (``merge_into``).
+
+    The host densifies a quantized base before merging, so this is always a plain tensor.
+
+    Raises:
+        UnsupportedOperationError: the module has no floating ``weight`` tensor.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise UnsupportedOperationError(
+            f"cannot merge into a {type(module).__name__}: it has no floating weight tensor")
+    return weight
+
+
+def merge_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias tensor of ``module`` to fold into (``None`` when it has none)."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def dense_linear(module: nn.Module) -> nn.Linear:
     """A frozen ``nn.Linear`` computing what the quantized linear ``module`` computes, with its
     dequantized weight in the compute dtype (what merging into a quantized base starts from)."""
@@ -148,4 +169,6 @@ class _Holder:
 def access_for(target: nn.Module) -> BaseAccess:
     """:class:`BaseAccess` for ``target``: an adapter host (its base, followed when replaced)
     or a bare base module (that module, for reading shapes and dtypes while building)."""
-    return BaseAccess(target if hasattr(target, "base") else _Holder(target))
+    if isinstance(getattr(target, "base", None), nn.Module):
+        return BaseAccess(target)  # type: ignore[arg-type]  # checked: it has a module .base
+    return BaseAccess(_Holder(target))

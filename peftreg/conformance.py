@@ -102,7 +102,7 @@ def _to_dtype(module: nn.Module, dtype: torch.dtype) -> None:
     module.to(dtype)
     for sub in module.modules():  # quantized layers keep their codes, compute in ``dtype``
         if isinstance(getattr(sub, "compute_dtype", None), torch.dtype):
-            sub.compute_dtype = dtype
+            setattr(sub, "compute_dtype", dtype)  # noqa: B010 (a plain attribute, not a module)
 
 
 def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:

@@ -152,7 +152,10 @@ class AdapterSlot(nn.Module):
             keep_trained: put back the trained replacement (:meth:`unwrap`) rather than the
                 original module (:meth:`wrapped`).
         """
-        replace_module(model, path, self.unwrap() if keep_trained else self.wrapped())
+        replacement = self.unwrap() if keep_trained else self.wrapped()
+        if replacement is None:
+            raise UnsupportedOperationError(f"the adapter slot at {path!r} wraps no module")
+        replace_module(model, path, replacement)
 
 
 class AdapterHost(AdapterSlot):
@@ -162,6 +165,8 @@ class AdapterHost(AdapterSlot):
         base: the original module (frozen by the model wrapper).
         adapters: one :class:`LayerAdapter` per adapter name.
     """
+
+    base: nn.Module
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -276,7 +281,8 @@ class AdapterHost(AdapterSlot):
             from peftreg.row_adapters import per_row_forward
 
             return per_row_forward(self, self.row_adapters, x, *args, **kwargs)
-        running = [self.adapters[n] for n in self.active if n not in self.merged]
+        running: list[LayerAdapter] = [
+            self.adapters[n] for n in self.active if n not in self.merged]  # type: ignore[misc]
         if not running:
             return self.base(x, *args, **kwargs)
         if len(running) == 1 and not args and not kwargs:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from peftreg.aliasing import check_no_base_tensors
+from peftreg.base_access import access_for
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedOperationError
 from peftreg.families import ModelFamily
@@ -421,7 +422,8 @@ class AdaptedModel(nn.Module):
             if (isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter)
                     and hasattr(module, "in_features") and hasattr(module, "out_features")):
                 # A quantized layer keeps its weight as packed buffers: count the logical size.
-                total += module.in_features * module.out_features
+                out_f, in_f = access_for(module).shape
+                total += out_f * in_f
         return total
 
     def summary(self) -> AdapterSummary:

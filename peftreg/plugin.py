@@ -33,7 +33,7 @@ from __future__ import annotations
 from torch import nn
 
 from peftreg import kernels
-from peftreg.base_access import BaseAccess, access_for, dense_linear
+from peftreg.base_access import BaseAccess, access_for, dense_linear, merge_bias, merge_weight
 from peftreg.config import MethodConfig
 from peftreg.errors import (
     ConfigError,
@@ -111,6 +111,8 @@ __all__ = [
     "lora_dropout",
     "lora_linear",
     "matches",
+    "merge_bias",
+    "merge_weight",
     "new_dropout_seed",
     "output_head_paths",
     "replace_module",

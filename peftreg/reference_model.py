@@ -148,6 +148,9 @@ class ReferenceTransformer(nn.Module):
     ``attention_mask`` then covers the prefix too (or only the tokens, the prefix being visible).
     """
 
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ReferenceConfig | None = None) -> None:
         super().__init__()
         self.config = config or ReferenceConfig()

@@ -179,9 +179,7 @@ def plan(model: nn.Module, config: HoulsbyConfig, family: ModelFamily | None
     defaults = _default_targets(family, config) if config.target_modules is None else None
     planned = []
     for path in select_targets(model, config, HoulsbyMethod.supported, family, defaults):
-        module = model.get_submodule(path)
-        module = getattr(module, "base", module)
-        h = module.out_features
+        h = base_access(model.get_submodule(path)).out_features
         m = config.bottleneck_for(h)
         if m > h:
             raise config.error(

@@ -44,6 +44,8 @@ from peftreg.plugin import (
     ia3_linear,
     kernels,
     matches,
+    merge_bias,
+    merge_weight,
     select_targets,
 )
 
@@ -119,7 +121,7 @@ class IA3Linear(LayerAdapter):
         # Through base access, so a quantized base (QLoRA's, under a stacked IA3) works too.
         view = base_access(base)
         shape = (1, view.in_features) if is_feedforward else (view.out_features, 1)
-        kw = {"device": view.device, "dtype": view.dtype}
+        kw: dict[str, Any] = {"device": view.device, "dtype": view.dtype}
         self.ia3_l = nn.Parameter(torch.ones(shape, **kw))
         if not init_ones:
             with torch.no_grad():
@@ -165,17 +167,17 @@ class IA3Linear(LayerAdapter):
     def merge_into(self, base: nn.Module) -> None:
         # Refused before touching the weight: a merge that cannot be undone is not allowed.
         scale = self._checked_scale("merge")
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() * scale).to(w.dtype))
-        bias = getattr(base, "bias", None)
+        bias = merge_bias(base)
         if bias is not None and not self.is_feedforward:
             bias.copy_((bias.float() * scale.view(-1)).to(bias.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
         scale = self._checked_scale("unmerge")
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() / scale).to(w.dtype))
-        bias = getattr(base, "bias", None)
+        bias = merge_bias(base)
         if bias is not None and not self.is_feedforward:
             bias.copy_((bias.float() / scale.view(-1)).to(bias.dtype))
 
@@ -258,9 +260,8 @@ class IA3Method(PEFTMethod[IA3Config]):
         layers`` (one scale per channel, paper section 3.3)."""
         total = 0
         for path, is_ff in plan(model, config, family):
-            module = model.get_submodule(path)
-            module = getattr(module, "base", module)
-            total += module.in_features if is_ff else module.out_features
+            view = base_access(model.get_submodule(path))
+            total += view.in_features if is_ff else view.out_features
         return total
 
 

@@ -28,11 +28,13 @@ from peftreg.plugin import (
     ModelFamily,
     PEFTMethod,
     TargetedConfig,
+    base_access,
     hookimpl,
     host_for,
     kernels,
     lora_dropout,
     lora_linear,
+    merge_weight,
     new_dropout_seed,
     select_targets,
 )
@@ -89,12 +91,12 @@ class LoraConfig(TargetedConfig):
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         """Rank and scaling for the module at ``path`` (after per-module overrides)."""
-        r = _pattern_value(self.rank_pattern, path, self.r)
+        r = int(_pattern_value(self.rank_pattern, path, self.r))
         alpha = _pattern_value(self.alpha_pattern, path, self.lora_alpha)
         return r, alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
-def _pattern_value(pattern: dict, path: str, default: float) -> float:
+def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
     for key, value in pattern.items():
         if path == key or path.endswith("." + key) or re.fullmatch(key, path):
             return value
@@ -122,9 +124,10 @@ class LoraLinear(LayerAdapter):
                  dtype: torch.dtype | None) -> None:
         super().__init__()
         device, base_dtype = weight_placement(base)
-        kw = {"device": device, "dtype": dtype or base_dtype}
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        view = base_access(base)
+        kw: dict[str, Any] = {"device": device, "dtype": dtype or base_dtype}
+        self.lora_A = nn.Linear(view.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, view.out_features, bias=False, **kw)
         # Dropout on the LoRA path's input. Both paths draw the same counter-based mask from a
         # per-call seed (peftreg.ops.reference.lora_dropout): the fused op regenerates it in its
         # backward instead of saving it, and the plain path gives identical numbers.
@@ -162,18 +165,18 @@ class LoraLinear(LayerAdapter):
         # backward, so neither the mask nor dropout(x) is kept for the backward.
         p = self.dropout_p if self.training else 0.0
         if quantized is not None:
-            return base.forward_with_lora(x, a, b, self.scaling, p)
+            return base.forward_with_lora(x, a, b, self.scaling, p)  # type: ignore[operator]
 
         seed = new_dropout_seed() if p > 0 else None
-        return lora_linear(x, base.weight, base.bias, a, b, self.scaling, dropout_p=p,
-                           dropout_seed=seed)
+        return lora_linear(x, base.weight, base.bias, a, b, self.scaling,  # type: ignore[arg-type]
+                           dropout_p=p, dropout_seed=seed)
 
     def merge_into(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
     # Per-row multi-adapter serving (peftreg.row_adapters, peftreg::lora_multi_add).
@@ -191,7 +194,7 @@ class LoraEmbedding(LayerAdapter):
     def __init__(self, base: nn.Embedding, r: int, scaling: float, dtype: torch.dtype | None
                  ) -> None:
         super().__init__()
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw: dict[str, Any] = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, **kw))
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, **kw))
         self.r, self.scaling = r, scaling
@@ -206,11 +209,11 @@ class LoraEmbedding(LayerAdapter):
         return y + (rows @ self.lora_embedding_B.T * self.scaling).to(y.dtype)
 
     def merge_into(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
 
@@ -251,13 +254,9 @@ class LoraMethod(PEFTMethod[LoraConfig]):
         total = 0
         for path in select_targets(model, config, self.supported, family,
                                    _default_targets(family)):
-            module = model.get_submodule(path)
-            module = getattr(module, "base", module)
+            out_f, in_f = base_access(model.get_submodule(path)).shape
             r, _ = config.rank_and_scale(path)
-            if isinstance(module, nn.Embedding):
-                total += r * (module.num_embeddings + module.embedding_dim)
-            else:
-                total += r * (module.in_features + module.out_features)
+            total += r * (in_f + out_f)
         return total
 
 

@@ -108,7 +108,8 @@ class PrefixEncoder(InputAdapter):
                  device: torch.device) -> None:
         super().__init__()
         self.geometry = geometry
-        n, kw = config.num_virtual_tokens, {"dtype": dtype, "device": device}
+        n = config.num_virtual_tokens
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
         if config.prefix_projection:
             token_dim = config.token_dim or geometry.hidden
             hidden = config.encoder_hidden_size or token_dim

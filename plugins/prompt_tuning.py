@@ -131,7 +131,7 @@ def _initial_prompt(config: PromptTuningConfig, table: torch.Tensor) -> torch.Te
     return table[torch.tensor(ids, device=table.device)].clone()
 
 
-def _embedding(model: nn.Module, family: ModelFamily | None) -> tuple[str, nn.Module]:
+def _embedding(model: nn.Module, family: ModelFamily | None) -> tuple[str, nn.Embedding]:
     if family is None or family.input_embedding is None or not family.accepts_inputs_embeds:
         name = family.name if family else "unknown (no family plugin describes this model)"
         raise ModelFamilyError(

@@ -30,6 +30,7 @@ from peftreg.plugin import (
     PEFTMethod,
     TargetedConfig,
     TargetNotFoundError,
+    base_access,
     hookimpl,
     host_for,
     output_head_paths,
@@ -153,10 +154,9 @@ class QLoraMethod(PEFTMethod[QLoraConfig]):
         """``sum over adapted matrices of r * (d_in + d_out)``, as LoRA."""
         total = 0
         for path in self._targets(model, config, family):
-            module = model.get_submodule(path)
-            module = getattr(module, "base", module)
+            out_f, in_f = base_access(model.get_submodule(path)).shape
             r, _ = config.rank_and_scale(path)
-            total += r * (module.in_features + module.out_features)
+            total += r * (in_f + out_f)
         return total
 
 
@@ -184,6 +184,9 @@ def requantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
     errors = {}
     for path in paths:
         dense = model.get_submodule(path)
+        if not isinstance(dense, nn.Linear):
+            raise TargetNotFoundError(f"requantize: {path!r} is a {type(dense).__name__}, not an "
+                                      "nn.Linear")
         quantized = Linear4bit.from_linear(dense, blocksize=blocksize, double_quant=double_quant,
                                            compute_dtype=dense.weight.dtype)
         original = dense.weight.detach().float()
