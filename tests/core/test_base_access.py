@@ -10,7 +10,7 @@ from torch import nn
 
 import peftreg
 from peftreg.aliasing import BaseAliasError
-from peftreg.plugin import BaseAccess, Linear4bit, base_access, host_for
+from peftreg.plugin import AdapterHost, BaseAccess, Linear4bit, base_access, host_for
 from peftreg.registry import Registry
 from peftreg_plugins import family_torch
 
@@ -80,4 +80,4 @@ def test_adapter_owning_the_base_is_refused_by_name(make_tiny, kind, tensor):
     # Refused before anything stayed behind: the model is the base again.
     assert not model.adapters
     assert model.model.state_dict().keys() == before.keys()
-    assert not any(isinstance(m, peftreg.AdapterHost) for m in model.model.modules())
+    assert not any(isinstance(m, AdapterHost) for m in model.model.modules())

@@ -127,3 +127,16 @@ def test_no_override_is_silenced():
             for n, line in enumerate(path.read_text().splitlines(), 1)
             if "ignore[override]" in line]
     assert hits == []
+
+
+def test_top_level_is_the_user_api():
+    machinery = {"AdapterHost", "AdapterSlot", "LayerAdapter", "InputAdapter", "InputSlot",
+                 "PEFTMethod", "Capabilities", "hookimpl", "host_for", "select_targets",
+                 "TargetedConfig", "ModelFamily", "TrainableCopy"}
+    assert not machinery & set(peftreg.__all__)
+    assert {"adapt", "load", "config_for", "methods", "AdaptedModel"} <= set(peftreg.__all__)
+    # Plugins written before the SDK keep working, told where the name lives now.
+    with pytest.warns(DeprecationWarning, match="import it from peftreg.plugin"):
+        assert peftreg.PEFTMethod is sdk.PEFTMethod
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        _ = peftreg.nonsense

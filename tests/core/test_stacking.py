@@ -16,6 +16,7 @@ import torch
 from dora_like import DoraLikeConfig, DoraLikeMethod
 
 import peftreg
+from peftreg.plugin import AdapterHost
 from peftreg.registry import Registry
 from peftreg_plugins import family_torch
 from peftreg_plugins.houlsby import HoulsbyConfig, HoulsbyMethod
@@ -133,7 +134,7 @@ def test_merge_first_alone_keeps_outputs_or_is_refused(make_tiny, token_batch, r
 
 def test_merge_out_of_order_is_refused_on_the_layer(make_tiny, token_batch, registry):
     model = _stack(make_tiny, registry, "lora", "lora")
-    host = next(m for m in model.model.modules() if isinstance(m, peftreg.AdapterHost))
+    host = next(m for m in model.model.modules() if isinstance(m, AdapterHost))
     with pytest.raises(peftreg.UnsupportedOperationError, match="comes before it"):
         host.merge("b")
     assert host.merged == []
