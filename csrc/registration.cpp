@@ -87,9 +87,10 @@ TORCH_LIBRARY(peftreg, m) {
   m.def("nf4_quantize(Tensor x, int blocksize=64) -> (Tensor codes, Tensor absmax)",
         {at::Tag::pt2_compliant_tag});
   // Double quantization of the absmax: offset = mean(absmax); (absmax - offset) in blocks of
-  // nested_blocksize with the signed 8-bit dynamic code. offset is a 0-dim float32 tensor.
+  // nested_blocksize with the signed 8-bit dynamic code, choosing codes as bitsandbytes does
+  // (nearest=False) or by the nearest code. offset is a 0-dim float32 tensor.
   m.def(
-      "nf4_double_quantize(Tensor absmax, int nested_blocksize=256) -> "
+      "nf4_double_quantize(Tensor absmax, int nested_blocksize=256, bool nearest=False) -> "
       "(Tensor absmax_codes, Tensor nested_absmax, Tensor offset)",
       {at::Tag::pt2_compliant_tag});
   // The dense tensor of `shape` and `dtype`: code value * block scale, each rounded once from

@@ -15,7 +15,7 @@ import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 from torch import nn
@@ -28,7 +28,11 @@ from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, AdapterSlot, TrainableCopy, iter_slots
 from peftreg.method import PEFTMethod
 from peftreg.registry import Registry, default_registry
+from peftreg.signature import SIGNATURE_BASE, signature_class
 from peftreg.targets import get_module, iter_base_modules, replace_module
+
+# The destination mapping type of state_dict (as nn.Module types it).
+_D = TypeVar("_D", bound=dict[str, Any])
 
 # Adapter names become module keys and directory names: no dots, no separators, bounded length.
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -113,7 +117,15 @@ class AdaptedModel(nn.Module):
     """A model plus named adapters of any installed methods.
 
     Attribute lookups not found on the wrapper fall through to the wrapped model, so
-    ``adapted.config`` or ``adapted.generate`` work for HF models.
+    ``adapted.config`` or ``adapted.generate`` work for HF models. The instance's class is
+    ``Adapted<WrappedClass>``, a subclass made per wrapped class (:mod:`peftreg.signature`), whose
+    ``forward`` shows the wrapped model's signature to frameworks that read it (``Trainer``).
+
+    :meth:`state_dict` holds the adapters' tensors only (saved-module copies included): the
+    frozen base is not state a checkpoint needs, and it may hold tied tensors that safetensors
+    refuses to write twice. ``model.model.state_dict()`` is the whole model. ``load_state_dict``
+    accepts such an adapters-only dict, also with ``strict=True``: a missing frozen base tensor
+    is not reported, a missing adapter tensor is.
 
     Args:
         model: the model to adapt; it is modified in place (adapter slots are inserted).
@@ -131,6 +143,9 @@ class AdaptedModel(nn.Module):
         self._active: list[str] = []
         self._merged: list[str] = []
         self._disabled = False
+        self.register_load_state_dict_post_hook(_forgive_missing_base_keys)
+        if not hasattr(type(self), SIGNATURE_BASE):
+            self.__class__ = signature_class(type(self), type(model))
 
     def __getstate__(self) -> dict[str, Any]:
         # The registry holds plugin modules, which cannot be pickled; a copy re-resolves it.
@@ -167,6 +182,41 @@ class AdaptedModel(nn.Module):
             return self.model(*args, **kwargs)
         with self.per_row_adapters(adapter_names):
             return self.model(*args, **kwargs)
+
+    # -- checkpoint state ----------------------------------------------------------------------
+
+    def _adapter_module_paths(self) -> list[str]:
+        names = {id(m): n for n, m in self.named_modules(remove_duplicate=False)}
+        return [names[id(slot.adapter_module(name))]
+                for _, slot in iter_slots(self.model) for name in slot.adapter_names()]
+
+    # The overloads are nn.Module's, so this stays a valid override without an ignore.
+    @overload
+    def state_dict(self, *, destination: _D, prefix: str = ..., keep_vars: bool = ...
+                   ) -> _D: ...
+
+    @overload
+    def state_dict(self, *, prefix: str = ..., keep_vars: bool = ...) -> dict[str, Any]: ...
+
+    def state_dict(self, *args: Any, destination: Any = None,
+                   prefix: str = "", keep_vars: bool = False) -> Any:
+        """The adapters' tensors (every adapter, saved-module copies included), keyed as in
+        ``nn.Module.state_dict``; the frozen base is left out (``model.model.state_dict()`` has
+        it). What ``Trainer`` writes as a checkpoint and reads back on resume."""
+        if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
+            state = super().state_dict(*args)
+            prefix = args[1] if len(args) > 1 else ""
+        else:
+            state = super().state_dict(destination=destination, prefix=prefix,
+                                       keep_vars=keep_vars)
+        keep = tuple(f"{prefix}{path}." for path in self._adapter_module_paths())
+        for key in [k for k in state if k.startswith(prefix) and not k.startswith(keep)]:
+            del state[key]
+        return state
+
+    def _base_state_keys(self) -> set[str]:
+        keep = tuple(f"{path}." for path in self._adapter_module_paths())
+        return {k for k in nn.Module.state_dict(self, keep_vars=True) if not k.startswith(keep)}
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -413,11 +463,17 @@ class AdaptedModel(nn.Module):
         return state
 
     def base_parameter_count(self) -> int:
-        """Parameters of the model without any adapter or saved-module copy."""
+        """Parameters of the model without any adapter or saved-module copy.
+
+        A tensor shared by several modules (tied input and output embeddings) counts once.
+        """
         total = 0
+        seen: set[int] = set()
         for _, module in iter_base_modules(self.model):
             for p in module.parameters(recurse=False):
-                total += p.numel()
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
             weight = getattr(module, "weight", None)
             if (isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter)
                     and hasattr(module, "in_features") and hasattr(module, "out_features")):
@@ -617,6 +673,21 @@ class AdaptedModel(nn.Module):
                 f"name the adapter to save: {len(self._active)} adapters are active"
             )
         return self._active[0]
+
+
+def _forgive_missing_base_keys(module: nn.Module, incompatible: Any) -> None:
+    # load_state_dict post hook: an adapters-only dict (what state_dict returns) lacks the frozen
+    # base by design. The keys are those of the outermost load call, so this wrapper may sit
+    # below a prefix (DDP's "module."): match a base key at any dotted suffix.
+    if not isinstance(module, AdaptedModel) or not incompatible.missing_keys:
+        return
+    base = module._base_state_keys()
+
+    def is_base(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[i:]) in base for i in range(len(parts)))
+
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not is_base(k)]
 
 
 def adapt(

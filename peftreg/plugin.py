@@ -18,7 +18,8 @@ Groups:
         :class:`BaseAccess` / :func:`base_access` (reading the base without owning it).
     input adapters: :class:`InputAdapter`, :class:`InputSlot`, :data:`CACHE_KEYS`,
         :func:`cache_length`, :func:`extend_inputs`.
-    targets and families: :func:`select_targets`, :func:`matches`,
+    targets and families: :func:`select_targets`, :func:`matches`, :func:`compile_pattern` /
+        :func:`pattern_fullmatch` / :class:`UnsafePatternError` (bounded-time regexes),
         :func:`output_head_paths`, :func:`is_linear`, :class:`ModelFamily`,
         :func:`get_module`, :func:`replace_module`, :func:`iter_slots`.
     kernels: :mod:`kernels` (``kernels.use_compiled(op, device)``), :func:`has_extension`, the
@@ -61,6 +62,7 @@ from peftreg.ops import has_extension
 from peftreg.ops.adapters import houlsby_adapter, ia3_linear
 from peftreg.ops.fused import lora_linear
 from peftreg.ops.reference import lora_dropout, new_dropout_seed
+from peftreg.patterns import UnsafePatternError, compile_pattern, pattern_fullmatch
 from peftreg.reference_model import ReferenceTransformer
 from peftreg.sequence import CACHE_KEYS, cache_length, extend_inputs
 from peftreg.targets import (
@@ -94,9 +96,11 @@ __all__ = [
     "ReferenceTransformer",
     "TargetNotFoundError",
     "TargetedConfig",
+    "UnsafePatternError",
     "UnsupportedOperationError",
     "base_access",
     "cache_length",
+    "compile_pattern",
     "dense_linear",
     "extend_inputs",
     "get_module",
@@ -115,6 +119,7 @@ __all__ = [
     "merge_weight",
     "new_dropout_seed",
     "output_head_paths",
+    "pattern_fullmatch",
     "replace_module",
     "select_targets",
 ]

@@ -15,7 +15,6 @@ listed transformer blocks (block indices come from the model family when known, 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator
 
 from torch import nn
@@ -24,6 +23,7 @@ from peftreg.config import MethodConfig
 from peftreg.errors import TargetNotFoundError
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterSlot, get_module, replace_module
+from peftreg.patterns import UnsafePatternError, compile_pattern
 
 __all__ = [
     "ALL_LINEAR", "TargetedConfig", "get_module", "is_linear", "iter_base_modules",
@@ -78,11 +78,11 @@ class TargetedConfig(MethodConfig):
             _compile(self.layers_pattern, self, "layers_pattern")
 
 
-def _compile(pattern: str, config: MethodConfig, field: str) -> re.Pattern[str]:
+def _compile(pattern: str, config: MethodConfig, field: str) -> None:
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise config.error(field, f"invalid regular expression: {exc}", pattern) from exc
+        compile_pattern(pattern, f"{type(config).__name__}.{field}")
+    except UnsafePatternError as exc:
+        raise config.error(field, exc.problem) from exc
 
 
 # -- walking and replacing -------------------------------------------------------------------
@@ -114,7 +114,7 @@ def matches(path: str, spec: list[str] | str) -> bool:
     """Whether module ``path`` matches a target entry: a list of names or suffixes, or a regex
     string matching the whole path (the module docstring gives the rules)."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
+        return compile_pattern(spec, "target_modules").fullmatch(path) is not None
     return any(path == entry or path.endswith("." + entry) for entry in spec)
 
 
@@ -147,7 +147,8 @@ def layer_index(path: str, family: ModelFamily | None, layers_pattern: str | Non
     if family is not None and family.layers and layers_pattern is None:
         return family.layer_index(path)
     pattern = layers_pattern or DEFAULT_LAYERS_PATTERN
-    match = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", path)
+    match = compile_pattern(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", "layers_pattern"
+                            ).search(path)
     return int(match.group(1)) if match else None
 
 
@@ -182,6 +183,7 @@ def select_targets(
     heads = output_head_paths(model, family) if spec == ALL_LINEAR else set()
     chosen: list[str] = []
     wrong_type: list[str] = []
+    layer_indices: set[int | None] = set()  # of modules the layer filter left out
     for path, module in modules:
         if spec == ALL_LINEAR:
             if not (isinstance(module, supported) and is_linear(module)) or path in heads:
@@ -196,10 +198,19 @@ def select_targets(
         if config.layers_to_transform is not None:
             index = layer_index(path, family, config.layers_pattern)
             if index is None or index not in config.layers_to_transform:
+                layer_indices.add(index)
                 continue
         chosen.append(path)
     if isinstance(spec, list):
         _check_each_entry(spec, modules, supported, model)
+    if not chosen and layer_indices:
+        found = sorted(i for i in layer_indices if i is not None)
+        where = (f"the targeted modules sit in layers {found}" if found else
+                 "no targeted module sits in a numbered layer"
+                 f" (layers_pattern {config.layers_pattern or DEFAULT_LAYERS_PATTERN!r})")
+        raise TargetNotFoundError(
+            f"{type(config).__name__}.layers_to_transform = {config.layers_to_transform} "
+            f"selects no layer: target spec {spec!r} matches modules, but {where}")
     if not chosen:
         detail = ""
         if wrong_type:

@@ -79,9 +79,9 @@ class HoulsbyConfig(TargetedConfig):
             the feed-forward output projection only; Pfeiffer et al. 2021). Ignored when
             ``target_modules`` is given.
         target_modules: the Linear layers whose outputs get an adapter (see
-            :class:`peftreg.TargetedConfig`); ``None`` follows ``placement``.
+            :class:`peftreg.plugin.TargetedConfig`); ``None`` follows ``placement``.
         exclude_modules, layers_to_transform, layers_pattern: see
-            :class:`peftreg.TargetedConfig`.
+            :class:`peftreg.plugin.TargetedConfig`.
         modules_to_save: see :class:`peftreg.MethodConfig`.
     """
 

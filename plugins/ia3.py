@@ -22,7 +22,6 @@ keys read ``<module path>.ia3_l``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, ClassVar, Final
 
 import torch
@@ -37,8 +36,10 @@ from peftreg.plugin import (
     ModelFamilyError,
     PEFTMethod,
     TargetedConfig,
+    UnsafePatternError,
     UnsupportedOperationError,
     base_access,
+    compile_pattern,
     hookimpl,
     host_for,
     ia3_linear,
@@ -64,7 +65,7 @@ class IA3Config(TargetedConfig):
     """Config of an (IA)^3 adapter.
 
     Attributes:
-        target_modules: the Linear layers to rescale (see :class:`peftreg.TargetedConfig`).
+        target_modules: the Linear layers to rescale (see :class:`peftreg.plugin.TargetedConfig`).
             ``None`` takes the model family's key, value and feed-forward down projections
             (roles ``k``, ``v``, ``ffn_down``), the paper's choice.
         feedforward_modules: which of the targets have their *input* scaled (the feed-forward
@@ -75,7 +76,7 @@ class IA3Config(TargetedConfig):
             the base); ``False`` draws them uniformly from [0.5, 1.5], which tests use to get a
             non-trivial adapter without training.
         exclude_modules, layers_to_transform, layers_pattern: see
-            :class:`peftreg.TargetedConfig`.
+            :class:`peftreg.plugin.TargetedConfig`.
         modules_to_save: see :class:`peftreg.MethodConfig`.
     """
 
@@ -98,11 +99,10 @@ class IA3Config(TargetedConfig):
             if value == "all-linear":
                 raise self.error("feedforward_modules", "'all-linear' is only valid for "
                                  "target_modules", value)
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise self.error("feedforward_modules", f"invalid regular expression: {exc}",
-                                 value) from exc
+            try:  # from users and files: bounded time
+                compile_pattern(value, f"{type(self).__name__}.feedforward_modules")
+            except UnsafePatternError as exc:
+                raise self.error("feedforward_modules", exc.problem) from exc
 
 
 class IA3Linear(LayerAdapter):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -28,7 +27,9 @@ from peftreg.plugin import (
     ModelFamily,
     PEFTMethod,
     TargetedConfig,
+    UnsafePatternError,
     base_access,
+    compile_pattern,
     hookimpl,
     host_for,
     kernels,
@@ -36,6 +37,7 @@ from peftreg.plugin import (
     lora_linear,
     merge_weight,
     new_dropout_seed,
+    pattern_fullmatch,
     select_targets,
 )
 
@@ -58,7 +60,7 @@ class LoraConfig(TargetedConfig):
         adapter_dtype: dtype of A and B (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``
             follows the base weight.
         target_modules, exclude_modules, layers_to_transform, layers_pattern: see
-            :class:`peftreg.TargetedConfig`; when ``target_modules`` is ``None`` the model
+            :class:`peftreg.plugin.TargetedConfig`; when ``target_modules`` is ``None`` the model
             family's query and value projections are adapted (the paper's choice).
         modules_to_save: see :class:`peftreg.MethodConfig`.
     """
@@ -88,6 +90,12 @@ class LoraConfig(TargetedConfig):
         for key, alpha in self.alpha_pattern.items():
             if alpha <= 0:
                 raise self.error("alpha_pattern", f"alpha for {key!r} must be > 0", alpha)
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field):
+                try:  # keys are names or regexes, from users and files: bounded time
+                    compile_pattern(key, f"{type(self).__name__}.{field}")
+                except UnsafePatternError as exc:
+                    raise self.error(field, f"key {exc.problem}") from exc
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         """Rank and scaling for the module at ``path`` (after per-module overrides)."""
@@ -98,7 +106,7 @@ class LoraConfig(TargetedConfig):
 
 def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
     for key, value in pattern.items():
-        if path == key or path.endswith("." + key) or re.fullmatch(key, path):
+        if path == key or path.endswith("." + key) or pattern_fullmatch(key, path):
             return value
     return default
 

@@ -176,9 +176,11 @@ def _fill_transformers_cache(model: nn.Module, kwargs: dict[str, Any],
     key = next((k for k in CACHE_KEYS if kwargs.get(k) is not None), None)
     if key is None:
         # Task heads often forward **kwargs to the base model; its signature names the cache.
+        # ``cache`` is transformers' name since 5.x (``past_key_values`` is deprecated, to be
+        # removed in 5.40); the old name is used only for a model that names nothing else.
         params = {**inspect.signature(model.forward).parameters,
                   **inspect.signature(getattr(model, "base_model", model).forward).parameters}
-        key = next((k for k in CACHE_KEYS if k in params), CACHE_KEYS[-1])
+        key = next((k for k in CACHE_KEYS if k in params), CACHE_KEYS[0])
         kwargs[key] = DynamicCache(config=getattr(model, "config", None))
     cache = kwargs[key]
     for index, (k, v) in enumerate(layers):

@@ -82,7 +82,11 @@ constexpr int64_t kGrainElements = 1 << 15;  // elements of work per parallel ta
 struct DynamicTable {
   float code[kDynamicCodes];
   float mid[kDynamicCodes - 1];
-  DynamicTable() { fill_dynamic_code(code, mid); }
+  float bnb[kDynamicCodes - 1];
+  DynamicTable() {
+    fill_dynamic_code(code, mid);
+    fill_bnb_dynamic_bounds(bnb);
+  }
 };
 
 const DynamicTable& dynamic_table() {
@@ -119,7 +123,7 @@ bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t
     amax = v > amax ? v : amax;
   }
   if (!finite) return false;
-  *absmax = amax;
+  *absmax = stored_absmax(amax, full_block);
   const float divisor = std::max(amax, kMinAbsmax);
   const float inv = 1.0f / divisor;
   const float* mid = kNF4Midpoint;
@@ -185,7 +189,7 @@ __attribute__((target("avx2,fma"))) bool quantize_block_avx2(const float* x, int
     amax = v > amax ? v : amax;
   }
   if (!finite) return false;
-  *absmax = amax;
+  *absmax = stored_absmax(amax, full_block);
   const float divisor = std::max(amax, kMinAbsmax);
   const float inv = 1.0f / divisor;
   __m256 mid[kCodes - 1];
@@ -281,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x, int64_t
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
-    const at::Tensor& absmax, int64_t nested_blocksize) {
+    const at::Tensor& absmax, int64_t nested_blocksize, bool nearest) {
   check_blocksize(kDoubleQuantizeOp, "nested_blocksize", nested_blocksize);
   checks::check_device_type(absmax, kDoubleQuantizeOp, "absmax", c10::DeviceType::CPU);
   check_dtype(absmax, kDoubleQuantizeOp, "absmax", at::kFloat);
@@ -303,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
   uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
   float* nested_ptr = nested.data_ptr<float>();
   const DynamicTable& table = dynamic_table();
+  const float* bounds = nearest ? table.mid : table.bnb;
   at::parallel_for(0, nested_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t first = b * nested_blocksize;
@@ -316,6 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
       const float divisor = std::max(amax, kMinAbsmax);
       const float inv = 1.0f / divisor;
       const bool full = len == nested_blocksize;
+      // bitsandbytes divides by the raw absmax (0 / 0 is NaN, code 0); the nearest rule scales
+      // as the 4-bit codes do.
+      const auto scaled = [&](float r) {
+        return nearest ? scale_clamped(r, full, inv, divisor) : r / amax;
+      };
       int64_t i = 0;
       // Eight searches in lockstep: their load-compare chains are independent, so the CPU
       // overlaps them (one search alone is latency-bound).
@@ -323,17 +333,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
         float s[8];
         int idx[8];
         for (int j = 0; j < 8; ++j) {
-          s[j] = scale_clamped(src[first + i + j] - off, full, inv, divisor);
+          s[j] = scaled(src[first + i + j] - off);
           idx[j] = 0;
         }
         for (int step = kDynamicCodes / 2; step > 0; step /= 2) {
-          for (int j = 0; j < 8; ++j) idx[j] += (s[j] > table.mid[idx[j] + step - 1]) ? step : 0;
+          for (int j = 0; j < 8; ++j) idx[j] += (s[j] > bounds[idx[j] + step - 1]) ? step : 0;
         }
         for (int j = 0; j < 8; ++j) codes_ptr[first + i + j] = static_cast<uint8_t>(idx[j]);
       }
       for (; i < len; ++i) {
-        const float s = scale_clamped(src[first + i] - off, full, inv, divisor);
-        codes_ptr[first + i] = static_cast<uint8_t>(dynamic_nearest(s, table.mid));
+        codes_ptr[first + i] = static_cast<uint8_t>(dynamic_index(scaled(src[first + i] - off),
+                                                                  bounds));
       }
     }
   });

@@ -124,8 +124,8 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bloc
                                       static_cast<unsigned long long>(b));
       continue;
     }
-    if (threadIdx.x == 0) absmax[b] = amax;
     const bool full = len == blocksize;
+    if (threadIdx.x == 0) absmax[b] = stored_absmax(amax, full);
     const float divisor = fmaxf(amax, kMinAbsmax);
     const float inv = 1.0f / divisor;
     for (int64_t p = threadIdx.x; p < (len + 1) / 2; p += blockDim.x) {
@@ -144,10 +144,10 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bloc
 
 __global__ void double_quantize_kernel(const float* __restrict__ absmax, int64_t n,
                                        const float* __restrict__ offset, int64_t nested_blocksize,
-                                       const float* __restrict__ dynamic_mid,
+                                       const float* __restrict__ dynamic_bounds, bool nearest,
                                        uint8_t* __restrict__ codes, float* __restrict__ nested) {
-  __shared__ float mid[kDynamicCodes - 1];
-  for (int i = threadIdx.x; i < kDynamicCodes - 1; i += blockDim.x) mid[i] = dynamic_mid[i];
+  __shared__ float bounds[kDynamicCodes - 1];
+  for (int i = threadIdx.x; i < kDynamicCodes - 1; i += blockDim.x) bounds[i] = dynamic_bounds[i];
   __syncthreads();
   const float off = *offset;
   const int64_t blocks = num_blocks(n, nested_blocksize);
@@ -165,8 +165,10 @@ __global__ void double_quantize_kernel(const float* __restrict__ absmax, int64_t
     const float divisor = fmaxf(amax, kMinAbsmax);
     const float inv = 1.0f / divisor;
     for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      const float s = scale_clamped(__fsub_rn(absmax[first + i], off), full, inv, divisor);
-      codes[first + i] = static_cast<uint8_t>(dynamic_nearest(s, mid));
+      const float r = __fsub_rn(absmax[first + i], off);
+      // bitsandbytes divides by the raw absmax (0 / 0 is NaN, code 0).
+      const float s = nearest ? scale_clamped(r, full, inv, divisor) : __fdiv_rn(r, amax);
+      codes[first + i] = static_cast<uint8_t>(dynamic_index(s, bounds));
     }
   }
 }
@@ -250,7 +252,10 @@ int nested_shift_of(const WeightArgs& w) {
 
 }  // namespace
 
-void host_dynamic_code(float* code256, float* mid255) { fill_dynamic_code(code256, mid255); }
+void host_dynamic_code(float* code256, float* mid255, float* bnb255) {
+  fill_dynamic_code(code256, mid255);
+  fill_bnb_dynamic_bounds(bnb255);
+}
 
 cudaError_t quantize(ScalarKind dtype, const void* x, int64_t n, int64_t blocksize,
                      uint8_t* codes, float* absmax, long long* bad_block, cudaStream_t stream) {
@@ -277,13 +282,13 @@ cudaError_t quantize(ScalarKind dtype, const void* x, int64_t n, int64_t blocksi
 }
 
 cudaError_t double_quantize(const float* absmax, int64_t n, const float* offset,
-                            int64_t nested_blocksize, const float* dynamic_mid,
+                            int64_t nested_blocksize, const float* bounds, bool nearest,
                             uint8_t* absmax_codes, float* nested, cudaStream_t stream) {
   if (!valid_blocksize(nested_blocksize) || n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   const unsigned grid = grid_for(num_blocks(n, nested_blocksize), 1);
   double_quantize_kernel<<<grid, kThreads, 0, stream>>>(absmax, n, offset, nested_blocksize,
-                                                        dynamic_mid, absmax_codes, nested);
+                                                        bounds, nearest, absmax_codes, nested);
   return cudaGetLastError();
 }
 

@@ -29,18 +29,20 @@ struct WeightArgs {
   int64_t nested_blocksize = 256;
 };
 
-// Fills host arrays with the dynamic code and its midpoints (nf4_format.h), so the glue can
-// upload them once per device.
-void host_dynamic_code(float* code256, float* mid255);
+// Fills host arrays with the dynamic code, its midpoints and bitsandbytes' decision boundaries
+// (nf4_format.h), so the glue can upload them once per device.
+void host_dynamic_code(float* code256, float* mid255, float* bnb255);
 
 // codes/absmax of x (n elements of `dtype`); *bad_block (device int64, preset to -1 by the
 // caller) receives the index of a block holding NaN/inf, if any.
 cudaError_t quantize(ScalarKind dtype, const void* x, int64_t n, int64_t blocksize,
                      uint8_t* codes, float* absmax, long long* bad_block, cudaStream_t stream);
 
-// absmax_codes/nested of (absmax - *offset); `dynamic_mid` holds the 255 midpoints on device.
+// absmax_codes/nested of (absmax - *offset); `bounds` holds 255 decision boundaries on device:
+// the midpoints with `nearest` (values scaled as the 4-bit codes are), else bitsandbytes'
+// boundaries (values divided by the block's absmax).
 cudaError_t double_quantize(const float* absmax, int64_t n, const float* offset,
-                            int64_t nested_blocksize, const float* dynamic_mid,
+                            int64_t nested_blocksize, const float* bounds, bool nearest,
                             uint8_t* absmax_codes, float* nested, cudaStream_t stream);
 
 // out[i] = dequantized element first + i, for i < count, rounded once from float32 to `dtype`.

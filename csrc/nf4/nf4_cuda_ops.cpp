@@ -68,7 +68,8 @@ cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-// The dynamic code (256 values, then 255 midpoints) on `device`, uploaded once per device.
+// The dynamic code (256 values, then its 255 midpoints, then bitsandbytes' 255 decision
+// boundaries) on `device`, uploaded once per device.
 at::Tensor dynamic_table(const at::Tensor& like) {
   static std::mutex mutex;
   static std::vector<at::Tensor> tables;
@@ -76,9 +77,10 @@ at::Tensor dynamic_table(const at::Tensor& like) {
   const auto index = static_cast<size_t>(like.device().index());
   if (tables.size() <= index) tables.resize(index + 1);
   if (!tables[index].defined()) {
-    at::Tensor host = at::empty({kDynamicCodes + kDynamicCodes - 1},
+    at::Tensor host = at::empty({kDynamicCodes + 2 * (kDynamicCodes - 1)},
                                 at::TensorOptions().dtype(at::kFloat));
-    cuda::host_dynamic_code(host.data_ptr<float>(), host.data_ptr<float>() + kDynamicCodes);
+    float* p = host.data_ptr<float>();
+    cuda::host_dynamic_code(p, p + kDynamicCodes, p + 2 * kDynamicCodes - 1);
     tables[index] = host.to(like.device());
   }
   return tables[index];
@@ -140,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& x, int64_
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cuda(
-    const at::Tensor& absmax, int64_t nested_blocksize) {
+    const at::Tensor& absmax, int64_t nested_blocksize, bool nearest) {
   check_blocksize(kDoubleQuantizeOp, "nested_blocksize", nested_blocksize);
   checks::check_device_type(absmax, kDoubleQuantizeOp, "absmax", c10::DeviceType::CUDA);
   check_dtype(absmax, kDoubleQuantizeOp, "absmax", at::kFloat);
@@ -156,8 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cuda(
   const at::Tensor table = dynamic_table(a);
   C10_CUDA_CHECK(cuda::double_quantize(a.const_data_ptr<float>(), n,
                                        offset.const_data_ptr<float>(), nested_blocksize,
-                                       table.const_data_ptr<float>() + kDynamicCodes,
-                                       codes.data_ptr<uint8_t>(), nested.data_ptr<float>(),
+                                       table.const_data_ptr<float>() + kDynamicCodes +
+                                           (nearest ? 0 : kDynamicCodes - 1),
+                                       nearest, codes.data_ptr<uint8_t>(),
+                                       nested.data_ptr<float>(),
                                        stream_of(a)));
   return {codes, nested, offset.reshape({})};
 }

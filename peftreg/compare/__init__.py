@@ -7,6 +7,7 @@
 :mod:`~peftreg.compare.report` prints the table and writes the JSON and the plot.
 """
 
-from peftreg.compare.runner import MethodResult, RunSettings, run_comparison
+from peftreg.compare.runner import run_comparison
+from peftreg.compare.runs import MethodResult, RunSettings
 
 __all__ = ["MethodResult", "RunSettings", "run_comparison"]

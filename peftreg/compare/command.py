@@ -1,21 +1,29 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``peftreg compare`` command: choose methods, run them with live progress, report."""
+"""The ``peftreg compare`` command: choose methods, run them over seeds with progress, report."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from peftreg.compare import report
-from peftreg.compare.runner import RunSettings, run_comparison
+from peftreg.compare.progress import TerminalProgress, clock, observer_for
+from peftreg.compare.runner import run_comparison
+from peftreg.compare.runs import RunSettings
+from peftreg.compare.stats import interval
 from peftreg.compare.tasks import TASKS
 from peftreg.errors import UnknownMethodError
 from peftreg.registry import Registry, default_registry
+
+# The default set: the low-rank, quantized, rescaling and input-side families, few enough that
+# `make demo` (these, 3 seeds and the baselines) stays near 12 minutes on a 2-core CPU.
+# `--methods all` runs every installed one.
+DEFAULT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,21 +33,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="minilm: MiniLM-L6 tweet sentiment (default); smollm2: SmolLM2-135M "
                              "tweet language modelling")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated method names (default: every installed method)")
+                        help="comma-separated method names, or 'all' for every installed method "
+                             f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--seeds", type=int, default=defaults.seeds,
+                        help="runs per method (seeds --seed, --seed + 1, ...); intervals need 2+")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the full fine-tuning and head-only rows")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--test-per-class", type=int, default=defaults.test_per_class)
     parser.add_argument("--lr", type=float, default=None,
                         help="one AdamW learning rate for all (default: each method's own)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--format", choices=("table", "markdown"), default="table",
+                        help="how to print the results (markdown: a table for a README)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in OUT/results.json (same settings) and run "
+                             "only the missing ones")
     parser.add_argument("--out", type=Path, default=Path("compare-results"),
                         help="folder for results.json and results.png")
 
 
 def choose_methods(registry: Registry, requested: str | None) -> list[str]:
-    """The requested methods (validated) or every installed one."""
+    """The requested methods (validated), every installed one for ``all``, or the default set
+    (those of it that are installed)."""
     if not requested:
+        installed = set(registry.names())
+        return [m for m in DEFAULT_METHODS if m in installed] or registry.names()
+    if requested.strip() == "all":
         return registry.names()
     names = [n.strip() for n in requested.split(",") if n.strip()]
     for name in names:
@@ -54,30 +76,39 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     registry = registry or default_registry()
     methods = choose_methods(registry, args.methods)
     settings = RunSettings(steps=args.steps, batch_size=args.batch_size,
-                           max_length=args.max_length, seed=args.seed, learning_rate=args.lr,
-                           test_per_class=args.test_per_class)
+                           max_length=args.max_length, seed=args.seed, seeds=args.seeds,
+                           learning_rate=args.lr, test_per_class=args.test_per_class,
+                           baselines=not args.no_baselines)
     torch.manual_seed(settings.seed)
-    console.print(f"preparing task {args.model!r} for methods: {', '.join(methods)}")
+    console.print(f"preparing task {args.model!r} for methods: {', '.join(methods)}; "
+                  f"{settings.seeds} seed(s)" + ("" if args.no_baselines else
+                                                 ", with full fine-tuning and head-only rows"),
+                  highlight=False)
     task = TASKS[args.model](steps=settings.steps, batch_size=settings.batch_size,
                              max_length=settings.max_length, seed=settings.seed,
                              test_per_class=settings.test_per_class)
-    started = time.perf_counter()
-    with Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
-        bars = {m: progress.add_task(m, total=settings.steps, loss="-") for m in methods}
-
-        def on_step(method: str, step: int, loss: float) -> None:
-            progress.update(bars[method], completed=step, loss=f"{loss:.3f}")
-
-        base_metric, results = run_comparison(task, methods, settings, registry,
-                                                            on_step)
-    console.print(report.results_table(task.name, task.metric, base_metric, results))
-    report.print_summary(console, results, task.metric)
     json_path, png_path = args.out / "results.json", args.out / "results.png"
-    report.write_json(json_path, task.name, task.metric, base_metric, settings, results)
+    done = []
+    if args.resume and json_path.is_file():
+        done = report.read_runs(json_path, task.name, settings)
+        console.print(f"resuming: {sum(r.error is None for r in done)} finished runs kept from "
+                      f"{json_path}", highlight=False)
+    started = time.perf_counter()
+    observer = observer_for(console, settings.steps)
+    with observer if isinstance(observer, TerminalProgress) else contextlib.nullcontext():
+        base_metric, results = run_comparison(task, methods, settings, registry, observer, done)
+    rows = report.summarize(results)
+    base = interval(list(base_metric.values()))
+    if args.format == "markdown":
+        console.print(report.markdown_table(task.metric, base, rows), highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print(report.results_table(task.name, task.metric, base, rows, settings.seeds))
+    for line in report.summary_lines(rows, task.metric):
+        console.print(line, highlight=False)
+    report.write_json(json_path, task.name, task.metric, base_metric, settings, methods, results)
     plotted = report.write_plot(png_path, task.metric, results)
     console.print(f"wrote {json_path}" + (f" and {png_path}" if plotted else
                                           " (install matplotlib for the plot)"))
-    console.print(f"total time {time.perf_counter() - started:.0f} s")
+    console.print(f"total time {clock(time.perf_counter() - started)}")
     return 0 if any(r.error is None for r in results) else 1

@@ -1,5 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Presenting a comparison: live progress, the table, the JSON file and the plot."""
+"""Presenting a comparison: rows with intervals, the verdict, results.json and the plot.
+
+``results.json`` (schema ``peftreg-compare``, version 2; docs/compare.md describes every field)
+holds the settings, the environment, one entry per run (row and seed) and the summary rows, so
+that ``--resume`` can pick up the runs already done and other tools can read the figures.
+"""
 
 from __future__ import annotations
 
@@ -7,66 +12,235 @@ import dataclasses
 import json
 import math
 import platform
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
-from peftreg.compare.runner import MethodResult, RunSettings
+from peftreg.compare.baselines import FULL_FINE_TUNING
+from peftreg.compare.runs import MethodResult, RunSettings
+from peftreg.compare.stats import Interval, interval, rank
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "RowSummary", "markdown_table", "read_runs",
+           "results_table", "summarize", "verdict", "write_json", "write_plot"]
+
+SCHEMA = "peftreg-compare"
+SCHEMA_VERSION = 2
 
 
-def _size(nbytes: int) -> str:
+@dataclasses.dataclass
+class RowSummary:
+    """One row of the table: a method or baseline over its seeds."""
+
+    row: str
+    kind: str
+    distribution: str
+    runs: int
+    trainable_params: int
+    trainable_percent: float
+    metric: Interval
+    final_loss: Interval
+    gap_to_full: float
+    step_ms: float
+    peak_memory_mb: float
+    adapter_bytes: int
+    mergeable: bool
+    latency_unmerged: float
+    latency_merged: float
+    notes: str
+    errors: list[str]
+
+
+def _median(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.median(kept) if kept else float("nan")
+
+
+def summarize(results: Sequence[MethodResult]) -> list[RowSummary]:
+    """Aggregate runs into rows (in first-seen order), with each row's gap to full
+    fine-tuning (its mean metric minus full fine-tuning's)."""
+    by_row: dict[str, list[MethodResult]] = {}
+    for r in results:
+        by_row.setdefault(r.method, []).append(r)
+    rows = []
+    for name, runs in by_row.items():
+        ok = [r for r in runs if r.error is None]
+        first = ok[0] if ok else runs[0]
+        rows.append(RowSummary(
+            row=name, kind=first.kind, distribution=first.distribution, runs=len(ok),
+            trainable_params=first.trainable_params, trainable_percent=first.trainable_percent,
+            metric=interval([r.metric for r in ok]),
+            final_loss=interval([r.final_loss for r in ok]),
+            gap_to_full=float("nan"), step_ms=_median([r.step_ms for r in ok]),
+            peak_memory_mb=max((r.peak_memory_mb for r in ok), default=float("nan")),
+            adapter_bytes=first.adapter_bytes, mergeable=first.mergeable,
+            latency_unmerged=_median([r.latency_ratio_unmerged for r in ok]),
+            latency_merged=_median([r.latency_ratio for r in ok]) if first.mergeable
+            else float("nan"),
+            notes=first.notes, errors=sorted({r.error for r in runs if r.error})))
+    full = next((r for r in rows if r.row == FULL_FINE_TUNING), None)
+    if full is not None and not math.isnan(full.metric.mean):
+        for r in rows:
+            r.gap_to_full = r.metric.mean - full.metric.mean
+    return rows
+
+
+def verdict(rows: Sequence[RowSummary], metric: str) -> tuple[str | None, list[str]]:
+    """The clear best method, or the methods tied with the best (baselines are not ranked)."""
+    methods = {r.row: r.metric for r in rows if r.kind == "method" and r.runs}
+    return rank(methods, higher_is_better=metric == "accuracy")
+
+
+def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024  # type: ignore[assignment]
+        nbytes /= 1024
     return str(nbytes)
 
 
-def results_table(task_name: str, metric: str, base_metric: float,
-                  results: Sequence[MethodResult]) -> Table:
-    """The comparison as a rich table, one row per method."""
-    metric_label = "held-out accuracy" if metric == "accuracy" else "held-out loss"
-    table = Table(title=f"peftreg compare: {task_name} (base model {metric_label}: "
-                        f"{base_metric:.3f})")
-    for col, justify in (("method", "left"), ("trainable params", "right"), ("%", "right"),
-                         ("ms/step", "right"), ("peak MiB", "right"), ("final loss", "right"),
-                         (metric_label, "right"), ("adapter file", "right"),
-                         ("merge", "center"), ("latency vs base", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for r in results:
-        if r.error:
-            table.add_row(r.method, "[red]failed[/red]", "", "", "", "", r.error[:60], "", "", "")
-            continue
-        table.add_row(
-            r.method, f"{r.trainable_params:,}", f"{r.trainable_percent:.3f}",
-            f"{r.step_ms:.0f}", f"{r.peak_memory_mb:.0f}", f"{r.final_loss:.3f}",
-            f"{r.metric:.3f}", _size(r.adapter_bytes), "yes" if r.mergeable else "no",
-            f"{r.latency_ratio:.2f}x")
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
+_COLUMNS = ("method", "trainable params", "% of model", "ms/step", "peak MiB", "final loss",
+            "{metric}", "gap to full FT", "adapter file", "merge", "latency unmerged",
+            "latency merged", "notes")
+
+
+def _cells(r: RowSummary) -> list[str]:
+    if not r.runs:
+        return [r.row, "failed", "", "", "", "", (r.errors or [""])[0][:60], "", "", "", "",
+                "", ""]
+    gap = "" if math.isnan(r.gap_to_full) or r.row == FULL_FINE_TUNING else f"{r.gap_to_full:+.3f}"
+    merge = "-" if r.kind == "baseline" else ("yes" if r.mergeable else "no")
+    name = r.row if r.kind == "method" else f"{r.row} (baseline)"
+    return [name, f"{r.trainable_params:,}", f"{r.trainable_percent:.3f}", f"{r.step_ms:.0f}",
+            f"{r.peak_memory_mb:.0f}", r.final_loss.format(), r.metric.format(), gap,
+            _size(r.adapter_bytes), merge, _ratio(r.latency_unmerged), _ratio(r.latency_merged),
+            r.notes]
+
+
+def _metric_label(metric: str) -> str:
+    return "held-out accuracy" if metric == "accuracy" else "held-out loss"
+
+
+def results_table(task_name: str, metric: str, base: Interval, rows: Sequence[RowSummary],
+                  seeds: int) -> Table:
+    """The comparison as a rich table, one row per method or baseline."""
+    table = Table(title=f"peftreg compare: {task_name}; mean ± 95% interval over {seeds} "
+                        f"seed(s); untrained base {_metric_label(metric)} {base.format()}")
+    for col in _COLUMNS:
+        table.add_column(col.format(metric=_metric_label(metric)),
+                         justify="left" if col in ("method", "notes") else "right")
+    for r in rows:
+        table.add_row(*_cells(r))
     return table
 
 
-def write_json(path: Path, task_name: str, metric: str, base_metric: float,
-               settings: RunSettings, results: Sequence[MethodResult]) -> None:
-    """All figures, settings and the environment, for later comparison of runs."""
-    document: dict[str, Any] = {
-        "task": task_name,
-        "metric": metric,
-        "base_metric": base_metric,
+def markdown_table(metric: str, base: Interval, rows: Sequence[RowSummary]) -> str:
+    """The same table in Markdown, for a README."""
+    header = [c.format(metric=_metric_label(metric)) for c in _COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lines.append(f"| untrained base | | | | | | {base.format()} | | | | | | |")
+    return "\n".join(lines)
+
+
+def summary_lines(rows: Sequence[RowSummary], metric: str) -> list[str]:
+    """The closing sentences: the verdict and each method's distance to full fine-tuning."""
+    winner, tied = verdict(rows, metric)
+    by_name = {r.row: r for r in rows}
+    single_seed = any(math.isnan(by_name[t].metric.half_width) for t in tied)
+    if len(tied) == 1 or (winner is None and not tied):
+        lines = []
+    elif single_seed:
+        lines = [f"no best {metric} named: one seed gives no intervals (run --seeds 2 or more)"]
+    elif winner is not None:
+        best = by_name[winner]
+        lines = [f"best {metric}: {winner} ({best.metric.format()}); its 95% interval clears "
+                 "every other method's"]
+    else:
+        lines = [f"no clear best {metric}: {', '.join(tied)} are tied within their 95% "
+                 f"intervals (best mean: {tied[0]}, {by_name[tied[0]].metric.format()})"]
+    full = by_name.get(FULL_FINE_TUNING)
+    if full is not None and full.runs:
+        lines.append(f"full fine-tuning: {full.metric.format()} with "
+                     f"{full.trainable_params:,} trainable parameters")
+    return lines
+
+
+def _environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "threads": torch.get_num_threads()}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Interval):
+        return {"mean": value.mean, "half_width": value.half_width, "n": value.n}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, task_name: str, metric: str, base_metric: dict[int, float],
+               settings: RunSettings, methods: Sequence[str],
+               results: Sequence[MethodResult]) -> None:
+    """Every figure, the settings and the environment (schema in docs/compare.md)."""
+    rows = summarize(results)
+    winner, tied = verdict(rows, metric)
+    document = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "task": task_name, "metric": metric, "higher_is_better": metric == "accuracy",
+        "methods": list(methods),
         "settings": dataclasses.asdict(settings),
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "threads": torch.get_num_threads()},
-        "results": [dataclasses.asdict(r) for r in results],
+        "environment": _environment(),
+        "base_metric": {str(k): v for k, v in base_metric.items()},
+        "base": _jsonable(interval(list(base_metric.values()))),
+        "verdict": {"winner": winner, "tied": tied},
+        "rows": _jsonable(rows),
+        "runs": [dataclasses.asdict(r) for r in results],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, allow_nan=True) + "\n")
 
 
+class ResumeError(ValueError):
+    """results.json cannot be resumed from (another schema, task or settings)."""
+
+
+def read_runs(path: Path, task_name: str, settings: RunSettings) -> list[MethodResult]:
+    """The runs of an earlier ``results.json`` made with the same task and settings (the
+    number of seeds may differ: more seeds extend it).
+
+    Raises:
+        ResumeError: the file is of another schema, task or settings; the message says which.
+    """
+    doc = json.loads(path.read_text())
+    if doc.get("schema") != SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
+        raise ResumeError(f"{path}: not a {SCHEMA} version {SCHEMA_VERSION} file")
+    if doc.get("task") != task_name:
+        raise ResumeError(f"{path}: made for task {doc.get('task')!r}, not {task_name!r}")
+    ours = dataclasses.asdict(settings)
+    theirs = dict(doc.get("settings", {}))
+    differ = sorted(k for k in ours if k != "seeds" and theirs.get(k) != ours[k])
+    if differ:
+        raise ResumeError(f"{path}: made with other settings ({', '.join(differ)}); resume "
+                          "with the same options or write to another --out")
+    fields = {f.name for f in dataclasses.fields(MethodResult)}
+    return [MethodResult(**{k: v for k, v in run.items() if k in fields})
+            for run in doc.get("runs", [])]
+
+
 def write_plot(path: Path, metric: str, results: Sequence[MethodResult]) -> bool:
-    """Loss curves and metric against trainable parameters; False when matplotlib is absent."""
+    """Mean loss curves, and the metric (with 95% intervals) against trainable parameters;
+    False when matplotlib is absent."""
     try:
         import matplotlib
 
@@ -74,40 +248,36 @@ def write_plot(path: Path, metric: str, results: Sequence[MethodResult]) -> bool
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    done = [r for r in results if not r.error]
+    rows = [r for r in summarize(results) if r.runs]
     fig, (curves, scatter) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in done:
-        window = max(1, len(r.losses) // 20)
-        smooth = [sum(r.losses[max(0, i - window + 1):i + 1]) / len(r.losses[max(0, i - window
-                  + 1):i + 1]) for i in range(len(r.losses))]
-        curves.plot(range(1, len(smooth) + 1), smooth, label=r.method)
+    for row in rows:
+        runs = [r.losses for r in results if r.method == row.row and r.error is None]
+        steps = min(len(x) for x in runs)
+        mean = [statistics.fmean(x[i] for x in runs) for i in range(steps)]
+        window = max(1, steps // 20)
+        smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(steps)]
+        curves.plot(range(1, steps + 1), smooth, label=row.row,
+                    linestyle="--" if row.kind == "baseline" else "-")
     curves.set_xlabel("step")
-    curves.set_ylabel("training loss (moving average)")
+    curves.set_ylabel("training loss (mean over seeds, moving average)")
     curves.set_title("Training loss")
-    curves.legend()
-    for r in done:
-        scatter.scatter(max(r.trainable_params, 1), r.metric, s=40)
-        scatter.annotate(r.method, (max(r.trainable_params, 1), r.metric),
-                         textcoords="offset points", xytext=(5, 5))
+    curves.legend(fontsize="small")
+    for row in rows:
+        x = max(row.trainable_params, 1)
+        err = 0.0 if math.isnan(row.metric.half_width) else row.metric.half_width
+        scatter.errorbar(x, row.metric.mean, yerr=err, fmt="s" if row.kind == "baseline" else "o",
+                         capsize=4)
+        scatter.annotate(row.row, (x, row.metric.mean), textcoords="offset points",
+                         xytext=(5, 5), fontsize="small")
     scatter.set_xscale("log")
     scatter.set_xlabel("trainable parameters (log scale)")
-    scatter.set_ylabel("held-out accuracy" if metric == "accuracy" else "held-out loss")
+    scatter.set_ylabel(_metric_label(metric) + " (95% interval)")
     scatter.set_title("Quality against size")
     if metric == "accuracy":
         scatter.axhline(1 / 3, color="grey", linestyle=":", label="chance")
-        scatter.legend()
+        scatter.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def print_summary(console: Console, results: Sequence[MethodResult], metric: str) -> None:
-    """One closing line naming the best method."""
-    done = [r for r in results if not r.error and not math.isnan(r.metric)]
-    if not done:
-        return
-    best = (max if metric == "accuracy" else min)(done, key=lambda r: r.metric)
-    console.print(f"best {metric}: {best.method} ({best.metric:.3f}) with "
-                  f"{best.trainable_params:,} trainable parameters")

@@ -1,75 +1,42 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Training and measuring each method under identical conditions.
+"""Training and measuring each method under identical conditions, once per seed.
 
-Every method gets a fresh copy of the same pretrained model, its own default config (plus the
-task's trainable head), the same batches in the same order, the same seed and AdamW with the
-method's suggested learning rate (or one rate for all, if given). A method that fails is
-reported with its error and the others still run.
+Every run gets a fresh copy of the same pretrained model, the same held-out set, and for its
+seed the same head initialisation, adapter initialisation and batch order as every other row
+of that seed; AdamW uses the method's suggested learning rate (or one rate for all). Besides the
+methods, the baselines run under the same conditions (:mod:`peftreg.compare.baselines`). A run
+that fails is reported with its error and the others still run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from peftreg.compare.memory import PeakMemory
+from peftreg.compare.baselines import baseline_rows, run_baseline
+from peftreg.compare.hardware import cpu_compute_dtype
+from peftreg.compare.runs import MethodResult, RunSettings, StepCallback, train
 from peftreg.compare.tasks import Task
 from peftreg.errors import PeftregError
 from peftreg.io.adapter_dir import read_adapter_dir
 from peftreg.model import AdaptedModel
 from peftreg.registry import Registry
 
-ProgressCallback = Callable[[str, int, float], None]
 
+class RunObserver(Protocol):
+    """What the command shows while runs go (terminal bars or plain log lines)."""
 
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """Knobs shared by every method of a comparison.
+    def started(self, index: int, total: int, row: str, seed: int) -> None: ...
 
-    Attributes:
-        steps: optimisation steps per method.
-        batch_size: examples per step.
-        max_length: tokens per example (padded/truncated).
-        seed: seeds data order, head init and adapter init.
-        learning_rate: one AdamW rate for all methods; ``None`` uses each method's
-            ``suggested_learning_rate``.
-        test_per_class: held-out examples per class.
-        latency_repeats: timed forward passes for the latency ratio.
-    """
+    def step(self, row: str, seed: int, step: int, loss: float) -> None: ...
 
-    steps: int = 80
-    batch_size: int = 16
-    max_length: int = 48
-    seed: int = 0
-    learning_rate: float | None = None
-    test_per_class: int = 100
-    latency_repeats: int = 5
-
-
-@dataclasses.dataclass
-class MethodResult:
-    """One row of the comparison (times and memory vary between runs; the rest is seeded)."""
-
-    method: str
-    distribution: str
-    learning_rate: float
-    trainable_params: int = 0
-    trainable_percent: float = 0.0
-    step_ms: float = 0.0
-    peak_memory_mb: float = 0.0
-    final_loss: float = float("nan")
-    losses: list[float] = dataclasses.field(default_factory=list)
-    metric: float = float("nan")
-    adapter_bytes: int = 0
-    mergeable: bool = False
-    latency_ratio: float = float("nan")
-    error: str | None = None
+    def finished(self, index: int, total: int, result: MethodResult) -> None: ...
 
 
 def _forward_ms(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
@@ -91,79 +58,106 @@ def latency_ratio(model: AdaptedModel, inputs: dict[str, torch.Tensor], repeats:
     return statistics.median(adapted_ms) / statistics.median(base_ms)
 
 
-def warm_up(task: Task, steps: int = 2) -> None:
-    """Run a few training steps of the base model so the first method is not timed cold."""
-    model = task.make_model()
+def warm_up(task: Task, seed: int, steps: int = 2) -> None:
+    """Run a few training steps of the base model so the first run is not timed cold."""
+    model = task.make_model(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    for batch, _ in zip(task.train_batches(), range(steps), strict=False):
+    for batch, _ in zip(task.train_batches(seed), range(steps), strict=False):
         task.loss(model, batch).backward()
         for p in params:
             p.grad = None
 
 
-def run_method(name: str, task: Task, settings: RunSettings, registry: Registry,
-               on_step: ProgressCallback | None = None) -> MethodResult:
-    """Fine-tune and measure one method; errors are recorded in the result, not raised."""
+def method_config(name: str, task: Task, registry: Registry) -> tuple[Any, str]:
+    """The method's default config for ``task`` (its head trained alongside), and a note on
+    any choice made for this machine."""
+    config = registry.get(name).config_cls(modules_to_save=list(task.modules_to_save))
+    note = ""
+    if getattr(config, "compute_dtype", None) in ("bfloat16", "float16"):
+        chosen, why = cpu_compute_dtype(config.compute_dtype)
+        if chosen != config.compute_dtype:
+            config = config.replace(compute_dtype=chosen)
+            note = f"{chosen} compute ({why})"
+    return config, note
+
+
+def run_method(name: str, task: Task, settings: RunSettings, registry: Registry, seed: int,
+               on_step: StepCallback | None = None) -> MethodResult:
+    """Fine-tune and measure one method at one seed; errors are recorded, not raised."""
     method = registry.get(name)
     lr = settings.learning_rate or method.suggested_learning_rate
-    result = MethodResult(name, registry.source(name).dist, lr,
+    result = MethodResult(name, registry.source(name).dist, lr, seed=seed,
                           mergeable=method.capabilities.mergeable)
     try:
-        _train_and_measure(result, method.config_cls(modules_to_save=list(task.modules_to_save)),
-                           task, settings, registry, on_step)
+        config, result.notes = method_config(name, task, registry)
+        model = AdaptedModel(task.make_model(seed), registry=registry)
+        torch.manual_seed(seed)
+        model.add_adapter("compare", config)
+        summary = model.summary()
+        result.trainable_params = summary.rows[0].params
+        result.trainable_percent = summary.percent(summary.rows[0])
+        train(result, model, [p for p in model.parameters() if p.requires_grad], task, seed,
+              on_step)
+        result.metric = task.evaluate(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_adapter(tmp, "compare")
+            result.adapter_bytes = read_adapter_dir(tmp, registry).size_on_disk
+        result.latency_ratio_unmerged = latency_ratio(model, task.latency_inputs,
+                                                      settings.latency_repeats)
+        if result.mergeable:
+            model.merge()
+            result.latency_ratio = latency_ratio(model, task.latency_inputs,
+                                                 settings.latency_repeats)
+        else:
+            result.latency_ratio = result.latency_ratio_unmerged
     except (PeftregError, ValueError, RuntimeError, TypeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return result
 
 
-def _train_and_measure(result: MethodResult, config: object, task: Task,
-                       settings: RunSettings, registry: Registry,
-                       on_step: ProgressCallback | None) -> None:
-    model = AdaptedModel(task.make_model(), registry=registry)
-    torch.manual_seed(settings.seed)
-    model.add_adapter("compare", config)  # type: ignore[arg-type]
-    row = model.summary().rows[0]
-    result.trainable_params = row.params
-    result.trainable_percent = model.summary().percent(row)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=result.learning_rate)
-    model.train()
-    torch.manual_seed(settings.seed)  # dropout masks
-    with PeakMemory() as peak:
-        start = time.perf_counter()
-        for step, batch in enumerate(task.train_batches()):
-            loss = task.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            result.losses.append(loss.item())
-            if on_step is not None:
-                on_step(result.method, step + 1, result.losses[-1])
-        elapsed = time.perf_counter() - start
-    result.step_ms = 1000 * elapsed / max(len(result.losses), 1)
-    result.peak_memory_mb = peak.increase / 2**20
-    result.final_loss = statistics.fmean(result.losses[-10:])
-    model.eval()
-    result.metric = task.evaluate(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_adapter(tmp, "compare")
-        result.adapter_bytes = read_adapter_dir(tmp, registry).size_on_disk
-    if result.mergeable:
-        model.merge()
-    result.latency_ratio = latency_ratio(model, task.latency_inputs, settings.latency_repeats)
+def plan(methods: Sequence[str], task: Task, settings: RunSettings) -> list[tuple[str, int]]:
+    """Every (row, seed) of the comparison, seed-major so partial results cover every row."""
+    rows = [*methods, *(baseline_rows(task) if settings.baselines else [])]
+    return [(row, seed) for seed in settings.seed_list() for row in rows]
 
 
 def run_comparison(task: Task, methods: Sequence[str], settings: RunSettings,
-                   registry: Registry, on_step: ProgressCallback | None = None
-                   ) -> tuple[float, list[MethodResult]]:
-    """Run every method of ``methods`` on ``task``.
+                   registry: Registry, observer: RunObserver | None = None,
+                   done: Iterable[MethodResult] = ()) -> tuple[dict[int, float],
+                                                                list[MethodResult]]:
+    """Run every method (and baseline) of the comparison at every seed.
+
+    Args:
+        task: the task.
+        methods: method names.
+        settings: shared settings.
+        registry: where the methods come from.
+        observer: told when each run starts, steps and finishes.
+        done: results of an earlier run with the same settings (``--resume``); their
+            (row, seed) pairs are not run again.
 
     Returns:
-        The base model's metric and one result per method.
+        The untrained base model's metric per seed, and every result in plan order.
     """
-    base = task.make_model().eval()
-    base_metric = task.evaluate(base)
-    del base
-    warm_up(task)
-    results = [run_method(name, task, settings, registry, on_step) for name in methods]
+    kept = {(r.method, r.seed): r for r in done if r.error is None}
+    base_metric = {seed: task.evaluate(task.make_model(seed).eval())
+                   for seed in settings.seed_list()}
+    todo = plan(methods, task, settings)
+    if any(key not in kept for key in todo):
+        warm_up(task, settings.seed)
+    results = []
+    on_step = observer.step if observer is not None else None
+    for index, (row, seed) in enumerate(todo, start=1):
+        if (row, seed) in kept:
+            results.append(kept[(row, seed)])
+            continue
+        if observer is not None:
+            observer.started(index, len(todo), row, seed)
+        if row in methods:
+            result = run_method(row, task, settings, registry, seed, on_step)
+        else:
+            result = run_baseline(row, task, settings, seed, on_step)
+        results.append(result)
+        if observer is not None:
+            observer.finished(index, len(todo), result)
     return base_metric, results

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftreg.compare import assets
+from peftreg.compare.gguf import release_dequantized_gguf
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -69,8 +70,10 @@ class Task:
 
     Attributes:
         name: task name for the report.
-        make_model: builds the pretrained base model (same weights every call).
-        train_batches: yields (inputs, labels) training batches, the same sequence every call.
+        make_model: builds the pretrained base model for a seed (same pretrained weights every
+            call; a new head is initialised from the seed).
+        train_batches: yields the training batches for a seed (the same sequence for the same
+            seed; the data order follows the seed).
         evaluate: returns the held-out metric of a model (higher is better when
             ``metric`` is ``"accuracy"``).
         metric: ``"accuracy"`` or ``"loss"``.
@@ -80,13 +83,24 @@ class Task:
     """
 
     name: str
-    make_model: Callable[[], nn.Module]
-    train_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    make_model: Callable[[int], nn.Module]
+    train_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]
     evaluate: Callable[[nn.Module], float]
     metric: str
     latency_inputs: dict[str, torch.Tensor]
     modules_to_save: list[str]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns no example of the batch uses. Padding sits at the end and is
+    masked, so every real token's output is unchanged; the work shrinks with the longest
+    example instead of ``max_length`` (tweets are mostly far shorter)."""
+    mask = batch["attention_mask"]
+    width = mask.shape[1]
+    used = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else width
+    return {k: v[:, :used] if v.dim() == 2 and v.shape[1] == width else v
+            for k, v in batch.items()}
 
 
 def _batches(encoded: dict[str, torch.Tensor], batch_size: int, steps: int, seed: int
@@ -100,7 +114,7 @@ def _batches(encoded: dict[str, torch.Tensor], batch_size: int, steps: int, seed
             order, cursor = torch.randperm(n, generator=gen), 0
         index = order[cursor:cursor + batch_size]
         cursor += batch_size
-        yield {k: v[index] for k, v in encoded.items()}
+        yield trim_padding({k: v[index] for k, v in encoded.items()})
 
 
 def _encode(tokenizer: Any, examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
@@ -129,9 +143,13 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
     train, test = balanced_split(data, train_per_class, test_per_class, seed)
     train_enc = _encode(tokenizer, train, max_length)
     test_enc = _encode(tokenizer, test, max_length)
+    # Scored in order of length so that each batch trims to similar lengths (accuracy does
+    # not depend on the order).
+    by_length = torch.argsort(test_enc["attention_mask"].sum(dim=1), stable=True)
+    test_enc = {k: v[by_length] for k, v in test_enc.items()}
 
-    def make_model() -> nn.Module:
-        torch.manual_seed(seed)  # the new classification head starts the same for every method
+    def make_model(run_seed: int) -> nn.Module:
+        torch.manual_seed(run_seed)  # the new head starts the same for every method of a seed
         return transformers.AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=len(LABELS), local_files_only=True)
 
@@ -145,7 +163,7 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
         correct = 0
         with torch.no_grad():
             for start in range(0, test_enc["labels"].shape[0], 64):
-                batch = {k: v[start:start + 64] for k, v in test_enc.items()}
+                batch = trim_padding({k: v[start:start + 64] for k, v in test_enc.items()})
                 logits = model(**inputs(batch)).logits
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
         return correct / test_enc["labels"].shape[0]
@@ -153,7 +171,7 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
     return Task(
         name=f"tweet sentiment (3 classes), {model_dir.parent.name}",
         make_model=make_model,
-        train_batches=lambda: _batches(train_enc, batch_size, steps, seed),
+        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
         evaluate=evaluate,
         metric="accuracy",
         latency_inputs=inputs({k: v[:batch_size] for k, v in test_enc.items()}),
@@ -190,10 +208,12 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
 
     train_enc, test_enc = encode(train), encode(test)
 
-    def make_model() -> nn.Module:
-        torch.manual_seed(seed)
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    def make_model(run_seed: int) -> nn.Module:
+        torch.manual_seed(run_seed)
+        # transformers marks a GGUF model quantized even when it unpacked every weight, and
+        # Trainer then refuses it: take the stale mark off (see peftreg.compare.gguf).
+        return release_dequantized_gguf(transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
@@ -202,7 +222,7 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, test_enc["labels"].shape[0], 32):
-                batch = {k: v[start:start + 32] for k, v in test_enc.items()}
+                batch = trim_padding({k: v[start:start + 32] for k, v in test_enc.items()})
                 total += float(model(**batch).loss) * batch["labels"].shape[0]
                 count += batch["labels"].shape[0]
         return total / count
@@ -210,7 +230,7 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
     return Task(
         name="tweet language modelling, SmolLM2-135M-Instruct",
         make_model=make_model,
-        train_batches=lambda: _batches(train_enc, batch_size, steps, seed),
+        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
         evaluate=evaluate,
         metric="loss",
         latency_inputs={k: v[:batch_size] for k, v in test_enc.items() if k != "labels"},

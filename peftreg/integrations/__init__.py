@@ -5,7 +5,7 @@ Each submodule covers one framework and imports it only when used, so
 ``import peftreg.integrations`` never pulls in optional packages:
 
 - :mod:`peftreg.integrations.transformers`: Hugging Face ``Trainer`` support
-  (:func:`~peftreg.integrations.transformers.prepare_for_trainer`, ``SaveAdapterCallback``).
+  (``SaveAdapterCallback``, saving a loadable adapter directory into each checkpoint).
 - :mod:`peftreg.integrations.distributed`: ``torch.distributed`` helpers (saving once from
   the main process, the parameters DDP synchronises).
 

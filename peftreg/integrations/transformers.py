@@ -1,22 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
 """Training an :class:`~peftreg.AdaptedModel` with the Hugging Face ``Trainer``, unchanged.
 
-Two pieces, both optional and independent of each other:
+An adapted model needs nothing to train under ``Trainer``: its class shows the wrapped model's
+``forward`` signature (:mod:`peftreg.signature`), so ``Trainer`` keeps the right batch columns
+and finds the labels, and its ``state_dict`` holds the adapters only, so ``Trainer``'s
+checkpoints (``model.safetensors``) are adapter-sized, save on models with tied embeddings and
+resume with ``resume_from_checkpoint``.
 
-- :func:`prepare_for_trainer` makes the model look to ``Trainer`` like the model it wraps.
-  ``Trainer`` reads the model's ``forward`` signature to decide which batch columns to keep
-  (``remove_unused_columns``), which of them are labels (``find_labels`` on the *class*), whether
-  the model accepts ``num_items_in_batch`` and whether it can return a loss. ``AdaptedModel``'s
-  own ``forward(*args, **kwargs)`` hides all of that, so without this step the default
-  ``remove_unused_columns=True`` drops every column and training stops with "The batch received
-  was empty". The function gives the instance a per-wrapped-class subclass whose ``forward`` has
-  the wrapped model's signature; nothing else changes (state dict, parameters, adapters).
+What this module adds:
+
 - ``SaveAdapterCallback`` writes the trained adapter(s) with
   :meth:`AdaptedModel.save_adapter` (atomic) into every checkpoint folder the ``Trainer`` makes,
   as ``checkpoint-<step>/adapters/<name>/``, and at the end of training into
-  ``<output_dir>/adapters/<name>/``. ``Trainer`` itself still saves the whole state dict
-  (``model.safetensors``), which is what it reads back for ``resume_from_checkpoint`` and
-  ``load_best_model_at_end``; the adapter directory is what :func:`peftreg.load` reads.
+  ``<output_dir>/adapters/<name>/``: a directory :func:`peftreg.load` reads into a fresh base
+  model (``Trainer``'s own ``model.safetensors`` is keyed for the wrapper and read back by
+  ``Trainer`` itself).
+- :func:`prepare_for_trainer` is deprecated: it did what every ``AdaptedModel`` now does, and
+  only warns.
 
 ``transformers`` is imported only when ``SaveAdapterCallback`` is first used, so this module
 imports without it; using the callback then raises an ``ImportError`` saying what to install.
@@ -24,7 +24,7 @@ imports without it; using the callback then raises an ``ImportError`` saying wha
 
 from __future__ import annotations
 
-import inspect
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,63 +40,17 @@ __all__ = ["ADAPTERS_FOLDER", "SaveAdapterCallback", "find_adapted_model", "prep
 ADAPTERS_FOLDER = "adapters"
 """Sub-folder of a checkpoint (or of ``output_dir``) that receives the adapter directories."""
 
-_TRAINER_CLASSES: dict[tuple[type, type], type] = {}
 _CALLBACK_CLASS: type | None = None
 
 
-# -- the model as Trainer sees it --------------------------------------------------------------
-
-
-def _rebuild(base: type, wrapped: type) -> AdaptedModel:
-    # Unpickling and deepcopy call this; the state is applied afterwards by nn.Module.__setstate__.
-    cls = _trainer_class(base, wrapped)
-    return cls.__new__(cls)
-
-
-def _trainer_class(base: type, wrapped: type) -> type:
-    """The subclass of ``base`` whose ``forward`` carries ``wrapped.forward``'s signature."""
-    cls = _TRAINER_CLASSES.get((base, wrapped))
-    if cls is not None:
-        return cls
-    signature = inspect.signature(wrapped.forward)
-
-    def forward(self: AdaptedModel, *args: Any, **kwargs: Any) -> Any:
-        return base.forward(self, *args, **kwargs)
-
-    def __reduce_ex__(self: AdaptedModel, protocol: int) -> tuple[Any, ...]:
-        # The class is made at run time, so pickle cannot name it; rebuild it from its two bases.
-        reduced = object.__reduce_ex__(self, max(protocol, 2))
-        return (_rebuild, (base, wrapped), *reduced[2:])
-
-    # Trainer inspects this signature (with ``self``, as on the wrapped class).
-    forward.__signature__ = signature  # type: ignore[attr-defined]
-    forward.__doc__ = f"Call the wrapped ``{wrapped.__qualname__}`` (its signature is shown)."
-    name = f"Adapted{wrapped.__name__}"
-    cls = type(name, (base,), {
-        "__module__": __name__,
-        "__qualname__": name,
-        "__doc__": f"{base.__name__} around a ``{wrapped.__qualname__}``, as ``Trainer`` sees it "
-                   "(made by :func:`peftreg.integrations.transformers.prepare_for_trainer`).",
-        "forward": forward,
-        "__reduce_ex__": __reduce_ex__,
-        "_peftreg_trainer_base": base,
-    })
-    _TRAINER_CLASSES[(base, wrapped)] = cls
-    return cls
-
-
 def prepare_for_trainer(model: AdaptedModel) -> AdaptedModel:
-    """Make ``model`` present its wrapped model's ``forward`` signature to ``Trainer``.
+    """Deprecated: return ``model`` unchanged, with a ``DeprecationWarning``.
 
-    The object is changed in place (its class becomes ``Adapted<WrappedClass>``, a subclass of
-    its current class) and returned, so ``Trainer(model=prepare_for_trainer(model), ...)``
-    works. Calling it again is harmless, also after ``fully_shard``. Parameters, buffers,
-    state dict keys and adapters are untouched, and ``isinstance(model, AdaptedModel)`` stays
-    true. The run-time class rebuilds itself when unpickled or deep-copied (``__reduce_ex__``),
-    so it adds no obstacle to either.
+    Every :class:`AdaptedModel` now shows its wrapped model's ``forward`` signature to
+    ``Trainer`` by itself; remove the call.
 
     Args:
-        model: an adapted model (``peftreg.adapt(...)`` or ``peftreg.load(...)``).
+        model: an adapted model.
 
     Returns:
         ``model`` itself.
@@ -104,15 +58,15 @@ def prepare_for_trainer(model: AdaptedModel) -> AdaptedModel:
     Raises:
         TypeError: ``model`` is not an :class:`AdaptedModel`.
     """
+    warnings.warn(
+        "peftreg.integrations.transformers.prepare_for_trainer is no longer needed: an "
+        "AdaptedModel shows its wrapped model's forward signature to Trainer by itself. "
+        "Remove the call; it will be removed in a future release.",
+        DeprecationWarning, stacklevel=2)
     if not isinstance(model, AdaptedModel):
         raise TypeError(
             f"prepare_for_trainer expects a peftreg AdaptedModel, got {type(model).__name__}"
         )
-    if hasattr(type(model), "_peftreg_trainer_base"):
-        # Already prepared, possibly subclassed again since (FSDP2's fully_shard does that):
-        # the wrapped model cannot have changed, so neither has the signature.
-        return model
-    model.__class__ = _trainer_class(type(model), type(model.model))
     return model
 
 

@@ -20,9 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,8 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnknownMethodError
+from peftreg.io.atomic import atomic_write, describe_write_failure, fsync_dir
+from peftreg.io.files import readable_file
 from peftreg.io.validate import (
     DuplicateKeyError,
     compare_to_expected,
@@ -86,28 +86,9 @@ class AdapterDir:
         return (self.path / CONFIG_FILE).stat().st_size + self.tensor_file.stat().st_size
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot sync directories
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+# The names the PEFT-format writer and the optimizer checkpoint import (kept for them).
+_fsync_dir = fsync_dir
+_atomic_write = atomic_write
 
 
 def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
@@ -121,7 +102,8 @@ def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
 
     Raises:
         AdapterError: ``name`` is not an adapter of ``model``.
-        AdapterFileError: ``directory`` exists and is not a directory.
+        AdapterFileError: ``directory`` cannot be written (it is a file, lies below one, or
+            the system refuses); the message names the directory and the cause.
     """
     record = model.record(name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in
@@ -161,11 +143,33 @@ def write_adapter_dir(
         The directory path.
 
     Raises:
-        AdapterFileError: ``directory`` exists and is not a directory.
+        AdapterFileError: ``directory`` cannot be written (it is a file, lies below one, or
+            the system refuses); the message names the directory and the cause.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"{directory}: exists and is not a directory")
+    try:
+        return _write_adapter_files(directory, adapter_name=adapter_name, config=config,
+                                    tensors=tensors, source=source, targets=targets,
+                                    saved_modules=saved_modules,
+                                    numerics_version=numerics_version)
+    except OSError as exc:
+        raise AdapterFileError(f"{directory}: cannot write the adapter: "
+                               f"{describe_write_failure(directory / CONFIG_FILE, exc)}") from exc
+
+
+def _write_adapter_files(
+    directory: Path,
+    *,
+    adapter_name: str,
+    config: MethodConfig,
+    tensors: dict[str, torch.Tensor],
+    source: PluginSource,
+    targets: list[str],
+    saved_modules: list[str],
+    numerics_version: int | None,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     blob = save_safetensors_bytes(tensors, metadata={"format": "pt", "peftreg_method":
                                                      config.method})
@@ -203,6 +207,19 @@ def write_adapter_dir(
     return directory
 
 
+def no_adapter_message(directory: Path) -> str:
+    """The error for a directory holding neither format's config: what was looked for, and
+    what is there instead."""
+    try:
+        names = sorted(p.name for p in directory.iterdir())
+    except OSError:
+        names = []
+    there = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return (f"{directory}: no adapter found: looked for {CONFIG_FILE} (peftreg's format) and "
+            f"adapter_config.json (Hugging Face PEFT's); the directory holds "
+            f"{there or 'nothing'}")
+
+
 def read_adapter_dir(directory: str | Path, registry: Registry | None = None) -> AdapterDir:
     """Read and check an adapter directory without touching any model.
 
@@ -219,11 +236,9 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: not a directory")
-    if not config_path.is_file():
-        hint = ""
-        if (directory / "adapter_config.json").is_file():
-            hint = " (it looks like a Hugging Face PEFT adapter)"
-        raise AdapterFileError(f"{directory}: no {CONFIG_FILE}{hint}")
+    if not (config_path.exists() or config_path.is_symlink()):
+        raise AdapterFileError(no_adapter_message(directory))
+    config_path = readable_file(directory, CONFIG_FILE, "the adapter config")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
@@ -269,12 +284,8 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
     if not isinstance(tensor_name, str) or not TENSOR_FILE.fullmatch(tensor_name):
         raise AdapterFileError(f"{config_path}: tensor file name {tensor_name!r} is not of the "
                                "form adapter.<16 hex digits>.safetensors")
-    tensor_path = directory / tensor_name
-    # A shared directory (a git repository, an archive) can hold symlinks: the name is plain,
-    # but it must not lead out of the directory to some other file on this machine.
-    if tensor_path.is_symlink() and tensor_path.resolve().parent != directory.resolve():
-        raise AdapterFileError(f"{tensor_path}: is a link out of the adapter directory; "
-                               "refusing to follow it")
+    # The name is plain, but a shared directory can hold links: it must not lead elsewhere.
+    tensor_path = readable_file(directory, tensor_name, f"the tensor file {CONFIG_FILE} names")
     data = read_bounded(tensor_path)
     if hashlib.sha256(data).hexdigest() != digest:
         raise AdapterFileError(f"{tensor_path}: checksum does not match {CONFIG_FILE} (the file "

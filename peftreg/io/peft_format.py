@@ -49,8 +49,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnsupportedOperationError
 from peftreg.io.adapter_dir import CONFIG_FILE as PEFTREG_CONFIG_FILE
-from peftreg.io.adapter_dir import MAX_CONFIG_BYTES, AdapterDir, _fsync_dir
+from peftreg.io.adapter_dir import MAX_CONFIG_BYTES, AdapterDir, _fsync_dir, no_adapter_message
+from peftreg.io.files import checked_subdirectory, readable_file
 from peftreg.io.validate import DuplicateKeyError, loads_strict, read_safetensors
+from peftreg.patterns import UnsafePatternError, compile_pattern
 
 if TYPE_CHECKING:
     from torch import nn
@@ -176,7 +178,10 @@ def is_peft_dir(directory: str | Path) -> bool:
     """Whether ``directory`` holds a PEFT adapter: ``adapter_config.json`` and no
     ``adapter.json`` (peftreg's own file wins when both are present)."""
     directory = Path(directory)
-    return (directory / PEFT_CONFIG_FILE).is_file() and not (
+    config = directory / PEFT_CONFIG_FILE
+    # A config that is a link (even a broken one) still marks a PEFT directory, so that the
+    # PEFT reader can say what is wrong with it.
+    return (config.exists() or config.is_symlink()) and not (
         directory / PEFTREG_CONFIG_FILE).exists()
 
 
@@ -215,21 +220,26 @@ def read_peft_dir(
 
     registry = registry or default_registry()
     directory = Path(directory)
-    config_path = directory / PEFT_CONFIG_FILE
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: not a directory")
-    if not config_path.is_file():
-        raise AdapterFileError(f"{directory}: no {PEFT_CONFIG_FILE} (not a PEFT adapter)")
+    if _is_sub_adapter(directory):
+        checked_subdirectory(directory.parent, directory)
+    if not (directory / PEFT_CONFIG_FILE).exists() and not (
+            directory / PEFT_CONFIG_FILE).is_symlink():
+        raise AdapterFileError(no_adapter_message(directory))
+    config_path = readable_file(directory, PEFT_CONFIG_FILE,
+                                "the Hugging Face PEFT adapter config")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
     weights_path = directory / PEFT_WEIGHTS_FILE
-    if not weights_path.is_file():
-        hint = ""
-        if (directory / "adapter_model.bin").exists():
-            hint = (" (adapter_model.bin is a pickle, which peftreg does not load; re-save it "
-                    "with PEFT's safe_serialization=True)")
-        raise AdapterFileError(f"{directory}: Hugging Face PEFT adapter directory without "
-                               f"{PEFT_WEIGHTS_FILE}{hint}")
+    if not (weights_path.exists() or weights_path.is_symlink()) and (
+            directory / "adapter_model.bin").exists():
+        raise AdapterFileError(
+            f"{directory}: Hugging Face PEFT adapter directory without {PEFT_WEIGHTS_FILE} "
+            "(adapter_model.bin is a pickle, which peftreg does not load; re-save it with "
+            "PEFT's safe_serialization=True)")
+    weights_path = readable_file(directory, PEFT_WEIGHTS_FILE,
+                                 "the Hugging Face PEFT weights file")
     tensors, metadata = read_safetensors(weights_path)
     text = _config_text(config_path, metadata)
     try:
@@ -249,13 +259,17 @@ def read_peft_dir(
     return AdapterDir(directory, _adapter_name(directory), config, doc, ours, weights_path)
 
 
-def _adapter_name(directory: Path) -> str:
+def _is_sub_adapter(directory: Path) -> bool:
+    """Whether ``directory`` is adapter ``X/`` inside a PEFT directory (judged by the path as
+    given, so that a linked ``X`` is checked against the directory it sits in)."""
     from peftreg.model import ADAPTER_NAME
 
-    parent = directory.resolve().parent
-    if (parent / PEFT_CONFIG_FILE).is_file() and ADAPTER_NAME.fullmatch(directory.name):
-        return directory.name
-    return "default"
+    parent = directory.absolute().parent
+    return (parent / PEFT_CONFIG_FILE).is_file() and bool(ADAPTER_NAME.fullmatch(directory.name))
+
+
+def _adapter_name(directory: Path) -> str:
+    return directory.name if _is_sub_adapter(directory) else "default"
 
 
 @dataclasses.dataclass
@@ -270,10 +284,13 @@ class _Import:
     def tensor_problem(self, key: str, problem: str) -> None:
         self.problems.append(f"{self.weights_path}: tensor {key!r}: {problem}")
 
+    def refusal(self) -> AdapterFileError:
+        return AdapterFileError(f"PEFT adapter refused ({len(self.problems)} problem(s)):\n  "
+                                + "\n  ".join(self.problems))
+
     def raise_problems(self) -> None:
         if self.problems:
-            raise AdapterFileError(f"PEFT adapter refused ({len(self.problems)} problem(s)):\n  "
-                                   + "\n  ".join(self.problems))
+            raise self.refusal()
 
     def config_error(self, problem: str) -> AdapterFileError:
         return AdapterFileError(f"{self.config_path}: {problem}")
@@ -301,6 +318,10 @@ def from_peft(
 
     registry = registry or default_registry()
     ctx = _Import(config_path, weights_path, doc)
+    if "peft_type" not in doc:
+        raise ctx.config_error(
+            "peft_type is missing: a PEFT adapter config names its method there (peftreg "
+            f"loads {', '.join(PEFT_TYPES.values())})")
     peft_type = doc.get("peft_type")
     method = {v: k for k, v in PEFT_TYPES.items()}.get(peft_type)  # type: ignore[arg-type]
     if method is None:
@@ -321,24 +342,40 @@ def from_peft(
     return config, ours
 
 
+def _switches_on(value: Any) -> bool:
+    """Whether an unknown key's value turns a feature on (true, a non-empty list or object)
+    rather than recording metadata (a string, a number, null, false, an empty container)."""
+    return value is True or (isinstance(value, (list, dict)) and len(value) > 0)
+
+
 def _check_keys(ctx: _Import, method: str) -> None:
     keys = _KEYS[method]
     refusals = []
+    unknown_metadata = []
     for key, value in ctx.doc.items():
         if key in _COMMON_KEYS or key in keys.mapped or key in keys.ignored:
             continue
         if key in keys.refused:
             if not _off(value):
                 refusals.append(f"{key} = {value!r}: {keys.refused[key]}")
-        elif not _off(value):
+        elif _switches_on(value):
             refusals.append(
                 f"{key} = {value!r}: not a PEFT {PEFT_FORMAT_VERSION} {ctx.doc['peft_type']} "
-                f"setting (the file says peft_version {ctx.doc.get('peft_version')!r}); it may "
-                "change the computation")
+                f"setting (the file says peft_version {ctx.doc.get('peft_version')!r}), and "
+                "its value switches something on that peftreg cannot follow")
+        else:
+            unknown_metadata.append(key)
     if refusals:
         raise ctx.config_error(
             "uses PEFT features peftreg cannot reproduce, so the adapter is refused:\n  "
             + "\n  ".join(refusals))
+    if unknown_metadata:
+        # Every PEFT release adds keys; ones holding plain values are taken as metadata, as
+        # PEFT itself does with keys it does not know.
+        warnings.warn(
+            f"{ctx.config_path}: ignoring keys this peftreg does not know (written by PEFT "
+            f"{ctx.doc.get('peft_version')!r}; read as metadata, since none switches a "
+            f"feature on): {', '.join(sorted(unknown_metadata))}", UserWarning, stacklevel=4)
     init = ctx.doc.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         warnings.warn(
@@ -366,6 +403,7 @@ def _tuner_from_peft(ctx: _Import, method: str, tensors: dict[str, torch.Tensor]
     others: dict[str, torch.Tensor] = {}
     copies: dict[str, torch.Tensor] = {}
     ours: dict[str, torch.Tensor] = {}
+    entries = _entries(doc.get("modules_to_save"))
     for key, tensor in tensors.items():
         if not key.startswith(_TUNER_PREFIX):
             ctx.tensor_problem(key, f"unknown tensor: {method} tensors are named "
@@ -376,8 +414,12 @@ def _tuner_from_peft(ctx: _Import, method: str, tensors: dict[str, torch.Tensor]
             continue
         leaf = next((leaf for leaf in _LEAVES[method] if rest.endswith("." + leaf)), None)
         if leaf is None:
+            # A tensor under a modules_to_save module is that module's trained copy, whatever
+            # the module is called (an output head or input embedding included); only the rest
+            # can be a base-weight copy PEFT adds for adapted embedding layers.
             module = rest.rpartition(".")[0].removesuffix(".base_layer")
-            if module.rpartition(".")[2] in _EMBEDDING_NAMES or ".base_layer." in rest:
+            embedding = module.rpartition(".")[2] in _EMBEDDING_NAMES or ".base_layer." in rest
+            if embedding and _saved_owner(rest, entries) is None:
                 copies[rest] = tensor
             else:
                 others[rest] = tensor
@@ -479,8 +521,42 @@ def _check_ia3(ctx: _Import, path: str, parts: dict[str, torch.Tensor]) -> None:
                            "(out_features, 1) nor (1, in_features)")
 
 
+def _spec_selects(ctx: _Import, field: str, spec: list[str] | str, path: str) -> bool:
+    """PEFT's rule for a module list (the path or a dotted suffix) or a regex (whole path)."""
+    if isinstance(spec, list):
+        return any(_suffix_match(path, entry) for entry in spec)
+    try:
+        return compile_pattern(spec, field).fullmatch(path) is not None
+    except UnsafePatternError as exc:
+        raise ctx.config_error(exc.message_for_file()) from exc
+
+
+def _check_targets_cover(ctx: _Import, spec: Any, adapted: list[str]) -> None:
+    """The config's targets must select every module the tensors adapt, and its exclusions
+    none of them: otherwise the config and the weights contradict each other."""
+    selectable = (isinstance(spec, str) and spec != "all-linear") or (
+        isinstance(spec, list) and bool(spec) and all(isinstance(e, str) for e in spec))
+    if selectable:
+        missed = [p for p in adapted if not _spec_selects(ctx, "target_modules", spec, p)]
+        if missed:
+            raise ctx.config_error(
+                f"target_modules = {spec!r} does not select the modules its tensors adapt: "
+                f"{', '.join(missed[:8])}{' ...' if len(missed) > 8 else ''} (the tensors "
+                f"in {ctx.weights_path} belong to {', '.join(sorted(adapted)[:8])}); the "
+                "config contradicts its weights")
+    exclude = ctx.doc.get("exclude_modules")
+    if (isinstance(exclude, str) and exclude) or (isinstance(exclude, list) and exclude and
+                                                  all(isinstance(e, str) for e in exclude)):
+        excluded = [p for p in adapted if _spec_selects(ctx, "exclude_modules", exclude, p)]
+        if excluded:
+            raise ctx.config_error(
+                f"exclude_modules = {exclude!r} excludes modules its tensors adapt: "
+                f"{', '.join(excluded[:8])}; the config contradicts its weights")
+
+
 def _targets(ctx: _Import, spec: Any, adapted: list[str], model: nn.Module | None
              ) -> list[str] | str:
+    _check_targets_cover(ctx, spec, adapted)
     if isinstance(spec, str):
         return spec
     if not isinstance(spec, list) or not spec:
@@ -528,6 +604,14 @@ def _pattern_key_from_peft(key: str) -> str:
     return key if _PLAIN_NAME.fullmatch(key) else rf"(?:.*\.)?(?:{key})"
 
 
+def _saved_owner(key: str, entries: list[str]) -> str | None:
+    """The ``modules_to_save`` module path that tensor ``key`` belongs to, if any: PEFT wraps
+    every module whose path ends with an entry (a plain string test)."""
+    parts = key.split(".")
+    ancestors = (".".join(parts[:k]) for k in range(1, len(parts)))
+    return next((a for a in ancestors if any(a.endswith(e) for e in entries)), None)
+
+
 def _saved_modules(ctx: _Import, prefix: str, others: dict[str, torch.Tensor],
                    ours: dict[str, torch.Tensor], model: nn.Module | None,
                    adapted: list[str]) -> list[str]:
@@ -540,9 +624,7 @@ def _saved_modules(ctx: _Import, prefix: str, others: dict[str, torch.Tensor],
     entries = _entries(ctx.doc.get("modules_to_save"))
     paths: list[str] = []
     for rest, tensor in others.items():
-        parts = rest.split(".")
-        ancestors = [".".join(parts[:k]) for k in range(1, len(parts))]
-        owner = next((a for a in ancestors if any(a.endswith(e) for e in entries)), None)
+        owner = _saved_owner(rest, entries)
         if owner is None:
             ctx.tensor_problem(prefix + rest, "unknown tensor: neither an adapter tensor nor "
                                f"part of a modules_to_save module (modules_to_save: {entries})")
@@ -588,8 +670,7 @@ def _prompt_from_peft(ctx: _Import, method: str, tensors: dict[str, torch.Tensor
     prompt = tensors.get(_PROMPT_KEY)
     if prompt is None:
         ctx.tensor_problem(_PROMPT_KEY, "missing")
-        ctx.raise_problems()
-    assert prompt is not None
+        raise ctx.refusal()
     token_dim = doc.get("token_dim")
     if prompt.dim() != 2 or prompt.shape[0] != n:
         ctx.tensor_problem(_PROMPT_KEY, f"shape {tuple(prompt.shape)} does not have "

@@ -138,6 +138,11 @@ def parse_header(data: bytes, source: str) -> tuple[dict[str, dict], dict[str, s
     for (_, end0, name0), (start1, _, name1) in itertools.pairwise(spans):
         if start1 < end0:
             raise fail(f"tensors {name0!r} and {name1!r} overlap in the data section")
+    # The format stores tensors back to back: bytes no tensor owns are a damaged or padded
+    # file (safetensors' own reader refuses it too).
+    covered = sum(end - start for start, end, _ in spans)
+    if covered != body:
+        raise fail(f"{body - covered} bytes of the {body}-byte data section belong to no tensor")
     return header, metadata
 
 

@@ -89,8 +89,7 @@ class Linear4bit(nn.Module):
                     blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
                     weight_dtype=weight.dtype, device=weight.device)
         layer._set_storage(NF4Tensor.quantize(weight, blocksize, double_quant))
-        if linear.bias is not None:
-            assert layer.bias is not None
+        if linear.bias is not None and layer.bias is not None:  # built with a bias above
             with torch.no_grad():
                 layer.bias.copy_(linear.bias.detach().to(compute_dtype))
             layer.bias.requires_grad_(linear.bias.requires_grad)

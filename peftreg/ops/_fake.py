@@ -261,7 +261,8 @@ def _nf4_quantize_fake(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tens
 
 
 @torch.library.register_fake("peftreg::nf4_double_quantize")
-def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_blocksize: int = 256
+def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_blocksize: int = 256,
+                              nearest: bool = False
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "peftreg::nf4_double_quantize"
     _nf4_check_blocksize(op, "nested_blocksize", nested_blocksize)

@@ -54,20 +54,22 @@ def quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.
     return torch.ops.peftreg.nf4_quantize.default(x, int(blocksize))
 
 
-def double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256
+def double_quantize(absmax: torch.Tensor, nested_blocksize: int = 256, nearest: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization of the float32 block scales (QLoRA section 3).
 
     Args:
         absmax: float32 ``(blocks,)`` from :func:`quantize`.
         nested_blocksize: scales per second-level block (bitsandbytes uses 256).
+        nearest: pick the nearest 8-bit code instead of bitsandbytes' code (docs/format.md).
 
     Returns:
         ``(absmax_codes, nested_absmax, offset)``: uint8 ``(blocks,)``, float32
         ``(ceil(blocks / nested_blocksize),)`` and a float32 0-dim tensor (the mean of ``absmax``).
     """
     _require("nf4_double_quantize", absmax.device)
-    return torch.ops.peftreg.nf4_double_quantize.default(absmax, int(nested_blocksize))
+    return torch.ops.peftreg.nf4_double_quantize.default(absmax, int(nested_blocksize),
+                                                         bool(nearest))
 
 
 def dequantize(

@@ -6,8 +6,10 @@ Tensors of ``optimizer.state_dict()`` are stored as ``state.<index>.<key>``; eve
 metadata under ``peftreg_optimizer``. One file means one ``os.replace``: the bytes go to a
 temporary file in the same directory, are fsynced, and replace the target in one step (the
 helper of :mod:`peftreg.io.adapter_dir`), so a crash at any moment leaves the previous
-checkpoint or the new one, never a mixture. Works for any optimizer; for :class:`PagedAdamW`
-the moments are read out of the pages, wherever they are.
+checkpoint or the new one, never a mixture. A complete save also deletes the temporary files
+that earlier saves to the same path left when they were killed (:mod:`peftreg.io.atomic`), so
+kills leave no litter. Works for any optimizer; for :class:`PagedAdamW` the moments are read
+out of the pages, wherever they are.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from peftreg.errors import PeftregError
-from peftreg.io.adapter_dir import _atomic_write
+from peftreg.io.atomic import atomic_write, describe_write_failure, remove_stale_temporaries
 from peftreg.io.validate import parse_header
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "OptimizerCheckpointError", "load_optimizer",
@@ -58,9 +60,14 @@ def write_optimizer_state(path: str | os.PathLike, state_dict: dict[str, Any]) -
         The path written.
 
     Raises:
-        OptimizerCheckpointError: the dict holds values that cannot be stored.
+        OptimizerCheckpointError: the dict holds values that cannot be stored, or ``path``
+            cannot be written (a directory, below a regular file, a missing or read-only
+            directory); the message names ``path`` and the cause.
     """
     path = Path(path)
+    if path.is_dir():
+        raise OptimizerCheckpointError(f"{path}: cannot write the optimizer checkpoint: it is a "
+                                       "directory (a checkpoint is one file; name a file in it)")
     tensors: dict[str, torch.Tensor] = {}
     state_meta: dict[str, dict[str, Any]] = {}
     for index, entry in state_dict.get("state", {}).items():
@@ -77,7 +84,12 @@ def write_optimizer_state(path: str | os.PathLike, state_dict: dict[str, Any]) -
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "param_groups": groups,
             "state": state_meta}
     data = save_safetensors_bytes(tensors, metadata={_META_KEY: json.dumps(meta)})
-    _atomic_write(path, data)
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise OptimizerCheckpointError(f"{path}: cannot write the optimizer checkpoint: "
+                                       f"{describe_write_failure(path, exc)}") from exc
+    remove_stale_temporaries(path)
     return path
 
 

@@ -26,7 +26,7 @@ from typing import Any, Final, overload
 import torch
 from torch.optim import Optimizer
 
-from peftreg.ops.paged import PAGE_ALIGN, PagePool
+from peftreg.ops.paged import PAGE_ALIGN, PagePool, PagingError
 
 __all__ = ["DEFAULT_PAGE_BYTES", "PagedAdamW"]
 
@@ -153,15 +153,20 @@ class PagedAdamW(Optimizer):
             raise
 
     def _grow_pool(self) -> None:
-        assert self._pool is not None
-        missing = self._pages_needed() - self._pool.counters()["num_pages"]
+        pool = self.pool
+        missing = self._pages_needed() - pool.counters()["num_pages"]
         if missing > 0:
-            self._pool.add_pages(missing)
+            pool.add_pages(missing)
 
     @property
     def pool(self) -> PagePool:
-        """The page pool holding the moment estimates."""
-        assert self._pool is not None
+        """The page pool holding the moment estimates.
+
+        Raises:
+            PagingError: the optimizer has no pool (its construction failed part way).
+        """
+        if self._pool is None:
+            raise PagingError("PagedAdamW has no page pool: its construction did not complete")
         return self._pool
 
     def counters(self) -> dict[str, int]:

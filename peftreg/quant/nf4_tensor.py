@@ -81,14 +81,19 @@ class NF4Tensor:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                 nested_blocksize: int = 256) -> NF4Tensor:
+                 nested_blocksize: int = 256, nearest_absmax_codes: bool = False) -> NF4Tensor:
         """Quantize ``weight`` (float32, bfloat16 or float16, finite values).
+
+        The bytes equal bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` on CPU.
 
         Args:
             weight: the dense tensor, any shape.
             blocksize: elements per absmax block (bitsandbytes' default 64).
             double_quant: also quantize the absmax (QLoRA double quantization).
             nested_blocksize: scales per second-level block.
+            nearest_absmax_codes: with double quantization, store the nearest 8-bit code of each
+                scale instead of the one bitsandbytes picks (a slightly smaller scale error,
+                measured in docs/format.md; no longer byte-identical to bitsandbytes).
 
         Raises:
             RuntimeError: NaN/inf in ``weight``, a bad block size or dtype.
@@ -102,10 +107,10 @@ class NF4Tensor:
         if double_quant:
             if kernels.use_compiled("nf4_double_quantize", w.device):
                 absmax, nested, offset = torch.ops.peftreg.nf4_double_quantize.default(
-                    absmax, int(nested_blocksize))
+                    absmax, int(nested_blocksize), bool(nearest_absmax_codes))
             else:
-                absmax, nested, offset = reference.nf4_double_quantize(absmax,
-                                                                       int(nested_blocksize))
+                absmax, nested, offset = reference.nf4_double_quantize(
+                    absmax, int(nested_blocksize), bool(nearest_absmax_codes))
         return cls(codes=codes, absmax=absmax, shape=torch.Size(w.shape), dtype=w.dtype,
                    blocksize=int(blocksize), nested_absmax=nested, offset=offset,
                    nested_blocksize=int(nested_blocksize))
@@ -214,7 +219,9 @@ class NF4Tensor:
             "shape": list(self.shape),
         }
         if self.double_quant:
-            assert self.offset is not None
+            if self.offset is None or self.nested_absmax is None:
+                raise NF4FormatError("uint8 absmax codes need nested_absmax and offset (double "
+                                     "quantization)")
             meta.update({
                 "nested_blocksize": self.nested_blocksize,
                 "nested_dtype": "float32",
@@ -232,7 +239,9 @@ class NF4Tensor:
         out = {prefix: self.codes, f"{prefix}.absmax": self.absmax,
                f"{prefix}.quant_map": self.quant_map}
         if self.double_quant:
-            assert self.nested_absmax is not None
+            if self.nested_absmax is None:
+                raise NF4FormatError("uint8 absmax codes need nested_absmax (double "
+                                     "quantization)")
             out[f"{prefix}.nested_absmax"] = self.nested_absmax
             out[f"{prefix}.nested_quant_map"] = self.nested_quant_map
         blob = json.dumps(self.metadata()).encode("utf-8")

@@ -10,8 +10,9 @@ from rich.console import Console
 
 import peftreg
 from peftreg.compare import assets
-from peftreg.compare.command import add_arguments, choose_methods, run
-from peftreg.compare.runner import RunSettings, run_comparison
+from peftreg.compare.command import DEFAULT_METHODS, add_arguments, choose_methods, run
+from peftreg.compare.runner import run_comparison
+from peftreg.compare.runs import RunSettings
 from peftreg.compare.tasks import balanced_split, read_tweets, sentiment_task
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -73,38 +74,47 @@ def _task(tiny_bert_dir, tweets_file, steps=6):
 
 def _figures(result):
     fields = dataclasses.asdict(result)
-    for timing in ("step_ms", "peak_memory_mb", "latency_ratio"):
+    for timing in ("step_ms", "peak_memory_mb", "latency_ratio", "latency_ratio_unmerged"):
         fields.pop(timing)
     return fields
 
 
 def test_comparison_is_reproducible_and_reports_every_column(tiny_bert_dir, tweets_file):
-    settings = RunSettings(steps=6, batch_size=8, max_length=12, seed=1, test_per_class=10,
-                           latency_repeats=2)
+    settings = RunSettings(steps=6, batch_size=8, max_length=12, seed=1, seeds=2,
+                           test_per_class=10, latency_repeats=2)
     methods = ["lora", "ia3", "prompt_tuning"]
     first = run_comparison(_task(tiny_bert_dir, tweets_file), methods, settings,
                            peftreg.default_registry())
     second = run_comparison(_task(tiny_bert_dir, tweets_file), methods, settings,
                             peftreg.default_registry())
-    assert first[0] == second[0]
+    assert first[0] == second[0] and sorted(first[0]) == [1, 2]
     assert [_figures(r) for r in first[1]] == [_figures(r) for r in second[1]]
+    rows = [*methods, "full fine-tuning", "head only"]
+    assert [(r.method, r.seed) for r in first[1]] == [(m, s) for s in (1, 2) for m in rows]
     for result in first[1]:
         assert result.error is None, result.error
-        assert result.trainable_params > 0 and 0 < result.trainable_percent < 100
+        assert result.trainable_params > 0 and 0 < result.trainable_percent <= 100
         assert len(result.losses) == 6 and result.step_ms > 0 and result.adapter_bytes > 0
         assert 0.0 <= result.metric <= 1.0 and result.latency_ratio > 0
-    by_name = {r.method: r for r in first[1]}
-    assert by_name["lora"].mergeable and not by_name["prompt_tuning"].mergeable
-    assert by_name["lora"].learning_rate == 2e-3 and by_name["prompt_tuning"].learning_rate == 3e-2
+    by_name = {(r.method, r.seed): r for r in first[1]}
+    assert by_name[("lora", 1)].mergeable and not by_name[("prompt_tuning", 1)].mergeable
+    assert by_name[("lora", 1)].learning_rate == 2e-3
+    assert by_name[("prompt_tuning", 1)].learning_rate == 3e-2
+    # Seeds differ (head init, adapter init, data order); the held-out set does not.
+    assert by_name[("lora", 1)].losses != by_name[("lora", 2)].losses
+    full, head = by_name[("full fine-tuning", 1)], by_name[("head only", 1)]
+    assert full.kind == head.kind == "baseline" and full.trainable_percent == 100.0
+    classifier = sum(p.numel() for n, p in _task(tiny_bert_dir, tweets_file).make_model(1)
+                     .named_parameters() if n.startswith("classifier"))
+    assert head.trainable_params == classifier < by_name[("lora", 1)].trainable_params
 
 
 def test_failing_method_is_reported_and_others_run(tiny_bert_dir, tweets_file):
-    settings = RunSettings(steps=2, batch_size=8, max_length=12, seed=1, test_per_class=10,
-                           latency_repeats=1)
+    settings = RunSettings(steps=2, batch_size=8, max_length=12, seed=1, seeds=1,
+                           test_per_class=10, latency_repeats=1, baselines=False)
     registry = peftreg.default_registry()
     _, results = run_comparison(_task(tiny_bert_dir, tweets_file, steps=2),
-                                ["houlsby", "lora"], dataclasses.replace(
-                                    settings, max_length=12), registry)
+                                ["houlsby", "lora"], settings, registry)
     assert all(r.error is None for r in results)
     # A bottleneck wider than the model is a config error for that method only.
     from peftreg_plugins.houlsby import HoulsbyMethod
@@ -127,17 +137,19 @@ def test_failing_method_is_reported_and_others_run(tiny_bert_dir, tweets_file):
 
 def test_choose_methods():
     registry = peftreg.default_registry()
-    assert choose_methods(registry, None) == registry.names()
+    assert choose_methods(registry, None) == [m for m in DEFAULT_METHODS
+                                              if m in registry.names()]
+    assert choose_methods(registry, "all") == registry.names()
     assert choose_methods(registry, "lora, ia3") == ["lora", "ia3"]
-    with pytest.raises(peftreg.UnknownMethodError, match="'dora'"):
-        choose_methods(registry, "lora,dora")
+    with pytest.raises(peftreg.UnknownMethodError, match="'nonexistent'"):
+        choose_methods(registry, "lora,nonexistent")
 
 
 def test_third_party_plugin_joins_the_comparison(tiny_bert_dir, tweets_file):
     pytest.importorskip("peftreg_toy", reason="run `make test` to install tests/plugin_dists")
-    settings = RunSettings(steps=3, batch_size=8, max_length=12, seed=1, test_per_class=10,
-                           latency_repeats=1)
-    assert "offset" in choose_methods(peftreg.default_registry(), None)
+    settings = RunSettings(steps=3, batch_size=8, max_length=12, seed=1, seeds=1,
+                           test_per_class=10, latency_repeats=1, baselines=False)
+    assert "offset" in choose_methods(peftreg.default_registry(), "all")
     _, (result,) = run_comparison(_task(tiny_bert_dir, tweets_file, steps=3), ["offset"],
                                   settings, peftreg.default_registry())
     assert result.error is None and result.distribution == "peftreg-toy"
@@ -152,14 +164,18 @@ def test_real_default_assets_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--methods", "lora", "--steps", "2", "--test-per-class", "4",
-                              "--out", str(tmp_path)])
-    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)
-    assert run(args, console) == 0
+                              "--seeds", "2", "--no-baselines", "--out", str(tmp_path)])
+    with open(tmp_path / "log.txt", "w") as log:
+        assert run(args, Console(file=log, width=200)) == 0
     document = json.loads((tmp_path / "results.json").read_text())
-    (row,) = document["results"]
-    assert row["method"] == "lora" and row["error"] is None and len(row["losses"]) == 2
+    assert document["schema"] == "peftreg-compare" and document["schema_version"] == 2
+    assert [(r["method"], r["seed"]) for r in document["runs"]] == [("lora", 0), ("lora", 1)]
+    assert all(r["error"] is None and len(r["losses"]) == 2 for r in document["runs"])
+    (row,) = document["rows"]
+    assert row["runs"] == 2 and row["metric"]["n"] == 2
     assert (tmp_path / "results.png").stat().st_size > 1000
-    assert "lora" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert "[1/2] lora seed 0: started" in log and "about" in log and "left" in log
 
 
 def test_missing_asset_message():

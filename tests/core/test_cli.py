@@ -32,7 +32,7 @@ def test_inspect_reports_method_tensors_and_size(make_tiny, tmp_path, capsys):
 
 def test_inspect_of_a_bad_directory_exits_2_with_the_reason(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
-    assert "no adapter.json" in capsys.readouterr().err
+    assert "looked for adapter.json" in capsys.readouterr().err
 
 
 def test_doctor_reports_extension_state(capsys):

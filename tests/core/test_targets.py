@@ -77,5 +77,5 @@ def test_no_targets_and_no_default(make_tiny):
 
 
 def test_filter_removing_everything_is_an_error(make_tiny):
-    with pytest.raises(TargetNotFoundError, match="selected no module"):
+    with pytest.raises(TargetNotFoundError, match=r"layers_to_transform = \[5\] selects no layer"):
         _select(make_tiny(), target_modules=["q_proj"], layers_to_transform=[5])

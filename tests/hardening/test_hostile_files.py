@@ -158,7 +158,7 @@ def test_hostile_tensor_file_is_refused_and_the_model_untouched(saved, make_tiny
                                                                  make, config, words):
     tensor_path = _install(saved, make(saved), config)
     model = AdaptedModel(make_tiny())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
     with pytest.raises(AdapterFileError) as info:
         model.load_adapter(saved)
     message = str(info.value)
@@ -168,7 +168,7 @@ def test_hostile_tensor_file_is_refused_and_the_model_untouched(saved, make_tiny
         assert any(re.search(w, message) for w in word.split("|")), (word, message)
     assert model.adapters == {}
     assert not any(isinstance(m, AdapterHost) for m in model.modules())
-    after = model.state_dict()
+    after = model.model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from peftreg import AdapterFileError, ConfigError, PeftregError, TargetNotFoundError
-from peftreg.io.validate import parse_header, read_safetensors
+from peftreg.io.validate import DTYPE_SIZES, parse_header, read_safetensors
 from peftreg.reference_model import ReferenceConfig, ReferenceTransformer
 from peftreg.targets import select_targets
 from peftreg_plugins.lora import LoraConfig
@@ -55,9 +57,32 @@ def test_valid_configs_round_trip_exactly(r, alpha, dropout, targets, rslora):
 @given(st.binary(max_size=256))
 def test_arbitrary_bytes_never_crash_the_header_parser(blob):
     try:
-        parse_header(blob, "fuzz.safetensors")
+        entries, metadata = parse_header(blob, "fuzz.safetensors")
     except AdapterFileError as exc:
         assert "fuzz.safetensors" in str(exc)
+        return
+    _assert_a_valid_header(blob, entries, metadata)
+
+
+def _assert_a_valid_header(blob, entries, metadata):
+    """What an accepted header must be, checked independently of the parser: every entry a
+    known dtype with a shape whose byte count fills its offsets inside the data, no overlaps,
+    string metadata; and safetensors' own reader agrees that the file is readable."""
+    body = len(blob) - 8 - struct.unpack("<Q", blob[:8])[0]
+    spans = []
+    for name, entry in entries.items():
+        assert entry["dtype"] in DTYPE_SIZES, name
+        begin, end = entry["data_offsets"]
+        count = 1
+        for dim in entry["shape"]:
+            assert isinstance(dim, int) and dim >= 0
+            count *= dim
+        assert 0 <= begin <= end <= body and end - begin == count * DTYPE_SIZES[entry["dtype"]]
+        spans.append((begin, end))
+    spans.sort()
+    assert all(a_end <= b_begin for (_, a_end), (b_begin, _) in itertools.pairwise(spans))
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    st_load(bytes(blob))  # raises if safetensors disagrees
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -80,12 +105,35 @@ def test_damaged_safetensors_are_rejected_by_name(tmp_path_factory, position, va
 @settings(max_examples=100, deadline=None)
 @given(header=st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4))
 def test_hostile_headers_are_refused(header):
+    # Random headers are almost never valid: each one is refused with a message naming the
+    # file, or, if accepted, must pass the independent check of a valid header.
     text = json.dumps(header).encode()
     blob = struct.pack("<Q", len(text)) + text + bytes(16)
     try:
-        parse_header(blob, "h.safetensors")
-    except AdapterFileError:
-        pass
+        entries, metadata = parse_header(blob, "h.safetensors")
+    except AdapterFileError as exc:
+        assert "h.safetensors" in str(exc)
+        return
+    _assert_a_valid_header(blob, entries, metadata)
+
+
+@pytest.mark.parametrize(("header", "accepted"), [
+    ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, True),
+    ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, False),  # short
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, False),   # overlap
+    ({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, False),     # unknown dtype
+    ({"__metadata__": {"format": 1}}, False),                                   # non-string
+], ids=["valid", "short", "overlap", "dtype", "metadata"])
+def test_header_checks_can_fail_and_pass(header, accepted):
+    # The twin of the property tests above: known-good is accepted, known-bad refused.
+    text = json.dumps(header).encode()
+    blob = struct.pack("<Q", len(text)) + text + bytes(16)
+    if accepted:
+        _assert_a_valid_header(blob, *parse_header(blob, "h.safetensors"))
+    else:
+        with pytest.raises(AdapterFileError, match=r"h\.safetensors"):
+            parse_header(blob, "h.safetensors")
 
 
 MODEL = ReferenceTransformer(ReferenceConfig(hidden_size=16, num_heads=2, num_kv_heads=1,

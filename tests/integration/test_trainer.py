@@ -19,6 +19,7 @@ from peftreg.integrations.transformers import (
     find_adapted_model,
     prepare_for_trainer,
 )
+from peftreg.signature import signature_class
 from peftreg_plugins.lora import LoraConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -95,8 +96,7 @@ def assert_training_touched_only_the_adapter(before, after):
 
 
 def test_bert_with_head_trains_and_the_callback_saves_loadable_adapters(tmp_path):
-    model = prepare_for_trainer(peftreg.adapt(
-        make_bert(), LoraConfig(r=4, modules_to_save=["classifier"])))
+    model = peftreg.adapt(make_bert(), LoraConfig(r=4, modules_to_save=["classifier"]))
     rows = classification_rows()
     before = snapshot(model)
     trainer = transformers.Trainer(
@@ -133,7 +133,7 @@ def test_bert_with_head_trains_and_the_callback_saves_loadable_adapters(tmp_path
 
 
 def test_llama_trains_with_eval_loss_checkpointing_and_resume(tmp_path):
-    model = prepare_for_trainer(peftreg.adapt(make_llama(), LoraConfig(r=4)))
+    model = peftreg.adapt(make_llama(), LoraConfig(r=4))
     rows = causal_rows()
     before = snapshot(model)
     trainer = transformers.Trainer(
@@ -149,8 +149,8 @@ def test_llama_trains_with_eval_loss_checkpointing_and_resume(tmp_path):
     assert eval_after < eval_before
     assert_training_touched_only_the_adapter(before, snapshot(model))
 
-    # Trainer's own checkpoint (the whole state dict) resumes into a fresh adapted model.
-    resumed = prepare_for_trainer(peftreg.adapt(make_llama(), LoraConfig(r=4)))
+    # Trainer's own checkpoint (the adapters' state dict) resumes into a fresh adapted model.
+    resumed = peftreg.adapt(make_llama(), LoraConfig(r=4))
     resumer = transformers.Trainer(
         model=resumed, train_dataset=rows,
         args=training_args(tmp_path, output_dir=str(tmp_path / "resumed"), max_steps=8))
@@ -168,48 +168,45 @@ def test_llama_trains_with_eval_loss_checkpointing_and_resume(tmp_path):
     assert torch.equal(generated, model.generate(ids[:, :4], max_new_tokens=3, do_sample=False))
 
 
-def test_without_prepare_trainer_drops_every_column(tmp_path):
-    # Why prepare_for_trainer exists: AdaptedModel.forward(*args, **kwargs) hides the signature
-    # Trainer filters batch columns by. If this starts passing, the core exposes the signature
-    # itself and prepare_for_trainer can become a no-op.
+def test_prepare_for_trainer_is_deprecated_and_changes_nothing():
     model = peftreg.adapt(make_bert(), LoraConfig(r=2))
-    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=1),
-                                   train_dataset=classification_rows())
-    assert trainer.label_names == []
-    with pytest.raises(ValueError, match="batch received was empty"):
-        trainer.train()
+    cls = type(model)
+    with pytest.warns(DeprecationWarning, match="no longer needed"):
+        assert prepare_for_trainer(model) is model
+    assert type(model) is cls
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="AdaptedModel"):
+        prepare_for_trainer(make_llama())
 
 
-def test_prepare_for_trainer_shows_the_wrapped_signature_and_changes_nothing_else():
-    model = peftreg.adapt(make_llama(), LoraConfig(r=2))
-    keys = list(model.state_dict())
+def test_adapted_model_shows_the_wrapped_signature_and_changes_nothing_else():
+    # Without it Trainer would drop every batch column ("The batch received was empty") and
+    # know no label column: AdaptedModel.forward itself takes (*args, **kwargs).
+    base = make_llama()
     ids = torch.randint(0, VOCAB, (1, 5))
+    model = peftreg.adapt(base, LoraConfig(r=2))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    assert prepare_for_trainer(model) is model
-    assert prepare_for_trainer(model) is model  # idempotent
-    prepared = type(model)
     assert type(model).__name__ == "AdaptedLlamaForCausalLM"
     assert isinstance(model, peftreg.AdaptedModel)
     assert type(model).__mro__[1] is peftreg.AdaptedModel
+    assert type(model) is signature_class(peftreg.AdaptedModel, transformers.LlamaForCausalLM)
     wrapped = inspect.signature(transformers.LlamaForCausalLM.forward)
-    assert inspect.signature(model.forward) == inspect.signature(model.model.forward)
+    assert inspect.signature(model.forward) == inspect.signature(base.forward)
     assert inspect.signature(type(model).forward) == wrapped
+    assert inspect.signature(peftreg.AdaptedModel.forward) != wrapped
     assert transformers.utils.generic.find_labels(type(model)) == ["labels"]
-    assert list(model.state_dict()) == keys
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, expected)
-    # The run-time class survives deepcopy. The registry is shared, not copied: AdaptedModel
-    # itself cannot be deep-copied yet because its registry holds plugin module objects.
-    clone = copy.deepcopy(model, {id(model.registry): model.registry})
+    assert transformers.utils.generic.find_labels(peftreg.AdaptedModel) == []
+    assert type(peftreg.adapt(make_bert(), LoraConfig(r=2))).__name__ == (
+        "AdaptedBertForSequenceClassification")
+    # The run-time class survives deepcopy, with no help from the caller.
+    clone = copy.deepcopy(model)
     assert type(clone) is type(model) and clone.model is not model.model
     with torch.no_grad():
         assert torch.equal(clone(input_ids=ids).logits, expected)
     # A wrapper that subclasses it again (as fully_shard does) keeps its class.
-    model.__class__ = type("Resubclassed", (prepared,), {})
-    assert type(prepare_for_trainer(model)).__name__ == "Resubclassed"
-    with pytest.raises(TypeError, match="AdaptedModel"):
-        prepare_for_trainer(make_llama())
+    model.__class__ = type("Resubclassed", (type(model),), {})
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
 
 
 def test_callback_checks_adapter_names_before_training(tmp_path):
@@ -244,7 +241,7 @@ def test_module_imports_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
         "import peftreg.integrations.transformers as m\n"
-        "assert callable(m.prepare_for_trainer)\n"
+        "assert callable(m.find_adapted_model)\n"
         "try:\n"
         "    m.SaveAdapterCallback\n"
         "except ImportError as e:\n"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import tiny_hf
 import torch
@@ -43,16 +41,15 @@ def _strong(model):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS_OF)
 def test_generation_with_cache_matches_generation_without(config):
+    # No warning filter here: the suite turns deprecations our calls cause into errors
+    # (pyproject.toml), so a deprecated cache argument would fail this test.
     model = _strong(peftreg.adapt(make_llama(), config))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cached = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
-                                do_sample=False, use_cache=True)
-        uncached = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
-                                  do_sample=False, use_cache=False)
+    cached = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                            do_sample=False, use_cache=True)
+    uncached = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                              do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
-    with model.disable_adapters(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with model.disable_adapters():
         base = model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=6,
                               do_sample=False)
     assert not torch.equal(cached, base)
@@ -89,3 +86,31 @@ def test_prompt_logits_cover_virtual_tokens():
     model = peftreg.adapt(make_llama(), PromptTuningConfig(num_virtual_tokens=4))
     out = model(input_ids=IDS, attention_mask=LEFT_PADDED, labels=IDS)
     assert out.logits.shape == (2, 10, 96) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("config", CONFIGS[1:], ids=IDS_OF[1:])
+def test_prefix_reaches_the_model_as_a_cache_object_under_its_current_name(config):
+    # transformers 5.24 deprecates the ``past_key_values`` argument (removed in 5.40) for
+    # ``cache``, holding a ``transformers.Cache``.
+    model = peftreg.adapt(make_llama(), config)
+    seen = []
+    inner = model.model.model
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache")
+        length = cache.get_seq_length() if cache is not None else None
+        seen.append((dict(kwargs), length))
+
+    inner.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=IDS, attention_mask=LEFT_PADDED)
+        model.generate(input_ids=IDS, attention_mask=LEFT_PADDED, max_new_tokens=2,
+                       do_sample=False, use_cache=True)
+    assert len(seen) == 3
+    for kwargs, _ in seen:
+        assert kwargs.get("past_key_values") is None, sorted(kwargs)
+        assert isinstance(kwargs["cache"], transformers.Cache), sorted(kwargs)
+    # The plain call and generation's first step carry the prefix alone; at the second step the
+    # cache holds the prefix and the prompt (the new token is being added).
+    n = config.num_virtual_tokens
+    assert [length for _, length in seen] == [n, n, n + IDS.shape[1]]

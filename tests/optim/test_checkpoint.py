@@ -99,3 +99,41 @@ def test_sigkill_during_saves_leaves_old_or_new(tmp_path):
         last = version
     # Twin: the kills did land between different saves (the file changed several times).
     assert len(seen) > 3, seen
+
+
+def _killed_save(path, version: int) -> None:
+    """Run one save in a child that SIGKILLs itself once the temporary file is written and
+    before its rename: what a kill at the worst moment leaves."""
+    state = _state(version)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+            write_optimizer_state(path, state)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_a_complete_save_removes_what_killed_saves_left(tmp_path):
+    from peftreg.io.atomic import stale_temporaries
+
+    path = tmp_path / "opt.safetensors"
+    write_optimizer_state(path, _state(1))
+    other = tmp_path / "other.safetensors"  # another target's litter is not ours to remove
+    for version in (2, 3, 4):
+        _killed_save(path, version)
+    _killed_save(other, 9)
+    mine, theirs = stale_temporaries(path), stale_temporaries(other)
+    # Twin: the kills did leave files behind, each one a full checkpoint's worth of bytes.
+    assert len(mine) == 3 and len(theirs) == 1, sorted(os.listdir(tmp_path))
+    assert all(p.stat().st_size > 500_000 for p in mine)
+    unrelated = tmp_path / ".opt.safetensors.notes.tmp"
+    unrelated.write_text("not a temporary file of a save")
+    assert _version_of(read_optimizer_state(path)) == 1  # the kills lost nothing
+
+    write_optimizer_state(path, _state(5))
+    assert stale_temporaries(path) == []
+    assert stale_temporaries(other) == theirs and unrelated.exists()
+    assert _version_of(read_optimizer_state(path)) == 5
