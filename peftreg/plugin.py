@@ -31,6 +31,11 @@ Groups:
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 from torch import nn
 
 from peftreg import kernels
@@ -58,9 +63,9 @@ from peftreg.host import (
 from peftreg.method import API_LEVEL, Capabilities, PEFTMethod
 from peftreg.model import host_for
 from peftreg.nn import Linear4bit
+from peftreg.ops import adapters as _adapter_ops
+from peftreg.ops import fused as _fused_ops
 from peftreg.ops import has_extension
-from peftreg.ops.adapters import houlsby_adapter, ia3_linear
-from peftreg.ops.fused import lora_linear
 from peftreg.ops.reference import lora_dropout, new_dropout_seed
 from peftreg.patterns import UnsafePatternError, compile_pattern, pattern_fullmatch
 from peftreg.reference_model import ReferenceTransformer
@@ -123,6 +128,28 @@ __all__ = [
     "replace_module",
     "select_targets",
 ]
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _looked_up_per_call(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn``, found in its module at each call (as the plugins' lazy imports did), so that
+    replacing it there (a test's monkeypatch, a kernel swap) reaches every plugin."""
+    module, name = sys.modules[fn.__module__], fn.__name__
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        found: Callable[P, R] = getattr(module, name)
+        return found(*args, **kwargs)
+
+    return call
+
+
+lora_linear = _looked_up_per_call(_fused_ops.lora_linear)
+ia3_linear = _looked_up_per_call(_adapter_ops.ia3_linear)
+houlsby_adapter = _looked_up_per_call(_adapter_ops.houlsby_adapter)
 
 
 def base_access(host: AdapterHost | nn.Module) -> BaseAccess:
