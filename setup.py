@@ -6,7 +6,8 @@ Build against the torch that will run it (torch is deliberately not a build requ
     pip install --no-build-isolation -e .      # or
     python setup.py build_ext --inplace
 
-What gets built:
+What gets built (the file and flag rules live in peftreg/ops/build_rules.py, shared with the
+JIT build ``python -m peftreg.ops.build``):
 
 * no extension when torch does not import or ``PEFTREG_BUILD_EXT=0``: peftreg then runs on its
   plain-PyTorch path, and ``peftreg.ops.extension_error()`` says why;
@@ -22,7 +23,7 @@ library built with ``-fopenmp`` loads next to torch's own OpenMP runtime; it mak
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -32,9 +33,19 @@ from typing import Any
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = "csrc"
-CUDA_GLUE_SUFFIX = "_cuda_ops.cpp"  # C++ files that register CUDA kernels: CUDA builds only
-CUDA_KERNEL_SUFFIX = "_cuda.cu"
+
+
+def _load_build_rules() -> Any:
+    """peftreg/ops/build_rules.py (shared with the JIT build), by path: importing the peftreg
+    package here would import the extension being built."""
+    path = os.path.join(HERE, "peftreg", "ops", "build_rules.py")
+    spec = importlib.util.spec_from_file_location("_peftreg_build_rules", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rules = _load_build_rules()
 
 _OPENMP_PROBE = r"""
 #include <omp.h>
@@ -49,16 +60,6 @@ extern "C" int peftreg_openmp_probe() {
 
 def _log(message: str) -> None:
     print(f"peftreg setup.py: {message}", flush=True)
-
-
-def _env_flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
-
-
-def _find(pattern: str) -> list[str]:
-    """Sorted paths under csrc/ matching ``pattern``, relative to this file's directory."""
-    found = glob.glob(os.path.join(CSRC, pattern), root_dir=HERE, recursive=True)
-    return sorted(p.replace(os.sep, "/") for p in found)
 
 
 def _openmp_flags() -> list[str]:
@@ -95,26 +96,9 @@ def _openmp_flags() -> list[str]:
     return ["-fopenmp"]
 
 
-def _cuda_skip_reason() -> str | None:
-    """Why CUDA kernels cannot be built here, or None when they can."""
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if not _env_flag("PEFTREG_BUILD_CUDA", "1"):
-        return "PEFTREG_BUILD_CUDA=0"
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)"
-    if CUDA_HOME is None:
-        return "no CUDA toolkit found; set CUDA_HOME to the toolkit root (the folder with bin/nvcc)"
-    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
-        return (f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime_api.h; set CUDA_HOME to "
-                "the toolkit root (the folder with bin/nvcc and include/)")
-    return None
-
-
 def _extension_build() -> tuple[list[Any], dict[str, Any]]:
     """The ``ext_modules`` and ``cmdclass`` for setup(), or empty ones with the reason logged."""
-    if not _env_flag("PEFTREG_BUILD_EXT", "1"):
+    if not rules.env_flag("PEFTREG_BUILD_EXT", "1"):
         _log("building no extension (PEFTREG_BUILD_EXT=0); peftreg will use plain PyTorch")
         return [], {}
     try:
@@ -125,40 +109,29 @@ def _extension_build() -> tuple[list[Any], dict[str, Any]]:
              "Install torch first, then `pip install --no-build-isolation -e .`")
         return [], {}
 
-    cpp_sources = [p for p in _find("**/*.cpp") if not p.endswith(CUDA_GLUE_SUFFIX)]
-    debug = _env_flag("PEFTREG_DEBUG", "0")
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    debug = rules.env_flag("PEFTREG_DEBUG", "0")
     openmp = _openmp_flags()
-    # -ffp-contract=off: the NF4 kernels reproduce bitsandbytes' float32 roundings bit for bit
-    # (fp32(fp32(a * b) + c)); a fused multiply-add would round once and differ in the last bit.
-    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-ffp-contract=off"] + openmp
-    nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    cuda_reason = rules.cuda_skip_reason(torch, CUDA_HOME)
+    with_cuda = cuda_reason is None
+    sources = rules.sources(HERE, with_cuda)
     common: dict[str, Any] = {
-        "include_dirs": [os.path.join(HERE, CSRC)],
+        "sources": sources,
+        "include_dirs": rules.include_dirs(HERE),
         "extra_link_args": openmp + (["-g"] if debug else []),
     }
-
-    cuda_reason = _cuda_skip_reason()
-    if cuda_reason is None:
-        cuda_sources = _find(f"**/*{CUDA_KERNEL_SUFFIX}") + _find(f"**/*{CUDA_GLUE_SUFFIX}")
+    cxx_flags = rules.cxx_flags(debug, openmp, with_cuda)
+    if with_cuda:
         _log(f"building peftreg._C with CPU and CUDA kernels (torch {torch.__version__}, "
-             f"CUDA {torch.version.cuda}): {len(cpp_sources) + len(cuda_sources)} files")
-        ext = CUDAExtension(
-            "peftreg._C",
-            sources=cpp_sources + cuda_sources,
-            define_macros=[("PEFTREG_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            **common,
-        )
+             f"CUDA {torch.version.cuda}): {len(sources)} files")
+        ext = CUDAExtension("peftreg._C", extra_compile_args={
+            "cxx": cxx_flags, "nvcc": rules.nvcc_flags(debug)}, **common)
     else:
         _log(f"CUDA kernels skipped: {cuda_reason}")
         _log(f"building peftreg._C with CPU kernels (torch {torch.__version__}): "
-             f"{len(cpp_sources)} files")
-        ext = CppExtension(
-            "peftreg._C",
-            sources=cpp_sources,
-            extra_compile_args={"cxx": cxx_flags},
-            **common,
-        )
+             f"{len(sources)} files")
+        ext = CppExtension("peftreg._C", extra_compile_args={"cxx": cxx_flags}, **common)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -4,7 +4,8 @@
 Timing uses ``torch.utils.benchmark.Timer.blocked_autorange``, which synchronises CUDA, picks a
 batch size so each measured block is long enough to time reliably, and reports the median over
 blocks (robust to the odd slow run). Results are printed with ``rich`` when it imports, as plain
-text otherwise, and written as JSON together with a description of the machine.
+text otherwise, and written as JSON together with a description of the machine. Candidates
+compared with each other are timed side by side (:func:`time_side_by_side`, interleaved rounds).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +59,53 @@ def time_callable(fn: Callable[[], object], device: torch.device, *, warmup: int
         min_run_time=min_run_time)
     return Timing(median_ms=measurement.median * 1e3, iqr_ms=measurement.iqr * 1e3,
                   runs=len(measurement.times), peak_memory_bytes=peak)
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device, *,
+                      min_run_time: float = 0.5, warmup: int = 3) -> dict[str, Timing]:
+    """Time several callables interleaved: round after round, each one in turn.
+
+    On a shared machine the load drifts over seconds; timing the candidates one after another
+    would fold that drift into their ratio. Here every round times each callable for about
+    the same short block, the order rotates between rounds, and each result is the median over
+    rounds, so the candidates see the same load.
+
+    Returns:
+        name -> :class:`Timing` (per-call median and IQR over rounds).
+    """
+    names = list(fns)
+    per_call: dict[str, float] = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        synchronize(device)
+        start = time.perf_counter()
+        fns[name]()
+        synchronize(device)
+        per_call[name] = max(time.perf_counter() - start, 1e-6)
+    block = 0.02  # seconds per callable per round
+    calls = {n: max(1, int(block / per_call[n])) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    spent, rounds = 0.0, 0
+    while spent < min_run_time * len(names) or rounds < 15:
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for name in order:
+            fn, count = fns[name], calls[name]
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            spent += elapsed
+            times[name].append(elapsed / count)
+        rounds += 1
+    out = {}
+    for name in names:
+        ordered = sorted(times[name])
+        q1, med, q3 = (ordered[int(f * (len(ordered) - 1))] for f in (0.25, 0.5, 0.75))
+        out[name] = Timing(median_ms=med * 1e3, iqr_ms=(q3 - q1) * 1e3, runs=len(ordered))
+    return out
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -20,6 +20,10 @@ Three tables, each a median over repeated runs with ratios (``> 1x``: the fused 
 * ``houlsby``: the bottleneck adapter with residual (``m = hidden / 16``, GELU), same modes, all
   adapter weights trainable; ``fused`` is ``peftreg::houlsby_adapter``.
 
+In the IA3 and Houlsby tables ``default`` is what the plugins run in the default (``auto``)
+kernel mode: the op's ``run``, fused or plain by the measured crossover (docs/ops.md);
+``plain/default`` must stay >= 0.97.
+
 JSON goes to ``--out`` (default ``benchmarks/results/adapters.json``). ``--quick`` runs one small
 case per table briefly.
 """
@@ -34,7 +38,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _harness import environment, fmt_ms, fmt_ratio, print_table, time_callable, write_json
+from _harness import (
+    environment,
+    fmt_ms,
+    fmt_ratio,
+    print_table,
+    time_callable,
+    time_side_by_side,
+    write_json,
+)
 
 from peftreg import ops
 from peftreg.ops import adapters, reference
@@ -220,7 +232,8 @@ def bench_layer(table: str, cases: list[tuple[int, int, int]], dtypes: list[str]
                     flag = side == "input"
                     variants[side] = (lambda x_, s_, f_, w=w, b=b, flag=flag: f_(
                         x_, w, b, s_, flag), [scale], out_f)
-                impls = {"fused": adapters.ia3_linear, "plain": reference.ia3_linear}
+                impls = {"fused": adapters.ia3_linear, "plain": reference.ia3_linear,
+                         "default": adapters.IA3_LINEAR.run}
             else:
                 m = max(1, in_f // 16)
                 wd = _randn(gen, m, in_f, scale=in_f ** -0.5, dtype=dtype, device=device)
@@ -230,14 +243,17 @@ def bench_layer(table: str, cases: list[tuple[int, int, int]], dtypes: list[str]
                 variants["gelu"] = (lambda x_, wd_, bd_, wu_, bu_, f_: f_(
                     x_, wd_, bd_, wu_, bu_), [wd, bd, wu, bu], in_f)
                 impls = {"fused": lambda *a: adapters.houlsby_adapter(*a, "gelu"),
-                         "plain": lambda *a: reference.houlsby_adapter(*a, "gelu")[0]}
+                         "plain": lambda *a: reference.houlsby_adapter(*a, "gelu")[0],
+                         "default": lambda *a: adapters.HOULSBY_ADAPTER.run(*a, "gelu")[0]}
             for variant, (call, params, width) in variants.items():
                 g = _randn(gen, rows, width, dtype=dtype, device=device)
                 for mode in ("fwd", "fwd+bwd"):
+                    steps, inputs = {}, {}
                     for impl, fn in impls.items():
                         leaves = [t.detach().clone().requires_grad_(mode != "fwd")
                                   for t in params]
                         xin = x.detach().clone().requires_grad_(mode != "fwd")
+                        inputs[impl] = (leaves, xin)
 
                         def step(fn: Any = fn, leaves: list = leaves, xin: torch.Tensor = xin,
                                  mode: str = mode, call: Any = call, g: torch.Tensor = g
@@ -248,7 +264,11 @@ def bench_layer(table: str, cases: list[tuple[int, int, int]], dtypes: list[str]
                             y = call(xin, *leaves, fn)
                             return torch.autograd.grad(y, [xin, *leaves], g)
 
-                        t = time_callable(step, device, min_run_time=min_run_time)
+                        steps[impl] = step
+                    timings = time_side_by_side(steps, device, min_run_time=min_run_time)
+                    for impl, fn in impls.items():
+                        leaves, xin = inputs[impl]
+                        t = timings[impl]
                         saved = None
                         if mode != "fwd":
                             saved = saved_for_backward_bytes(
@@ -303,24 +323,30 @@ def summarise(results: list[dict[str, Any]]) -> None:
             k = {"table": table, "case": case, "variant": variant, "dtype": dtype, "mode": mode}
             plain = _median(results, **k, impl="plain")
             fused = _median(results, **k, impl="fused")
+            default = _median(results, **k, impl="default")
             saved = {r["impl"]: r["saved_for_backward_bytes"] for r in results
                      if all(r.get(key) == v for key, v in k.items())}
             mib = {i: "-" if b is None else f"{b / 2**20:.2f}" for i, b in saved.items()}
             rows.append([case, variant, dtype, mode, fmt_ms(plain), fmt_ms(fused),
-                         fmt_ratio(plain, fused), mib.get("plain", "-"), mib.get("fused", "-")])
+                         fmt_ratio(plain, fused), fmt_ms(default), fmt_ratio(plain, default),
+                         mib.get("plain", "-"), mib.get("fused", "-")])
         print_table(f"{table}: fused op vs plain PyTorch (ms; MiB saved for backward)",
                     ["case", "variant", "dtype", "mode", "plain", "fused", "plain/fused",
-                     "saved plain", "saved fused"], rows)
+                     "default", "plain/default", "saved plain", "saved fused"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--only", default="multi,ia3,houlsby")
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     for op in ("lora_multi_add", "ia3_linear", "houlsby_adapter"):
         if not (ops.has_extension() and ops.kernel_available(op, device.type)):

@@ -8,8 +8,11 @@ Usage::
 For each shape (rows x in -> out, rank r), dtype (fp32, bf16) and mode (``fwd`` under no_grad;
 ``fwd+bwd`` as in LoRA training: frozen weight and bias, gradients for x, A and B) it times
 
-* ``fused``: :func:`peftreg.ops.fused.lora_linear` (needs the compiled extension);
+* ``fused``: :func:`peftreg.ops.lora.lora_linear` (needs the compiled extension);
 * ``reference``: :func:`peftreg.ops.reference.lora_linear`, the unfused PyTorch expression;
+* ``default``: what a LoRA layer runs in the default (``auto``) kernel mode:
+  ``LORA_LINEAR.run``, the fused op or the reference by the measured crossover (docs/ops.md);
+  ``reference/default`` must stay >= 0.97 on every shape;
 * ``peft``: HF peft's LoRA ``Linear`` around an ``nn.Linear``, when ``peft`` imports;
 
 and prints medians with ratios (``> 1x`` means fused is faster) and writes JSON to ``--out``
@@ -27,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _harness import environment, fmt_ms, fmt_ratio, print_table, time_callable, write_json
+from _harness import environment, fmt_ms, fmt_ratio, print_table, time_side_by_side, write_json
 
 from peftreg import ops
-from peftreg.ops import fused, reference
+from peftreg.ops import lora as lora_ops
+from peftreg.ops import reference
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fused_lora.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCALING_ALPHA = 32.0  # alpha; scaling = alpha / r as in the LoRA paper
 
 
@@ -134,6 +138,22 @@ def peft_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
     return model, [lora_a, lora_b]
 
 
+def _default_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """What a LoRA layer runs by default: the op's kernel choice (``Op.run``, auto mode)."""
+    return lora_ops.LORA_LINEAR.run(x, weight, bias, lora_a, lora_b, scaling, None, 0.0, None)
+
+
+def _default_choice(p: Problem, mode: str) -> str:
+    """Which path the default takes for this problem and mode: ``fused`` or ``plain``."""
+    x = p.x.detach().requires_grad_(mode != "fwd")
+    a = p.lora_a.detach().requires_grad_(mode != "fwd")
+    with torch.set_grad_enabled(mode != "fwd"):
+        fused = lora_ops.LORA_LINEAR.use_compiled(x, p.weight, p.bias, a, p.lora_b, p.scaling,
+                                                  None, 0.0, None)
+    return "fused" if fused else "plain"
+
+
 def step_fn(forward: Forward, trainable: list[torch.Tensor], p: Problem, mode: str
             ) -> Callable[[], object]:
     if mode == "fwd":
@@ -168,7 +188,8 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
             impls: dict[str, tuple[Forward, list[torch.Tensor]]] = {
                 "reference": functional_impl(reference.lora_linear, p)}
             if "fused" not in skipped:
-                impls["fused"] = functional_impl(fused.lora_linear, p)
+                impls["fused"] = functional_impl(lora_ops.lora_linear, p)
+                impls["default"] = functional_impl(_default_path, p)
             if "peft" not in skipped:
                 try:
                     impls["peft"] = peft_impl(p)
@@ -180,11 +201,13 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
                     ref_y = impls["reference"][0](p.x).float()
                     max_diff = (impls["fused"][0](p.x).float() - ref_y).abs().max().item()
             for mode in modes:
-                for impl, (forward, trainable) in impls.items():
-                    timing = time_callable(step_fn(forward, trainable, p, mode), device,
-                                           min_run_time=min_run_time)
+                steps = {impl: step_fn(forward, trainable, p, mode)
+                         for impl, (forward, trainable) in impls.items()}
+                timings = time_side_by_side(steps, device, min_run_time=min_run_time)
+                chosen = _default_choice(p, mode) if "default" in impls else None
+                for impl, timing in timings.items():
                     results.append({"shape": str(shape), **vars(shape), "dtype": dtype_name,
-                                    "mode": mode, "impl": impl,
+                                    "mode": mode, "impl": impl, "default_is": chosen,
                                     "max_abs_diff_vs_reference": max_diff, **timing.to_dict()})
                     print(f"  {shape!s:28} {dtype_name:5} {mode:8} {impl:10} "
                           f"{timing.median_ms:9.3f} ms", file=sys.stderr)
@@ -202,10 +225,15 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> None:
     with_peft = any(r["impl"] == "peft" for r in results)
     rows = []
     for shape, dtype, mode in keys:
-        ref, fus, hf = (median(shape, dtype, mode, i) for i in ("reference", "fused", "peft"))
-        row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus)]
+        ref, fus, dfl, hf = (median(shape, dtype, mode, i)
+                             for i in ("reference", "fused", "default", "peft"))
+        chosen = next((r.get("default_is") for r in results
+                       if (r["shape"], r["dtype"], r["mode"]) == (shape, dtype, mode)), None)
+        row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus), fmt_ms(dfl),
+               fmt_ratio(ref, dfl), chosen or "-"]
         rows.append(row + ([fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []))
-    columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused"]
+    columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused",
+               "default ms", "reference/default", "default is"]
     columns += ["peft ms", "peft/fused"] if with_peft else []
     print_table(f"peftreg fused LoRA linear on {device} (median; ratio > 1x: fused faster)",
                 columns, rows)
@@ -219,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"],
                         default=["fwd", "fwd+bwd"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     shapes = SHAPES[(device.type, args.quick)]

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from _harness import environment, fmt_ms, fmt_ratio, print_table, time_callable, write_json
 
-from peftreg import kernels, ops
+from peftreg import ops
 from peftreg.nn import Linear4bit
-from peftreg.ops import reference
+from peftreg.ops import kernels, reference
 from peftreg.quant import NF4Tensor
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "nf4.json"
@@ -118,7 +118,7 @@ def _forward_fns(p: Problem, skipped: dict[str, str]) -> dict[str, Callable[[tor
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"peftreg": p.ours, "dense": p.dense}
 
     def ref(x: torch.Tensor) -> torch.Tensor:
-        with kernels.kernels("reference"):
+        with kernels("reference"):
             return p.ours(x)
 
     fns["reference"] = ref

@@ -44,10 +44,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CASES = {
     "floor": "frozen base, torch (floor)",
     "floor_kernels": "frozen base, peftreg kernels",
-    "lora_fused": "peftreg LoRA, fused",
+    "lora_fused": "peftreg LoRA, default kernels (auto)",
     "lora_plain": "peftreg LoRA, plain PyTorch",
     "peft_lora": "HF PEFT LoRA",
-    "qlora_fused": "peftreg QLoRA, fused",
+    "qlora_fused": "peftreg QLoRA, default kernels (auto)",
     "qlora_plain": "peftreg QLoRA, plain PyTorch",
     "peft_qlora": "PEFT + bitsandbytes QLoRA",
 }
@@ -75,7 +75,7 @@ class _RankZeroKernelLinear(torch.nn.Module):
         self.register_buffer("b", w.new_zeros(linear.out_features, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peftreg.ops.fused import lora_linear
+        from peftreg.ops.lora import lora_linear
 
         return lora_linear(x, self.linear.weight, self.linear.bias, self.a, self.b, 0.0)
 
@@ -120,7 +120,7 @@ def build(case: str, dtype: torch.dtype):
 
 def _make_step(case: str, dtype: torch.dtype):
     """A closure running one training step of ``case`` (model built here, batch fixed)."""
-    from peftreg import kernels
+    from peftreg.ops import kernels
 
     model, embeds_in = build(case, dtype)
     ids = torch.randint(0, 4096, (8, 128), generator=torch.Generator().manual_seed(0))
@@ -134,7 +134,7 @@ def _make_step(case: str, dtype: torch.dtype):
     mode = "reference" if case.endswith("_plain") else "auto"
 
     def step() -> None:
-        with kernels.kernels(mode):
+        with kernels(mode):
             model(**batch).loss.backward()
         if optimizer is not None:
             optimizer.step()

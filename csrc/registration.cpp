@@ -18,9 +18,10 @@
 #endif
 
 TORCH_LIBRARY(peftreg, m) {
-  // Missing fake (meta) kernels point here: torch imports this module for the Python-side
-  // registrations (register_fake) of every op below.
-  m.set_python_module("peftreg.ops._fake");
+  // Each family's Python module holds its ops' wrappers, fake (meta) kernels and backwards;
+  // naming it before the family's schemas makes a missing fake kernel point there (torch
+  // imports that module) and makes torch refuse a fake registered anywhere else.
+  m.set_python_module("peftreg.ops.lora");
 
   // y = x @ weight^T + bias + scaling * ((x_lora or x) @ lora_a^T) @ lora_b^T
   // (LoRA, Hu et al. 2021, eq. 3, with the alpha/r factor passed as `scaling`). x may have any
@@ -46,6 +47,7 @@ TORCH_LIBRARY(peftreg, m) {
       {at::Tag::pt2_compliant_tag});
 
   // --- IA3, Houlsby, multi-LoRA (kernels: csrc/fused/adapters_*; docs/ops.md) ---------------
+  m.set_python_module("peftreg.ops.adapters");
   // IA3 (Liu et al. 2022, section 3.3) fused into the product it scales. scale_input=False:
   // y = (x @ weight^T + bias) * scale, scale (out_features,) (keys, values); scale_input=True:
   // y = (x * scale) @ weight^T + bias, scale (in_features,) (feed-forward down projection).
@@ -70,12 +72,13 @@ TORCH_LIBRARY(peftreg, m) {
   // Batched multi-adapter LoRA (S-LoRA, Sheng et al. 2023; Punica, Chen et al. 2023): row i of
   // x uses adapter k = index[i] of the stacked lora_a (n, r, in), lora_b (n, out, r) and
   // scaling (n,): out[i] = base[i] + scaling[k] * (x[i] @ lora_a[k]^T) @ lora_b[k]^T, or
-  // base[i] when k == -1. index has shape x.shape[:-1]. Inference only (see _autograd.py).
+  // base[i] when k == -1. index has shape x.shape[:-1]. Inference only (peftreg/ops/adapters.py).
   m.def(
       "lora_multi_add(Tensor base, Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, "
       "Tensor index) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 
+  m.set_python_module("peftreg.ops.nf4");
   // NF4 4-bit storage (QLoRA, Dettmers et al. 2023, section 3) in bitsandbytes' byte format
   // (csrc/nf4/nf4_format.h; docs/format.md "NF4 storage"; docs/ops.md). A quantized weight is
   // passed as codes (uint8, (numel + 1) // 2 packed bytes), absmax (float32 per block, or uint8

@@ -15,13 +15,16 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peftreg.base_access import BaseAccess, dense_linear
 from peftreg.errors import TargetNotFoundError, UnsupportedOperationError
+
+if TYPE_CHECKING:
+    from peftreg.row_adapters import RowPlan
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -77,12 +80,6 @@ class LayerAdapter(nn.Module):
 
         Called only when this adapter is the only active, unmerged adapter on the host.
         """
-        return None
-
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """``(A (r, in), B (out, r), scaling)`` if this adapter adds ``scaling * B A x`` to the
-        base output (LoRA), else ``None``; lets the host serve several such adapters per row in
-        one batched op (:mod:`peftreg.row_adapters`)."""
         return None
 
     def merge_into(self, base: nn.Module) -> None:
@@ -172,10 +169,9 @@ class AdapterHost(AdapterSlot):
         super().__init__()
         self.base = base
         self.merged: list[str] = []
-        # Per-row adapter names while AdaptedModel.per_row_adapters is in effect (else None),
-        # and the stacked factors of the last per-row call (peftreg.row_adapters).
-        self.row_adapters: tuple[str | None, ...] | None = None
-        self._row_stack_cache: Any = None
+        # The batch's per-row plan while AdaptedModel.per_row_adapters is in effect (else
+        # None); peftreg.row_adapters owns the rest of that mode's state.
+        self.row_adapters: RowPlan | None = None
 
     # -- AdapterSlot ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, AdapterSlot, TrainableCopy, iter_slots
 from peftreg.method import PEFTMethod
 from peftreg.registry import Registry, default_registry
+from peftreg.row_adapters import LowRankAdapter, RowPlan
 from peftreg.signature import SIGNATURE_BASE, signature_class
 from peftreg.targets import get_module, iter_base_modules, replace_module
 
@@ -386,8 +387,9 @@ class AdaptedModel(nn.Module):
         for name in dict.fromkeys(n for n in rows if n is not None):
             self._check_per_row(self.record(name))
         hosts = [slot for _, slot in iter_slots(self.model) if isinstance(slot, AdapterHost)]
+        plan = RowPlan(rows)  # one index per batch, shared by every layer
         for host in hosts:
-            host.row_adapters = rows
+            host.row_adapters = plan
         try:
             yield
         finally:
@@ -401,8 +403,8 @@ class AdaptedModel(nn.Module):
                 f"adapter {record.name!r} ({method}) cannot be served per row: it trains whole "
                 f"modules ({', '.join(record.saved_modules)}, modules_to_save)")
         for path, slot, module in self._adapter_modules(record.name):
-            factors = getattr(module, "low_rank_factors", None)
-            if not isinstance(slot, AdapterHost) or factors is None or factors() is None:
+            if not (isinstance(slot, AdapterHost) and isinstance(module, LowRankAdapter)
+                    and module.low_rank_factors() is not None):
                 raise UnsupportedOperationError(
                     f"adapter {record.name!r} ({method}) cannot be served per row: only LoRA "
                     f"adapters on Linear layers can, and {path or 'the model'} holds a "

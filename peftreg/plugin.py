@@ -22,23 +22,19 @@ Groups:
         :func:`pattern_fullmatch` / :class:`UnsafePatternError` (bounded-time regexes),
         :func:`output_head_paths`, :func:`is_linear`, :class:`ModelFamily`,
         :func:`get_module`, :func:`replace_module`, :func:`iter_slots`.
-    kernels: :mod:`kernels` (``kernels.use_compiled(op, device)``), :func:`has_extension`, the
-        op wrappers :func:`lora_linear`, :func:`ia3_linear`, :func:`houlsby_adapter` and the
-        counter-based dropout :func:`lora_dropout` / :func:`new_dropout_seed`.
+    kernels: the ops :data:`LORA_LINEAR`, :data:`IA3_LINEAR`, :data:`HOULSBY_ADAPTER`
+        (``.run(...)`` picks the compiled kernel or plain PyTorch by kernel mode and measured
+        crossover), :func:`kernels` / :func:`kernel_mode` / :func:`set_kernel_mode`,
+        :func:`has_extension`, and the counter-based dropout :func:`lora_dropout` /
+        :func:`new_dropout_seed`.
     quantized bases: :class:`Linear4bit`.
     errors: :class:`PeftregError` and the subclasses a plugin raises.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
-
 from torch import nn
 
-from peftreg import kernels
 from peftreg.base_access import BaseAccess, access_for, dense_linear, merge_bias, merge_weight
 from peftreg.config import MethodConfig
 from peftreg.errors import (
@@ -63,10 +59,10 @@ from peftreg.host import (
 from peftreg.method import API_LEVEL, Capabilities, PEFTMethod
 from peftreg.model import host_for
 from peftreg.nn import Linear4bit
-from peftreg.ops import adapters as _adapter_ops
-from peftreg.ops import fused as _fused_ops
-from peftreg.ops import has_extension
-from peftreg.ops.reference import lora_dropout, new_dropout_seed
+from peftreg.ops import has_extension, kernel_mode, kernels, set_kernel_mode
+from peftreg.ops.adapters import HOULSBY_ADAPTER, IA3_LINEAR
+from peftreg.ops.lora import LORA_LINEAR, new_dropout_seed
+from peftreg.ops.reference import lora_dropout
 from peftreg.patterns import UnsafePatternError, compile_pattern, pattern_fullmatch
 from peftreg.reference_model import ReferenceTransformer
 from peftreg.sequence import CACHE_KEYS, cache_length, extend_inputs
@@ -84,6 +80,9 @@ __all__ = [
     "ALL_LINEAR",
     "API_LEVEL",
     "CACHE_KEYS",
+    "HOULSBY_ADAPTER",
+    "IA3_LINEAR",
+    "LORA_LINEAR",
     "AdapterHost",
     "AdapterSlot",
     "BaseAccess",
@@ -112,13 +111,11 @@ __all__ = [
     "has_extension",
     "hookimpl",
     "host_for",
-    "houlsby_adapter",
-    "ia3_linear",
     "is_linear",
     "iter_slots",
+    "kernel_mode",
     "kernels",
     "lora_dropout",
-    "lora_linear",
     "matches",
     "merge_bias",
     "merge_weight",
@@ -127,29 +124,8 @@ __all__ = [
     "pattern_fullmatch",
     "replace_module",
     "select_targets",
+    "set_kernel_mode",
 ]
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _looked_up_per_call(fn: Callable[P, R]) -> Callable[P, R]:
-    """``fn``, found in its module at each call (as the plugins' lazy imports did), so that
-    replacing it there (a test's monkeypatch, a kernel swap) reaches every plugin."""
-    module, name = sys.modules[fn.__module__], fn.__name__
-
-    @functools.wraps(fn)
-    def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        found: Callable[P, R] = getattr(module, name)
-        return found(*args, **kwargs)
-
-    return call
-
-
-lora_linear = _looked_up_per_call(_fused_ops.lora_linear)
-ia3_linear = _looked_up_per_call(_adapter_ops.ia3_linear)
-houlsby_adapter = _looked_up_per_call(_adapter_ops.houlsby_adapter)
 
 
 def base_access(host: AdapterHost | nn.Module) -> BaseAccess:

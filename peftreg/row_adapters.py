@@ -3,20 +3,23 @@
 
 S-LoRA (Sheng et al. 2023) and Punica (Chen et al. 2023) serve many LoRA adapters over one base
 model by batching requests for different adapters together: the base product is shared, and each
-row adds its own low-rank update. :meth:`peftreg.AdaptedModel.per_row_adapters` switches every
-:class:`~peftreg.host.AdapterHost` into that mode; each host then computes its base module once
-and adds every row's update with one ``peftreg::lora_multi_add`` call (no Python loop over
-adapters), or the same maths in plain PyTorch when the compiled kernel is unavailable.
+row adds its own low-rank update. :meth:`peftreg.AdaptedModel.per_row_adapters` builds one
+:class:`RowPlan` for the batch and hands it to every :class:`~peftreg.host.AdapterHost`; each host
+then computes its base module once and adds every row's update with one
+``peftreg::lora_multi_add`` call (no Python loop over adapters), or the same maths in plain
+PyTorch when the kernel mode says so.
 
-Adapters take part through :meth:`LayerAdapter.low_rank_factors` (LoRA on Linear layers provides
-it). A row whose adapter does not adapt a given layer gets the base output there, exactly as if
-that adapter ran alone. The mode is for inference: there is no backward.
+The plan turns the row names into index tensors once per batch: layers that hold the same set of
+adapters (usually all of them) share one index, built on the first layer that needs it. Adapters
+take part through the :class:`LowRankAdapter` protocol (LoRA on Linear layers implements it). A
+row whose adapter does not adapt a given layer gets the base output there, exactly as if that
+adapter ran alone. The mode is for inference: there is no backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -26,27 +29,43 @@ if TYPE_CHECKING:
     from peftreg.host import AdapterHost
 
 RowNames = tuple[str | None, ...]
+Stacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class LowRankAdapter(Protocol):
+    """An adapter that adds ``scaling * B A x`` to its base output (LoRA)."""
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A (r, in), B (out, r), scaling)``, or None when this layer cannot be batched."""
+        ...
+
+
+# Stacked factors per host, owned here rather than stored on the host: rebuilt when a factor
+# changes (its version counter moves) or the adapters, dtype or device differ.
+_STACKS: weakref.WeakKeyDictionary[Any, tuple[Any, Any, Stacks]] = weakref.WeakKeyDictionary()
+
+
+def _factors(host: AdapterHost, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    adapter = host.adapters[name]
+    found = adapter.low_rank_factors() if isinstance(adapter, LowRankAdapter) else None
+    if found is None:
+        raise UnsupportedOperationError(
+            f"adapter {name!r} on {type(host.base).__name__} cannot be served per row: only "
+            "low-rank (LoRA) adapters on Linear layers can")
+    return found
 
 
 def _stacked(host: AdapterHost, names: tuple[str, ...], dtype: torch.dtype,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             device: torch.device) -> Stacks:
     """``(A (n, r_max, in), B (n, out, r_max), scaling (n,))`` of ``names`` on ``host``.
 
-    Lower ranks are zero-padded, which adds exact zeros to the products. The stacks are cached
-    on the host and rebuilt when a factor changes (its version counter moves) or the names,
-    dtype or device differ.
+    Lower ranks are zero-padded, which adds exact zeros to the products.
     """
-    factors = []
-    for name in names:
-        found = host.adapters[name].low_rank_factors()  # type: ignore[operator]
-        if found is None:
-            raise UnsupportedOperationError(
-                f"adapter {name!r} on {type(host.base).__name__} cannot be served per row: only "
-                "low-rank (LoRA) adapters on Linear layers can")
-        factors.append(found)
+    factors = [_factors(host, name) for name in names]
     stamp = tuple((id(a), a._version, id(b), b._version, float(s)) for a, b, s in factors)
     key = (names, dtype, device)
-    cached = host._row_stack_cache
+    cached = _STACKS.get(host)
     if cached is not None and cached[0] == key and cached[1] == stamp:
         return cached[2]
     r_max = max(a.shape[0] for a, _, _ in factors)
@@ -63,33 +82,56 @@ def _stacked(host: AdapterHost, names: tuple[str, ...], dtype: torch.dtype,
         scaling = torch.tensor([float(s) for _, _, s in factors], dtype=torch.float32,
                                device=device)
     stacks = (lora_a, lora_b, scaling)
-    host._row_stack_cache = (key, stamp, stacks)
+    _STACKS[host] = (key, stamp, stacks)
     return stacks
 
 
-def row_index(names: RowNames, on_host: Sequence[str], x: torch.Tensor) -> torch.Tensor:
-    """Adapter index per row of ``x`` into ``on_host`` (-1: none), shaped for lora_multi_add.
+class RowPlan:
+    """The adapter of every row of one batch, as index tensors built once and shared.
 
-    ``names`` has one entry per batch element (``x.shape[0]``) or per row of the flattened
-    leading dimensions.
+    Args:
+        names: one adapter name (or None for the base model) per batch element or per row of
+            the flattened leading dimensions.
     """
-    position = {name: k for k, name in enumerate(on_host)}
-    index = torch.tensor([position.get(n, -1) if n is not None else -1 for n in names],
-                         dtype=torch.int64)
-    lead = x.shape[:-1]
-    if len(lead) >= 1 and lead[0] == len(names):
-        index = index.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
-    elif x[..., 0].numel() == len(names):
-        index = index.reshape(lead)
-    else:
-        raise UnsupportedOperationError(
-            f"per-row adapters: {len(names)} adapter names were given but a layer received an "
-            f"input of shape {list(x.shape)}: its first dimension (the batch) or its number of "
-            "rows must equal the number of names")
-    return index.to(x.device)
+
+    def __init__(self, names: RowNames) -> None:
+        self.names = names
+        self._index: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def adapters_on(self, host: AdapterHost) -> tuple[str, ...]:
+        """The plan's adapters that ``host`` holds, in first-use order."""
+        return tuple(dict.fromkeys(n for n in self.names if n is not None and n in host.adapters))
+
+    def index(self, on_host: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """Adapter index per row of ``x`` into ``on_host`` (-1: none), shaped ``x.shape[:-1]``.
+
+        Raises:
+            UnsupportedOperationError: neither ``x``'s first dimension nor its row count equals
+                the number of names.
+        """
+        lead = tuple(x.shape[:-1])
+        key = (on_host, lead, x.device)
+        found = self._index.get(key)
+        if found is not None:
+            return found
+        position = {name: k for k, name in enumerate(on_host)}
+        index = torch.tensor([position.get(n, -1) if n is not None else -1 for n in self.names],
+                             dtype=torch.int64)
+        if len(lead) >= 1 and lead[0] == len(self.names):
+            index = index.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+        elif x[..., 0].numel() == len(self.names):
+            index = index.reshape(lead)
+        else:
+            raise UnsupportedOperationError(
+                f"per-row adapters: {len(self.names)} adapter names were given but a layer "
+                f"received an input of shape {list(x.shape)}: its first dimension (the batch) "
+                "or its number of rows must equal the number of names")
+        index = index.to(x.device)
+        self._index[key] = index
+        return index
 
 
-def per_row_forward(host: AdapterHost, names: RowNames, x: torch.Tensor, *args: Any,
+def per_row_forward(host: AdapterHost, plan: RowPlan, x: torch.Tensor, *args: Any,
                     **kwargs: Any) -> Any:
     """``host``'s output with every row's own adapter (or none) applied."""
     if host.training:
@@ -101,17 +143,13 @@ def per_row_forward(host: AdapterHost, names: RowNames, x: torch.Tensor, *args: 
             f"per-row adapters need unmerged weights, but {host.merged} are merged into this "
             "layer; call model.unmerge() first")
     y = host.base(x, *args, **kwargs)
-    on_host = tuple(dict.fromkeys(n for n in names if n is not None and n in host.adapters))
+    on_host = plan.adapters_on(host)
     if not on_host:
         return y
     lora_a, lora_b, scaling = _stacked(host, on_host, y.dtype, y.device)
-    index = row_index(names, on_host, x)
+    index = plan.index(on_host, x)
     xin = x.to(y.dtype)
-    from peftreg import kernels
+    from peftreg.ops.adapters import LORA_MULTI_ADD
 
-    if kernels.use_compiled("lora_multi_add", x.device):
-        from peftreg.ops.adapters import lora_multi_add
-    else:
-        from peftreg.ops.reference import lora_multi_add  # type: ignore[assignment]
     with torch.no_grad():
-        return lora_multi_add(y, xin, lora_a, lora_b, scaling, index)
+        return LORA_MULTI_ADD.run(y, xin, lora_a, lora_b, scaling, index)

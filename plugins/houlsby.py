@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from peftreg.plugin import (
+    HOULSBY_ADAPTER,
     Capabilities,
     LayerAdapter,
     Linear4bit,
@@ -43,8 +44,6 @@ from peftreg.plugin import (
     base_access,
     hookimpl,
     host_for,
-    houlsby_adapter,
-    kernels,
     select_targets,
 )
 
@@ -137,10 +136,11 @@ class HoulsbyAdapter(LayerAdapter):
 
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         down, up = self.adapter_down, self.adapter_up
-        if y.dtype == down.weight.dtype and kernels.use_compiled("houlsby_adapter", y.device):
-
-            return houlsby_adapter(y, down.weight, down.bias, up.weight, up.bias,
-                                   self.non_linearity)
+        if y.dtype == down.weight.dtype:
+            # The compiled op or plain PyTorch, by kernel mode and measured crossover.
+            out, _z = HOULSBY_ADAPTER.run(y, down.weight, down.bias, up.weight, up.bias,
+                                          self.non_linearity)
+            return out
         return y + self.bottleneck(y).to(y.dtype)
 
 

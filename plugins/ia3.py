@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from peftreg.plugin import (
+    IA3_LINEAR,
     Capabilities,
     ConfigError,
     LayerAdapter,
@@ -42,8 +43,6 @@ from peftreg.plugin import (
     compile_pattern,
     hookimpl,
     host_for,
-    ia3_linear,
-    kernels,
     matches,
     merge_bias,
     merge_weight,
@@ -145,10 +144,8 @@ class IA3Linear(LayerAdapter):
         weight = base.weight
         if not (x.dtype == weight.dtype == self.ia3_l.dtype):
             return None
-        if not kernels.use_compiled("ia3_linear", x.device):
-            return None
-
-        return ia3_linear(x, weight, base.bias, self.ia3_l, self.is_feedforward)
+        # The compiled op or plain PyTorch, by kernel mode and measured crossover (docs/ops.md).
+        return IA3_LINEAR.run(x, weight, base.bias, self.ia3_l.view(-1), self.is_feedforward)
 
     def _checked_scale(self, operation: str) -> torch.Tensor:
         scale = self.ia3_l.detach().float()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftreg.plugin import (
+    LORA_LINEAR,
     Capabilities,
     LayerAdapter,
     Linear4bit,
@@ -32,9 +33,7 @@ from peftreg.plugin import (
     compile_pattern,
     hookimpl,
     host_for,
-    kernels,
     lora_dropout,
-    lora_linear,
     merge_weight,
     new_dropout_seed,
     pattern_fullmatch,
@@ -166,18 +165,17 @@ class LoraLinear(LayerAdapter):
         if quantized is not None:
             if not quantized(x, a, b):
                 return None
-        elif not (isinstance(base, nn.Linear) and base.weight.dtype == x.dtype == a.dtype
-                  and kernels.use_compiled("lora_linear", x.device)):
+        elif not (isinstance(base, nn.Linear) and base.weight.dtype == x.dtype == a.dtype):
             return None
         # Dropout runs inside the op: its mask comes from a seed and is regenerated in the
         # backward, so neither the mask nor dropout(x) is kept for the backward.
         p = self.dropout_p if self.training else 0.0
         if quantized is not None:
             return base.forward_with_lora(x, a, b, self.scaling, p)  # type: ignore[operator]
-
         seed = new_dropout_seed() if p > 0 else None
-        return lora_linear(x, base.weight, base.bias, a, b, self.scaling,  # type: ignore[arg-type]
-                           dropout_p=p, dropout_seed=seed)
+        # The compiled op or plain PyTorch, by kernel mode and measured crossover (docs/ops.md).
+        return LORA_LINEAR.run(x, base.weight, base.bias, a, b, float(self.scaling), None, p,
+                               seed)
 
     def merge_into(self, base: nn.Module) -> None:
         w = merge_weight(base)
@@ -187,7 +185,7 @@ class LoraLinear(LayerAdapter):
         w = merge_weight(base)
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
-    # Per-row multi-adapter serving (peftreg.row_adapters, peftreg::lora_multi_add).
+    # peftreg.row_adapters.LowRankAdapter: per-row multi-adapter serving (lora_multi_add).
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A.weight, self.lora_B.weight, self.scaling
 

@@ -21,11 +21,22 @@ if TEST_PLUGINS.is_dir() and str(TEST_PLUGINS) not in sys.path:
 
 
 def devices() -> list[str]:
-    """Devices to run device-parametrized tests on (``PEFTREG_TEST_DEVICE`` overrides)."""
+    """The one device list of the suite: cpu, plus cuda when a GPU is visible.
+
+    ``PEFTREG_TEST_DEVICE`` overrides it with a comma list (``cuda`` or ``cpu,cuda``).
+    """
     forced = os.environ.get("PEFTREG_TEST_DEVICE")
     if forced:
-        return [forced]
+        return [d.strip() for d in forced.split(",") if d.strip()]
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every test that uses a `device` fixture (directly or through op_device / paged_device)
+    # runs once per device of devices(), with ids like device=cpu.
+    if "device" in metafunc.fixturenames:
+        found = devices()
+        metafunc.parametrize("device", found, ids=[f"device={d}" for d in found])
 
 
 # Test models are tiny: one thread avoids thread start-up costs that dominate their run time

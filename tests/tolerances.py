@@ -163,6 +163,16 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
         2 * _BF16_EPS, 1.6e-2,
         "the kernel widens to float32 and rounds the output once (<= 2^-9 of max|out|)",
     ),
+    # The parity harness (tests/ops/test_parity.py): every op's kernel against its reference in
+    # float64, scaled by max(1, max|expected|), on small odd shapes (at most 40 summed terms).
+    ("parity.forward", torch.float32): Tolerance(
+        1e-5, 1.3e-6, "float32 sums of at most 40 O(1) products, as lora_linear.forward",
+    ),
+    ("parity.forward", torch.bfloat16): Tolerance(
+        4 * _BF16_EPS, 1.6e-2,
+        "the loosest single-op bf16 entry above (lora_linear.forward: up to three roundings "
+        "to bf16 on ATen's 16-bit path); the inputs themselves are exact in float64",
+    ),
     # Plugins in PEFTREG_KERNELS=auto (fused ops) vs reference (plain PyTorch) on a tiny model,
     # both in the same dtype: float32 sums in different orders through a few layers.
     ("adapters.plugin_paths", torch.float32): Tolerance(1e-5, 1e-4),

@@ -4,8 +4,8 @@
 // RuntimeError) with a message that names the operator, the argument and the offending value, so
 // that a user who passes a wrong tensor learns which one and why without reading C++.
 //
-// The Python fake kernels in peftreg/ops/_fake.py repeat these invariants with torch._check; keep
-// the wording of the two in step (tests/ops/test_fused_lora.py matches on argument names).
+// The fake kernels' helpers (peftreg/ops/_checks.py) repeat these invariants with torch._check in
+// the same words; tests/ops/test_parity.py checks that every bad input reads the same both ways.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -2,7 +2,7 @@
 //
 // Argument validation and sizes of the IA3, Houlsby and multi-LoRA ops, shared by the CPU kernels
 // (adapters_cpu.cpp) and the CUDA glue (adapters_cuda_ops.cpp) so both devices reject the same
-// inputs with the same messages. The fake kernels in peftreg/ops/_fake.py repeat these checks.
+// inputs with the same messages. The fake kernels in peftreg/ops/adapters.py repeat these checks.
 #pragma once
 
 #include <ATen/core/Tensor.h>

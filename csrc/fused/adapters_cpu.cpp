@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CPU kernels of the IA3, Houlsby and multi-LoRA ops (schemas in csrc/registration.cpp, maths in
-// peftreg/ops/reference.py, backward formulas in peftreg/ops/_autograd.py):
+// CPU kernel table of the IA3, Houlsby and multi-LoRA ops (adapters_kernels.h; entries with the
+// checks in adapters_ops.cpp, schemas in csrc/registration.cpp, maths in peftreg/ops/reference.py,
+// backward formulas in peftreg/ops/adapters.py):
 //
 //   ia3_linear      y = (x W^T + b) * l            (output scaling: keys, values)
 //                   y = (x * l) W^T + b            (input scaling: feed-forward down projection)
@@ -15,7 +16,7 @@
 // Where the savings come from (the plain PyTorch expressions are in reference.py):
 // * IA3 output scaling: the bias and the scale are applied in one vectorised pass over the GEMM
 //   output, in place; plain PyTorch writes the linear output and then a second (rows x out)
-//   tensor. The backward (_autograd.py) keeps the op's output and input, not the pre-scale
+//   tensor. The backward (peftreg/ops/adapters.py) keeps the op's output and input, not the pre-scale
 //   product: ia3_scale_grad recovers it as y / l, and recomputes it from x and W only for
 //   channels whose scale is exactly zero (where y carries no information).
 // * IA3 input scaling: x * l is formed a block of rows at a time in a small buffer that stays in
@@ -45,7 +46,6 @@
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -55,6 +55,7 @@
 
 #include "common/checks.h"
 #include "fused/adapters_args.h"
+#include "fused/adapters_kernels.h"
 
 namespace peftreg::fused {
 namespace {
@@ -178,20 +179,15 @@ inline int64_t row_grain(int64_t work_per_row) {
 
 // ---- ia3_linear ---------------------------------------------------------------------------
 
-at::Tensor ia3_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias, const at::Tensor& scale,
-                          bool scale_input) {
-  const Ia3Sizes s = check_ia3_linear_args(x, weight, bias, scale, scale_input);
-  checks::check_device_type(x, kIa3LinearOp, "x", c10::DeviceType::CPU);
-  const at::Tensor x2d = x.reshape({s.rows, s.in_features}).contiguous();
-  at::Tensor y = at::empty({s.rows, s.out_features}, x.options());
-  const at::Tensor l = scale.contiguous();
+void ia3_linear_cpu(const Ia3Sizes& s, const at::Tensor& x2d, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& l, bool scale_input,
+                    at::Tensor& y) {
 
   if (scale_input) {
     // y = (x * l) W^T + b, one cache-sized block of scaled rows at a time.
     const int64_t block = std::min<int64_t>(kIa3RowBlock, std::max<int64_t>(s.rows, 1));
-    at::Tensor scratch = at::empty({block, s.in_features}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ia3_in", [&] {
+    at::Tensor scratch = at::empty({block, s.in_features}, x2d.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "ia3_in", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
       const scalar_t* lp = l.const_data_ptr<scalar_t>();
@@ -218,13 +214,13 @@ at::Tensor ia3_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
         }
       }
     });
-    return y.view(with_last(x, s.out_features));
+    return;
   }
 
   // y = (x W^T + b) * l: GEMM, then bias and scale in one in-place pass.
   at::mm_out(y, x2d, weight.t());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ia3_out", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "ia3_out", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t out = s.out_features;
@@ -242,22 +238,16 @@ at::Tensor ia3_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
       }
     });
   });
-  return y.view(with_last(x, s.out_features));
 }
 
 // ---- ia3_scale_grad -----------------------------------------------------------------------
 
-at::Tensor ia3_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& x,
-                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& scale) {
-  const Ia3Sizes s = check_ia3_scale_grad_args(grad, out, x, weight, bias, scale);
-  checks::check_device_type(x, kIa3ScaleGradOp, "x", c10::DeviceType::CPU);
+void ia3_scale_grad_cpu(const Ia3Sizes& s, const at::Tensor& g2d, const at::Tensor& y2d,
+                        const at::Tensor& x2d, const at::Tensor& wc,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& lc,
+                        at::Tensor& result) {
   const int64_t rows = s.rows, in = s.in_features, nout = s.out_features;
-  const at::Tensor g2d = grad.reshape({rows, nout}).contiguous();
-  const at::Tensor y2d = out.reshape({rows, nout}).contiguous();
-  at::Tensor result = at::empty({nout}, x.options());
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ia3_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "ia3_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g2d.const_data_ptr<scalar_t>();
     const scalar_t* yp = y2d.const_data_ptr<scalar_t>();
@@ -282,7 +272,6 @@ at::Tensor ia3_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& out, con
     }
     // y = base * l, so sum g * base = (sum g * y) / l wherever l != 0. A zero scale leaves no
     // trace of base in y: recompute base = x W_j^T + b_j for those channels only.
-    const at::Tensor lc = scale.contiguous();
     const scalar_t* lp = lc.const_data_ptr<scalar_t>();
     std::vector<int64_t> zero_channels;
     for (int64_t j = 0; j < nout; ++j) {
@@ -294,8 +283,6 @@ at::Tensor ia3_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& out, con
       }
     }
     if (!zero_channels.empty()) {
-      const at::Tensor x2d = x.reshape({rows, in}).contiguous();
-      const at::Tensor wc = weight.contiguous();
       const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
       const scalar_t* wp = wc.const_data_ptr<scalar_t>();
       const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -318,24 +305,15 @@ at::Tensor ia3_scale_grad_cpu(const at::Tensor& grad, const at::Tensor& out, con
     }
     store_row(total.data(), result.mutable_data_ptr<scalar_t>(), nout);
   });
-  return result;
 }
 
 // ---- houlsby_adapter ------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> houlsby_adapter_cpu(const at::Tensor& h,
-                                                       const at::Tensor& w_down,
-                                                       const std::optional<at::Tensor>& b_down,
-                                                       const at::Tensor& w_up,
-                                                       const std::optional<at::Tensor>& b_up,
-                                                       c10::string_view activation) {
-  const HoulsbySizes s = check_houlsby_args(h, w_down, b_down, w_up, b_up);
-  const Activation act = parse_activation(activation);
-  checks::check_device_type(h, kHoulsbyOp, "h", c10::DeviceType::CPU);
+void houlsby_adapter_cpu(const HoulsbySizes& s, const at::Tensor& h2d, const at::Tensor& w_down,
+                         const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                         const std::optional<at::Tensor>& b_up, Activation act, at::Tensor& z,
+                         at::Tensor& out) {
   const int64_t rows = s.rows, m = s.bottleneck;
-  const at::Tensor h2d = h.reshape({rows, s.hidden}).contiguous();
-
-  at::Tensor z = at::empty({rows, m}, h.options());
   if (b_down.has_value()) {
     at::addmm_out(z, *b_down, h2d, w_down.t());
   } else {
@@ -343,8 +321,8 @@ std::tuple<at::Tensor, at::Tensor> houlsby_adapter_cpu(const at::Tensor& h,
   }
   // a = [act(z), 1]: the column of ones multiplies b_up inside the up-projection GEMM.
   const int64_t cols = m + (b_up.has_value() ? 1 : 0);
-  at::Tensor a = at::empty({rows, cols}, h.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "houlsby_act", [&] {
+  at::Tensor a = at::empty({rows, cols}, h2d.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h2d.scalar_type(), "houlsby_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* ap = a.mutable_data_ptr<scalar_t>();
@@ -360,9 +338,7 @@ std::tuple<at::Tensor, at::Tensor> houlsby_adapter_cpu(const at::Tensor& h,
   });
   const at::Tensor w_up_ext =
       b_up.has_value() ? at::cat({w_up, b_up->unsqueeze(1)}, 1) : w_up;  // (hidden, cols)
-  at::Tensor out = at::empty({rows, s.hidden}, h.options());
   at::addmm_out(out, h2d, a, w_up_ext.t());  // h + [act(z), 1] [Wu, bu]^T
-  return {out.view(h.sizes()), z.view(with_last(h, m))};
 }
 
 // ---- lora_multi_add -----------------------------------------------------------------------
@@ -400,18 +376,12 @@ RowOrder rows_by_adapter(const at::Tensor& index, int64_t adapters) {
   return result;
 }
 
-at::Tensor lora_multi_add_cpu(const at::Tensor& base, const at::Tensor& x,
-                              const at::Tensor& lora_a, const at::Tensor& lora_b,
-                              const at::Tensor& scaling, const at::Tensor& index) {
-  const LoraMultiSizes s = check_lora_multi_args(base, x, lora_a, lora_b, scaling, index);
-  checks::check_device_type(x, kLoraMultiOp, "x", c10::DeviceType::CPU);
-  const int64_t rows = s.rows, in = s.in_features, nout = s.out_features, r = s.rank;
-  const at::Tensor idx = index.reshape({rows}).contiguous();
+void lora_multi_add_cpu(const LoraMultiSizes& s, const at::Tensor& base2d, const at::Tensor& x2d,
+                        const at::Tensor& lora_a, const at::Tensor& lora_b,
+                        const at::Tensor& scaling, const at::Tensor& idx, at::Tensor& out) {
+  const int64_t in = s.in_features, nout = s.out_features, r = s.rank;
   const RowOrder grouped = rows_by_adapter(idx, s.adapters);
   const std::vector<int64_t>& order = grouped.order;
-  const at::Tensor x2d = x.reshape({rows, in}).contiguous();
-  const at::Tensor base2d = base.reshape({rows, nout}).contiguous();
-  at::Tensor out = at::empty({rows, nout}, x.options());
 
   // Positions in `order` for the row kernel: rows without an adapter and rows of adapters with
   // fewer than kGemmRows rows. The other adapters go through BLAS below.
@@ -426,7 +396,7 @@ at::Tensor lora_multi_add_cpu(const at::Tensor& base, const at::Tensor& x,
     }
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_multi", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "lora_multi", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     // The update is r contiguous axpys along the output row, so B is read as (n, r, out). A
@@ -449,7 +419,7 @@ at::Tensor lora_multi_add_cpu(const at::Tensor& base, const at::Tensor& x,
       const at::Tensor u = at::mm(x2d.index_select(0, rows_k).to(acc_type), a_acc[k].t());
       at::Tensor y_k = base2d.index_select(0, rows_k).to(acc_type);
       y_k.addmm_(u, bt_acc[k], /*beta=*/1, /*alpha=*/sp[k]);
-      out.index_copy_(0, rows_k, y_k.to(x.scalar_type()));
+      out.index_copy_(0, rows_k, y_k.to(x2d.scalar_type()));
     }
 
     const scalar_t* xp = x2d.const_data_ptr<scalar_t>();
@@ -476,15 +446,14 @@ at::Tensor lora_multi_add_cpu(const at::Tensor& base, const at::Tensor& x,
       }
     });
   });
-  return out.view(base.sizes());
 }
 
 }  // namespace
-}  // namespace peftreg::fused
 
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("ia3_linear", &peftreg::fused::ia3_linear_cpu);
-  m.impl("ia3_scale_grad", &peftreg::fused::ia3_scale_grad_cpu);
-  m.impl("houlsby_adapter", &peftreg::fused::houlsby_adapter_cpu);
-  m.impl("lora_multi_add", &peftreg::fused::lora_multi_add_cpu);
+const AdapterKernels& cpu_adapter_kernels() {
+  static const AdapterKernels table{&ia3_linear_cpu, &ia3_scale_grad_cpu, &houlsby_adapter_cpu,
+                                    &lora_multi_add_cpu};
+  return table;
 }
+
+}  // namespace peftreg::fused

@@ -10,10 +10,11 @@
 
 #include <cstdint>
 
+#include "common/scalar_kind.h"
+
 namespace peftreg::fused::adapters_cuda {
 
-// Element type of the tensors (they share one dtype); accumulation is float (double for kFloat64).
-enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+using ::peftreg::ScalarKind;  // common/scalar_kind.h
 
 // y = (y + bias) * scale per column, in place; y (rows, cols), bias (cols) or null, scale (cols).
 cudaError_t ia3_output_epilogue(ScalarKind dtype, void* y, const void* bias, const void* scale,

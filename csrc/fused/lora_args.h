@@ -2,7 +2,7 @@
 //
 // Argument validation and size bookkeeping for peftreg::lora_linear, shared by the CPU kernel
 // (lora_cpu.cpp) and the CUDA registration glue (lora_cuda_ops.cpp) so both devices reject the
-// same inputs with the same messages. The fake kernel in peftreg/ops/_fake.py mirrors it.
+// same inputs with the same messages. The fake kernel in peftreg/ops/lora.py mirrors it.
 #pragma once
 
 #include <ATen/core/Tensor.h>

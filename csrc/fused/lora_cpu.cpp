@@ -30,7 +30,6 @@
 #include <ATen/ops/max.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/ArrayRef.h>
-#include <torch/library.h>
 
 #include <array>
 #include <atomic>
@@ -43,6 +42,7 @@
 #include "fused/lora_args.h"
 #include "fused/lora_cpu.h"
 #include "fused/lora_dropout.h"
+#include "fused/lora_kernels.h"
 #include "fused/lora_math.h"
 
 namespace peftreg::fused {
@@ -104,14 +104,10 @@ void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::
 
 namespace {
 
-at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                           const at::Tensor& lora_b, double scaling,
-                           const std::optional<at::Tensor>& x_lora, double dropout_p,
-                           const std::optional<at::Tensor>& dropout_seed) {
-  const LoraLinearSizes s = check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora);
-  checks::check_device_type(x, kLoraLinearOp, "x", c10::DeviceType::CPU);
-  const LoraDropout dropout = lora_dropout_args(kLoraLinearOp, dropout_p, dropout_seed, x_lora);
+at::Tensor lora_linear_cpu(const LoraLinearSizes& s, const at::Tensor& x,
+                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+                           const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout) {
   const at::ScalarType compute = lora_compute_dtype(x.scalar_type(),
                                                     cpu_widens_16bit(x.scalar_type(), s.rows));
 
@@ -134,19 +130,15 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor* xl = x_lora.has_value() ? &*x_lora : nullptr;
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_16bit_output_overflow(kLoraLinearOp, out, y, {&x, &weight, b, &lora_a, &lora_b, xl});
-  return out.view(s.out_shape);
+  return out;
 }
 
-LoraGrads lora_linear_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& x,
+LoraGrads lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor& grad,
+                                   const std::optional<at::Tensor>& x,
                                    const std::optional<at::Tensor>& weight,
                                    const at::Tensor& lora_a, const at::Tensor& lora_b,
                                    double scaling, const std::optional<at::Tensor>& x_lora,
-                                   std::array<bool, 4> output_mask, double dropout_p,
-                                   const std::optional<at::Tensor>& dropout_seed) {
-  const LoraBackwardSizes s = check_lora_backward_args(grad, x, weight, lora_a, lora_b, x_lora,
-                                                       output_mask);
-  checks::check_device_type(grad, kLoraBackwardOp, "grad", c10::DeviceType::CPU);
-  const LoraDropout dropout = lora_dropout_args(kLoraBackwardOp, dropout_p, dropout_seed, x_lora);
+                                   const LoraDropout& dropout) {
   const at::ScalarType compute = lora_compute_dtype(grad.scalar_type(),
                                                     cpu_widens_16bit(grad.scalar_type(), s.rows));
   return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s, compute,
@@ -154,9 +146,11 @@ LoraGrads lora_linear_backward_cpu(const at::Tensor& grad, const std::optional<a
 }
 
 }  // namespace
-}  // namespace peftreg::fused
 
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("lora_linear", &peftreg::fused::lora_linear_cpu);
-  m.impl("lora_linear_backward", &peftreg::fused::lora_linear_backward_cpu);
+const LoraKernels& cpu_lora_kernels() {
+  static const LoraKernels table{&lora_linear_cpu, &lora_linear_backward_cpu,
+                                 &nf4_lora_linear_cpu, &nf4_lora_linear_backward_cpu};
+  return table;
 }
+
+}  // namespace peftreg::fused

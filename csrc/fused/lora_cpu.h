@@ -8,6 +8,12 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
+
+#include "fused/lora_args.h"
+#include "fused/lora_dropout.h"
+#include "fused/lora_math.h"
+#include "fused/qlora_args.h"
 
 namespace peftreg::fused {
 
@@ -20,5 +26,24 @@ bool cpu_widens_16bit(at::ScalarType t, int64_t rows);
 // holds inf/NaN although every tensor in `inputs` (null entries skipped) is finite.
 void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,
                                  std::initializer_list<const at::Tensor*> inputs);
+
+// The CPU kernels of nf4_lora_linear and its backward (qlora_cpu.cpp), entries of the CPU
+// table in lora_cpu.cpp (signatures as in lora_kernels.h).
+at::Tensor nf4_lora_linear_cpu(const Nf4LoraSizes& s, const at::Tensor& x,
+                               const at::Tensor& codes, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& offset, int64_t blocksize,
+                               int64_t nested_blocksize, int64_t out_features,
+                               int64_t in_features, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& lora_a, const at::Tensor& lora_b,
+                               double scaling, const std::optional<at::Tensor>& x_lora,
+                               const LoraDropout& dropout);
+LoraGrads nf4_lora_linear_backward_cpu(
+    const LoraBackwardSizes& s, const at::Tensor& grad, const std::optional<at::Tensor>& x,
+    const at::Tensor& codes, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+    const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout);
 
 }  // namespace peftreg::fused

@@ -18,7 +18,7 @@
 // expression this replaces four kernels and two (rows x out) temporaries by two kernels and a
 // (rows x r) workspace. The kernels favour clarity over peak speed (no tensor cores, no
 // double-buffering); the update is bandwidth-bound on y for the small ranks LoRA uses.
-// The backward uses ATen matmuls (peftreg/ops/_autograd.py), so only the forward is needed here.
+// The backward uses ATen matmuls (peftreg/ops/lora.py), so only the forward is needed here.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -12,10 +12,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/scalar_kind.h"
+
 namespace peftreg::fused::cuda {
 
-// Element type of every tensor argument (they all share one dtype).
-enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+using ::peftreg::ScalarKind;  // common/scalar_kind.h
 
 // Arguments of the low-rank update  y += scaling * (x_l @ A^T) @ B^T.
 // Every pointer refers to a dense row-major (C-contiguous) device buffer of `dtype`, except

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CUDA registration glue for peftreg::lora_linear: checks the arguments (same checks as the CPU
-// kernel), writes the base product x @ W^T + bias into the output with one ATen addmm (cuBLAS),
+// CUDA kernel table of the LoRA ops (lora_kernels.h; the checked entries are lora_ops.cpp).
+// lora_linear writes the base product x @ W^T + bias into the output with one ATen addmm (cuBLAS),
 // then calls the plain-pointer launch API of lora_cuda.cu to add the low-rank update in place,
 // on the current stream of x's device under a device guard. The (rows x r) workspace comes from
 // the caching allocator. peftreg::lora_linear_backward is composed of ATen products
@@ -19,47 +19,28 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
 
 #include <array>
 #include <optional>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "fused/lora_args.h"
 #include "fused/lora_cuda.h"
 #include "fused/lora_dropout.h"
+#include "fused/lora_kernels.h"
 #include "fused/lora_math.h"
 #include "fused/qlora_args.h"
 
 namespace peftreg::fused {
 namespace {
 
-cuda::ScalarKind scalar_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::ScalarKind::kFloat32;
-    case at::kDouble:
-      return cuda::ScalarKind::kFloat64;
-    case at::kHalf:
-      return cuda::ScalarKind::kFloat16;
-    case at::kBFloat16:
-      return cuda::ScalarKind::kBFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, kLoraLinearOp, ": unsupported dtype ", t);
-  return cuda::ScalarKind::kFloat32;  // unreachable: TORCH_CHECK(false, ...) throws
-}
-
-at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                            const at::Tensor& lora_b, double scaling,
-                            const std::optional<at::Tensor>& x_lora, double dropout_p,
-                            const std::optional<at::Tensor>& dropout_seed) {
-  const LoraLinearSizes s = check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora);
-  checks::check_device_type(x, kLoraLinearOp, "x", c10::DeviceType::CUDA);
+at::Tensor lora_linear_cuda(const LoraLinearSizes& s, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+                            const std::optional<at::Tensor>& x_lora,
+                            const LoraDropout& dropout) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const LoraDropout dropout = lora_dropout_args(kLoraLinearOp, dropout_p, dropout_seed, x_lora);
 
   // Base product through ATen (cuBLAS), straight into the output, as in the CPU kernel.
   const at::Tensor x2d = x.reshape({s.rows, s.in_features}).contiguous();
@@ -77,7 +58,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
   const at::Tensor a = lora_a.contiguous();
   const at::Tensor b = lora_b.contiguous();
-  const cuda::ScalarKind kind = scalar_kind(x.scalar_type());
+  const cuda::ScalarKind kind = cuda_glue::scalar_kind(kLoraLinearOp, x.scalar_type());
   const at::ScalarType acc_type = kind == cuda::ScalarKind::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor workspace = at::empty({s.rows, s.rank}, x.options().dtype(acc_type));
 
@@ -94,25 +75,21 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   args.rank = s.rank;
   args.scaling = scaling;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t stream = cuda_glue::stream_of(x);
   C10_CUDA_CHECK(cuda::lora_low_rank_update(args, stream));
   // workspace is freed when this function returns; the caching allocator only hands the block
   // to later work on the same stream, which is ordered after these kernels.
-  return y.view(s.out_shape);
+  return y;
 }
 
 // The backward through ATen (cuBLAS multiplies bf16/fp16 natively with fp32 accumulation).
-LoraGrads lora_linear_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& x,
+LoraGrads lora_linear_backward_cuda(const LoraBackwardSizes& s, const at::Tensor& grad,
+                                    const std::optional<at::Tensor>& x,
                                     const std::optional<at::Tensor>& weight,
                                     const at::Tensor& lora_a, const at::Tensor& lora_b,
                                     double scaling, const std::optional<at::Tensor>& x_lora,
-                                    std::array<bool, 4> output_mask, double dropout_p,
-                                    const std::optional<at::Tensor>& dropout_seed) {
-  const LoraBackwardSizes s = check_lora_backward_args(grad, x, weight, lora_a, lora_b, x_lora,
-                                                       output_mask);
-  checks::check_device_type(grad, kLoraBackwardOp, "grad", c10::DeviceType::CUDA);
+                                    const LoraDropout& dropout) {
   const c10::cuda::CUDAGuard device_guard(grad.device());
-  const LoraDropout dropout = lora_dropout_args(kLoraBackwardOp, dropout_p, dropout_seed, x_lora);
   return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s,
                                  grad.scalar_type(), dropout);
 }
@@ -128,50 +105,39 @@ using Nf4GradInputFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at
                                   const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
                                   int64_t);
 
-at::Tensor nf4_lora_linear_cuda(const at::Tensor& x, const at::Tensor& codes,
-                                const at::Tensor& absmax,
+at::Tensor nf4_lora_linear_cuda(const Nf4LoraSizes& s, const at::Tensor& x,
+                                const at::Tensor& codes, const at::Tensor& absmax,
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& offset, int64_t blocksize,
                                 int64_t nested_blocksize, int64_t out_features,
                                 int64_t in_features, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& lora_a, const at::Tensor& lora_b,
                                 double scaling, const std::optional<at::Tensor>& x_lora,
-                                double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+                                const LoraDropout& dropout) {
   static const auto nf4_linear = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("peftreg::nf4_linear", "")
                                      .typed<Nf4LinearFn>();
-  const Nf4LoraSizes s = check_nf4_lora_args(x, out_features, in_features, bias, lora_a, lora_b,
-                                             x_lora);
-  checks::check_device_type(x, kNf4LoraOp, "x", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const LoraDropout dropout = lora_dropout_args(kNf4LoraOp, dropout_p, dropout_seed, x_lora);
   at::Tensor y = nf4_linear.call(x, codes, absmax, nested_absmax, offset, blocksize,
                                  nested_blocksize, out_features, in_features, bias)
                      .reshape({s.rows, out_features});
   at::Tensor xl2d = rows_2d(x_lora.has_value() ? *x_lora : x, s.rows, in_features);
   if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
   add_low_rank(y, xl2d, lora_a, lora_b, scaling);
-  return y.view(s.out_shape);
+  return y;
 }
 
 LoraGrads nf4_lora_linear_backward_cuda(
-    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& codes,
-    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
-    int64_t out_features, int64_t in_features, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& x_lora,
-    std::array<bool, 4> output_mask, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed) {
+    const LoraBackwardSizes& s, const at::Tensor& grad, const std::optional<at::Tensor>& x,
+    const at::Tensor& codes, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+    const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout) {
   static const auto grad_input = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("peftreg::nf4_linear_grad_input", "")
                                      .typed<Nf4GradInputFn>();
-  const LoraBackwardSizes s = check_lora_backward_args(grad, x, std::nullopt, lora_a, lora_b,
-                                                       x_lora, output_mask, kNf4LoraBackwardOp,
-                                                       /*weight_needed=*/false);
-  checks::check_device_type(grad, kNf4LoraBackwardOp, "grad", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(grad.device());
-  const LoraDropout dropout = lora_dropout_args(kNf4LoraBackwardOp, dropout_p, dropout_seed,
-                                                x_lora);
   const at::Tensor g2d = rows_2d(grad, s.rows, out_features);
   at::Tensor grad_x;
   if (s.need[kGradX]) {
@@ -185,11 +151,11 @@ LoraGrads nf4_lora_linear_backward_cuda(
 }
 
 }  // namespace
-}  // namespace peftreg::fused
 
-TORCH_LIBRARY_IMPL(peftreg, CUDA, m) {
-  m.impl("lora_linear", &peftreg::fused::lora_linear_cuda);
-  m.impl("lora_linear_backward", &peftreg::fused::lora_linear_backward_cuda);
-  m.impl("nf4_lora_linear", &peftreg::fused::nf4_lora_linear_cuda);
-  m.impl("nf4_lora_linear_backward", &peftreg::fused::nf4_lora_linear_backward_cuda);
+const LoraKernels& cuda_lora_kernels() {
+  static const LoraKernels table{&lora_linear_cuda, &lora_linear_backward_cuda,
+                                 &nf4_lora_linear_cuda, &nf4_lora_linear_backward_cuda};
+  return table;
 }
+
+}  // namespace peftreg::fused

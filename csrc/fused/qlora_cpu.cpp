@@ -13,7 +13,6 @@
 // (rows, r).
 
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <array>
 #include <optional>
@@ -27,21 +26,16 @@
 #include "nf4/nf4_cpu.h"
 
 namespace peftreg::fused {
-namespace {
 
-at::Tensor nf4_lora_linear_cpu(const at::Tensor& x, const at::Tensor& codes,
-                               const at::Tensor& absmax,
+at::Tensor nf4_lora_linear_cpu(const Nf4LoraSizes& s, const at::Tensor& x,
+                               const at::Tensor& codes, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& offset, int64_t blocksize,
                                int64_t nested_blocksize, int64_t out_features,
                                int64_t in_features, const std::optional<at::Tensor>& bias,
                                const at::Tensor& lora_a, const at::Tensor& lora_b,
                                double scaling, const std::optional<at::Tensor>& x_lora,
-                               double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
-  const Nf4LoraSizes s = check_nf4_lora_args(x, out_features, in_features, bias, lora_a, lora_b,
-                                             x_lora);
-  checks::check_device_type(x, kNf4LoraOp, "x", c10::DeviceType::CPU);
-  const LoraDropout dropout = lora_dropout_args(kNf4LoraOp, dropout_p, dropout_seed, x_lora);
+                               const LoraDropout& dropout) {
   const at::Tensor x2d = rows_2d(x, s.rows, in_features);
   at::Tensor y = nf4::nf4_product_acc_cpu(kNf4LoraOp, x2d, "x", codes, absmax, nested_absmax,
                                           offset, blocksize, nested_blocksize, out_features,
@@ -57,26 +51,16 @@ at::Tensor nf4_lora_linear_cpu(const at::Tensor& x, const at::Tensor& codes,
   const at::Tensor* xl = x_lora.has_value() ? &*x_lora : nullptr;
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_16bit_output_overflow(kNf4LoraOp, out, y, {&x, b, &lora_a, &lora_b, xl});
-  return out.view(s.out_shape);
+  return out;
 }
 
 LoraGrads nf4_lora_linear_backward_cpu(
-    const at::Tensor& grad, const std::optional<at::Tensor>& x, const at::Tensor& codes,
-    const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
-    int64_t out_features, int64_t in_features, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& x_lora,
-    std::array<bool, 4> output_mask, double dropout_p,
-    const std::optional<at::Tensor>& dropout_seed) {
-  const LoraBackwardSizes s = check_lora_backward_args(grad, x, std::nullopt, lora_a, lora_b,
-                                                       x_lora, output_mask, kNf4LoraBackwardOp,
-                                                       /*weight_needed=*/false);
-  checks::check_device_type(grad, kNf4LoraBackwardOp, "grad", c10::DeviceType::CPU);
-  const LoraDropout dropout = lora_dropout_args(kNf4LoraBackwardOp, dropout_p, dropout_seed,
-                                                x_lora);
-  TORCH_CHECK(s.out_features == out_features && s.in_features == in_features,
-              kNf4LoraBackwardOp, ": grad has ", s.out_features, " features and lora_a ",
-              s.in_features, " but the weight is (", out_features, ", ", in_features, ")");
+    const LoraBackwardSizes& s, const at::Tensor& grad, const std::optional<at::Tensor>& x,
+    const at::Tensor& codes, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+    const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout) {
   const at::Tensor g2d = rows_2d(grad, s.rows, out_features);
   const at::ScalarType compute = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_x;
@@ -91,10 +75,4 @@ LoraGrads nf4_lora_linear_backward_cpu(
   return finish_grads(grad, grad_x, lr, s);
 }
 
-}  // namespace
 }  // namespace peftreg::fused
-
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("nf4_lora_linear", &peftreg::fused::nf4_lora_linear_cpu);
-  m.impl("nf4_lora_linear_backward", &peftreg::fused::nf4_lora_linear_backward_cpu);
-}

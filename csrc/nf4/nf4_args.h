@@ -2,7 +2,7 @@
 //
 // Argument validation for the peftreg::nf4_* ops, shared by the CPU kernels (nf4_cpu.cpp) and
 // the CUDA glue (nf4_cuda_ops.cpp) so both devices reject the same inputs with the same
-// messages. The fake kernels in peftreg/ops/_fake.py repeat these checks with torch._check.
+// messages. The fake kernels in peftreg/ops/nf4.py repeat these checks with torch._check.
 //
 // A quantized weight travels through the ops as six arguments (see docs/ops.md):
 //   codes             uint8, (n + 1) // 2 packed bytes (bitsandbytes stores them as (bytes, 1))

@@ -70,6 +70,7 @@ namespace {
 constexpr const char* kQuantizeOp = "peftreg::nf4_quantize";
 constexpr const char* kDoubleQuantizeOp = "peftreg::nf4_double_quantize";
 constexpr const char* kDequantizeOp = "peftreg::nf4_dequantize";
+constexpr const char* kDequantizeIntoOp = "peftreg::nf4_dequantize_into";
 constexpr const char* kLinearOp = "peftreg::nf4_linear";
 constexpr const char* kGradInputOp = "peftreg::nf4_linear_grad_input";
 
@@ -612,19 +613,27 @@ void check_out_dtype(const char* op, at::ScalarType dtype) {
               "; expected one of Float (float32), BFloat16, Half (float16) or Double");
 }
 
+void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& absmax,
+                     const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& offset, int64_t blocksize,
+                     int64_t nested_blocksize, at::Tensor& out) {
+  checks::check_device_type(codes, op, "codes", c10::DeviceType::CPU);
+  check_out_dtype(op, out.scalar_type());
+  const QuantizedWeight q = check_quantized_weight(op, codes, "codes", codes, absmax,
+                                                   nested_absmax, offset, blocksize,
+                                                   nested_blocksize, out.numel());
+  checks::check_same_device(out, op, "out", codes, "codes");
+  checks::check_contiguous(out, op, "out");
+  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
+  dequantize_dispatch(h.view, out);
+}
+
 void nf4_dequantize_into_cpu(const at::Tensor& codes, const at::Tensor& absmax,
                              const std::optional<at::Tensor>& nested_absmax,
                              const std::optional<at::Tensor>& offset, int64_t blocksize,
                              int64_t nested_blocksize, at::Tensor& out) {
-  checks::check_device_type(codes, kDequantizeOp, "codes", c10::DeviceType::CPU);
-  check_out_dtype(kDequantizeOp, out.scalar_type());
-  const QuantizedWeight q = check_quantized_weight(kDequantizeOp, codes, "codes", codes, absmax,
-                                                   nested_absmax, offset, blocksize,
-                                                   nested_blocksize, out.numel());
-  checks::check_same_device(out, kDequantizeOp, "out", codes, "codes");
-  checks::check_contiguous(out, kDequantizeOp, "out");
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  dequantize_dispatch(h.view, out);
+  dequantize_into(kDequantizeIntoOp, codes, absmax, nested_absmax, offset, blocksize,
+                  nested_blocksize, out);
 }
 
 at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
@@ -635,7 +644,8 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
   check_out_dtype(kDequantizeOp, dtype);
   shape_numel(kDequantizeOp, shape);
   at::Tensor out = at::empty(shape, codes.options().dtype(dtype));
-  nf4_dequantize_into_cpu(codes, absmax, nested_absmax, offset, blocksize, nested_blocksize, out);
+  dequantize_into(kDequantizeOp, codes, absmax, nested_absmax, offset, blocksize,
+                  nested_blocksize, out);
   return out;
 }
 
@@ -1104,7 +1114,7 @@ at::Tensor nf4_product_acc_cpu(const char* op, const at::Tensor& input2d, const 
 }  // namespace peftreg::nf4
 
 // nf4_dequantize_into mutates `out`, so torch.library cannot attach a Python autograd formula
-// (peftreg/ops/_autograd.py covers the other NF4 ops). torch's fallbacks make autograd refuse
+// (peftreg/ops/nf4.py covers the other NF4 ops). torch's fallbacks make autograd refuse
 // inputs that require grad and keep version counters right for the mutated output.
 TORCH_LIBRARY_IMPL(peftreg, Autograd, m) {
   m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());

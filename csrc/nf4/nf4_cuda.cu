@@ -21,6 +21,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "common/cuda_elem.cuh"
 #include "nf4/nf4_cuda.h"
 #include "nf4/nf4_format.h"
 
@@ -32,34 +33,7 @@ __constant__ float c_nf4_code[kCodes] = {PEFTREG_NF4_CODE_VALUES};
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = 65535;
 
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <>
-struct Elem<double> {
-  using Acc = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(float v) { return static_cast<double>(v); }
-};
-template <>
-struct Elem<__half> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using Acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) {
-    return __float2bfloat16_rn(v);
-  }
-};
+using cuda_common::Elem;  // common/cuda_elem.cuh, shared with the LoRA and adapter kernels
 
 __device__ __forceinline__ void nf4_midpoints(float* mid) {
   for (int i = 0; i < kCodes - 1; ++i) {

@@ -11,10 +11,11 @@
 
 #include <cstdint>
 
+#include "common/scalar_kind.h"
+
 namespace peftreg::nf4::cuda {
 
-// Element type of a dense tensor argument.
-enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+using ::peftreg::ScalarKind;  // common/scalar_kind.h
 
 // A quantized weight in device memory (see csrc/nf4/nf4_args.h for the layout).
 struct WeightArgs {

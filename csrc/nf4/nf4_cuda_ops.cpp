@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "nf4/nf4_args.h"
 #include "nf4/nf4_cuda.h"
 #include "nf4/nf4_format.h"
@@ -40,33 +41,15 @@
 namespace peftreg::nf4 {
 namespace {
 
+using cuda_glue::scalar_kind;
+using cuda_glue::stream_of;
+
 constexpr const char* kQuantizeOp = "peftreg::nf4_quantize";
 constexpr const char* kDoubleQuantizeOp = "peftreg::nf4_double_quantize";
 constexpr const char* kDequantizeOp = "peftreg::nf4_dequantize";
 constexpr const char* kLinearOp = "peftreg::nf4_linear";
 constexpr const char* kGradInputOp = "peftreg::nf4_linear_grad_input";
 constexpr int64_t kTileBytes = int64_t{64} << 20;  // decoded weight tile, large-batch path
-
-cuda::ScalarKind scalar_kind(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::ScalarKind::kFloat32;
-    case at::kDouble:
-      return cuda::ScalarKind::kFloat64;
-    case at::kHalf:
-      return cuda::ScalarKind::kFloat16;
-    case at::kBFloat16:
-      return cuda::ScalarKind::kBFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, op, ": unsupported dtype ", t);
-  return cuda::ScalarKind::kFloat32;  // unreachable
-}
-
-cudaStream_t stream_of(const at::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
 
 // The dynamic code (256 values, then its 255 midpoints, then bitsandbytes' 255 decision
 // boundaries) on `device`, uploaded once per device.
@@ -223,7 +206,7 @@ at::Tensor product(const char* op, const DeviceWeight& w, const at::Tensor& inpu
     }
     return acc;
   }
-  // The ATen GEMMs below run under the op's own autograd formula (peftreg/ops/_autograd.py).
+  // The ATen GEMMs below run under the op's own autograd formula (peftreg/ops/nf4.py).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor result = at::zeros({rows, n_cols}, a.options());
   if (n_cols == 0 || out == 0 || in == 0) return result;

@@ -52,7 +52,7 @@ def run_baseline(row: str, task: Task, settings: RunSettings, seed: int,
         result.trainable_params = sum(p.numel() for p in {id(p): p for p in params}.values())
         result.trainable_percent = 100 * result.trainable_params / total
         result.adapter_bytes = sum(p.numel() * p.element_size() for p in params)
-        train(result, model, params, task, seed, on_step)
+        train(result, model, params, task, seed, on_step, settings.budget_seconds)
         with torch.no_grad():
             result.metric = task.evaluate(model)
     except (ValueError, RuntimeError, TypeError) as exc:

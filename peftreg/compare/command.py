@@ -13,11 +13,12 @@ from rich.console import Console
 
 from peftreg.compare import report
 from peftreg.compare.progress import TerminalProgress, clock, observer_for
-from peftreg.compare.runner import run_comparison
-from peftreg.compare.runs import RunSettings
+from peftreg.compare.runner import RunObserver, plan, run_comparison
+from peftreg.compare.runs import MethodResult, RunSettings
 from peftreg.compare.stats import interval
-from peftreg.compare.tasks import TASKS
-from peftreg.errors import UnknownMethodError
+from peftreg.compare.sweep import parse_sweep
+from peftreg.compare.tasks import build_task
+from peftreg.errors import ConfigError, UnknownMethodError
 from peftreg.registry import Registry, default_registry
 
 # The default set: the low-rank, quantized, rescaling and input-side families, few enough that
@@ -29,13 +30,21 @@ DEFAULT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
     defaults = RunSettings()
-    parser.add_argument("--model", choices=sorted(TASKS), default="minilm",
+    parser.add_argument("--model", default="minilm",
                         help="minilm: MiniLM-L6 tweet sentiment (default); smollm2: SmolLM2-135M "
-                             "tweet language modelling")
+                             "tweet language modelling; or the path of a local pretrained "
+                             "encoder directory (transformers format)")
+    parser.add_argument("--task", default=None, metavar="csv:PATH",
+                        help="classify your own texts: a CSV with a text and a label column")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names, or 'all' for every installed method "
                              f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--budget", default="steps", metavar="steps|seconds=N",
+                        help="steps: every run takes --steps steps (default); seconds=N: every "
+                             "run trains for N seconds of wall clock")
     parser.add_argument("--seeds", type=int, default=defaults.seeds,
                         help="runs per method (seeds --seed, --seed + 1, ...); intervals need 2+")
     parser.add_argument("--no-baselines", action="store_true",
@@ -48,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--format", choices=("table", "markdown"), default="table",
                         help="how to print the results (markdown: a table for a README)")
+    parser.add_argument("--sweep", default=None, metavar="FIELD=V1,V2,...",
+                        help="run the comparison at each value of a method config field (e.g. "
+                             "r=4,8,16), of targets=attention,attention+mlp,all-linear, or of "
+                             "train-size=N1,N2,... (training examples)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in OUT/results.json (same settings) and run "
                              "only the missing ones")
@@ -71,6 +84,40 @@ def choose_methods(registry: Registry, requested: str | None) -> list[str]:
     return names
 
 
+def parse_budget(text: str) -> float | None:
+    """``steps`` to None, ``seconds=N`` to N.
+
+    Raises:
+        ConfigError: anything else, or N not a positive number.
+    """
+    if text == "steps":
+        return None
+    kind, _, value = text.partition("=")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if kind != "seconds" or not seconds > 0:
+        raise ConfigError(f"--budget {text!r}: expected 'steps' or 'seconds=N' with N > 0")
+    return seconds
+
+
+class _Numbered:
+    """Numbers the runs of consecutive comparisons (one per sweep value) as one sequence."""
+
+    def __init__(self, inner: RunObserver, offset: int, total: int) -> None:
+        self.inner, self.offset, self.total = inner, offset, total
+
+    def started(self, index: int, total: int, row: str, seed: int) -> None:
+        self.inner.started(self.offset + index, self.total, row, seed)
+
+    def step(self, row: str, seed: int, step: int, loss: float) -> None:
+        self.inner.step(row, seed, step, loss)
+
+    def finished(self, index: int, total: int, result: MethodResult) -> None:
+        self.inner.finished(self.offset + index, self.total, result)
+
+
 def run(args: argparse.Namespace, console: Console, registry: Registry | None = None) -> int:
     """Execute ``peftreg compare`` with parsed ``args``."""
     registry = registry or default_registry()
@@ -78,25 +125,43 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     settings = RunSettings(steps=args.steps, batch_size=args.batch_size,
                            max_length=args.max_length, seed=args.seed, seeds=args.seeds,
                            learning_rate=args.lr, test_per_class=args.test_per_class,
-                           baselines=not args.no_baselines)
+                           baselines=not args.no_baselines,
+                           budget_seconds=parse_budget(args.budget))
     torch.manual_seed(settings.seed)
     console.print(f"preparing task {args.model!r} for methods: {', '.join(methods)}; "
                   f"{settings.seeds} seed(s)" + ("" if args.no_baselines else
                                                  ", with full fine-tuning and head-only rows"),
                   highlight=False)
-    task = TASKS[args.model](steps=settings.steps, batch_size=settings.batch_size,
-                             max_length=settings.max_length, seed=settings.seed,
-                             test_per_class=settings.test_per_class)
+    task = build_task(args.model, args.task, text_column=args.text_column,
+                      label_column=args.label_column, steps=settings.steps,
+                      batch_size=settings.batch_size, max_length=settings.max_length,
+                      seed=settings.seed, test_per_class=settings.test_per_class)
     json_path, png_path = args.out / "results.json", args.out / "results.png"
+    sweep = parse_sweep(args.sweep) if args.sweep else None
     done = []
     if args.resume and json_path.is_file():
-        done = report.read_runs(json_path, task.name, settings)
+        done = report.read_runs(json_path, task.name, settings, sweep)
         console.print(f"resuming: {sum(r.error is None for r in done)} finished runs kept from "
                       f"{json_path}", highlight=False)
+    values = sweep.values if sweep is not None else (None,)
+    tasks = {v: task if sweep is None or not sweep.changes_data else build_task(
+        args.model, args.task, text_column=args.text_column, label_column=args.label_column,
+        steps=settings.steps, batch_size=settings.batch_size, max_length=settings.max_length,
+        seed=settings.seed, test_per_class=settings.test_per_class, train_size=v)
+        for v in values}
+    total = sum(len(plan(methods, tasks[v], settings, sweep is None or sweep.changes_data
+                         or v == values[0])) for v in values)
     started = time.perf_counter()
     observer = observer_for(console, settings.steps)
+    base_metric: dict[int, float] = {}
+    results = []
     with observer if isinstance(observer, TerminalProgress) else contextlib.nullcontext():
-        base_metric, results = run_comparison(task, methods, settings, registry, observer, done)
+        for v in values:
+            shifted = _Numbered(observer, len(results), total)
+            base, part = run_comparison(tasks[v], methods, settings, registry, shifted, done,
+                                        sweep, v)
+            base_metric = base_metric or base
+            results += part
     rows = report.summarize(results)
     base = interval(list(base_metric.values()))
     if args.format == "markdown":
@@ -104,10 +169,15 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
                       soft_wrap=True)
     else:
         console.print(report.results_table(task.name, task.metric, base, rows, settings.seeds))
+    if sweep is not None:
+        console.print(report.sweep_table(sweep, task.metric, rows))
     for line in report.summary_lines(rows, task.metric):
         console.print(line, highlight=False)
-    report.write_json(json_path, task.name, task.metric, base_metric, settings, methods, results)
+    report.write_json(json_path, task.name, task.metric, base_metric, settings, methods, results,
+                      sweep)
     plotted = report.write_plot(png_path, task.metric, results)
+    if sweep is not None:
+        report.write_sweep_plot(args.out / "sweep.png", sweep, task.metric, rows)
     console.print(f"wrote {json_path}" + (f" and {png_path}" if plotted else
                                           " (install matplotlib for the plot)"))
     console.print(f"total time {clock(time.perf_counter() - started)}")

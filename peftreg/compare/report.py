@@ -23,9 +23,12 @@ from rich.table import Table
 from peftreg.compare.baselines import FULL_FINE_TUNING
 from peftreg.compare.runs import MethodResult, RunSettings
 from peftreg.compare.stats import Interval, interval, rank
+from peftreg.compare.sweep import Sweep
+from peftreg.errors import PeftregError
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "RowSummary", "markdown_table", "read_runs",
-           "results_table", "summarize", "verdict", "write_json", "write_plot"]
+           "results_table", "summarize", "sweep_table", "verdict", "write_json", "write_plot",
+           "write_sweep_plot"]
 
 SCHEMA = "peftreg-compare"
 SCHEMA_VERSION = 2
@@ -36,6 +39,7 @@ class RowSummary:
     """One row of the table: a method or baseline over its seeds."""
 
     row: str
+    sweep: str
     kind: str
     distribution: str
     runs: int
@@ -62,15 +66,15 @@ def _median(values: Sequence[float]) -> float:
 def summarize(results: Sequence[MethodResult]) -> list[RowSummary]:
     """Aggregate runs into rows (in first-seen order), with each row's gap to full
     fine-tuning (its mean metric minus full fine-tuning's)."""
-    by_row: dict[str, list[MethodResult]] = {}
+    by_row: dict[tuple[str, str], list[MethodResult]] = {}
     for r in results:
-        by_row.setdefault(r.method, []).append(r)
+        by_row.setdefault((r.method, r.sweep), []).append(r)
     rows = []
-    for name, runs in by_row.items():
+    for (name, sweep), runs in by_row.items():
         ok = [r for r in runs if r.error is None]
         first = ok[0] if ok else runs[0]
         rows.append(RowSummary(
-            row=name, kind=first.kind, distribution=first.distribution, runs=len(ok),
+            row=name, sweep=sweep, kind=first.kind, distribution=first.distribution, runs=len(ok),
             trainable_params=first.trainable_params, trainable_percent=first.trainable_percent,
             metric=interval([r.metric for r in ok]),
             final_loss=interval([r.final_loss for r in ok]),
@@ -81,16 +85,24 @@ def summarize(results: Sequence[MethodResult]) -> list[RowSummary]:
             latency_merged=_median([r.latency_ratio for r in ok]) if first.mergeable
             else float("nan"),
             notes=first.notes, errors=sorted({r.error for r in runs if r.error})))
-    full = next((r for r in rows if r.row == FULL_FINE_TUNING), None)
-    if full is not None and not math.isnan(full.metric.mean):
-        for r in rows:
+    # The gap is taken to full fine-tuning at the same sweep value, or to the one full
+    # fine-tuning row a config sweep has.
+    fulls = {r.sweep: r for r in rows if r.row == FULL_FINE_TUNING and r.runs}
+    for r in rows:
+        full = fulls.get(r.sweep) or (next(iter(fulls.values())) if len(fulls) == 1 else None)
+        if full is not None:
             r.gap_to_full = r.metric.mean - full.metric.mean
     return rows
 
 
+def _name(r: RowSummary) -> str:
+    return f"{r.row} [{r.sweep}]" if r.sweep else r.row
+
+
 def verdict(rows: Sequence[RowSummary], metric: str) -> tuple[str | None, list[str]]:
-    """The clear best method, or the methods tied with the best (baselines are not ranked)."""
-    methods = {r.row: r.metric for r in rows if r.kind == "method" and r.runs}
+    """The clear best method (at a sweep value), or those tied with the best (baselines are
+    not ranked)."""
+    methods = {_name(r): r.metric for r in rows if r.kind == "method" and r.runs}
     return rank(methods, higher_is_better=metric == "accuracy")
 
 
@@ -117,7 +129,7 @@ def _cells(r: RowSummary) -> list[str]:
                 "", ""]
     gap = "" if math.isnan(r.gap_to_full) or r.row == FULL_FINE_TUNING else f"{r.gap_to_full:+.3f}"
     merge = "-" if r.kind == "baseline" else ("yes" if r.mergeable else "no")
-    name = r.row if r.kind == "method" else f"{r.row} (baseline)"
+    name = _name(r) if r.kind == "method" else f"{_name(r)} (baseline)"
     return [name, f"{r.trainable_params:,}", f"{r.trainable_percent:.3f}", f"{r.step_ms:.0f}",
             f"{r.peak_memory_mb:.0f}", r.final_loss.format(), r.metric.format(), gap,
             _size(r.adapter_bytes), merge, _ratio(r.latency_unmerged), _ratio(r.latency_merged),
@@ -153,7 +165,7 @@ def markdown_table(metric: str, base: Interval, rows: Sequence[RowSummary]) -> s
 def summary_lines(rows: Sequence[RowSummary], metric: str) -> list[str]:
     """The closing sentences: the verdict and each method's distance to full fine-tuning."""
     winner, tied = verdict(rows, metric)
-    by_name = {r.row: r for r in rows}
+    by_name = {_name(r): r for r in rows}
     single_seed = any(math.isnan(by_name[t].metric.half_width) for t in tied)
     if len(tied) == 1 or (winner is None and not tied):
         lines = []
@@ -166,11 +178,60 @@ def summary_lines(rows: Sequence[RowSummary], metric: str) -> list[str]:
     else:
         lines = [f"no clear best {metric}: {', '.join(tied)} are tied within their 95% "
                  f"intervals (best mean: {tied[0]}, {by_name[tied[0]].metric.format()})"]
-    full = by_name.get(FULL_FINE_TUNING)
-    if full is not None and full.runs:
-        lines.append(f"full fine-tuning: {full.metric.format()} with "
+    for full in (r for r in rows if r.row == FULL_FINE_TUNING and r.runs):
+        lines.append(f"{_name(full)}: {full.metric.format()} with "
                      f"{full.trainable_params:,} trainable parameters")
     return lines
+
+
+def sweep_table(sweep: Sweep, metric: str, rows: Sequence[RowSummary]) -> Table:
+    """Methods down, swept values across, the metric with its interval in each cell."""
+    table = Table(title=f"{_metric_label(metric)} against {sweep.field} (mean ± 95% interval)")
+    table.add_column("method", justify="left")
+    labels = [sweep.label(v) for v in sweep.values]
+    for value in sweep.values:
+        table.add_column(str(value), justify="right")
+    cells = {(r.row, r.sweep): r for r in rows}
+    for name in dict.fromkeys(r.row for r in rows if r.kind == "method"):
+        table.add_row(name, *[cells[(name, label)].metric.format() if (name, label) in cells
+                              and cells[(name, label)].runs else "-" for label in labels])
+    return table
+
+
+def write_sweep_plot(path: Path, sweep: Sweep, metric: str, rows: Sequence[RowSummary]) -> bool:
+    """The metric against the swept value, one line per method with 95% intervals; False
+    when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(figsize=(7, 4.5))
+    labels = [sweep.label(v) for v in sweep.values]
+    cells = {(r.row, r.sweep): r for r in rows if r.runs}
+    for name in dict.fromkeys(r.row for r in rows if r.kind == "method"):
+        points = [(i, cells[(name, label)]) for i, label in enumerate(labels)
+                  if (name, label) in cells]
+        if not points:
+            continue
+        axes.errorbar([i for i, _ in points], [c.metric.mean for _, c in points],
+                      yerr=[0.0 if math.isnan(c.metric.half_width) else c.metric.half_width
+                            for _, c in points], marker="o", capsize=4, label=name)
+    for full in (r for r in rows if r.row == FULL_FINE_TUNING and r.runs):
+        axes.axhline(full.metric.mean, color="grey", linestyle="--",
+                     label=f"full fine-tuning [{full.sweep}]" if sweep.changes_data
+                     else "full fine-tuning")
+    axes.set_xticks(range(len(labels)), [str(v) for v in sweep.values])
+    axes.set_xlabel(sweep.field)
+    axes.set_ylabel(_metric_label(metric) + " (95% interval)")
+    axes.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _environment() -> dict[str, Any]:
@@ -191,7 +252,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: Path, task_name: str, metric: str, base_metric: dict[int, float],
                settings: RunSettings, methods: Sequence[str],
-               results: Sequence[MethodResult]) -> None:
+               results: Sequence[MethodResult], sweep: Sweep | None = None) -> None:
     """Every figure, the settings and the environment (schema in docs/compare.md)."""
     rows = summarize(results)
     winner, tied = verdict(rows, metric)
@@ -204,6 +265,8 @@ def write_json(path: Path, task_name: str, metric: str, base_metric: dict[int, f
         "base_metric": {str(k): v for k, v in base_metric.items()},
         "base": _jsonable(interval(list(base_metric.values()))),
         "verdict": {"winner": winner, "tied": tied},
+        "sweep": None if sweep is None else {"field": sweep.field,
+                                             "values": list(sweep.values)},
         "rows": _jsonable(rows),
         "runs": [dataclasses.asdict(r) for r in results],
     }
@@ -211,13 +274,14 @@ def write_json(path: Path, task_name: str, metric: str, base_metric: dict[int, f
     path.write_text(json.dumps(document, indent=2, allow_nan=True) + "\n")
 
 
-class ResumeError(ValueError):
+class ResumeError(PeftregError, ValueError):
     """results.json cannot be resumed from (another schema, task or settings)."""
 
 
-def read_runs(path: Path, task_name: str, settings: RunSettings) -> list[MethodResult]:
-    """The runs of an earlier ``results.json`` made with the same task and settings (the
-    number of seeds may differ: more seeds extend it).
+def read_runs(path: Path, task_name: str, settings: RunSettings,
+              sweep: Sweep | None = None) -> list[MethodResult]:
+    """The runs of an earlier ``results.json`` made with the same task, settings and sweep
+    field (the number of seeds and the swept values may differ: more extend it).
 
     Raises:
         ResumeError: the file is of another schema, task or settings; the message says which.
@@ -233,6 +297,10 @@ def read_runs(path: Path, task_name: str, settings: RunSettings) -> list[MethodR
     if differ:
         raise ResumeError(f"{path}: made with other settings ({', '.join(differ)}); resume "
                           "with the same options or write to another --out")
+    swept = (doc.get("sweep") or {}).get("field")
+    if swept != (sweep.field if sweep is not None else None):
+        raise ResumeError(f"{path}: made with sweep field {swept!r}, not "
+                          f"{sweep.field if sweep is not None else None!r}")
     fields = {f.name for f in dataclasses.fields(MethodResult)}
     return [MethodResult(**{k: v for k, v in run.items() if k in fields})
             for run in doc.get("runs", [])]
@@ -251,12 +319,13 @@ def write_plot(path: Path, metric: str, results: Sequence[MethodResult]) -> bool
     rows = [r for r in summarize(results) if r.runs]
     fig, (curves, scatter) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
-        runs = [r.losses for r in results if r.method == row.row and r.error is None]
+        runs = [r.losses for r in results
+                if r.method == row.row and r.sweep == row.sweep and r.error is None]
         steps = min(len(x) for x in runs)
         mean = [statistics.fmean(x[i] for x in runs) for i in range(steps)]
         window = max(1, steps // 20)
         smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(steps)]
-        curves.plot(range(1, steps + 1), smooth, label=row.row,
+        curves.plot(range(1, steps + 1), smooth, label=_name(row),
                     linestyle="--" if row.kind == "baseline" else "-")
     curves.set_xlabel("step")
     curves.set_ylabel("training loss (mean over seeds, moving average)")
@@ -267,7 +336,7 @@ def write_plot(path: Path, metric: str, results: Sequence[MethodResult]) -> bool
         err = 0.0 if math.isnan(row.metric.half_width) else row.metric.half_width
         scatter.errorbar(x, row.metric.mean, yerr=err, fmt="s" if row.kind == "baseline" else "o",
                          capsize=4)
-        scatter.annotate(row.row, (x, row.metric.mean), textcoords="offset points",
+        scatter.annotate(_name(row), (x, row.metric.mean), textcoords="offset points",
                          xytext=(5, 5), fontsize="small")
     scatter.set_xscale("log")
     scatter.set_xlabel("trainable parameters (log scale)")

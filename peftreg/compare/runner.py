@@ -10,6 +10,7 @@ that fails is reported with its error and the others still run.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -22,6 +23,7 @@ from torch import nn
 from peftreg.compare.baselines import baseline_rows, run_baseline
 from peftreg.compare.hardware import cpu_compute_dtype
 from peftreg.compare.runs import MethodResult, RunSettings, StepCallback, train
+from peftreg.compare.sweep import TARGETS, Sweep, SweepError, targets_for
 from peftreg.compare.tasks import Task
 from peftreg.errors import PeftregError
 from peftreg.io.adapter_dir import read_adapter_dir
@@ -81,23 +83,38 @@ def method_config(name: str, task: Task, registry: Registry) -> tuple[Any, str]:
     return config, note
 
 
+def _swept(config: Any, sweep: Sweep, value: Any, model: AdaptedModel) -> Any:
+    """``config`` with the swept field set to ``value``."""
+    field = "target_modules" if sweep.field == TARGETS else sweep.field
+    if field not in {f.name for f in dataclasses.fields(config)}:
+        raise SweepError(f"{type(config).__name__} has no field {field!r} to sweep")
+    if sweep.field == TARGETS:
+        value = targets_for(value, model.model, model.family)
+    return config.replace(**{field: value})
+
+
 def run_method(name: str, task: Task, settings: RunSettings, registry: Registry, seed: int,
-               on_step: StepCallback | None = None) -> MethodResult:
-    """Fine-tune and measure one method at one seed; errors are recorded, not raised."""
+               on_step: StepCallback | None = None, sweep: Sweep | None = None,
+               value: Any = None) -> MethodResult:
+    """Fine-tune and measure one method at one seed (at one value of a sweep); errors are
+    recorded, not raised."""
     method = registry.get(name)
     lr = settings.learning_rate or method.suggested_learning_rate
     result = MethodResult(name, registry.source(name).dist, lr, seed=seed,
-                          mergeable=method.capabilities.mergeable)
+                          mergeable=method.capabilities.mergeable,
+                          sweep=sweep.label(value) if sweep is not None else "")
     try:
         config, result.notes = method_config(name, task, registry)
         model = AdaptedModel(task.make_model(seed), registry=registry)
+        if sweep is not None and not sweep.changes_data:
+            config = _swept(config, sweep, value, model)
         torch.manual_seed(seed)
         model.add_adapter("compare", config)
         summary = model.summary()
         result.trainable_params = summary.rows[0].params
         result.trainable_percent = summary.percent(summary.rows[0])
         train(result, model, [p for p in model.parameters() if p.requires_grad], task, seed,
-              on_step)
+              on_step, settings.budget_seconds)
         result.metric = task.evaluate(model)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_adapter(tmp, "compare")
@@ -115,16 +132,17 @@ def run_method(name: str, task: Task, settings: RunSettings, registry: Registry,
     return result
 
 
-def plan(methods: Sequence[str], task: Task, settings: RunSettings) -> list[tuple[str, int]]:
+def plan(methods: Sequence[str], task: Task, settings: RunSettings, with_baselines: bool = True
+         ) -> list[tuple[str, int]]:
     """Every (row, seed) of the comparison, seed-major so partial results cover every row."""
-    rows = [*methods, *(baseline_rows(task) if settings.baselines else [])]
+    rows = [*methods, *(baseline_rows(task) if settings.baselines and with_baselines else [])]
     return [(row, seed) for seed in settings.seed_list() for row in rows]
 
 
 def run_comparison(task: Task, methods: Sequence[str], settings: RunSettings,
                    registry: Registry, observer: RunObserver | None = None,
-                   done: Iterable[MethodResult] = ()) -> tuple[dict[int, float],
-                                                                list[MethodResult]]:
+                   done: Iterable[MethodResult] = (), sweep: Sweep | None = None,
+                   value: Any = None) -> tuple[dict[int, float], list[MethodResult]]:
     """Run every method (and baseline) of the comparison at every seed.
 
     Args:
@@ -134,15 +152,20 @@ def run_comparison(task: Task, methods: Sequence[str], settings: RunSettings,
         registry: where the methods come from.
         observer: told when each run starts, steps and finishes.
         done: results of an earlier run with the same settings (``--resume``); their
-            (row, seed) pairs are not run again.
+            (row, seed, sweep value) triples are not run again.
+        sweep, value: the swept choice and the value of it this comparison runs at (the
+            task is already built for a train-size value). A config sweep runs the baselines
+            only at its first value, since they do not depend on it.
 
     Returns:
         The untrained base model's metric per seed, and every result in plan order.
     """
-    kept = {(r.method, r.seed): r for r in done if r.error is None}
+    label = sweep.label(value) if sweep is not None else ""
+    kept = {(r.method, r.seed): r for r in done if r.error is None and r.sweep == label}
     base_metric = {seed: task.evaluate(task.make_model(seed).eval())
                    for seed in settings.seed_list()}
-    todo = plan(methods, task, settings)
+    baselines = sweep is None or sweep.changes_data or value == sweep.values[0]
+    todo = plan(methods, task, settings, baselines)
     if any(key not in kept for key in todo):
         warm_up(task, settings.seed)
     results = []
@@ -154,9 +177,10 @@ def run_comparison(task: Task, methods: Sequence[str], settings: RunSettings,
         if observer is not None:
             observer.started(index, len(todo), row, seed)
         if row in methods:
-            result = run_method(row, task, settings, registry, seed, on_step)
+            result = run_method(row, task, settings, registry, seed, on_step, sweep, value)
         else:
             result = run_baseline(row, task, settings, seed, on_step)
+            result.sweep = label
         results.append(result)
         if observer is not None:
             observer.finished(index, len(todo), result)

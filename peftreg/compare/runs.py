@@ -36,6 +36,9 @@ class RunSettings:
             accuracy then has a sampling error of at most about 0.016).
         latency_repeats: timed forward passes for the latency ratios.
         baselines: run full fine-tuning and head-only training as rows too.
+        budget_seconds: with a time budget, every run trains for this many seconds of wall
+            clock instead of ``steps`` steps (methods differ in step time, so they then differ
+            in steps); ``None``: the step budget.
     """
 
     steps: int = 30
@@ -47,6 +50,7 @@ class RunSettings:
     test_per_class: int = 334
     latency_repeats: int = 5
     baselines: bool = True
+    budget_seconds: float | None = None
 
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
@@ -74,18 +78,25 @@ class MethodResult:
     latency_ratio: float = float("nan")           # merged where the method can merge
     latency_ratio_unmerged: float = float("nan")
     notes: str = ""
+    sweep: str = ""               # "field=value" in a sweep
     error: str | None = None
 
 
 def train(result: MethodResult, model: nn.Module, params: list[torch.nn.Parameter], task: Task,
-          seed: int, on_step: StepCallback | None) -> None:
-    """AdamW over ``params`` on the seed's batches; fills losses, step time and peak memory."""
+          seed: int, on_step: StepCallback | None, budget_seconds: float | None = None) -> None:
+    """AdamW over ``params`` on the seed's batches (the task's steps, or as many as fit in
+    ``budget_seconds``); fills losses, step time and peak memory."""
     optimizer = torch.optim.AdamW(params, lr=result.learning_rate)
     model.train()
     torch.manual_seed(seed)  # dropout masks
     with PeakMemory() as peak:
         start = time.perf_counter()
-        for step, batch in enumerate(task.train_batches(seed)):
+        batches = task.train_batches(seed) if budget_seconds is None else \
+            task.train_batches(seed, 10**9)
+        for step, batch in enumerate(batches):
+            if budget_seconds is not None and step and time.perf_counter() - start >= \
+                    budget_seconds:
+                break
             loss = task.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

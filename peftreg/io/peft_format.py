@@ -49,7 +49,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnsupportedOperationError
 from peftreg.io.adapter_dir import CONFIG_FILE as PEFTREG_CONFIG_FILE
-from peftreg.io.adapter_dir import MAX_CONFIG_BYTES, AdapterDir, _fsync_dir, no_adapter_message
+from peftreg.io.adapter_dir import MAX_CONFIG_BYTES, AdapterDir, no_adapter_message
+from peftreg.io.atomic import describe_write_failure, fsync_dir
 from peftreg.io.files import checked_subdirectory, readable_file
 from peftreg.io.validate import DuplicateKeyError, loads_strict, read_safetensors
 from peftreg.patterns import UnsafePatternError, compile_pattern
@@ -1004,6 +1005,16 @@ def write_peft_dir(directory: str | Path, doc: dict[str, Any],
     if (directory / PEFTREG_CONFIG_FILE).exists():
         raise AdapterFileError(f"{directory}: holds a peftreg adapter ({PEFTREG_CONFIG_FILE}); "
                                "export to PEFT's format in another directory")
+    try:
+        return _write_peft_files(directory, doc, tensors)
+    except OSError as exc:
+        raise AdapterFileError(
+            f"{directory}: cannot write the PEFT adapter: "
+            f"{describe_write_failure(directory / PEFT_CONFIG_FILE, exc)}") from exc
+
+
+def _write_peft_files(directory: Path, doc: dict[str, Any], tensors: dict[str, torch.Tensor]
+                      ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     text = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
     try:
@@ -1030,13 +1041,13 @@ def write_peft_dir(directory: str | Path, doc: dict[str, Any],
         os.replace(staged[0], directory / PEFT_WEIGHTS_FILE)
         # The weights rename must be on disk before the config's, or after a power cut the
         # new config could sit next to the old weights, which nothing can recognise.
-        _fsync_dir(directory)
+        fsync_dir(directory)
         os.replace(staged[1], directory / PEFT_CONFIG_FILE)
     finally:
         for tmp in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return directory
 
 

@@ -8,8 +8,8 @@ serialized layout (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight
 ``load_state_dict`` accepts it, from a peftreg or a bitsandbytes ``Linear4bit``. The forward is
 the fused ``peftreg::nf4_linear`` op (the weight is decoded tile by tile inside the product,
 never materialised) or, when no compiled kernel exists for the device, dequantize-then-matmul
-in plain PyTorch after one warning (:mod:`peftreg.kernels`). Gradients flow to the input (and
-to the bias if it requires grad); the weight is frozen.
+in plain PyTorch after one warning (the kernel mode of :mod:`peftreg.ops._op`). Gradients flow
+to the input (and to the bias if it requires grad); the weight is frozen.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftreg import kernels
 from peftreg.ops import nf4 as nf4_ops
-from peftreg.ops import reference
+from peftreg.ops.lora import new_dropout_seed
 from peftreg.quant.nf4_tensor import QUANT_STATE_SUFFIX, NF4FormatError, NF4Tensor
 
 __all__ = ["Linear4bit"]
@@ -130,11 +129,10 @@ class Linear4bit(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
 
-    def _weight_kwargs(self) -> dict[str, Any]:
-        """The quantized weight's fields as the compiled NF4 ops take them."""
-        return {"blocksize": self.blocksize, "out_features": self.out_features,
-                "in_features": self.in_features, "nested_absmax": self.weight_nested_absmax,
-                "offset": self.weight_offset, "nested_blocksize": self.nested_blocksize}
+    def _weight_args(self) -> tuple[Any, ...]:
+        """The quantized weight's fields in the NF4 schemas' order (codes .. in_features)."""
+        return (self.weight, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
+                self.blocksize, self.nested_blocksize, self.out_features, self.in_features)
 
     def _compute_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -142,40 +140,29 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype)
         bias = self._compute_bias()
-        if kernels.use_compiled("nf4_linear", xc.device):
-            y = nf4_ops.linear(xc, self.weight, self.weight_absmax, bias=bias,
-                               **self._weight_kwargs())
-        else:
-            y = reference.nf4_linear(xc, self.weight, self.weight_absmax,
-                                     self.weight_nested_absmax, self.weight_offset,
-                                     self.blocksize, self.nested_blocksize, self.out_features,
-                                     self.in_features, bias)
+        y = nf4_ops.LINEAR.run(xc, *self._weight_args(), bias)
         return y.to(x.dtype)
 
     def supports_fused_lora(self, x: torch.Tensor, lora_a: torch.Tensor,
                             lora_b: torch.Tensor) -> bool:
-        """Whether :meth:`forward_with_lora` has a kernel for these tensors: A and B in the
-        compute dtype, and the kernel mode and extension allow the compiled op on x's device."""
-        if lora_a.dtype != self.compute_dtype or lora_b.dtype != self.compute_dtype:
-            return False
-        return kernels.use_compiled("nf4_lora_linear", x.device)
+        """Whether :meth:`forward_with_lora` takes these tensors: A and B in the compute dtype
+        (the op itself chooses between its kernel and plain PyTorch)."""
+        return lora_a.dtype == self.compute_dtype and lora_b.dtype == self.compute_dtype
 
     def forward_with_lora(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
-        """This layer plus a LoRA update in one fused op (QLoRA's layer).
+        """This layer plus a LoRA update in one op (QLoRA's layer, ``peftreg::nf4_lora_linear``).
 
         ``forward(x) + scaling * (x_l A^T) B^T`` with every sum in float32 and one rounding to
         the compute dtype (then cast to x's dtype, as :meth:`forward`); call only when
         :meth:`supports_fused_lora` is true. ``dropout_p`` applies dropout to the LoRA path's
-        input inside the op (a fresh seed per call; the mask is never stored).
+        input inside the op (a fresh seed per call; the mask is never stored). The kernel mode
+        picks the compiled op or the same maths in plain PyTorch.
         """
-        from peftreg.ops.fused import new_dropout_seed, nf4_lora_linear
-
         xc = x.to(self.compute_dtype)
         seed = new_dropout_seed() if dropout_p > 0 else None
-        y = nf4_lora_linear(xc, self.weight, self.weight_absmax, lora_a=lora_a, lora_b=lora_b,
-                            scaling=scaling, bias=self._compute_bias(), dropout_p=dropout_p,
-                            dropout_seed=seed, **self._weight_kwargs())
+        y = nf4_ops.LORA_LINEAR.run(xc, *self._weight_args(), self._compute_bias(), lora_a,
+                                    lora_b, float(scaling), None, float(dropout_p), seed)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -7,13 +7,17 @@ Importing this package never fails and never compiles anything. It loads, in ord
    or ``python setup.py build_ext --inplace``), else a library previously JIT-built by
    ``python -m peftreg.ops.build`` for this exact torch (see :func:`jit_build_dir`). Loading it
    runs the static ``TORCH_LIBRARY`` registrations: the op schemas and CPU/CUDA kernels;
-2. :mod:`peftreg.ops._fake`: fake (meta) kernels for every op, used by ``torch.compile``;
-3. :mod:`peftreg.ops._autograd`: backward formulas.
+2. the op families :mod:`peftreg.ops.lora`, :mod:`peftreg.ops.nf4` and
+   :mod:`peftreg.ops.adapters`: each holds, per op, the typed wrapper, the fake (meta) kernel
+   used by ``torch.compile`` and the backward formula, all registered through one
+   :class:`peftreg.ops._op.Op`. :data:`OPS` is derived from those objects.
 
-If no library loads, steps 2 and 3 are skipped (the schemas do not exist), :func:`has_extension`
-is False and :func:`extension_error` says why and how to build. Callers then either use the
-plain-PyTorch maths in :mod:`peftreg.ops.reference` (after :func:`warn_fallback_once`) or get an
-:class:`ExtensionUnavailableError` from the wrappers in :mod:`peftreg.ops.fused`.
+If no library loads, the families still import (so :data:`OPS` is known) but register nothing
+(the schemas do not exist); :func:`has_extension` is False and :func:`extension_error` says why
+and how to build. Each op's ``run`` then takes the plain-PyTorch maths of
+:mod:`peftreg.ops.reference` (after :func:`warn_fallback_once`), and the strict wrappers raise
+:class:`ExtensionUnavailableError`. The kernel mode (``PEFTREG_KERNELS``, :func:`kernels`)
+forces either path.
 
 Environment:
     PEFTREG_EXTENSION: ``auto`` (default: prebuilt, then JIT cache), ``prebuilt``, ``jit`` or
@@ -27,7 +31,6 @@ registered once, so a prebuilt module and a JIT one must never meet.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -44,35 +47,23 @@ __all__ = [
     "OPS",
     "ExtensionUnavailableError",
     "PeftregFallbackWarning",
+    "adapters",
     "built_with_cuda",
     "extension_error",
     "extension_origin",
     "has_extension",
     "jit_build_dir",
     "kernel_available",
+    "kernel_mode",
     "kernel_report",
+    "kernels",
+    "lora",
+    "nf4",
     "require_kernel",
+    "set_kernel_mode",
     "warn_fallback_once",
 ]
 
-#: Every operator defined in csrc/registration.cpp (tests check this list against the dispatcher).
-OPS: Final[tuple[str, ...]] = (
-    "lora_linear",
-    "lora_linear_backward",
-    "nf4_lora_linear",
-    "nf4_lora_linear_backward",
-    "nf4_quantize",
-    "nf4_double_quantize",
-    "nf4_dequantize",
-    "nf4_dequantize_into",
-    "nf4_linear",
-    "nf4_linear_grad_input",
-    # IA3, Houlsby, multi-LoRA (peftreg.ops.adapters)
-    "ia3_linear",
-    "ia3_scale_grad",
-    "houlsby_adapter",
-    "lora_multi_add",
-)
 #: Devices reported by :func:`kernel_report`.
 DEVICES: Final[tuple[str, ...]] = ("cpu", "cuda")
 #: How to get the compiled kernels; appended to every error and warning about them.
@@ -286,8 +277,11 @@ def _reset_fallback_warning() -> None:
 
 
 _load_compiled()
-if _origin is not None:
-    # Order matters: the schemas exist only once the library is loaded, and the fake kernels
-    # come before the autograd formulas (the documented load order, csrc/README.md).
-    importlib.import_module("peftreg.ops._fake")
-    importlib.import_module("peftreg.ops._autograd")
+# The families register their fakes and backwards only when the library loaded (the schemas
+# exist only then); they always define their Op objects, from which OPS is derived.
+from peftreg.ops import adapters, lora, nf4  # noqa: E402
+from peftreg.ops._op import kernel_mode, kernels, registered, set_kernel_mode  # noqa: E402
+
+#: Every operator defined in csrc/registration.cpp, from the families' Op objects (a test checks
+#: this against the dispatcher, and the parity harness covers each one).
+OPS: Final[tuple[str, ...]] = tuple(registered())

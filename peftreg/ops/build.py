@@ -6,11 +6,11 @@ Usage (from a source checkout, torch installed)::
     python -m peftreg.ops.build [--verbose]
 
 This is the fallback when ``pip install --no-build-isolation -e .`` / ``python setup.py
-build_ext --inplace`` is not an option. It compiles the same sources as setup.py with
-``torch.utils.cpp_extension.load`` into :func:`peftreg.ops.jit_build_dir` (override the root with
-``PEFTREG_EXTENSION_DIR``). Later ``import peftreg.ops`` loads that library when no prebuilt
-``peftreg._C`` exists (or always, with ``PEFTREG_EXTENSION=jit``). Nothing is ever compiled at
-import time.
+build_ext --inplace`` is not an option. It compiles the same sources with the same flags as
+setup.py (both read :mod:`peftreg.ops.build_rules`) with ``torch.utils.cpp_extension.load``
+into :func:`peftreg.ops.jit_build_dir` (override the root with ``PEFTREG_EXTENSION_DIR``).
+Later ``import peftreg.ops`` loads that library when no prebuilt ``peftreg._C`` exists (or
+always, with ``PEFTREG_EXTENSION=jit``). Nothing is ever compiled at import time.
 
 A process never holds two compiled libraries (each would register the ``peftreg`` namespace), so
 when one is already loaded here the build runs in a child process with loading disabled.
@@ -28,26 +28,16 @@ from pathlib import Path
 import torch
 
 from peftreg import ops
-
-CUDA_GLUE_SUFFIX = "_cuda_ops.cpp"  # keep in step with setup.py
-CUDA_KERNEL_SUFFIX = "_cuda.cu"
+from peftreg.ops import build_rules
 
 
 def source_dir() -> Path:
     """The csrc/ folder of the source checkout this package was imported from."""
-    return Path(__file__).resolve().parents[2] / "csrc"
+    return _checkout() / "csrc"
 
 
-def _cuda_skip_reason() -> str | None:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if os.environ.get("PEFTREG_BUILD_CUDA", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "PEFTREG_BUILD_CUDA=0"
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is not a CUDA build"
-    if CUDA_HOME is None or not (Path(CUDA_HOME) / "include" / "cuda_runtime_api.h").exists():
-        return "no CUDA toolkit found; set CUDA_HOME to the toolkit root (the folder with bin/nvcc)"
-    return None
+def _checkout() -> Path:
+    return Path(__file__).resolve().parents[2]
 
 
 def build(verbose: bool = False) -> Path:
@@ -62,35 +52,28 @@ def build(verbose: bool = False) -> Path:
     """
     if ops.has_extension():
         raise RuntimeError("a compiled peftreg library is already loaded in this process")
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
     csrc = source_dir()
     if not csrc.is_dir():
         raise FileNotFoundError(f"no C++ sources at {csrc}: the JIT build needs a source checkout")
-    sources = sorted(str(p) for p in csrc.rglob("*.cpp") if not p.name.endswith(CUDA_GLUE_SUFFIX))
-    cuda_reason = _cuda_skip_reason()
+    cuda_reason = build_rules.cuda_skip_reason(torch, CUDA_HOME)
     with_cuda = cuda_reason is None
-    if with_cuda:
-        sources += sorted(str(p) for p in csrc.rglob(f"*{CUDA_KERNEL_SUFFIX}"))
-        sources += sorted(str(p) for p in csrc.rglob(f"*{CUDA_GLUE_SUFFIX}"))
-    else:
+    if not with_cuda:
         print(f"peftreg: CUDA kernels skipped: {cuda_reason}")
-    debug = os.environ.get("PEFTREG_DEBUG", "0").strip().lower() in ("1", "true", "yes", "on")
+    sources = [str(_checkout() / p) for p in build_rules.sources(_checkout(), with_cuda)]
+    debug = build_rules.env_flag("PEFTREG_DEBUG", "0")
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") and \
         torch.backends.openmp.is_available() else []
-    cflags = (["-O0", "-g"] if debug else ["-O3"]) + openmp
-    if with_cuda:
-        cflags.append("-DPEFTREG_WITH_CUDA=1")
     out_dir = ops.jit_build_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"peftreg: compiling {len(sources)} files into {out_dir} (this takes a minute)")
     load(
         name=ops.JIT_LIBRARY_NAME,
         sources=sources,
-        extra_include_paths=[str(csrc)],
-        extra_cflags=cflags,
-        extra_cuda_cflags=(["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"])
-        + (["-DPEFTREG_WITH_CUDA=1"] if with_cuda else []),
+        extra_include_paths=build_rules.include_dirs(_checkout()),
+        extra_cflags=build_rules.cxx_flags(debug, openmp, with_cuda),
+        extra_cuda_cflags=build_rules.nvcc_flags(debug) if with_cuda else None,
         extra_ldflags=openmp,
         build_directory=str(out_dir),
         with_cuda=with_cuda,

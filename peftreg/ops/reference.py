@@ -4,7 +4,8 @@
 This module is the test oracle for the compiled kernels, the baseline of the benchmarks, and the
 plain-PyTorch path a plugin takes when the compiled extension is unavailable. It imports nothing
 from the kernels and is never registered with the dispatcher: a missing compiled kernel must fail
-loudly rather than silently land here. Signatures match :mod:`peftreg.ops.fused`.
+loudly rather than silently land here. Signatures match the op wrappers in
+:mod:`peftreg.ops.lora`, :mod:`peftreg.ops.nf4` and :mod:`peftreg.ops.adapters`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# The format's code books are data the library needs too (NF4Tensor checks files against them);
+# they live in peftreg.ops.nf4_codes and are re-exported here for the tests.
+from peftreg.ops.nf4_codes import NF4_CODE_VALUES, NF4_ZERO_CODE, dynamic_code, nf4_code
 
 __all__ = ["lora_linear"]
 
@@ -83,13 +88,6 @@ def lora_dropout_mask(seed: int, numel: int, p: float,
     return h >= threshold
 
 
-def new_dropout_seed() -> torch.Tensor:
-    """A fresh seed for :func:`lora_dropout` and the fused ops' dropout, drawn from torch's
-    default CPU generator (so ``torch.manual_seed`` makes training reproducible); traceable by
-    ``torch.compile``."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
-
-
 def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | int | None) -> torch.Tensor:
     """Inverted dropout of ``x`` with :func:`lora_dropout_mask` (kept values scaled 1/(1-p))."""
     if seed is None:
@@ -112,13 +110,6 @@ def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | int | None) -> 
 #   quantizer does not pick the nearest code there: its codes follow the measured boundaries
 #   below (tests/bnb_dynamic_probe.py measures them against bitsandbytes itself).
 
-NF4_CODE_VALUES: tuple[float, ...] = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-NF4_ZERO_CODE = 7
 _MIN_ABSMAX = 1e-38
 
 #: float32 bit patterns: entry k is the largest normalised value that bitsandbytes 0.50's CPU
@@ -170,29 +161,6 @@ __all__ += [
     "nf4_linear_grad_input",
     "nf4_quantize",
 ]
-
-
-def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16 NF4 code points (float32, ascending; index 7 is exactly 0.0)."""
-    return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
-
-
-def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """The signed 8-bit dynamic code used for double quantization (256 float32, ascending).
-
-    Dynamic tree quantization (Dettmers et al. 2022, section 2; Dettmers 2015): a value is an
-    exponent level ``10^(e-6)`` (e = 0..6) times a linear fraction. Level ``e`` has ``2^e``
-    fractions: the midpoints of ``2^e + 1`` evenly spaced points from 0.1 to 1. With both signs
-    that is 2 * 127 values, plus 0 and 1.0. Computed in float32 throughout, as the format does.
-    """
-    levels: list[torch.Tensor] = []
-    for e in range(7):
-        points = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
-        fractions = (points[:-1] + points[1:]) / 2
-        magnitude = fractions * torch.tensor(10.0 ** (e - 6), dtype=torch.float32)
-        levels += [magnitude, -magnitude]
-    levels.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
-    return torch.sort(torch.cat(levels)).values.to(device)
 
 
 def bnb_dynamic_bounds(device: torch.device | str | None = None) -> torch.Tensor:

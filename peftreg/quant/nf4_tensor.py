@@ -12,7 +12,7 @@ stores it.
 
 Quantizing and dequantizing use the compiled ops (:mod:`peftreg.ops.nf4`) when the extension has
 them for the tensor's device, else the plain-PyTorch maths (:mod:`peftreg.ops.reference`) after
-one warning (see :mod:`peftreg.kernels`); both give identical bytes.
+one warning (the kernel mode of :mod:`peftreg.ops._op`); both give identical bytes.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from typing import Any, ClassVar, Final
 
 import torch
 
-from peftreg import kernels
 from peftreg.errors import PeftregError
 from peftreg.ops import nf4 as nf4_ops
-from peftreg.ops import reference
+from peftreg.ops import nf4_codes
 
 __all__ = ["QUANT_STATE_SUFFIX", "NF4FormatError", "NF4Tensor"]
 
@@ -99,18 +98,11 @@ class NF4Tensor:
             RuntimeError: NaN/inf in ``weight``, a bad block size or dtype.
         """
         w = weight.detach()
-        if kernels.use_compiled("nf4_quantize", w.device):
-            codes, absmax = torch.ops.peftreg.nf4_quantize.default(w, int(blocksize))
-        else:
-            codes, absmax = reference.nf4_quantize(w, int(blocksize))
+        codes, absmax = nf4_ops.QUANTIZE.run(w, int(blocksize))
         nested = offset = None
         if double_quant:
-            if kernels.use_compiled("nf4_double_quantize", w.device):
-                absmax, nested, offset = torch.ops.peftreg.nf4_double_quantize.default(
-                    absmax, int(nested_blocksize), bool(nearest_absmax_codes))
-            else:
-                absmax, nested, offset = reference.nf4_double_quantize(
-                    absmax, int(nested_blocksize), bool(nearest_absmax_codes))
+            absmax, nested, offset = nf4_ops.DOUBLE_QUANTIZE.run(
+                absmax, int(nested_blocksize), bool(nearest_absmax_codes))
         return cls(codes=codes, absmax=absmax, shape=torch.Size(w.shape), dtype=w.dtype,
                    blocksize=int(blocksize), nested_absmax=nested, offset=offset,
                    nested_blocksize=int(nested_blocksize))
@@ -152,12 +144,12 @@ class NF4Tensor:
     @property
     def quant_map(self) -> torch.Tensor:
         """The 16 NF4 code points (float32), as serialized under ``<prefix>.quant_map``."""
-        return reference.nf4_code(self.device)
+        return nf4_codes.nf4_code(self.device)
 
     @property
     def nested_quant_map(self) -> torch.Tensor:
         """The 256-entry dynamic code of the double quantization (float32)."""
-        return reference.dynamic_code(self.device)
+        return nf4_codes.dynamic_code(self.device)
 
     @property
     def nbytes(self) -> int:
@@ -190,15 +182,13 @@ class NF4Tensor:
             out: optional preallocated contiguous tensor of this shape and dtype to write into.
         """
         dtype = dtype or (out.dtype if out is not None else self.dtype)
-        if kernels.use_compiled("nf4_dequantize", self.device):
-            return nf4_ops.dequantize(
-                self.codes, self.absmax, blocksize=self.blocksize, shape=self.shape, dtype=dtype,
-                nested_absmax=self.nested_absmax, offset=self.offset,
-                nested_blocksize=self.nested_blocksize, out=out)
-        dense = reference.nf4_dequantize(self.codes, self.absmax, self.nested_absmax,
-                                         self.offset, self.blocksize, self.nested_blocksize,
-                                         list(self.shape), dtype)
-        return dense if out is None else out.copy_(dense)
+        fields = (self.codes, self.absmax, self.nested_absmax, self.offset, self.blocksize,
+                  self.nested_blocksize)
+        if out is None:
+            return nf4_ops.DEQUANTIZE.run(*fields, list(self.shape), dtype)
+        nf4_ops.check_out(out, list(self.shape), dtype)
+        nf4_ops.DEQUANTIZE_INTO.run(*fields, out)
+        return out
 
     def to(self, device: torch.device | str) -> NF4Tensor:
         """The same storage on ``device`` (dtypes never change)."""
@@ -336,7 +326,7 @@ class _StateReader:
             raise self.error(self.prefix, f"holds {codes.numel()} code bytes but shape {shape} "
                                           f"needs (numel + 1) // 2 = {(n + 1) // 2}")
         quant_map = self.get("quant_map", torch.float32)
-        if quant_map.shape != (16,) or not torch.equal(quant_map.cpu(), reference.nf4_code()):
+        if quant_map.shape != (16,) or not torch.equal(quant_map.cpu(), nf4_codes.nf4_code()):
             raise self.error(f"{self.prefix}.quant_map", "does not hold the 16 NF4 code points")
 
         double_quant = "nested_offset" in meta or f"{self.prefix}.nested_absmax" in self.state
@@ -372,7 +362,7 @@ class _StateReader:
                 raise self.error(f"{self.prefix}.nested_absmax", "contains NaN or infinity")
             nested_map = self.get("nested_quant_map", torch.float32)
             if nested_map.shape != (256,) or not torch.equal(nested_map.cpu(),
-                                                             reference.dynamic_code()):
+                                                             nf4_codes.dynamic_code()):
                 raise self.error(f"{self.prefix}.nested_quant_map",
                                  "does not hold the 256-entry dynamic code of double "
                                  "quantization")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -181,3 +182,131 @@ def test_real_default_assets_end_to_end(tmp_path):
 def test_missing_asset_message():
     with pytest.raises(assets.MissingAssetError, match="pip install --no-deps not-a-package==1"):
         assets.package_dir(("not-a-package", "peftreg_no_such_module", "1"))
+
+
+@pytest.fixture(scope="module")
+def user_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "reviews.csv"
+    rows = ["id,review,verdict"]
+    for i in range(40):
+        good = i % 2 == 0
+        rows.append(f"{i},{'great good love' if good else 'awful bad hate'} the car {i},"
+                    f"{'keep' if good else 'drop'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_user_csv_task_with_a_local_model(tmp_path, tiny_bert_dir, user_csv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "--model", str(tiny_bert_dir), "--task", f"csv:{user_csv}", "--text-column", "review",
+        "--label-column", "verdict", "--methods", "lora", "--steps", "2", "--batch-size", "4",
+        "--max-length", "12", "--test-per-class", "5", "--seeds", "2", "--no-baselines",
+        "--format", "markdown", "--out", str(tmp_path)])
+    with open(tmp_path / "log.txt", "w") as log:
+        assert run(args, Console(file=log, width=200)) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["task"].startswith("reviews.csv: 2 classes")
+    assert all(r["error"] is None for r in document["runs"]) and len(document["runs"]) == 2
+    assert "| lora |" in (tmp_path / "log.txt").read_text()
+
+
+def test_user_csv_errors_name_the_problem(tmp_path, user_csv, tiny_bert_dir):
+    from peftreg.compare.tasks import TaskDataError, build_task, read_labelled_csv
+
+    with pytest.raises(TaskDataError, match="no column 'text'; the file has id, review, verdict"):
+        read_labelled_csv(user_csv, "text", "verdict")
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\na,x\nb,x\n")
+    with pytest.raises(TaskDataError, match="1 distinct label"):
+        read_labelled_csv(one, "text", "label")
+    with pytest.raises(TaskDataError, match="nor a local model directory"):
+        build_task(str(tmp_path / "nowhere"), f"csv:{user_csv}", steps=1, batch_size=1,
+                   max_length=8, seed=0, test_per_class=1)
+    with pytest.raises(TaskDataError, match="only 20 drop examples, 101 needed"):
+        build_task(str(tiny_bert_dir), f"csv:{user_csv}", text_column="review",
+                   label_column="verdict", steps=1, batch_size=1, max_length=8, seed=0,
+                   test_per_class=100)
+
+
+def _sweep_run(tmp_path, tiny_bert_dir, tweets_file, monkeypatch, *extra):
+    from peftreg.compare import command
+
+    # The tweets task on the tiny model and its tiny data (no real assets needed).
+    def fake_build(model, data, **sizes):
+        kept = {k: v for k, v in sizes.items() if k not in ("text_column", "label_column")}
+        return sentiment_task(tiny_bert_dir, read_tweets(tweets_file), **kept)
+
+    monkeypatch.setattr(command, "build_task", fake_build)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--steps", "2", "--batch-size", "4", "--max-length", "12",
+                              "--test-per-class", "5", "--seeds", "2", "--out", str(tmp_path),
+                              *extra])
+    with open(tmp_path / "log.txt", "w") as log:
+        assert run(args, Console(file=log, width=250)) == 0
+    return json.loads((tmp_path / "results.json").read_text()), (tmp_path / "log.txt").read_text()
+
+
+def test_sweep_of_a_config_field(tmp_path, tiny_bert_dir, tweets_file, monkeypatch):
+    document, log = _sweep_run(tmp_path, tiny_bert_dir, tweets_file, monkeypatch,
+                               "--methods", "lora,ia3", "--sweep", "r=2,4")
+    assert document["sweep"] == {"field": "r", "values": [2, 4]}
+    runs = {(r["method"], r["sweep"], r["seed"]): r for r in document["runs"]}
+    # baselines run once (they do not depend on r), at the first value
+    assert {k[:2] for k in runs if k[0] == "full fine-tuning"} == {("full fine-tuning", "r=2")}
+    assert runs[("lora", "r=4", 0)]["trainable_params"] > runs[("lora", "r=2", 0)][
+        "trainable_params"]
+    assert "IA3Config has no field 'r'" in runs[("ia3", "r=2", 0)]["error"]
+    rows = {(r["row"], r["sweep"]): r for r in document["rows"]}
+    assert rows[("lora", "r=4")]["metric"]["n"] == 2
+    assert not math.isnan(rows[("lora", "r=4")]["gap_to_full"])
+    assert "against r" in log and (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "[12/12]" in log   # one numbering across the sweep: 2 x 2 lora + 2 x 2 ia3 + 2 x 2
+
+
+def test_sweep_of_targets_and_train_size(tmp_path, tiny_bert_dir, tweets_file, monkeypatch):
+    document, _ = _sweep_run(tmp_path / "t", tiny_bert_dir, tweets_file, monkeypatch,
+                             "--methods", "lora", "--no-baselines", "--sweep",
+                             "targets=attention,attention+mlp,all-linear")
+    params = {r["sweep"]: r["trainable_params"] for r in document["runs"] if r["seed"] == 0}
+    assert params["targets=attention"] < params["targets=attention+mlp"]
+    assert all(r["error"] is None for r in document["runs"])
+    document, _ = _sweep_run(tmp_path / "s", tiny_bert_dir, tweets_file, monkeypatch,
+                             "--methods", "lora", "--sweep", "train-size=9,30")
+    full = [r for r in document["runs"] if r["method"] == "full fine-tuning"]
+    assert {r["sweep"] for r in full} == {"train-size=9", "train-size=30"}
+
+
+def test_bad_sweeps_name_the_problem():
+    from peftreg.compare.sweep import SweepError, parse_sweep
+
+    assert parse_sweep("r=4, 8,16").values == (4, 8, 16)
+    assert parse_sweep("lora_dropout=0.0,0.1").values == (0.0, 0.1)
+    for text, words in (("r", "FIELD=V1,V2"), ("r=4,4", "appears twice"),
+                        ("targets=mlp", "targets are"), ("train-size=0,5", "positive")):
+        with pytest.raises(SweepError, match=words):
+            parse_sweep(text)
+
+
+def test_time_budget_gives_every_run_the_same_wall_clock(tiny_bert_dir, tweets_file):
+    from peftreg.compare.command import parse_budget
+
+    settings = RunSettings(steps=2, batch_size=8, max_length=12, seed=1, seeds=1,
+                           test_per_class=10, latency_repeats=1, baselines=True,
+                           budget_seconds=0.4)
+    _, results = run_comparison(_task(tiny_bert_dir, tweets_file, steps=2), ["lora"], settings,
+                                peftreg.default_registry())
+    for r in results:
+        assert r.error is None
+        seconds = r.step_ms * len(r.losses) / 1000
+        # trains until the budget is spent (past the 2 steps the step budget would take)...
+        assert len(r.losses) > 2 and seconds >= 0.4
+        # ...and stops soon after it (a loaded machine can make the last step slow)
+        assert seconds < 0.4 + 4 * r.step_ms / 1000 + 0.5
+    assert parse_budget("steps") is None and parse_budget("seconds=90") == 90.0
+    for bad in ("seconds=0", "minutes=3", "seconds=x"):
+        with pytest.raises(peftreg.ConfigError, match="--budget"):
+            parse_budget(bad)

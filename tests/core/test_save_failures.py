@@ -29,8 +29,14 @@ def save_adapter_to(target):
     peftreg.adapt(ReferenceTransformer(), LoraConfig(r=2)).save_adapter(target)
 
 
+def save_peft_to(target):
+    torch.manual_seed(0)
+    peftreg.adapt(ReferenceTransformer(), LoraConfig(r=2)).save_adapter(target, format="peft")
+
+
 SAVES = {"optimizer": (save_optimizer_to, OptimizerCheckpointError, "opt.safetensors"),
-         "adapter": (save_adapter_to, AdapterFileError, "adapter-dir")}
+         "adapter": (save_adapter_to, AdapterFileError, "adapter-dir"),
+         "peft": (save_peft_to, AdapterFileError, "peft-dir")}
 KINDS = pytest.mark.parametrize("kind", list(SAVES))
 
 

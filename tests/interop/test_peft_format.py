@@ -253,7 +253,7 @@ def test_failed_export_leaves_the_previous_one_readable(tmp_path, monkeypatch):
         raise OSError("disk trouble")
 
     monkeypatch.setattr(peft_format.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk trouble"):
+    with pytest.raises(AdapterFileError, match=r"cannot write the PEFT adapter.*disk trouble"):
         model.save_adapter(tmp_path, format="peft")
     monkeypatch.undo()
 

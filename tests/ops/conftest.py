@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Fixtures for the compiled-op tests: the device list, an extension gate, tolerance imports."""
+"""Fixtures for the compiled-op tests: an extension gate, the op device, op-call counting.
+
+The device list itself is the suite's one list (``devices()`` in tests/conftest.py).
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,21 +19,6 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from peftreg import ops  # noqa: E402
-
-
-def op_devices() -> list[str]:
-    """cpu, plus cuda when a GPU is visible; ``PEFTREG_TEST_DEVICE`` (comma list) overrides."""
-    forced = os.environ.get("PEFTREG_TEST_DEVICE")
-    if forced:
-        return [d.strip() for d in forced.split(",") if d.strip()]
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # Every test taking a `device` argument runs once per device, with ids like device=cpu.
-    if "device" in metafunc.fixturenames:
-        devices = op_devices()
-        metafunc.parametrize("device", devices, ids=[f"device={d}" for d in devices])
 
 
 @pytest.fixture
@@ -48,3 +35,20 @@ def op_device(require_extension: None, device: str) -> torch.device:
         pytest.skip(f"this build of the extension has no {device} kernels "
                     f"(built with CUDA: {ops.built_with_cuda()})")
     return torch.device(device)
+
+
+@pytest.fixture
+def op_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the compiled ops called while the test runs (every path, wrapper or ``run``,
+    reaches the kernel through ``Op.overload``)."""
+    from peftreg.ops._op import Op
+
+    calls: list[str] = []
+    real = Op.overload
+
+    def counted(self: Op):
+        calls.append(self.name)
+        return real.fget(self)
+
+    monkeypatch.setattr(Op, "overload", property(counted))
+    return calls

@@ -172,7 +172,8 @@ _NO_EXTENSION_SCRIPT = """
     import warnings
     import torch
     from peftreg import ops
-    from peftreg.ops import fused, reference
+    from peftreg.ops import lora as lora_ops
+    from peftreg.ops import reference
 
     assert not ops.has_extension() and ops.extension_origin() is None
     err = ops.extension_error()
@@ -183,12 +184,12 @@ _NO_EXTENSION_SCRIPT = """
     assert not hasattr(torch.ops.peftreg, "lora_linear")  # no schema without the library
     x, w, a, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
     try:
-        fused.lora_linear(x, w, None, a, b, 1.0)
+        lora_ops.lora_linear(x, w, None, a, b, 1.0)
     except ops.ExtensionUnavailableError as exc:
         assert isinstance(exc, RuntimeError)
         assert "pip install --no-build-isolation -e ." in str(exc), exc
     else:
-        raise AssertionError("fused.lora_linear ran without the extension")
+        raise AssertionError("lora_ops.lora_linear ran without the extension")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ops.warn_fallback_once("peftreg::lora_linear has no compiled cpu kernel")
@@ -232,11 +233,12 @@ def test_jit_build_then_load(tmp_path):
     proc = _run_python("""
         import torch
         from peftreg import ops
-        from peftreg.ops import fused, reference
+        from peftreg.ops import lora as lora_ops
+        from peftreg.ops import reference
         assert ops.extension_origin() == "jit", ops.extension_error()
         args = (torch.randn(3, 8), torch.randn(5, 8), torch.randn(5), torch.randn(2, 8),
                 torch.randn(5, 2), 0.5)
-        torch.testing.assert_close(fused.lora_linear(*args), reference.lora_linear(*args))
+        torch.testing.assert_close(lora_ops.lora_linear(*args), reference.lora_linear(*args))
         print("ok")
     """, PEFTREG_EXTENSION="jit", PEFTREG_EXTENSION_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr

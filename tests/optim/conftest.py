@@ -1,9 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Fixtures of the paged-optimizer tests: the device list and the extension gate."""
+"""Fixtures of the paged-optimizer tests: the paged device and the extension gate."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,22 +19,15 @@ from peftreg import ops  # noqa: E402
 from peftreg.ops.paged import page_pool_available  # noqa: E402
 
 
-def paged_devices() -> list[str]:
-    """cpu, plus cuda when a GPU is visible; ``PEFTREG_TEST_DEVICE`` (comma list) overrides."""
-    forced = os.environ.get("PEFTREG_TEST_DEVICE")
-    if forced:
-        return [d.strip() for d in forced.split(",") if d.strip()]
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=paged_devices(), ids=lambda d: f"device={d}")
-def paged_device(request) -> torch.device:
-    """A device with a compiled page pool, skipping where this build has none."""
+@pytest.fixture
+def paged_device(device: str) -> torch.device:
+    """``device`` (the suite's device list, tests/conftest.py) with a compiled page pool,
+    skipping where this build has none."""
     if not ops.has_extension():
         pytest.skip(f"compiled extension unavailable: {ops.extension_error()}")
-    if not page_pool_available(request.param):
-        pytest.skip(f"this build of the extension has no page pool for {request.param}")
-    return torch.device(request.param)
+    if not page_pool_available(device):
+        pytest.skip(f"this build of the extension has no page pool for {device}")
+    return torch.device(device)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from torch import nn
 
 import peftreg
 from peftreg import ConfigError, ops
-from peftreg.kernels import kernels
+from peftreg.ops import kernels
 from peftreg.testing import check_method
 from peftreg_plugins.lora import LoraConfig, LoraEmbedding, LoraLinear, LoraMethod
 

@@ -12,8 +12,7 @@ from tolerances import scaled_close
 
 import peftreg
 from peftreg.errors import AdapterError, UnsupportedOperationError
-from peftreg.kernels import kernels
-from peftreg.ops import adapters, reference
+from peftreg.ops import adapters, kernels, reference
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
@@ -223,3 +222,23 @@ def test_hf_llama_per_row():
     scaled_close(mixed[0], y_alone[0], "adapters.plugin_paths", torch.float32, "row y")
     scaled_close(mixed[1], x_alone[1], "adapters.plugin_paths", torch.float32, "row x")
     assert not torch.allclose(x_alone[0], y_alone[0], atol=1e-3)
+
+
+def test_the_row_plan_builds_one_index_per_batch(make_tiny, token_batch):
+    """Every layer of one forward shares the batch's plan; layers holding the same adapters
+    share one index tensor instead of each building it from the list of names."""
+    from peftreg.host import AdapterHost, iter_slots
+
+    model = _served_model(make_tiny)
+    names = ["a", "b", None][: token_batch.shape[0]]
+    with torch.no_grad(), model.per_row_adapters(names):
+        model(token_batch)
+        hosts = [slot for _, slot in iter_slots(model.model) if isinstance(slot, AdapterHost)]
+        plans = {id(host.row_adapters) for host in hosts}
+        plan = hosts[0].row_adapters
+        built = dict(plan._index)
+    assert len(plans) == 1 and len(hosts) == 14
+    # Two adapter sets occur over the 14 layers (a+b on q/o; a alone elsewhere, c is unused):
+    # two index tensors in all.
+    assert sorted(key[0] for key in built) == [("a",), ("a", "b")]
+    assert all(host.row_adapters is None for host in hosts)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from tolerances import scaled_close
 
-from peftreg import kernels
 from peftreg.nn import Linear4bit
-from peftreg.ops import fused, reference
+from peftreg.ops import kernels, reference
+from peftreg.ops import nf4 as nf4_ops
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
@@ -63,7 +63,7 @@ def test_forward_and_gradients_match_float64(op_device, case, dtype):
     xl = t(*lead, in_f) if with_xl else None
     leaves = [v.clone().requires_grad_() for v in (x, bias, a, b)]
     xl_leaf = xl.clone().requires_grad_() if with_xl else None
-    y = fused.nf4_lora_linear(leaves[0], **_args(layer), lora_a=leaves[2], lora_b=leaves[3],
+    y = nf4_ops.lora_linear(leaves[0], **_args(layer), lora_a=leaves[2], lora_b=leaves[3],
                               scaling=1.25, bias=leaves[1], x_lora=xl_leaf)
     assert y.dtype == dtype and y.shape == (*lead, out_f)
 
@@ -90,7 +90,7 @@ def test_only_requested_gradients(op_device):
     x = torch.randn(4, 64, device=op_device)
     a = torch.randn(4, 64, device=op_device, requires_grad=True)
     b = torch.randn(32, 4, device=op_device, requires_grad=True)
-    fused.nf4_lora_linear(x, **_args(layer), lora_a=a, lora_b=b, scaling=2.0).sum().backward()
+    nf4_ops.lora_linear(x, **_args(layer), lora_a=a, lora_b=b, scaling=2.0).sum().backward()
     assert a.grad is not None and b.grad is not None and x.grad is None
 
 
@@ -114,7 +114,7 @@ def test_mismatched_lora_factor_is_named(op_device):
     layer = _layer(64, 32, True, torch.float32, op_device)
     x = torch.randn(2, 64, device=op_device)
     with pytest.raises(RuntimeError, match="nf4_lora_linear: argument 'lora_b'"):
-        fused.nf4_lora_linear(x, **_args(layer), lora_a=torch.randn(4, 64, device=op_device),
+        nf4_ops.lora_linear(x, **_args(layer), lora_a=torch.randn(4, 64, device=op_device),
                               lora_b=torch.randn(31, 4, device=op_device), scaling=1.0)
 
 
@@ -124,13 +124,14 @@ def test_qlora_plugin_fused_equals_reference_path(monkeypatch, dtype):
     import peftreg
 
     calls = []
-    real = fused.nf4_lora_linear
+    real = nf4_ops.LORA_LINEAR.reference
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "nf4_lora_linear", counting)
+    # Counting the plain path's calls shows which path each mode took.
+    monkeypatch.setattr(nf4_ops.LORA_LINEAR, "reference", counting)
     from peftreg.reference_model import ReferenceConfig, ReferenceTransformer
 
     def run(mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -143,7 +144,7 @@ def test_qlora_plugin_fused_equals_reference_path(monkeypatch, dtype):
         model = peftreg.adapt(base, config)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         ids = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(2))
-        with kernels.kernels(mode):
+        with kernels(mode):
             for _ in range(2):
                 loss = model(ids)["logits"].float().logsumexp(-1).mean()
                 loss.backward()
@@ -153,10 +154,9 @@ def test_qlora_plugin_fused_equals_reference_path(monkeypatch, dtype):
         return out, [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
     fused_out, fused_params = run("compiled")
-    assert len(calls) == 3 * 2 * 7  # 3 forwards x 2 layers x 7 linear layers each
-    calls.clear()
-    ref_out, ref_params = run("reference")
     assert not calls
+    ref_out, ref_params = run("reference")
+    assert len(calls) == 3 * 2 * 7  # 3 forwards x 2 layers x 7 linear layers each
     check = "nf4_linear.forward" if dtype == torch.float32 else "lora_linear.backward"
     scaled_close(fused_out, ref_out.double(), check, dtype)
     for mine, ref in zip(fused_params, ref_params, strict=True):

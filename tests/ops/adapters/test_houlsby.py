@@ -11,8 +11,7 @@ import torch
 from tolerances import scaled_close
 
 import peftreg
-from peftreg.kernels import kernels
-from peftreg.ops import adapters, reference
+from peftreg.ops import adapters, kernels, reference
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
@@ -192,19 +191,21 @@ def test_plugin_auto_equals_reference(make_tiny, token_batch, dtype, train):
     assert not torch.allclose(base.float(), fused[0].float(), atol=1e-3)
 
 
-def test_plugin_calls_the_fused_op(make_tiny, token_batch, monkeypatch):
-    calls = []
-    real = adapters.houlsby_adapter
-    monkeypatch.setattr(adapters, "houlsby_adapter",
-                        lambda *a: calls.append(a[-1]) or real(*a))
+def test_plugin_calls_the_fused_op(make_tiny, token_batch, op_calls):
+    """``compiled`` runs the op, ``reference`` never does, ``auto`` follows the crossover."""
     model = _houlsby_model(make_tiny, torch.float32, "silu")
-    with kernels("auto"):
+    with kernels("compiled"):
         model(token_batch)
-    assert calls == ["silu"] * 4  # after o_proj and down_proj in 2 layers
-    calls.clear()
+    assert op_calls.count("houlsby_adapter") == 4  # after o_proj and down_proj in 2 layers
+    op_calls.clear()
     with kernels("reference"):
         model(token_batch)
-    assert calls == []
+    assert "houlsby_adapter" not in op_calls
+    h = torch.zeros(3, 9, 32)
+    expected = 4 if adapters.HOULSBY_ADAPTER.faster(h) else 0
+    with kernels("auto"):
+        model(token_batch)
+    assert op_calls.count("houlsby_adapter") == expected
 
 
 @pytest.mark.compile

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tolerances import scaled_close
 
-from peftreg.ops import fused
+from peftreg.ops import lora as lora_ops
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 WIDEN = pytest.mark.parametrize("widen", ["1", "0"], ids=["widened", "aten16"])
@@ -41,7 +41,7 @@ def test_forward_and_backward_match_float64(monkeypatch, widen, dtype):
     monkeypatch.setenv("PEFTREG_CPU_WIDEN_16BIT", widen)
     m = _inputs(dtype)
     leaves = {k: v.clone().requires_grad_(k in ("x", "lora_a", "lora_b")) for k, v in m.items()}
-    y = fused.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"],
+    y = lora_ops.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"],
                           leaves["lora_b"], 1.5)
     assert y.dtype == dtype
     scaled_close(y, _reference(m, 1.5), "lora_linear.forward", dtype)
@@ -63,7 +63,7 @@ def test_large_bf16_activations_stay_finite_and_exact(monkeypatch, widen):
     m = _inputs(torch.bfloat16, scale=1e36)
     x = m["x"].clone().requires_grad_()
     a, b = m["lora_a"].clone().requires_grad_(), m["lora_b"].clone().requires_grad_()
-    y = fused.lora_linear(x, m["weight"], m["bias"], a, b, 2.0)
+    y = lora_ops.lora_linear(x, m["weight"], m["bias"], a, b, 2.0)
     assert torch.isfinite(y).all()
     scaled_close(y, _reference(m, 2.0), "lora_linear.forward", torch.bfloat16)
     y.backward(torch.ones_like(y))
@@ -81,7 +81,7 @@ def test_forward_overflow_from_finite_inputs_is_an_error(monkeypatch, widen, dty
     m["weight"] = torch.full_like(m["weight"], 1.0)  # 37 terms of top/8: far beyond the range
     assert all(torch.isfinite(v).all() for v in m.values())
     with pytest.raises(RuntimeError, match=r"peftreg::lora_linear: the .* output overflowed"):
-        fused.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.0)
+        lora_ops.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.0)
 
 
 @DTYPES
@@ -89,7 +89,7 @@ def test_non_finite_inputs_pass_through(dtype):
     """inf/NaN that come in are the caller's: they propagate instead of raising."""
     m = _inputs(dtype)
     m["x"][0, 0, 0] = float("inf")
-    y = fused.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.0)
+    y = lora_ops.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.0)
     assert not torch.isfinite(y[0, 0]).all()
     assert torch.isfinite(y[1:]).all()
 
@@ -97,5 +97,5 @@ def test_non_finite_inputs_pass_through(dtype):
 def test_fp32_is_never_widened_or_guarded():
     """float32 runs ATen's own GEMM: equal to the plain expression up to summation order."""
     m = _inputs(torch.float32)
-    y = fused.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.5)
+    y = lora_ops.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.5)
     scaled_close(y, _reference(m, 1.5), "lora_linear.forward", torch.float32)

@@ -15,7 +15,8 @@ import torch
 from tolerances import tol
 
 from peftreg import ops
-from peftreg.ops import fused, reference
+from peftreg.ops import lora as lora_ops
+from peftreg.ops import reference
 
 pytestmark = pytest.mark.usefixtures("require_extension")
 
@@ -103,7 +104,7 @@ def run_and_compare(masters: dict[str, torch.Tensor | None], dtype: torch.dtype,
         low[name] = placed.detach().requires_grad_(grads)
         high[name] = rounded.double().requires_grad_(grads)
 
-    out = fused.lora_linear(low["x"], low["weight"], low["bias"], low["lora_a"], low["lora_b"],
+    out = lora_ops.lora_linear(low["x"], low["weight"], low["bias"], low["lora_a"], low["lora_b"],
                             SCALING, low["x_lora"])
     expected = reference.lora_linear(high["x"], high["weight"], high["bias"], high["lora_a"],
                                      high["lora_b"], SCALING, high["x_lora"])
@@ -174,7 +175,7 @@ def test_non_contiguous_upstream_gradient(op_device, upstream_layout):
     m = master_inputs((6,), shape, with_bias=True, with_x_lora=False)
     args = {k: (v.float().to(op_device).requires_grad_() if v is not None else None)
             for k, v in m.items()}
-    y = fused.lora_linear(args["x"], args["weight"], args["bias"], args["lora_a"],
+    y = lora_ops.lora_linear(args["x"], args["weight"], args["bias"], args["lora_a"],
                           args["lora_b"], SCALING)
     if upstream_layout == "expanded":
         g = torch.randn(1, 31, device=op_device).expand(6, 31)
@@ -202,7 +203,7 @@ def test_gradcheck_float64(op_device, with_bias, with_x_lora):
 
     def op(*tensors: torch.Tensor) -> torch.Tensor:
         kw = dict(zip(names, tensors, strict=True))
-        return fused.lora_linear(kw["x"], kw["weight"], kw.get("bias"), kw["lora_a"],
+        return lora_ops.lora_linear(kw["x"], kw["weight"], kw.get("bias"), kw["lora_a"],
                                  kw["lora_b"], SCALING, kw.get("x_lora"))
 
     assert torch.autograd.gradcheck(op, tuple(leaves))
@@ -215,7 +216,7 @@ def test_frozen_weight_gets_no_gradient(op_device):
     t = {k: v.float().to(op_device) for k, v in m.items() if v is not None}
     t["lora_a"].requires_grad_()
     t["lora_b"].requires_grad_()
-    y = fused.lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING)
+    y = lora_ops.lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING)
     y.sum().backward()
     assert t["lora_a"].grad is not None and t["lora_b"].grad is not None
     assert t["x"].grad is None and t["weight"].grad is None and t["bias"].grad is None
@@ -223,7 +224,7 @@ def test_frozen_weight_gets_no_gradient(op_device):
     # B's is not, so the two gradients really come from different formulas.
     t["lora_b"] = torch.zeros_like(t["lora_b"]).requires_grad_()
     t["lora_a"].grad = None
-    y = fused.lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING)
+    y = lora_ops.lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING)
     y.sum().backward()
     assert torch.count_nonzero(t["lora_a"].grad) == 0
     assert torch.count_nonzero(t["lora_b"].grad) > 0
@@ -238,14 +239,14 @@ def test_x_lora_same_tensor_as_x(op_device):
         a = m["lora_a"].float().to(op_device)
         b = m["lora_b"].float().to(op_device)
         w = m["weight"].float().to(op_device)
-        y = fused.lora_linear(x, w, None, a, b, SCALING, x if pass_x else None)
+        y = lora_ops.lora_linear(x, w, None, a, b, SCALING, x if pass_x else None)
         y.sum().backward()
         results.append((y.detach(), x.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
     # Twin: a different x_lora does change the output.
     x_other = torch.zeros_like(m["x"]).float().to(op_device)
-    y_other = fused.lora_linear(m["x"].float().to(op_device), m["weight"].float().to(op_device),
+    y_other = lora_ops.lora_linear(m["x"].float().to(op_device), m["weight"].float().to(op_device),
                                 None, m["lora_a"].float().to(op_device),
                                 m["lora_b"].float().to(op_device), SCALING, x_other)
     assert not torch.allclose(y_other, results[0][0])
@@ -254,7 +255,7 @@ def test_x_lora_same_tensor_as_x(op_device):
 def test_empty_batch(op_device):
     m = master_inputs((0,), Shape(0, 8, 6, 3), with_bias=True, with_x_lora=False)
     t = {k: v.float().to(op_device) for k, v in m.items() if v is not None}
-    y = fused.lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING)
+    y = lora_ops.lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING)
     assert y.shape == (0, 6)
 
 
@@ -262,7 +263,7 @@ def test_empty_batch(op_device):
 
 
 def _small_model_step(x, w, b, a, bb):
-    h = fused.lora_linear(x, w, b, a, bb, SCALING)
+    h = lora_ops.lora_linear(x, w, b, a, bb, SCALING)
     return torch.nn.functional.gelu(h).square().mean()
 
 

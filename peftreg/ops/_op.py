@@ -1,0 +1,210 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One object per compiled op: its call, fake kernel, autograd formula and kernel choice.
+
+Each family module (:mod:`peftreg.ops.lora`, :mod:`~peftreg.ops.nf4`,
+:mod:`~peftreg.ops.adapters`) creates one :class:`Op` per schema in csrc/registration.cpp and
+registers its fake kernel and backward through it, next to the typed wrapper. The op list
+(:data:`peftreg.ops.OPS`) is the set of :class:`Op` objects created, never a hand-kept tuple.
+
+The choice between the compiled kernel and plain PyTorch is made here and nowhere else
+(:meth:`Op.run`), by the kernel mode:
+
+* ``auto`` (default): the compiled kernel when the extension has one for the device and the
+  op's measured crossover (``faster``; table in docs/ops.md) says it beats plain PyTorch for
+  this call; plain PyTorch otherwise. A missing extension or kernel warns once per process.
+* ``compiled``: always the kernel; a missing one raises :class:`ExtensionUnavailableError`.
+* ``reference``: always plain PyTorch (:mod:`peftreg.ops.reference`).
+
+Set it with ``PEFTREG_KERNELS`` or :func:`set_kernel_mode` / :func:`kernels`. The strict
+wrappers (:meth:`Op.__call__`) never fall back: a caller that asked for the kernel gets it or an
+error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+
+from peftreg import ops as _ops
+
+KernelMode = Literal["auto", "compiled", "reference"]
+_MODES: tuple[str, ...] = ("auto", "compiled", "reference")
+_mode: KernelMode | None = None
+_REGISTRY: dict[str, Op] = {}
+
+
+def kernel_mode() -> KernelMode:
+    """The current mode (``PEFTREG_KERNELS`` unless :func:`set_kernel_mode` was called).
+
+    Raises:
+        ValueError: ``PEFTREG_KERNELS`` holds something else than auto, compiled or reference.
+    """
+    if _mode is not None:
+        return _mode
+    env = os.environ.get("PEFTREG_KERNELS", "auto")
+    if env in _MODES:  # the common case, checked first: this runs on every layer call
+        return env  # type: ignore[return-value]
+    env = env.strip().lower() or "auto"
+    if env not in _MODES:
+        raise ValueError(f"PEFTREG_KERNELS={env!r}; expected one of {', '.join(_MODES)}")
+    return env  # type: ignore[return-value]
+
+
+def set_kernel_mode(mode: KernelMode | None) -> None:
+    """Force ``"compiled"`` or ``"reference"`` kernels, or ``"auto"``; ``None`` resets.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    global _mode
+    if mode is not None and mode not in _MODES:
+        raise ValueError(f"kernel mode {mode!r}; expected one of {', '.join(_MODES)}")
+    _mode = mode
+
+
+@contextlib.contextmanager
+def kernels(mode: KernelMode) -> Iterator[None]:
+    """Use kernel mode ``mode`` inside a ``with`` block."""
+    global _mode
+    before = _mode
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        _mode = before
+
+
+def _first_device(args: tuple[Any, ...]) -> torch.device:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    return torch.device("cpu")
+
+
+class Op:
+    """A ``peftreg::<name>`` operator as Python sees it.
+
+    Args:
+        name: the schema name in csrc/registration.cpp.
+        reference: the plain-PyTorch function with the schema's positional arguments (and the
+            same outputs), or None for ops that have no plain path (backward helpers).
+        faster: the measured crossover: given the call's arguments, whether the compiled kernel
+            is at least as fast as plain PyTorch. None means always (docs/ops.md lists why).
+    """
+
+    def __init__(self, name: str, *, reference: Callable[..., Any] | None = None,
+                 faster: Callable[..., bool] | None = None) -> None:
+        if name in _REGISTRY:
+            raise ValueError(f"peftreg::{name} is defined twice in peftreg.ops")
+        self.name = name
+        self.qualname = f"peftreg::{name}"
+        self.reference = reference
+        self.faster = faster
+        _REGISTRY[name] = self
+
+    def __repr__(self) -> str:
+        return f"Op({self.qualname})"
+
+    # --- registration -------------------------------------------------------------------------
+
+    def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: ``fn`` computes output shapes and dtypes (skipped without the library)."""
+        if _ops.has_extension():
+            # torch checks the caller's module against registration.cpp's set_python_module:
+            # the frame to name is the family module that applied this decorator.
+            torch.library.register_fake(self.qualname, fn, _stacklevel=2)
+        return fn
+
+    def register_autograd(self, backward: Callable[..., Any],
+                          setup_context: Callable[..., Any]) -> None:
+        """The op's backward formula (skipped without the library: no schema to attach to)."""
+        if _ops.has_extension():
+            torch.library.register_autograd(self.qualname, backward,
+                                            setup_context=setup_context)
+
+    def not_differentiable(self, reason: str) -> None:
+        """Register a backward that raises ``reason``: a gradient reaching this op is a bug."""
+
+        def backward(ctx: Any, *grads: Any) -> tuple[torch.Tensor | None, ...]:
+            raise RuntimeError(f"{self.qualname} {reason}")
+
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            return None
+
+        self.register_autograd(backward, setup_context)
+
+    # --- calling ------------------------------------------------------------------------------
+
+    @property
+    def overload(self) -> Any:
+        """``torch.ops.peftreg.<name>.default`` (needs the loaded library)."""
+        return getattr(torch.ops.peftreg, self.name).default
+
+    def require(self, device: torch.device) -> None:
+        """Raise unless the compiled kernel can run on ``device``.
+
+        Raises:
+            ExtensionUnavailableError: no extension, or no kernel for that device.
+        """
+        if not _ops.has_extension():
+            raise _ops.ExtensionUnavailableError(
+                f"{self.qualname} needs peftreg's compiled extension, which is unavailable: "
+                f"{_ops.extension_error()}")
+        if not torch.compiler.is_compiling():
+            # While compiling, the fake kernel validates; the device check is for eager calls.
+            _ops.require_kernel(self.name, device)
+
+    def __call__(self, *args: Any) -> Any:
+        """The compiled kernel, strictly: never plain PyTorch."""
+        self.require(_first_device(args))
+        return self.overload(*args)
+
+    def use_compiled(self, *args: Any) -> bool:
+        """Whether :meth:`run` takes the compiled kernel for these arguments (see module doc).
+
+        Raises:
+            ExtensionUnavailableError: mode ``compiled`` and no kernel for the device.
+        """
+        mode = kernel_mode()
+        if mode == "reference":
+            return False
+        device = _first_device(args)
+        if not _ops.has_extension():
+            if mode == "compiled":
+                raise _ops.ExtensionUnavailableError(
+                    f"PEFTREG_KERNELS=compiled but {self.qualname} has no compiled "
+                    f"{device.type} kernel: {_ops.extension_error()}")
+            _ops.warn_fallback_once(
+                f"the compiled extension is not loaded: {_ops.extension_error()}")
+            return False
+        if mode == "auto" and self.faster is not None and not self.faster(*args):
+            return False  # plain PyTorch is at least as fast here: no kernel needed
+        if _ops.kernel_available(self.name, device):
+            return True
+        if mode == "compiled":
+            raise _ops.ExtensionUnavailableError(
+                f"PEFTREG_KERNELS=compiled but {self.qualname} has no compiled {device.type} "
+                "kernel: not built for this device")
+        _ops.warn_fallback_once(f"{self.qualname} has no compiled {device.type} kernel")
+        return False
+
+    def run(self, *args: Any) -> Any:
+        """The op by the kernel mode: compiled kernel or :attr:`reference` (same arguments).
+
+        Raises:
+            ExtensionUnavailableError: mode ``compiled`` and no kernel for the device.
+        """
+        if self.reference is None:
+            return self(*args)
+        if self.use_compiled(*args):
+            return self.overload(*args)
+        return self.reference(*args)
+
+
+def registered() -> dict[str, Op]:
+    """Every op created so far, by schema name, in definition order."""
+    return dict(_REGISTRY)

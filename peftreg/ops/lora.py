@@ -1,0 +1,390 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The LoRA ops: ``peftreg::lora_linear`` and its backward op, each with wrapper, fake, autograd.
+
+``peftreg::lora_linear`` computes, with rows flattened (``x`` is (rows, in)) and ``x_l`` the
+LoRA input (``x_lora`` when given, else ``x``, after the op's own dropout when ``dropout_p > 0``)::
+
+    u = x_l A^T                      (rows, r)
+    y = x W^T + b + s * u B^T        (rows, out)
+
+so for an upstream gradient ``g = dL/dy`` (rows, out)::
+
+    grad_u  = s * g B                (rows, r)
+    grad_B  = s * g^T u              (out, r)
+    grad_A  = grad_u^T x_l           (r, in)
+    grad_x  = g W  (+ grad_u A when x_lora is None: x feeds both paths)
+    grad_xl = grad_u A               (only when x_lora is given)
+    grad_b  = g.sum(0)
+    grad_W  = g^T x
+
+Each gradient is computed only when ``ctx.needs_input_grad`` asks for it (the base weight is
+normally frozen), and the forward saves only the inputs those gradients read. All but ``grad_W``
+and ``grad_b`` come from ``peftreg::lora_linear_backward`` (csrc/fused/); ``u`` is recomputed
+there rather than saved. The dense (out, in) product ``B A`` is never formed.
+
+Kernel choice: :data:`LORA_LINEAR` ``.run`` follows the crossover in :func:`_fused_is_faster`
+(measured, docs/ops.md "When the fused ops run").
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from peftreg.ops import _checks as ck
+from peftreg.ops import reference
+from peftreg.ops._op import Op
+
+__all__ = ["LORA_LINEAR", "LORA_LINEAR_BACKWARD", "lora_linear", "new_dropout_seed"]
+
+_NUM_INPUTS = 9  # x, weight, bias, lora_a, lora_b, scaling, x_lora, dropout_p, seed
+# From this many rows a 16-bit CPU call widens to float32 inside the kernel (csrc/fused/
+# lora_cpu.cpp); below it the kernel keeps ATen's 16-bit GEMV, the same work as plain PyTorch.
+_CPU_WIDEN_ROWS = 32
+
+
+def new_dropout_seed() -> torch.Tensor:
+    """A fresh seed for the fused ops' dropout (and :func:`peftreg.ops.reference.lora_dropout`).
+
+    Drawn from torch's default CPU generator, so ``torch.manual_seed`` makes training
+    reproducible; traceable by ``torch.compile``.
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _native_16bit() -> frozenset[torch.dtype]:
+    """The 16-bit dtypes this x86 CPU multiplies natively (read once, at import: the crossover
+    runs inside traced forwards, where file reads would break the graph)."""
+    if platform.machine() not in ("x86_64", "AMD64", "i386", "i686"):
+        return frozenset((torch.bfloat16, torch.float16))  # the kernel trusts ATen's GEMM there
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return frozenset(dtype for dtype, flag in ((torch.bfloat16, "avx512_bf16"),
+                                               (torch.float16, "avx512_fp16")) if flag in flags)
+
+
+_NATIVE_16BIT = _native_16bit()
+
+
+def cpu_widens_16bit(dtype: torch.dtype) -> bool:
+    """Whether the CPU kernels widen ``dtype`` (bf16/fp16) to float32 from 32 rows: the
+    processor lacks native arithmetic for it. Mirrors ``cpu_widens_16bit`` in
+    csrc/fused/lora_cpu.cpp, including its ``PEFTREG_CPU_WIDEN_16BIT`` override."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    forced = os.environ.get("PEFTREG_CPU_WIDEN_16BIT", "")
+    if forced:
+        return forced != "0"
+    return dtype not in _NATIVE_16BIT
+
+
+def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float = 1.0,
+                     x_lora: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     *_: Any) -> bool:
+    """The measured crossover of lora_linear against plain PyTorch (docs/ops.md).
+
+    CUDA: always the kernel. CPU, from ``_CPU_WIDEN_ROWS`` rows: the kernel when it widens
+    16-bit inputs to float32 (no native 16-bit arithmetic: fp16 4x faster at 128 x 1024 here)
+    or applies dropout (its mask is a few integer operations per element in C++, where plain
+    PyTorch runs them as int64 tensor passes and keeps dropout(x) and the mask: 1.12x).
+    Otherwise both paths run the same BLAS calls and the op's own overhead decides: plain
+    PyTorch (fused/plain measured 0.92-1.00x side by side, issue 14: 0.84x).
+    """
+    if x.device.type != "cpu":
+        return True
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows < _CPU_WIDEN_ROWS:
+        return False
+    return cpu_widens_16bit(x.dtype) or dropout_p > 0
+
+
+LORA_LINEAR = Op("lora_linear", reference=reference.lora_linear, faster=_fused_is_faster)
+LORA_LINEAR_BACKWARD = Op("lora_linear_backward")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A LoRA-adapted linear layer in one fused op: base product plus low-rank update.
+
+    Computes ``x @ weight^T + bias + scaling * ((x_lora or x) @ lora_a^T) @ lora_b^T``
+    (LoRA, Hu et al. 2021, eq. 3, with ``scaling = alpha / r``) without forming the dense
+    ``lora_b @ lora_a`` product. Differentiable in every tensor argument; gradients are computed
+    only for those that require them.
+
+    Args:
+        x: input of shape ``(..., in_features)``; any number of leading dimensions.
+        weight: base weight, ``(out_features, in_features)`` (usually frozen).
+        bias: base bias ``(out_features,)``, or None.
+        lora_a: down-projection A, ``(r, in_features)``.
+        lora_b: up-projection B, ``(out_features, r)``.
+        scaling: factor applied to the low-rank update (``alpha / r``).
+        x_lora: input of the low-rank path when it differs from ``x``, typically
+            ``dropout(x)`` computed by the caller (so dropout's backward stays torch's); same
+            shape as ``x``. ``None``, or ``x`` itself, means the LoRA path reads ``x``.
+        dropout_p: dropout probability on the LoRA path's input, applied inside the op; the
+            backward regenerates the mask from ``dropout_seed`` instead of saving it or
+            ``dropout(x)`` (see docs/ops.md). Excludes ``x_lora``.
+        dropout_seed: int64 tensor with one element (for example
+            :func:`new_dropout_seed`); required when ``dropout_p > 0``.
+
+    Returns:
+        Tensor of shape ``(..., out_features)`` with ``x``'s dtype, on ``x``'s device.
+
+    Raises:
+        ExtensionUnavailableError: the compiled extension is not loaded, or it has no kernel for
+            ``x``'s device (for example a CPU-only build given CUDA tensors).
+        RuntimeError: mismatched shapes, dtypes or devices; the message names the argument.
+            All tensors must share one dtype (float32, bfloat16, float16; float64 is accepted
+            for gradient checking) and one device.
+    """
+    if x_lora is x:
+        x_lora = None  # identical inputs: take the cheaper path, gradients are the same
+    return LORA_LINEAR(x, weight, bias, lora_a, lora_b, float(scaling), x_lora,
+                       float(dropout_p), dropout_seed)
+
+
+# --- fake kernels (the checks of csrc/fused/lora_args.h) -------------------------------------
+
+
+def check_lora_factors(op: str, lora_a: torch.Tensor, lora_b: torch.Tensor, in_features: int,
+                       out_features: int, in_meaning: str, out_meaning: str) -> None:
+    """A (r, in) and B (out, r) against the layer's sizes; shared with nf4_lora_linear."""
+    ck.dim(op, lora_a, "lora_a", 2, "(r, in_features)")
+    ck.dim(op, lora_b, "lora_b", 2, "(out_features, r)")
+    ck.size(op, lora_a, "lora_a", 1, in_features, "(r, in_features)", in_meaning)
+    ck.size(op, lora_b, "lora_b", 0, out_features, "(out_features, r)", out_meaning)
+    ck.size(op, lora_b, "lora_b", 1, lora_a.shape[0], "(out_features, r)", "r = lora_a.shape[0]")
+
+
+@LORA_LINEAR.register_fake
+def _lora_linear_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    op = LORA_LINEAR.qualname
+    ck.min_dim(op, x, "x", 1, "(..., in_features)")
+    ck.dim(op, weight, "weight", 2, "(out_features, in_features)")
+    ck.dim(op, lora_a, "lora_a", 2, "(r, in_features)")
+    ck.dim(op, lora_b, "lora_b", 2, "(out_features, r)")
+    in_features, out_features = x.shape[-1], weight.shape[0]
+    ck.size(op, weight, "weight", 1, in_features, "(out_features, in_features)",
+            "in_features = x.shape[-1]")
+    check_lora_factors(op, lora_a, lora_b, in_features, out_features,
+                       "in_features = x.shape[-1]", "out_features = weight.shape[0]")
+    named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
+    if bias is not None:
+        ck.dim(op, bias, "bias", 1, "(out_features,)")
+        ck.size(op, bias, "bias", 0, out_features, "(out_features,)",
+                "out_features = weight.shape[0]")
+        named.append(("bias", bias))
+    if x_lora is not None:
+        ck.same_shape(op, x_lora, "x_lora", x, "x")
+        named.append(("x_lora", x_lora))
+    ck.supported_dtype(op, x, "x")
+    ck.same_dtype(op, named, x, "x")
+    ck.same_device(op, named, x, "x")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def lora_grads_fake(grad: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    has_x_lora: bool, output_mask: Sequence[bool]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes of (grad_x, grad_lora_a, grad_lora_b, grad_x_lora); empty where not requested."""
+    need_x, need_a, need_b, need_xl = output_mask
+    x_shape = (*grad.shape[:-1], lora_a.shape[1])
+    # Each unrequested output is its own empty tensor: outputs never alias one another.
+    return (grad.new_empty(x_shape if need_x else (0,)),
+            grad.new_empty(lora_a.shape if need_a else (0,)),
+            grad.new_empty(lora_b.shape if need_b else (0,)),
+            grad.new_empty(x_shape if need_xl and has_x_lora else (0,)))
+
+
+def check_lora_backward(op: str, grad: torch.Tensor, x: torch.Tensor | None,
+                        weight: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                        x_lora: torch.Tensor | None, output_mask: Sequence[bool],
+                        weight_needed: bool) -> None:
+    """check_lora_backward_args (csrc/fused/lora_args.h); shared with nf4_lora_linear."""
+    ck.min_dim(op, grad, "grad", 1, "(..., out_features)")
+    ck.dim(op, lora_a, "lora_a", 2, "(r, in_features)")
+    ck.dim(op, lora_b, "lora_b", 2, "(out_features, r)")
+    out_features, in_features = grad.shape[-1], lora_a.shape[1]
+    ck.size(op, lora_b, "lora_b", 0, out_features, "(out_features, r)",
+            "out_features = grad.shape[-1]")
+    ck.size(op, lora_b, "lora_b", 1, lora_a.shape[0], "(out_features, r)", "r = lora_a.shape[0]")
+    need_x, need_a, need_b, _ = output_mask
+    lora_input = x_lora if x_lora is not None else x
+    ck.check(op, not (need_a or need_b) or lora_input is not None,
+             "the gradients of lora_a/lora_b need the LoRA input: pass x (or x_lora)")
+    ck.check(op, not (weight_needed and need_x) or weight is not None,
+             "grad_x needs the base weight: pass weight")
+    x_shape = [*grad.shape[:-1], in_features]
+    for name, t in (("x", x), ("x_lora", x_lora)):
+        if t is not None:
+            ck.check(op, list(t.shape) == x_shape,
+                     f"argument '{name}' must have shape {x_shape} (grad's leading dims, "
+                     f"in_features) but has shape {ck.shape(t)}")
+            ck.same_dtype(op, [(name, t)], grad, "grad")
+            ck.same_device(op, [(name, t)], grad, "grad")
+    if weight_needed and weight is not None:
+        ck.dim(op, weight, "weight", 2, "(out_features, in_features)")
+        ck.size(op, weight, "weight", 0, out_features, "(out_features, in_features)",
+                "out_features = grad.shape[-1]")
+        ck.size(op, weight, "weight", 1, in_features, "(out_features, in_features)",
+                "in_features = lora_a.shape[1]")
+        ck.same_dtype(op, [("weight", weight)], grad, "grad")
+        ck.same_device(op, [("weight", weight)], grad, "grad")
+    ck.supported_dtype(op, grad, "grad")
+    ck.same_dtype(op, [("lora_a", lora_a), ("lora_b", lora_b)], grad, "grad")
+    ck.same_device(op, [("lora_a", lora_a), ("lora_b", lora_b)], grad, "grad")
+
+
+@LORA_LINEAR_BACKWARD.register_fake
+def _lora_linear_backward_fake(
+    grad: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None,
+    output_mask: Sequence[bool],
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_lora_backward(LORA_LINEAR_BACKWARD.qualname, grad, x, weight, lora_a, lora_b, x_lora,
+                        output_mask, weight_needed=True)
+    return lora_grads_fake(grad, lora_a, lora_b, x_lora is not None, output_mask)
+
+
+# --- autograd --------------------------------------------------------------------------------
+
+
+def padded_needs(ctx: Any, count: int) -> tuple[bool, ...]:
+    """``ctx.needs_input_grad`` for the op's ``count`` inputs.
+
+    The dispatcher drops trailing arguments equal to their defaults (``x_lora=None``), and
+    torch.library may append an entry of its own, so the raw tuple can be shorter or longer
+    than the schema. Entries past the real inputs are False either way.
+    """
+    needs = tuple(bool(n) for n in ctx.needs_input_grad[:count])
+    return needs + (False,) * (count - len(needs))
+
+
+def with_defaults(inputs: tuple[Any, ...], count: int, trailing: tuple[Any, ...]
+                  ) -> tuple[Any, ...]:
+    """``inputs`` completed to ``count`` entries with the schema's defaults for the trailing
+    ``len(trailing)`` arguments (the dispatcher may drop trailing arguments left at default)."""
+    inputs = tuple(inputs)[:count]
+    missing = count - len(inputs)
+    return inputs + trailing[len(trailing) - missing:] if missing else inputs
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, _bias, lora_a, lora_b, scaling, x_lora, dropout_p, dropout_seed = with_defaults(
+        inputs, _NUM_INPUTS, (None, 0.0, None))
+    need_x, need_w, _need_bias, need_a, need_b, _, need_xl, *_ = padded_needs(ctx, _NUM_INPUTS)
+    has_x_lora = x_lora is not None
+    # x is read by grad_W, and by grad_A/grad_B when it is also the LoRA input (dropout's mask
+    # is regenerated from the seed, so dropout(x) itself is never saved); weight by grad_x.
+    save_x = need_w or (not has_x_lora and (need_a or need_b))
+    save_x_lora = has_x_lora and (need_a or need_b)
+    ctx.save_for_backward(
+        x if save_x else None,
+        weight if need_x else None,
+        lora_a,
+        lora_b,
+        x_lora if save_x_lora else None,
+        dropout_seed,
+    )
+    ctx.dropout_p = float(dropout_p or 0.0)
+    ctx.scaling = float(scaling)
+    ctx.output_mask = [need_x, need_a, need_b, need_xl and has_x_lora]
+
+
+def _grads_differentiable(grad: torch.Tensor, x: torch.Tensor | None,
+                          weight: torch.Tensor | None, lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, s: float, x_lora: torch.Tensor | None,
+                          mask: list[bool], dropout_p: float = 0.0,
+                          seed: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    """The module docstring's formulas as plain matmuls (for a differentiable backward)."""
+    need_x, need_a, need_b, need_xl = mask
+    g = grad.reshape(-1, grad.shape[-1])
+    x_l = x_lora if x_lora is not None else x
+    if dropout_p > 0 and x_l is not None:
+        x_l = reference.lora_dropout(x_l, dropout_p, seed)
+    xl2d = x_l.reshape(-1, lora_a.shape[1]) if x_l is not None else None
+    grad_u = torch.mm(g, lora_b) * s
+    x_shape = (*grad.shape[:-1], lora_a.shape[1])
+    grad_x = grad_a = grad_b = grad_xl = None
+    if need_x:
+        grad_x = torch.mm(g, weight)
+        if x_lora is None:
+            low = torch.mm(grad_u, lora_a)
+            if dropout_p > 0:  # dropout's backward: the same mask and scale
+                low = reference.lora_dropout(low, dropout_p, seed)
+            grad_x = grad_x + low
+        grad_x = grad_x.reshape(x_shape)
+    if need_a:
+        grad_a = torch.mm(grad_u.t(), xl2d)
+    if need_b:
+        grad_b = torch.mm(g.t(), torch.mm(xl2d, lora_a.t())) * s
+    if need_xl:
+        grad_xl = torch.mm(grad_u, lora_a).reshape(x_shape)
+    return [grad_x, grad_a, grad_b, grad_xl]
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, lora_a, lora_b, x_lora, seed = ctx.saved_tensors
+    _, need_w, need_bias, *_ = padded_needs(ctx, _NUM_INPUTS)
+    mask = ctx.output_mask
+    grads: list[torch.Tensor | None] = [None, None, None, None]
+    if any(mask) and torch.is_grad_enabled():
+        # backward(create_graph=True): the compiled backward has no derivative of its own, so
+        # the same formulas run as differentiable matmuls (double backward, gradgradcheck).
+        grads = _grads_differentiable(grad, x, weight, lora_a, lora_b, ctx.scaling, x_lora,
+                                      mask, ctx.dropout_p, seed)
+    elif any(mask):
+        grads = list(LORA_LINEAR_BACKWARD.overload(
+            grad, x, weight, lora_a, lora_b, ctx.scaling, x_lora, mask, ctx.dropout_p, seed))
+        grads = [g if wanted else None for g, wanted in zip(grads, mask, strict=True)]
+    grad_x, grad_a, grad_b, grad_xl = grads
+    grad_w = grad_bias = None
+    g = grad.reshape(-1, grad.shape[-1])
+    if need_w:
+        grad_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
+    if need_bias:
+        grad_bias = g.sum(0)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_xl, None, None
+
+
+LORA_LINEAR.register_autograd(_backward, _setup_context)
+LORA_LINEAR_BACKWARD.not_differentiable(
+    "is not differentiable: it is lora_linear's first-order backward")
