@@ -198,15 +198,30 @@ def sweep_table(sweep: Sweep, metric: str, rows: Sequence[RowSummary]) -> Table:
     return table
 
 
-def write_sweep_plot(path: Path, sweep: Sweep, metric: str, rows: Sequence[RowSummary]) -> bool:
-    """The metric against the swept value, one line per method with 95% intervals; False
-    when matplotlib is absent."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, or None where matplotlib is absent."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep_plot(path: Path, sweep: Sweep, metric: str, rows: Sequence[RowSummary]) -> bool:
+    """The metric against the swept value, one line per method with 95% intervals; False
+    when matplotlib is absent."""
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(figsize=(7, 4.5))
     labels = [sweep.label(v) for v in sweep.values]
@@ -227,10 +242,7 @@ def write_sweep_plot(path: Path, sweep: Sweep, metric: str, rows: Sequence[RowSu
     axes.set_xlabel(sweep.field)
     axes.set_ylabel(_metric_label(metric) + " (95% interval)")
     axes.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -309,12 +321,8 @@ def read_runs(path: Path, task_name: str, settings: RunSettings,
 def write_plot(path: Path, metric: str, results: Sequence[MethodResult]) -> bool:
     """Mean loss curves, and the metric (with 95% intervals) against trainable parameters;
     False when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     rows = [r for r in summarize(results) if r.runs]
     fig, (curves, scatter) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -345,8 +353,5 @@ def write_plot(path: Path, metric: str, results: Sequence[MethodResult]) -> bool
     if metric == "accuracy":
         scatter.axhline(1 / 3, color="grey", linestyle=":", label="chance")
         scatter.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True

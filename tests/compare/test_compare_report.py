@@ -105,7 +105,7 @@ def test_resumed_comparison_runs_only_what_is_missing(monkeypatch):
 
     calls = []
 
-    def fake_method(name, task, settings, registry, seed, on_step=None):
+    def fake_method(name, task, settings, registry, seed, on_step=None, sweep=None, value=None):
         calls.append((name, seed))
         return _result(name, seed, 0.5)
 
