@@ -13,7 +13,7 @@ TEST_PLUGINS := build/test-plugins
 SOURCES := pyproject.toml setup.py $(shell find csrc peftreg plugins -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PLUGIN_DISTS := $(shell find tests/plugin_dists -name pyproject.toml -o -name '*.py' 2>/dev/null)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint typecheck bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ test: install $(TEST_PLUGINS)/.installed
 
 lint: install
 	$(PY) -m ruff check peftreg plugins tests benchmarks setup.py
+
+# mypy over peftreg/ and plugins/ (files and per-module strictness in pyproject.toml).
+typecheck: install
+	$(PY) -m mypy
 
 bench: install
 	$(PY) benchmarks/bench_fused_lora.py

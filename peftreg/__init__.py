@@ -10,6 +10,8 @@ Typical use::
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from typing import Any
 
 from peftreg.config import MethodConfig
@@ -26,48 +28,27 @@ from peftreg.errors import (
     UnknownMethodError,
     UnsupportedOperationError,
 )
-from peftreg.families import ModelFamily
-from peftreg.hookspecs import hookimpl
-from peftreg.host import (
-    AdapterHost,
-    AdapterSlot,
-    InputAdapter,
-    InputSlot,
-    LayerAdapter,
-    TrainableCopy,
-)
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import AdaptedModel, AdapterSummary, adapt, host_for
+from peftreg.model import AdaptedModel, AdapterSummary, adapt
 from peftreg.registry import MethodInfo, Registry, default_registry
-from peftreg.targets import TargetedConfig, select_targets
 
 __version__ = "0.1.0"
 
+# The user API. Plugin authors import from peftreg.plugin (the SDK) instead.
 __all__ = [
     "AdaptedModel",
     "AdapterError",
     "AdapterFileError",
-    "AdapterHost",
-    "AdapterSlot",
     "AdapterSummary",
-    "Capabilities",
     "ConfigError",
     "DuplicateMethodError",
-    "InputAdapter",
-    "InputSlot",
-    "LayerAdapter",
     "MethodConfig",
     "MethodInfo",
-    "ModelFamily",
     "ModelFamilyError",
     "NonFiniteGradientError",
-    "PEFTMethod",
     "PeftregError",
     "PluginError",
     "Registry",
     "TargetNotFoundError",
-    "TargetedConfig",
-    "TrainableCopy",
     "UnknownMethodError",
     "UnsupportedOperationError",
     "__version__",
@@ -75,13 +56,37 @@ __all__ = [
     "check_gradients",
     "config_for",
     "default_registry",
-    "hookimpl",
-    "host_for",
     "load",
     "methods",
-    "select_targets",
     "watch_gradients",
 ]
+
+# Plugin machinery that used to be exported here, and where it lives now. Still importable
+# from the top level (with a DeprecationWarning) so plugins written before the SDK keep working.
+_MOVED = {
+    "AdapterHost": "peftreg.plugin",
+    "AdapterSlot": "peftreg.plugin",
+    "Capabilities": "peftreg.plugin",
+    "InputAdapter": "peftreg.plugin",
+    "InputSlot": "peftreg.plugin",
+    "LayerAdapter": "peftreg.plugin",
+    "ModelFamily": "peftreg.plugin",
+    "PEFTMethod": "peftreg.plugin",
+    "TargetedConfig": "peftreg.plugin",
+    "hookimpl": "peftreg.plugin",
+    "host_for": "peftreg.plugin",
+    "select_targets": "peftreg.plugin",
+    "TrainableCopy": "peftreg.host",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peftreg' has no attribute {name!r}")
+    warnings.warn(f"peftreg.{name} is plugin machinery: import it from {module}",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(module), name)
 
 
 def methods() -> list[MethodInfo]:

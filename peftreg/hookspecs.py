@@ -29,10 +29,10 @@ def peftreg_register_methods() -> list[PEFTMethod]:
     """Return the PEFT methods this plugin provides.
 
     Called once per plugin when the registry loads. Results of all plugins are merged. Each
-    element must be a :class:`peftreg.PEFTMethod` instance whose ``name`` is unique across the
-    installation: a name that is already taken is refused and reported with both distribution
-    names (a built-in method is never replaced). Anything else returned is reported as a failure
-    of this plugin and ignored; the other plugins keep working.
+    element must be a :class:`peftreg.plugin.PEFTMethod` instance whose ``name`` is unique
+    across the installation: a name that is already taken is refused and reported with both
+    distribution names (a built-in method is never replaced). Anything else returned is
+    reported as a failure of this plugin and ignored; the other plugins keep working.
 
     Returns:
         A list of method instances (may be empty).
@@ -52,6 +52,6 @@ def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
         model: the user's model (not yet adapted, or with adapters already in place).
 
     Returns:
-        A :class:`peftreg.ModelFamily`, or ``None`` when this plugin does not know the model.
+        A :class:`peftreg.plugin.ModelFamily`, or ``None`` when this plugin does not know the model.
     """
     raise NotImplementedError

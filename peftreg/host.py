@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftreg.base_access import BaseAccess, dense_linear
 from peftreg.errors import TargetNotFoundError, UnsupportedOperationError
 
 if TYPE_CHECKING:
@@ -47,8 +48,24 @@ class LayerAdapter(nn.Module):
 
     A method plugin subclasses this and overrides the hooks it needs. The host applies, in
     order: every active adapter's :meth:`adapt_input`, the base module, then every active
-    adapter's :meth:`adapt_output`.
+    adapter's :meth:`adapt_output`. The full stacking contract (what each adapter receives, how
+    merging composes) is in :meth:`AdapterHost.forward` and :meth:`AdapterHost.merge`.
     """
+
+    def changes_input(self) -> bool:
+        """Whether :meth:`adapt_input` is not the identity (the stacking contract uses it).
+
+        The default says so whenever a subclass overrides :meth:`adapt_input`; override this
+        when the override is the identity for some instances (IA3 scales only feed-forward
+        inputs).
+        """
+        return type(self).adapt_input is not LayerAdapter.adapt_input
+
+    def reads_base(self) -> bool:
+        """Whether the adapter's output depends on the base's stored weights (it holds a
+        :class:`~peftreg.base_access.BaseAccess`), so merging an adapter before it would change
+        what it computes."""
+        return any(isinstance(v, BaseAccess) for v in vars(self).values())
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         """Transform the base module's input (identity by default)."""
@@ -132,7 +149,10 @@ class AdapterSlot(nn.Module):
             keep_trained: put back the trained replacement (:meth:`unwrap`) rather than the
                 original module (:meth:`wrapped`).
         """
-        replace_module(model, path, self.unwrap() if keep_trained else self.wrapped())
+        replacement = self.unwrap() if keep_trained else self.wrapped()
+        if replacement is None:
+            raise UnsupportedOperationError(f"the adapter slot at {path!r} wraps no module")
+        replace_module(model, path, replacement)
 
 
 class AdapterHost(AdapterSlot):
@@ -142,6 +162,8 @@ class AdapterHost(AdapterSlot):
         base: the original module (frozen by the model wrapper).
         adapters: one :class:`LayerAdapter` per adapter name.
     """
+
+    base: nn.Module
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -166,14 +188,61 @@ class AdapterHost(AdapterSlot):
 
     # -- merging -------------------------------------------------------------------------------
 
-    def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weights (no-op if already merged)."""
+    def merge(self, name: str, where: str = "") -> None:
+        """Fold adapter ``name`` into the base weights (no-op if already merged).
+
+        The stacking contract: the merged adapters of a layer are always a leading part of its
+        active order, folded in that order, so that the layer computes what it computed
+        unmerged. Merging is refused (:class:`UnsupportedOperationError`, nothing changed) when
+
+        * an active adapter before ``name`` is not merged (merge in application order);
+        * ``name`` transforms the layer's input and another active adapter follows it: the
+          later one reads the transformed input, which a merged base no longer exposes;
+        * an unmerged active adapter after ``name`` reads the base weights (through
+          :class:`~peftreg.base_access.BaseAccess`): folding ``name`` would change them.
+
+        Args:
+            name: the adapter to merge.
+            where: the layer's path, for error messages.
+        """
         if name in self.merged:
             return
         adapter: LayerAdapter = self.adapters[name]  # type: ignore[assignment]
+        problem = self.merge_problem(name)
+        if problem:
+            layer = f" on {where!r}" if where else ""
+            raise UnsupportedOperationError(f"cannot merge adapter {name!r}{layer}: {problem}")
+        if BaseAccess(self).quantized:
+            # Folding an update into packed 4-bit codes is impossible: the layer becomes the
+            # dense layer it computes (unmerge keeps it dense; see docs/plugins.md).
+            self.base = dense_linear(self.base)
         with torch.no_grad():
             adapter.merge_into(self.base)
         self.merged.append(name)
+
+    def merge_problem(self, name: str) -> str | None:
+        """Why :meth:`merge` would refuse ``name`` now (``None`` when it would not)."""
+        adapter: LayerAdapter = self.adapters[name]  # type: ignore[assignment]
+        order = list(self.active)
+        if name not in order:
+            return "it is not active on this layer"
+        position = order.index(name)
+        pending = [n for n in order[:position] if n not in self.merged]
+        if pending:
+            return (f"adapter {pending[0]!r} comes before it on this layer and is not merged; "
+                    "merge adapters in their application order (the merged adapters of a layer "
+                    "must lead its order)")
+        later = order[position + 1:]
+        if later and adapter.changes_input():
+            return (f"it transforms the layer's input and {later[0]!r} comes after it, which "
+                    "reads that transformed input; a merged base would hand it the "
+                    "untransformed one")
+        readers = [n for n in later if self.adapters[n].reads_base()]  # type: ignore[operator]
+        if readers:
+            return (f"adapter {readers[0]!r} after it reads the base weights, which the merge "
+                    "would change; merge it first (put it earlier in the active order) or keep "
+                    "both unmerged")
+        return None
 
     def unmerge(self, name: str) -> None:
         """Undo :meth:`merge` for ``name``; adapters merged after it are unmerged first."""
@@ -190,6 +259,14 @@ class AdapterHost(AdapterSlot):
     # -- forward -------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run the active, unmerged adapters around the (possibly merged) base.
+
+        With active unmerged adapters ``a_1 .. a_n`` in order: ``x_n = a_n.adapt_input(...
+        a_1.adapt_input(x))``, ``y_0 = base(x_n)``, ``y_i = a_i.adapt_output(x_n, y_{i-1})``.
+        Every adapter's ``adapt_output`` receives the input the base received. An adapter that
+        reads its base through :class:`~peftreg.base_access.BaseAccess` sees the base as stored,
+        i.e. with the merged adapters folded in and without the unmerged ones.
+        """
         if self.disabled:
             if self.merged:
                 raise UnsupportedOperationError(
@@ -200,7 +277,8 @@ class AdapterHost(AdapterSlot):
             from peftreg.row_adapters import per_row_forward
 
             return per_row_forward(self, self.row_adapters, x, *args, **kwargs)
-        running = [self.adapters[n] for n in self.active if n not in self.merged]
+        running: list[LayerAdapter] = [
+            self.adapters[n] for n in self.active if n not in self.merged]  # type: ignore[misc]
         if not running:
             return self.base(x, *args, **kwargs)
         if len(running) == 1 and not args and not kwargs:

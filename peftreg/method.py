@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Final, Generic, TypeVar
 
 from torch import nn
 
 from peftreg.config import MethodConfig
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, iter_slots
+
+#: The plugin API level this peftreg provides. It rises by one whenever something a plugin may
+#: rely on (the names in :mod:`peftreg.plugin` and what they promise) is added; a plugin built
+#: for a higher level than the running peftreg is refused by name when the registry loads it.
+API_LEVEL: Final = 1
+
+C = TypeVar("C", bound=MethodConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +36,22 @@ class Capabilities:
         quantized_base: the method works on (or creates) a quantized frozen base.
         inference_latency: the adapter adds computation at inference even when merged where
             possible (true for methods that cannot merge or that add tokens).
+        compilable: ``torch.compile`` of an adapted model gives the eager outputs (the
+            plugin's tests check it; the conformance kit's ``"compile"`` check runs only then).
     """
 
     mergeable: bool
     quantized_base: bool = False
     inference_latency: bool = False
+    compilable: bool = False
 
 
-class PEFTMethod(abc.ABC):
-    """A parameter-efficient fine-tuning method.
+class PEFTMethod(abc.ABC, Generic[C]):
+    """A parameter-efficient fine-tuning method, generic in its config class.
 
-    Subclasses set the three class variables and implement :meth:`inject`.
+    Subclasses (``class MyMethod(PEFTMethod[MyConfig])``) set the class variables and
+    implement :meth:`inject`; ``inject``, ``parameter_count`` and the other methods then take
+    ``MyConfig`` without any cast.
 
     Attributes:
         name: the registry name; must equal ``config_cls.method``.
@@ -48,19 +60,29 @@ class PEFTMethod(abc.ABC):
         suggested_learning_rate: an AdamW learning rate that suits the method's defaults; used
             by ``peftreg compare`` when no rate is given (methods differ by orders of magnitude:
             prompt tuning needs far larger steps than LoRA).
+        api_level: the :data:`API_LEVEL` the plugin was written against (default 1). A method
+            asking for more than the running peftreg provides is refused when it registers,
+            with a message naming its distribution.
+        numerics_version: raised by the plugin whenever a release changes the numbers its
+            adapters compute from the same saved tensors (a new init, a changed scale, a fixed
+            formula). It is written into every saved adapter, and loading an adapter saved
+            under another numerics version warns that results are not comparable.
     """
 
     name: ClassVar[str]
-    config_cls: ClassVar[type[MethodConfig]]
+    # Not a ClassVar: a ClassVar cannot use the class's type parameter.
+    config_cls: type[C]
     capabilities: ClassVar[Capabilities]
     suggested_learning_rate: ClassVar[float] = 1e-3
+    api_level: ClassVar[int] = 1
+    numerics_version: ClassVar[int] = 1
 
     @abc.abstractmethod
     def inject(
         self,
         model: nn.Module,
         adapter_name: str,
-        config: MethodConfig,
+        config: C,
         family: ModelFamily | None,
     ) -> list[str]:
         """Add adapter ``adapter_name`` to ``model`` in place.
@@ -92,9 +114,9 @@ class PEFTMethod(abc.ABC):
         """
         done: list[AdapterHost] = []
         try:
-            for _, slot in iter_slots(model):
+            for path, slot in iter_slots(model):
                 if isinstance(slot, AdapterHost) and adapter_name in slot.adapters:
-                    slot.merge(adapter_name)
+                    slot.merge(adapter_name, where=path)
                     done.append(slot)
         except BaseException:
             # All or nothing: a failure part-way must not leave some layers merged.
@@ -109,7 +131,7 @@ class PEFTMethod(abc.ABC):
                 slot.unmerge(adapter_name)
 
     def parameter_count(
-        self, model: nn.Module, config: MethodConfig, family: ModelFamily | None
+        self, model: nn.Module, config: C, family: ModelFamily | None
     ) -> int | None:
         """Closed-form number of trainable parameters ``config`` adds to ``model``.
 

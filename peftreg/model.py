@@ -15,11 +15,13 @@ import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 from torch import nn
 
+from peftreg.aliasing import check_no_base_tensors
+from peftreg.base_access import access_for
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedOperationError
 from peftreg.families import ModelFamily
@@ -29,6 +31,9 @@ from peftreg.registry import Registry, default_registry
 from peftreg.row_adapters import LowRankAdapter, RowPlan
 from peftreg.signature import SIGNATURE_BASE, signature_class
 from peftreg.targets import get_module, iter_base_modules, replace_module
+
+# The destination mapping type of state_dict (as nn.Module types it).
+_D = TypeVar("_D", bound=dict[str, Any])
 
 # Adapter names become module keys and directory names: no dots, no separators, bounded length.
 ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -186,8 +191,16 @@ class AdaptedModel(nn.Module):
         return [names[id(slot.adapter_module(name))]
                 for _, slot in iter_slots(self.model) for name in slot.adapter_names()]
 
-    def state_dict(self, *args: Any, destination: Any = None,  # type: ignore[override]
-                   prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+    # The overloads are nn.Module's, so this stays a valid override without an ignore.
+    @overload
+    def state_dict(self, *, destination: _D, prefix: str = ..., keep_vars: bool = ...
+                   ) -> _D: ...
+
+    @overload
+    def state_dict(self, *, prefix: str = ..., keep_vars: bool = ...) -> dict[str, Any]: ...
+
+    def state_dict(self, *args: Any, destination: Any = None,
+                   prefix: str = "", keep_vars: bool = False) -> Any:
         """The adapters' tensors (every adapter, saved-module copies included), keyed as in
         ``nn.Module.state_dict``; the frozen base is left out (``model.model.state_dict()`` has
         it). What ``Trainer`` writes as a checkpoint and reads back on resume."""
@@ -278,6 +291,7 @@ class AdaptedModel(nn.Module):
                 p.requires_grad_(False)
         try:
             targets = method.inject(self.model, name, config, self._family)
+            check_no_base_tensors(self.model, name, method.name)
             saved = self._add_saved_modules(name, config, targets)
         except BaseException:
             self._purge(name)
@@ -466,7 +480,8 @@ class AdaptedModel(nn.Module):
             if (isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter)
                     and hasattr(module, "in_features") and hasattr(module, "out_features")):
                 # A quantized layer keeps its weight as packed buffers: count the logical size.
-                total += module.in_features * module.out_features
+                out_f, in_f = access_for(module).shape
+                total += out_f * in_f
         return total
 
     def summary(self) -> AdapterSummary:
@@ -491,14 +506,24 @@ class AdaptedModel(nn.Module):
     # -- deleting ------------------------------------------------------------------------------
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` and its parameters (unmerging it first if merged)."""
+        """Remove adapter ``name`` and its parameters (unmerging it first if merged).
+
+        Adapters merged after it are unmerged first (a layer unfolds newest first) and merged
+        again once it is gone, where the stacking contract allows; those it does not allow stay
+        unmerged.
+        """
         self.record(name)
+        remerge: list[str] = []
         if name in self._merged:
+            remerge = self._merged[self._merged.index(name) + 1:]
             self.unmerge([name])
         self._purge(name)
         del self._records[name]
         self._active = [n for n in self._active if n != name]
         self._apply_state()
+        for other in remerge:
+            with contextlib.suppress(UnsupportedOperationError):
+                self._merge_one(other)
 
     def _purge(self, name: str) -> None:
         for path, slot in list(iter_slots(self.model)):
@@ -529,25 +554,41 @@ class AdaptedModel(nn.Module):
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights.
 
+        Adapters merge in their application (active) order whatever order ``names`` lists,
+        as the stacking contract requires (see :meth:`peftreg.host.AdapterHost.merge`).
+
         Raises:
-            UnsupportedOperationError: one of them belongs to a method that cannot merge;
-                nothing is merged then.
+            UnsupportedOperationError: one of them belongs to a method that cannot merge, or
+                the stacking contract refuses the combination; nothing is merged then.
         """
         targets = list(self._active if names is None else names)
         for name in targets:
             self._check_mergeable(name)
             if name not in self._active:
                 raise AdapterError(f"adapter {name!r} is not active; only active ones merge")
-        for name in targets:
-            if name not in self._merged:
-                self._merge_one(name)
+        done: list[str] = []
+        try:
+            for name in sorted(targets, key=self._active.index):
+                if name not in self._merged:
+                    self._merge_one(name)
+                    done.append(name)
+        except BaseException:
+            for name in reversed(done):
+                self._unmerge_one(name)
+            raise
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
-        """Undo :meth:`merge` (default: every merged adapter), newest first."""
-        targets = list(self._merged if names is None else names)
-        for name in reversed(list(self._merged)):
-            if name in targets:
-                self._unmerge_one(name)
+        """Undo :meth:`merge` (default: every merged adapter), newest first.
+
+        Merged adapters unfold in reverse merge order, so unmerging one also unmerges every
+        adapter merged after it (each layer's merged adapters lead its active order).
+        """
+        targets = set(self._merged if names is None else names)
+        hits = [i for i, n in enumerate(self._merged) if n in targets]
+        if not hits:
+            return
+        for name in reversed(self._merged[hits[0]:]):
+            self._unmerge_one(name)
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain model without any adapter module.

@@ -59,8 +59,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.float() * scale).to(x.dtype) * self.weight
+        wide = _at_least_fp32(x)
+        scale = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (wide * scale).to(x.dtype) * self.weight
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # Widened for 16-bit inputs, kept in float64 (the conformance kit's finite differences).
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -142,6 +148,9 @@ class ReferenceTransformer(nn.Module):
     ``attention_mask`` then covers the prefix too (or only the tokens, the prefix being visible).
     """
 
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ReferenceConfig | None = None) -> None:
         super().__init__()
         self.config = config or ReferenceConfig()
@@ -200,7 +209,7 @@ class ReferenceTransformer(nn.Module):
             out["logits"] = logits
             if labels is not None:
                 out["loss"] = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    _at_least_fp32(logits[:, :-1].reshape(-1, logits.shape[-1])),
                     labels[:, 1:].reshape(-1), ignore_index=-100)
         else:
             if attention_mask is not None:
@@ -211,5 +220,5 @@ class ReferenceTransformer(nn.Module):
             logits = self.classifier(pooled)
             out["logits"] = logits
             if labels is not None:
-                out["loss"] = F.cross_entropy(logits.float(), labels)
+                out["loss"] = F.cross_entropy(_at_least_fp32(logits), labels)
         return out

@@ -22,7 +22,7 @@ from peftreg.config import MethodConfig
 from peftreg.discovery import PluginFailure, PluginSource
 from peftreg.errors import ConfigError, DuplicateMethodError, PluginError, UnknownMethodError
 from peftreg.families import ModelFamily
-from peftreg.method import Capabilities, PEFTMethod
+from peftreg.method import API_LEVEL, Capabilities, PEFTMethod
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +296,17 @@ def _method_problem(item: object) -> str | None:
                 f"{config_cls.__name__} says method {config_cls.method!r}")
     if not isinstance(getattr(item, "capabilities", None), Capabilities):
         return f"{type(item).__name__}.capabilities must be a Capabilities instance"
+    level = getattr(item, "api_level", 1)
+    if not isinstance(level, int) or isinstance(level, bool) or level < 1:
+        return f"{type(item).__name__}.api_level must be a positive integer, got {level!r}"
+    if level > API_LEVEL:
+        return (f"method {name!r} needs peftreg plugin API level {level}, but this peftreg "
+                f"provides level {API_LEVEL}; upgrade peftreg or use an older release of the "
+                "plugin")
+    numerics = getattr(item, "numerics_version", 1)
+    if not isinstance(numerics, int) or isinstance(numerics, bool) or numerics < 1:
+        return (f"{type(item).__name__}.numerics_version must be a positive integer, got "
+                f"{numerics!r}")
     return None
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from torch import nn
 
-import peftreg
-from peftreg.families import ModelFamily
-from peftreg.reference_model import ReferenceTransformer
+from peftreg.plugin import (
+    ModelFamily,
+    ReferenceTransformer,
+    hookimpl,
+)
 
 # Relative names inside one block, shared with HF Llama.
 LLAMA_ROLES = {
@@ -17,7 +19,7 @@ LLAMA_ROLES = {
 }
 
 
-@peftreg.hookimpl
+@hookimpl
 def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
     """Describe a ReferenceTransformer; ``None`` for anything else."""
     if not isinstance(model, ReferenceTransformer):

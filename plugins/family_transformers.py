@@ -7,10 +7,14 @@ It reads only the model's ``config.model_type`` and module tree, so it imports n
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-import peftreg
-from peftreg.families import ModelFamily
+from peftreg.plugin import (
+    ModelFamily,
+    hookimpl,
+)
 
 _LLAMA = {
     "layers": "layers",
@@ -41,7 +45,7 @@ _GPT2 = {
         "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
     },
 }
-LAYOUTS = {
+LAYOUTS: dict[str, dict[str, Any]] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "gpt2": _GPT2,
 }
@@ -56,7 +60,7 @@ def _find_prefix(model: nn.Module, layers_suffix: str) -> str | None:
     return None
 
 
-@peftreg.hookimpl
+@hookimpl
 def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
     """Describe a transformers model whose ``config.model_type`` has a known layout."""
     config = getattr(model, "config", None)
@@ -68,6 +72,7 @@ def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
     if prefix is None:
         return None
     layer_list = model.get_submodule(prefix + layout["layers"])
+    count = len(list(layer_list.children()))
     paths = {id(m): p for p, m in model.named_modules()}
     head = None
     get_out = getattr(model, "get_output_embeddings", None)
@@ -82,8 +87,8 @@ def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
     kv_heads = getattr(config, "num_key_value_heads", None)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     return ModelFamily(
-        name=model_type,
-        layers=tuple(f"{prefix}{layout['layers']}.{i}" for i in range(len(layer_list))),
+        name=str(model_type),
+        layers=tuple(f"{prefix}{layout['layers']}.{i}" for i in range(count)),
         output_head=head,
         input_embedding=prefix + layout["embedding"],
         hidden_size=getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),

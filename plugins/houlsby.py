@@ -27,18 +27,25 @@ projection, residual) runs as one ``peftreg::houlsby_adapter`` op whose backward
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import torch
 from torch import nn
 
-import peftreg
-from peftreg.errors import ModelFamilyError
-from peftreg.families import ModelFamily
-from peftreg.host import LayerAdapter
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.targets import TargetedConfig, select_targets
+from peftreg.plugin import (
+    HOULSBY_ADAPTER,
+    Capabilities,
+    LayerAdapter,
+    Linear4bit,
+    ModelFamily,
+    ModelFamilyError,
+    PEFTMethod,
+    TargetedConfig,
+    base_access,
+    hookimpl,
+    host_for,
+    select_targets,
+)
 
 NonLinearity = Literal["relu", "gelu", "silu", "tanh"]
 _ACTIVATIONS: Final[dict[str, type[nn.Module]]] = {
@@ -71,9 +78,9 @@ class HoulsbyConfig(TargetedConfig):
             the feed-forward output projection only; Pfeiffer et al. 2021). Ignored when
             ``target_modules`` is given.
         target_modules: the Linear layers whose outputs get an adapter (see
-            :class:`peftreg.TargetedConfig`); ``None`` follows ``placement``.
+            :class:`peftreg.plugin.TargetedConfig`); ``None`` follows ``placement``.
         exclude_modules, layers_to_transform, layers_pattern: see
-            :class:`peftreg.TargetedConfig`.
+            :class:`peftreg.plugin.TargetedConfig`.
         modules_to_save: see :class:`peftreg.MethodConfig`.
     """
 
@@ -130,8 +137,6 @@ class HoulsbyAdapter(LayerAdapter):
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         down, up = self.adapter_down, self.adapter_up
         if y.dtype == down.weight.dtype:
-            from peftreg.ops.adapters import HOULSBY_ADAPTER
-
             # The compiled op or plain PyTorch, by kernel mode and measured crossover.
             out, _z = HOULSBY_ADAPTER.run(y, down.weight, down.bias, up.weight, up.bias,
                                           self.non_linearity)
@@ -174,9 +179,7 @@ def plan(model: nn.Module, config: HoulsbyConfig, family: ModelFamily | None
     defaults = _default_targets(family, config) if config.target_modules is None else None
     planned = []
     for path in select_targets(model, config, HoulsbyMethod.supported, family, defaults):
-        module = model.get_submodule(path)
-        module = getattr(module, "base", module)
-        h = module.out_features
+        h = base_access(model.get_submodule(path)).out_features
         m = config.bottleneck_for(h)
         if m > h:
             raise config.error(
@@ -186,33 +189,33 @@ def plan(model: nn.Module, config: HoulsbyConfig, family: ModelFamily | None
     return planned
 
 
-class HoulsbyMethod(PEFTMethod):
+class HoulsbyMethod(PEFTMethod[HoulsbyConfig]):
     """Bottleneck adapters after attention and feed-forward outputs; not mergeable."""
 
     name: ClassVar[str] = "houlsby"
-    config_cls: ClassVar[type[HoulsbyConfig]] = HoulsbyConfig
+    config_cls = HoulsbyConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
-    def inject(self, model: nn.Module, adapter_name: str, config: HoulsbyConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: HoulsbyConfig,
                family: ModelFamily | None) -> list[str]:
         planned = plan(model, config, family)
         for path, h, m in planned:
             host = host_for(model, path)
-            weight = host.base.weight  # type: ignore[union-attr]
+            view = base_access(host.base)
             host.adapters[adapter_name] = HoulsbyAdapter(
-                h, m, config.non_linearity, device=weight.device, dtype=weight.dtype)
+                h, m, config.non_linearity, device=view.device, dtype=view.dtype)
         return [path for path, _, _ in planned]
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: HoulsbyConfig, family: ModelFamily | None
     ) -> int:
         """``sum over adapted modules of 2*h*m + m + h`` (down and up weights and biases)."""
         return sum(2 * h * m + m + h for _, h, m in plan(model, config, family))
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide Houlsby bottleneck adapters."""
     return [HoulsbyMethod()]

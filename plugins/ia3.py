@@ -22,19 +22,32 @@ keys read ``<module path>.ia3_l``.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 import torch
 from torch import nn
 
-import peftreg
-from peftreg.errors import ConfigError, ModelFamilyError, UnsupportedOperationError
-from peftreg.families import ModelFamily
-from peftreg.host import LayerAdapter
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.patterns import UnsafePatternError, compile_pattern
-from peftreg.targets import TargetedConfig, matches, select_targets
+from peftreg.plugin import (
+    IA3_LINEAR,
+    Capabilities,
+    ConfigError,
+    LayerAdapter,
+    Linear4bit,
+    ModelFamily,
+    ModelFamilyError,
+    PEFTMethod,
+    TargetedConfig,
+    UnsafePatternError,
+    UnsupportedOperationError,
+    base_access,
+    compile_pattern,
+    hookimpl,
+    host_for,
+    matches,
+    merge_bias,
+    merge_weight,
+    select_targets,
+)
 
 # Scaling a weight by l and dividing it back out is exact to rounding for any l that keeps the
 # merged weight a normal float; a channel whose scale has shrunk below this has been switched off
@@ -51,7 +64,7 @@ class IA3Config(TargetedConfig):
     """Config of an (IA)^3 adapter.
 
     Attributes:
-        target_modules: the Linear layers to rescale (see :class:`peftreg.TargetedConfig`).
+        target_modules: the Linear layers to rescale (see :class:`peftreg.plugin.TargetedConfig`).
             ``None`` takes the model family's key, value and feed-forward down projections
             (roles ``k``, ``v``, ``ffn_down``), the paper's choice.
         feedforward_modules: which of the targets have their *input* scaled (the feed-forward
@@ -62,7 +75,7 @@ class IA3Config(TargetedConfig):
             the base); ``False`` draws them uniformly from [0.5, 1.5], which tests use to get a
             non-trivial adapter without training.
         exclude_modules, layers_to_transform, layers_pattern: see
-            :class:`peftreg.TargetedConfig`.
+            :class:`peftreg.plugin.TargetedConfig`.
         modules_to_save: see :class:`peftreg.MethodConfig`.
     """
 
@@ -101,11 +114,13 @@ class IA3Linear(LayerAdapter):
         label: ``"<adapter> on <module path>"``, for error messages.
     """
 
-    def __init__(self, base: nn.Linear, is_feedforward: bool, init_ones: bool = True,
+    def __init__(self, base: nn.Module, is_feedforward: bool, init_ones: bool = True,
                  label: str = "") -> None:
         super().__init__()
-        shape = (1, base.in_features) if is_feedforward else (base.out_features, 1)
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # Through base access, so a quantized base (QLoRA's, under a stacked IA3) works too.
+        view = base_access(base)
+        shape = (1, view.in_features) if is_feedforward else (view.out_features, 1)
+        kw: dict[str, Any] = {"device": view.device, "dtype": view.dtype}
         self.ia3_l = nn.Parameter(torch.ones(shape, **kw))
         if not init_ones:
             with torch.no_grad():
@@ -129,8 +144,6 @@ class IA3Linear(LayerAdapter):
         weight = base.weight
         if not (x.dtype == weight.dtype == self.ia3_l.dtype):
             return None
-        from peftreg.ops.adapters import IA3_LINEAR
-
         # The compiled op or plain PyTorch, by kernel mode and measured crossover (docs/ops.md).
         return IA3_LINEAR.run(x, weight, base.bias, self.ia3_l.view(-1), self.is_feedforward)
 
@@ -151,17 +164,17 @@ class IA3Linear(LayerAdapter):
     def merge_into(self, base: nn.Module) -> None:
         # Refused before touching the weight: a merge that cannot be undone is not allowed.
         scale = self._checked_scale("merge")
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() * scale).to(w.dtype))
-        bias = getattr(base, "bias", None)
+        bias = merge_bias(base)
         if bias is not None and not self.is_feedforward:
             bias.copy_((bias.float() * scale.view(-1)).to(bias.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
         scale = self._checked_scale("unmerge")
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() / scale).to(w.dtype))
-        bias = getattr(base, "bias", None)
+        bias = merge_bias(base)
         if bias is not None and not self.is_feedforward:
             bias.copy_((bias.float() / scale.view(-1)).to(bias.dtype))
 
@@ -218,39 +231,38 @@ def plan(model: nn.Module, config: IA3Config, family: ModelFamily | None
     return [(p, matches(p, spec)) for p in paths]
 
 
-class IA3Method(PEFTMethod):
+class IA3Method(PEFTMethod[IA3Config]):
     """Learned scaling of key, value and feed-forward activations; mergeable, no inference cost."""
 
     name: ClassVar[str] = "ia3"
-    config_cls: ClassVar[type[IA3Config]] = IA3Config
+    config_cls = IA3Config
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, inference_latency=False)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 1e-2
 
-    def inject(self, model: nn.Module, adapter_name: str, config: IA3Config,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: IA3Config,
                family: ModelFamily | None) -> list[str]:
         planned = plan(model, config, family)
         for path, is_ff in planned:
             host = host_for(model, path)
             host.adapters[adapter_name] = IA3Linear(
-                host.base, is_ff, config.init_ia3_weights,  # type: ignore[arg-type]
+                host.base, is_ff, config.init_ia3_weights,
                 label=f"{adapter_name!r} on {path!r}")
         return [path for path, _ in planned]
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: IA3Config, family: ModelFamily | None
     ) -> int:
         """``sum of out_features over output-scaled layers + in_features over feed-forward
         layers`` (one scale per channel, paper section 3.3)."""
         total = 0
         for path, is_ff in plan(model, config, family):
-            module = model.get_submodule(path)
-            module = getattr(module, "base", module)
-            total += module.in_features if is_ff else module.out_features
+            view = base_access(model.get_submodule(path))
+            total += view.in_features if is_ff else view.out_features
         return total
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide (IA)^3."""
     return [IA3Method()]

@@ -14,21 +14,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import peftreg
-from peftreg.families import ModelFamily
-from peftreg.host import LayerAdapter
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.ops.lora import LORA_LINEAR, new_dropout_seed
-from peftreg.ops.reference import lora_dropout
-from peftreg.patterns import UnsafePatternError, compile_pattern, pattern_fullmatch
-from peftreg.targets import TargetedConfig, select_targets
+from peftreg.plugin import (
+    LORA_LINEAR,
+    Capabilities,
+    LayerAdapter,
+    Linear4bit,
+    ModelFamily,
+    PEFTMethod,
+    TargetedConfig,
+    UnsafePatternError,
+    base_access,
+    compile_pattern,
+    hookimpl,
+    host_for,
+    lora_dropout,
+    merge_weight,
+    new_dropout_seed,
+    pattern_fullmatch,
+    select_targets,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +59,7 @@ class LoraConfig(TargetedConfig):
         adapter_dtype: dtype of A and B (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``
             follows the base weight.
         target_modules, exclude_modules, layers_to_transform, layers_pattern: see
-            :class:`peftreg.TargetedConfig`; when ``target_modules`` is ``None`` the model
+            :class:`peftreg.plugin.TargetedConfig`; when ``target_modules`` is ``None`` the model
             family's query and value projections are adapted (the paper's choice).
         modules_to_save: see :class:`peftreg.MethodConfig`.
     """
@@ -88,12 +98,12 @@ class LoraConfig(TargetedConfig):
 
     def rank_and_scale(self, path: str) -> tuple[int, float]:
         """Rank and scaling for the module at ``path`` (after per-module overrides)."""
-        r = _pattern_value(self.rank_pattern, path, self.r)
+        r = int(_pattern_value(self.rank_pattern, path, self.r))
         alpha = _pattern_value(self.alpha_pattern, path, self.lora_alpha)
         return r, alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
-def _pattern_value(pattern: dict, path: str, default: float) -> float:
+def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
     for key, value in pattern.items():
         if path == key or path.endswith("." + key) or pattern_fullmatch(key, path):
             return value
@@ -121,9 +131,10 @@ class LoraLinear(LayerAdapter):
                  dtype: torch.dtype | None) -> None:
         super().__init__()
         device, base_dtype = weight_placement(base)
-        kw = {"device": device, "dtype": dtype or base_dtype}
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        view = base_access(base)
+        kw: dict[str, Any] = {"device": device, "dtype": dtype or base_dtype}
+        self.lora_A = nn.Linear(view.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, view.out_features, bias=False, **kw)
         # Dropout on the LoRA path's input. Both paths draw the same counter-based mask from a
         # per-call seed (peftreg.ops.reference.lora_dropout): the fused op regenerates it in its
         # backward instead of saving it, and the plain path gives identical numbers.
@@ -160,18 +171,18 @@ class LoraLinear(LayerAdapter):
         # backward, so neither the mask nor dropout(x) is kept for the backward.
         p = self.dropout_p if self.training else 0.0
         if quantized is not None:
-            return base.forward_with_lora(x, a, b, self.scaling, p)
+            return base.forward_with_lora(x, a, b, self.scaling, p)  # type: ignore[operator]
         seed = new_dropout_seed() if p > 0 else None
         # The compiled op or plain PyTorch, by kernel mode and measured crossover (docs/ops.md).
         return LORA_LINEAR.run(x, base.weight, base.bias, a, b, float(self.scaling), None, p,
                                seed)
 
     def merge_into(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
     # peftreg.row_adapters.LowRankAdapter: per-row multi-adapter serving (lora_multi_add).
@@ -189,7 +200,7 @@ class LoraEmbedding(LayerAdapter):
     def __init__(self, base: nn.Embedding, r: int, scaling: float, dtype: torch.dtype | None
                  ) -> None:
         super().__init__()
-        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        kw: dict[str, Any] = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, **kw))
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, **kw))
         self.r, self.scaling = r, scaling
@@ -204,11 +215,11 @@ class LoraEmbedding(LayerAdapter):
         return y + (rows @ self.lora_embedding_B.T * self.scaling).to(y.dtype)
 
     def merge_into(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
-        w = base.weight  # type: ignore[union-attr]
+        w = merge_weight(base)
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
 
 
@@ -218,16 +229,16 @@ def _default_targets(family: ModelFamily | None) -> list[str] | None:
     return [family.roles["q"], family.roles["v"]]
 
 
-class LoraMethod(PEFTMethod):
+class LoraMethod(PEFTMethod[LoraConfig]):
     """Low-rank updates on Linear and Embedding weights; mergeable, no inference cost."""
 
     name: ClassVar[str] = "lora"
-    config_cls: ClassVar[type[LoraConfig]] = LoraConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
+    config_cls = LoraConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, compilable=True)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
-    def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                family: ModelFamily | None) -> list[str]:
         paths = select_targets(model, config, self.supported, family, _default_targets(family))
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
@@ -242,24 +253,20 @@ class LoraMethod(PEFTMethod):
                     base, r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
         return paths
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: LoraConfig, family: ModelFamily | None
     ) -> int:
         """``sum over adapted matrices of r * (d_in + d_out)`` (paper section 4)."""
         total = 0
         for path in select_targets(model, config, self.supported, family,
                                    _default_targets(family)):
-            module = model.get_submodule(path)
-            module = getattr(module, "base", module)
+            out_f, in_f = base_access(model.get_submodule(path)).shape
             r, _ = config.rank_and_scale(path)
-            if isinstance(module, nn.Embedding):
-                total += r * (module.num_embeddings + module.embedding_dim)
-            else:
-                total += r * (module.in_features + module.out_features)
+            total += r * (in_f + out_f)
         return total
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide LoRA."""
     return [LoraMethod()]

@@ -24,16 +24,24 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-import peftreg
-from peftreg.errors import ModelFamilyError
-from peftreg.families import ModelFamily
-from peftreg.host import InputAdapter, InputSlot
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.sequence import CACHE_KEYS, cache_length, extend_inputs
+from peftreg.plugin import (
+    CACHE_KEYS,
+    Capabilities,
+    ConfigError,
+    InputAdapter,
+    InputSlot,
+    MethodConfig,
+    ModelFamily,
+    ModelFamilyError,
+    PEFTMethod,
+    cache_length,
+    extend_inputs,
+    hookimpl,
+)
 
 
 @dataclasses.dataclass
-class PrefixTuningConfig(peftreg.MethodConfig):
+class PrefixTuningConfig(MethodConfig):
     """Config of a prefix-tuning adapter.
 
     Attributes:
@@ -100,7 +108,8 @@ class PrefixEncoder(InputAdapter):
                  device: torch.device) -> None:
         super().__init__()
         self.geometry = geometry
-        n, kw = config.num_virtual_tokens, {"dtype": dtype, "device": device}
+        n = config.num_virtual_tokens
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
         if config.prefix_projection:
             token_dim = config.token_dim or geometry.hidden
             hidden = config.encoder_hidden_size or token_dim
@@ -178,19 +187,19 @@ def _fill_transformers_cache(model: nn.Module, kwargs: dict[str, Any],
         cache.update(k, v, index)
 
 
-class PrefixTuningMethod(PEFTMethod):
+class PrefixTuningMethod(PEFTMethod[PrefixTuningConfig]):
     """Learned key/value prefixes for every attention layer; not mergeable."""
 
     name: ClassVar[str] = "prefix_tuning"
-    config_cls: ClassVar[type[PrefixTuningConfig]] = PrefixTuningConfig
+    config_cls = PrefixTuningConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 1e-2
 
-    def inject(self, model: nn.Module, adapter_name: str, config: PrefixTuningConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: PrefixTuningConfig,
                family: ModelFamily | None) -> list[str]:
         geometry = _geometry(family)
         if config.token_dim is not None and not config.prefix_projection:
-            raise peftreg.ConfigError("PrefixTuningConfig.token_dim: only used with "
+            raise ConfigError("PrefixTuningConfig.token_dim: only used with "
                                       "prefix_projection=True")
         weight = next((p for p in model.parameters() if p.is_floating_point()), None)
         dtype = weight.dtype if weight is not None else torch.float32
@@ -199,7 +208,7 @@ class PrefixTuningMethod(PEFTMethod):
         slot.adapters[adapter_name] = PrefixEncoder(config, geometry, dtype, device)
         return list(family.layers)  # type: ignore[union-attr]  # _geometry checked it
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: PrefixTuningConfig, family: ModelFamily | None
     ) -> int:
         """Without projection ``n * L * 2 * kv_width``; with it
@@ -213,7 +222,7 @@ class PrefixTuningMethod(PEFTMethod):
         return n * t + (t * e + e) + (e * g.width + g.width)
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide prefix tuning."""
     return [PrefixTuningMethod()]

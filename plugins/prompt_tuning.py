@@ -16,16 +16,25 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-import peftreg
-from peftreg.errors import ModelFamilyError
-from peftreg.families import ModelFamily
-from peftreg.host import InputAdapter, InputSlot, get_module
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.sequence import cache_length, extend_inputs
+from peftreg.plugin import (
+    AdapterSlot,
+    Capabilities,
+    ConfigError,
+    InputAdapter,
+    InputSlot,
+    MethodConfig,
+    ModelFamily,
+    ModelFamilyError,
+    PEFTMethod,
+    cache_length,
+    extend_inputs,
+    get_module,
+    hookimpl,
+)
 
 
 @dataclasses.dataclass
-class PromptTuningConfig(peftreg.MethodConfig):
+class PromptTuningConfig(MethodConfig):
     """Config of a prompt-tuning adapter.
 
     Attributes:
@@ -115,48 +124,48 @@ def _initial_prompt(config: PromptTuningConfig, table: torch.Tensor) -> torch.Te
                                                   local_files_only=True)
         ids = tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
     if not ids or max(ids) >= table.shape[0]:
-        raise peftreg.ConfigError(
+        raise ConfigError(
             f"PromptTuningConfig: init token ids must be in 0..{table.shape[0] - 1} (got "
             f"{ids[:8]}{'...' if len(ids) > 8 else ''})")
     ids = (ids * (n // len(ids) + 1))[:n]
     return table[torch.tensor(ids, device=table.device)].clone()
 
 
-def _embedding(model: nn.Module, family: ModelFamily | None) -> tuple[str, nn.Module]:
+def _embedding(model: nn.Module, family: ModelFamily | None) -> tuple[str, nn.Embedding]:
     if family is None or family.input_embedding is None or not family.accepts_inputs_embeds:
         name = family.name if family else "unknown (no family plugin describes this model)"
         raise ModelFamilyError(
             f"prompt tuning needs the model's input embedding and a forward that accepts "
             f"inputs_embeds; model family {name} does not provide them")
     module = get_module(model, family.input_embedding)
-    base = module.wrapped() if isinstance(module, peftreg.AdapterSlot) else module
+    base = module.wrapped() if isinstance(module, AdapterSlot) else module
     if not isinstance(base, nn.Embedding):
         raise ModelFamilyError(f"{family.input_embedding!r} is a {type(base).__name__}, not an "
                                "nn.Embedding")
     return family.input_embedding, base
 
 
-class PromptTuningMethod(PEFTMethod):
+class PromptTuningMethod(PEFTMethod[PromptTuningConfig]):
     """Trainable virtual tokens prepended to the input; not mergeable."""
 
     name: ClassVar[str] = "prompt_tuning"
-    config_cls: ClassVar[type[PromptTuningConfig]] = PromptTuningConfig
+    config_cls = PromptTuningConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 3e-2
 
-    def inject(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig,
                family: ModelFamily | None) -> list[str]:
         path, embedding = _embedding(model, family)
         table = embedding.weight.detach()
         if config.token_dim is not None and config.token_dim != table.shape[1]:
-            raise peftreg.ConfigError(
+            raise ConfigError(
                 f"PromptTuningConfig.token_dim: {config.token_dim} does not match the model's "
                 f"embedding width {table.shape[1]}")
         slot = InputSlot.attached_to(model)
         slot.adapters[adapter_name] = PromptEmbedding(_initial_prompt(config, table), path)
         return [path]
 
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: PromptTuningConfig, family: ModelFamily | None
     ) -> int:
         """``num_virtual_tokens * hidden_size``."""
@@ -164,7 +173,7 @@ class PromptTuningMethod(PEFTMethod):
         return config.num_virtual_tokens * embedding.embedding_dim
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide prompt tuning."""
     return [PromptTuningMethod()]

@@ -16,18 +16,30 @@ Merging densifies the adapted layers (dequantize, then add the LoRA update), so
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-import peftreg
-from peftreg.families import ModelFamily
-from peftreg.host import AdapterHost, iter_slots, replace_module
-from peftreg.method import Capabilities, PEFTMethod
-from peftreg.model import host_for
-from peftreg.nn import Linear4bit
-from peftreg.targets import ALL_LINEAR, TargetedConfig, output_head_paths, select_targets
+from peftreg.plugin import (
+    ALL_LINEAR,
+    AdapterHost,
+    Capabilities,
+    Linear4bit,
+    ModelFamily,
+    PEFTMethod,
+    TargetedConfig,
+    TargetNotFoundError,
+    base_access,
+    hookimpl,
+    host_for,
+    output_head_paths,
+    replace_module,
+    select_targets,
+)
+from peftreg.plugin import (
+    dense_linear as sdk_dense_linear,
+)
 from peftreg_plugins.lora import LoraConfig, LoraLinear
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +94,7 @@ def _quantize(model: nn.Module, path: str, config: QLoraConfig) -> Linear4bit:
     if isinstance(base, Linear4bit):
         return base
     if not isinstance(base, nn.Linear):
-        raise peftreg.TargetNotFoundError(f"QLoRA can only quantize nn.Linear; {path!r} is a "
+        raise TargetNotFoundError(f"QLoRA can only quantize nn.Linear; {path!r} is a "
                                           f"{type(base).__name__}")
     quantized = Linear4bit.from_linear(base, blocksize=config.blocksize,
                                        double_quant=config.double_quant,
@@ -109,19 +121,20 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
     return paths
 
 
-class QLoraMethod(PEFTMethod):
+class QLoraMethod(PEFTMethod[QLoraConfig]):
     """LoRA on a 4-bit NF4 base with double quantization; merging densifies the base."""
 
     name: ClassVar[str] = "qlora"
-    config_cls: ClassVar[type[QLoraConfig]] = QLoraConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True)
+    config_cls = QLoraConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True,
+                                                       compilable=True)
     suggested_learning_rate: ClassVar[float] = 2e-3
 
     def _targets(self, model: nn.Module, config: QLoraConfig,
                  family: ModelFamily | None) -> list[str]:
         return select_targets(model, config, (nn.Linear, Linear4bit), family, ALL_LINEAR)
 
-    def inject(self, model: nn.Module, adapter_name: str, config: QLoraConfig,  # type: ignore[override]
+    def inject(self, model: nn.Module, adapter_name: str, config: QLoraConfig,
                family: ModelFamily | None) -> list[str]:
         lora_paths = self._targets(model, config, family)
         quantize_base(model, config, family)
@@ -135,37 +148,21 @@ class QLoraMethod(PEFTMethod):
                 adapter_dtype)
         return lora_paths
 
-    def merge(self, model: nn.Module, adapter_name: str) -> None:
-        for _, slot in iter_slots(model):
-            if (isinstance(slot, AdapterHost) and adapter_name in slot.adapters
-                    and isinstance(slot.base, Linear4bit)):
-                slot.base = dense_linear(slot.base)
-        super().merge(model, adapter_name)
-
-    def parameter_count(  # type: ignore[override]
+    def parameter_count(
         self, model: nn.Module, config: QLoraConfig, family: ModelFamily | None
     ) -> int:
         """``sum over adapted matrices of r * (d_in + d_out)``, as LoRA."""
         total = 0
         for path in self._targets(model, config, family):
-            module = model.get_submodule(path)
-            module = getattr(module, "base", module)
+            out_f, in_f = base_access(model.get_submodule(path)).shape
             r, _ = config.rank_and_scale(path)
-            total += r * (module.in_features + module.out_features)
+            total += r * (in_f + out_f)
         return total
 
 
 def dense_linear(layer: Linear4bit) -> nn.Linear:
     """A dense ``nn.Linear`` (compute dtype) holding ``layer``'s dequantized weight."""
-    weight = layer.dequantize()
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
-    dense.requires_grad_(False)
-    return dense
+    return sdk_dense_linear(layer)
 
 
 def requantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
@@ -187,6 +184,9 @@ def requantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
     errors = {}
     for path in paths:
         dense = model.get_submodule(path)
+        if not isinstance(dense, nn.Linear):
+            raise TargetNotFoundError(f"requantize: {path!r} is a {type(dense).__name__}, not an "
+                                      "nn.Linear")
         quantized = Linear4bit.from_linear(dense, blocksize=blocksize, double_quant=double_quant,
                                            compute_dtype=dense.weight.dtype)
         original = dense.weight.detach().float()
@@ -196,7 +196,7 @@ def requantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
     return errors
 
 
-@peftreg.hookimpl
-def peftreg_register_methods() -> list[PEFTMethod]:
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
     """Provide QLoRA."""
     return [QLoraMethod()]

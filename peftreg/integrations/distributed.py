@@ -125,7 +125,8 @@ def save_on_main_process(
                     directory, adapter_name=name, config=record.config,
                     tensors={k: t.detach().to("cpu").contiguous() for k, t in tensors.items()},
                     source=adapted.registry.source(record.method.name),
-                    targets=record.targets, saved_modules=record.saved_modules)
+                    targets=record.targets, saved_modules=record.saved_modules,
+                    numerics_version=record.method.numerics_version)
             else:
                 adapted.save_adapter(directory, name)
         except Exception as exc:  # reported to the other ranks below, then re-raised

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,8 @@ def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
                model.adapter_state_dict(name).items()}
     return write_adapter_dir(directory, adapter_name=name, config=record.config,
                              tensors=tensors, source=model.registry.source(record.method.name),
-                             targets=record.targets, saved_modules=record.saved_modules)
+                             targets=record.targets, saved_modules=record.saved_modules,
+                             numerics_version=record.method.numerics_version)
 
 
 def write_adapter_dir(
@@ -121,6 +123,7 @@ def write_adapter_dir(
     source: PluginSource,
     targets: list[str],
     saved_modules: list[str],
+    numerics_version: int | None = None,
 ) -> Path:
     """Write an adapter directory from its parts, atomically (what :func:`save_adapter` does
     once it has taken the parts from a model; converters call it without a model).
@@ -133,6 +136,8 @@ def write_adapter_dir(
         source: the plugin that provides the method (``Registry.source``).
         targets: adapted module paths (informational).
         saved_modules: module paths saved whole.
+        numerics_version: the method's ``numerics_version`` (recorded with the plugin's
+            distribution and version; omitted when not known).
 
     Returns:
         The directory path.
@@ -147,7 +152,8 @@ def write_adapter_dir(
     try:
         return _write_adapter_files(directory, adapter_name=adapter_name, config=config,
                                     tensors=tensors, source=source, targets=targets,
-                                    saved_modules=saved_modules)
+                                    saved_modules=saved_modules,
+                                    numerics_version=numerics_version)
     except OSError as exc:
         raise AdapterFileError(f"{directory}: cannot write the adapter: "
                                f"{describe_write_failure(directory / CONFIG_FILE, exc)}") from exc
@@ -162,6 +168,7 @@ def _write_adapter_files(
     source: PluginSource,
     targets: list[str],
     saved_modules: list[str],
+    numerics_version: int | None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     blob = save_safetensors_bytes(tensors, metadata={"format": "pt", "peftreg_method":
@@ -176,7 +183,9 @@ def _write_adapter_files(
         "adapter_name": adapter_name,
         "method": config.method,
         "plugin": {"distribution": source.dist, "version": source.version,
-                   "entry_point": source.entry_point},
+                   "entry_point": source.entry_point,
+                   **({} if numerics_version is None else
+                      {"numerics_version": numerics_version})},
         "peftreg_version": __version__,
         "config": config.to_dict(),
         "targets": list(targets),
@@ -282,7 +291,28 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
         raise AdapterFileError(f"{tensor_path}: checksum does not match {CONFIG_FILE} (the file "
                                "is damaged or was replaced)")
     tensors, _ = read_safetensors(tensor_path, data)
+    _warn_on_numerics_change(config_path, meta, method)
     return AdapterDir(directory, adapter_name, config, meta, tensors, tensor_path)
+
+
+class NumericsVersionWarning(UserWarning):
+    """A saved adapter was written by a plugin release whose numerics differ from the
+    installed one: it loads, but its outputs need not match what was measured when saved."""
+
+
+def _warn_on_numerics_change(config_path: Path, meta: dict[str, Any], method: Any) -> None:
+    plugin = meta.get("plugin")
+    saved = plugin.get("numerics_version") if isinstance(plugin, dict) else None
+    if not isinstance(saved, int) or isinstance(saved, bool):
+        return  # written before numerics versions were recorded
+    current = getattr(method, "numerics_version", 1)
+    if saved != current:
+        dist = plugin.get("distribution", "?") if isinstance(plugin, dict) else "?"
+        warnings.warn(
+            f"{config_path}: saved by {dist} with numerics version {saved} of method "
+            f"{method.name!r}; the installed plugin has numerics version {current}, so outputs "
+            "are not comparable with those measured at save time", NumericsVersionWarning,
+            stacklevel=3)
 
 
 def load_adapter(

@@ -21,7 +21,7 @@ import copy
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, overload
 
 import torch
 from torch.optim import Optimizer
@@ -182,8 +182,15 @@ class PagedAdamW(Optimizer):
 
     # -- the step -------------------------------------------------------------------------
 
+    # The overloads are the base class's: a closure's loss is returned, no closure gives None.
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One AdamW step over every parameter that has a gradient.
 
         Raises:

@@ -9,8 +9,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-import peftreg
-from peftreg import Capabilities, LayerAdapter, PEFTMethod, TargetedConfig, host_for
+from peftreg.plugin import (
+    Capabilities,
+    LayerAdapter,
+    PEFTMethod,
+    TargetedConfig,
+    hookimpl,
+    host_for,
+)
 from peftreg.targets import select_targets
 
 
@@ -77,7 +83,7 @@ def plugin_module(name: str, **hooks) -> types.ModuleType:
     """A module-like plugin whose functions are hook implementations."""
     module = types.ModuleType(name)
     for hook_name, function in hooks.items():
-        setattr(module, hook_name, peftreg.hookimpl(function))
+        setattr(module, hook_name, hookimpl(function))
     return module
 
 

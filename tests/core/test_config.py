@@ -6,7 +6,8 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from peftreg import ConfigError, MethodConfig, TargetedConfig
+from peftreg import ConfigError, MethodConfig
+from peftreg.plugin import TargetedConfig
 
 
 @dataclasses.dataclass

@@ -4,14 +4,8 @@ import pytest
 from torch import nn
 
 import peftreg
-from peftreg import (
-    Capabilities,
-    ModelFamily,
-    PEFTMethod,
-    PluginError,
-    Registry,
-    UnknownMethodError,
-)
+from peftreg import PluginError, Registry, UnknownMethodError
+from peftreg.plugin import Capabilities, ModelFamily, PEFTMethod
 
 from ._fakes import FakeEntryPoint, ShiftConfig, ShiftMethod, methods_plugin, plugin_module
 

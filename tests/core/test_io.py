@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save as st_save
 
 import peftreg
-from peftreg import AdaptedModel, AdapterError, AdapterFileError, AdapterHost, UnknownMethodError
+from peftreg import AdaptedModel, AdapterError, AdapterFileError, UnknownMethodError
 from peftreg.io.adapter_dir import CONFIG_FILE, read_adapter_dir
+from peftreg.plugin import AdapterHost
 from peftreg_plugins.lora import LoraConfig
 
 

@@ -8,14 +8,14 @@ import peftreg
 from peftreg import (
     AdaptedModel,
     AdapterError,
-    AdapterHost,
     ConfigError,
     Registry,
     TargetNotFoundError,
-    TrainableCopy,
     UnknownMethodError,
     UnsupportedOperationError,
 )
+from peftreg.host import TrainableCopy
+from peftreg.plugin import AdapterHost, Capabilities
 from peftreg_plugins.lora import LoraConfig, LoraMethod
 
 from ._fakes import ShiftConfig, ShiftMethod
@@ -24,7 +24,7 @@ from ._fakes import ShiftConfig, ShiftMethod
 class NoMerge(ShiftMethod):
     """Shift, declared not mergeable."""
 
-    capabilities = peftreg.Capabilities(mergeable=False, inference_latency=True)
+    capabilities = Capabilities(mergeable=False, inference_latency=True)
 
 
 @pytest.fixture

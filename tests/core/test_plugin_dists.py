@@ -20,7 +20,8 @@ def test_third_party_method_is_discovered_with_its_distribution():
     registry = Registry.from_entry_points()
     assert "offset" in registry.names()
     source = registry.source("offset")
-    assert (source.dist, source.version, source.builtin) == ("peftreg-toy", "0.3.0", False)
+    assert (source.dist, source.version, source.builtin) == ("peftreg-toy", "0.4.0", False)
+    assert registry.source("soft_prompt").dist == "peftreg-toy"
 
 
 def test_broken_plugins_are_reported_and_others_work():
@@ -49,6 +50,21 @@ def test_third_party_method_end_to_end():
         lambda m, x: m(x), lambda m, x: torch.nn.functional.mse_loss(m(x), target))
     assert report.trainable_params == 16 + 4
     assert report.max_merge_difference is not None
+
+
+def test_third_party_input_side_method_end_to_end(make_tiny, token_batch):
+    config = peftreg.config_for("soft_prompt", num_virtual_tokens=3)
+    n_tokens = token_batch.shape[1]
+    report = check_method(
+        config, make_tiny, token_batch, lambda m, ids: m(ids)["logits"][:, -n_tokens:],
+        lambda m, ids: m(ids, labels=ids)["loss"], starts_equal=False, lr=5e-2, steps=6,
+        checks=["gradients", "stacking", "state_dict"])
+    assert report.trainable_params == 3 * make_tiny().config.hidden_size
+    assert all(v.startswith("refused") for v in report.extra["stacking"].values())
+    model = peftreg.adapt(make_tiny(), config)
+    mask = torch.ones_like(token_batch)
+    out = model(token_batch, attention_mask=mask)["logits"]
+    assert out.shape[1] == n_tokens + 3
 
 
 def test_third_party_bias_needed_to_merge(make_tiny, token_batch):

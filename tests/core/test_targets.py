@@ -6,7 +6,8 @@ from typing import ClassVar
 import pytest
 from torch import nn
 
-from peftreg import ModelFamily, TargetedConfig, TargetNotFoundError
+from peftreg import TargetNotFoundError
+from peftreg.plugin import ModelFamily, TargetedConfig
 from peftreg.targets import layer_index, select_targets
 
 

@@ -29,7 +29,8 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 def test_plugin_guide_embeds_the_tested_plugin_verbatim():
     guide = (ROOT / "docs" / "plugins.md").read_text()
     toy = ROOT / "tests" / "plugin_dists" / "peftreg-toy"
-    for source in (toy / "pyproject.toml", toy / "peftreg_toy" / "offset.py"):
+    for source in (toy / "pyproject.toml", toy / "peftreg_toy" / "offset.py",
+                   toy / "peftreg_toy" / "soft_prompt.py"):
         assert source.read_text() in guide, f"docs/plugins.md is out of date with {source.name}"
 
 
@@ -42,3 +43,19 @@ def test_methods_guide_examples_run():
         adapted = [v for v in namespace.values() if isinstance(v, peftreg.AdaptedModel)]
         assert adapted, f"docs/methods.md example {index} adapts no model"
         assert all(a.summary().rows for a in adapted)
+
+
+def test_plugin_guide_custom_op_example_passes_opcheck_and_gradcheck():
+    import torch
+
+    blocks = [b for b in _python_blocks(ROOT / "docs" / "plugins.md") if "custom_op" in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/plugins.md[custom_op]", "exec"), namespace)
+    row_scale = namespace["row_scale"]
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(row_scale, (x, scale))
+    assert torch.autograd.gradcheck(row_scale, (x, scale))
+    compiled = torch.compile(row_scale, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, scale), x * scale)

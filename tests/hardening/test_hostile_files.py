@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save as st_save
 
 import peftreg
-from peftreg import AdaptedModel, AdapterFileError, AdapterHost, UnknownMethodError
+from peftreg import AdaptedModel, AdapterFileError, UnknownMethodError
 from peftreg.io.adapter_dir import CONFIG_FILE, read_adapter_dir
+from peftreg.plugin import AdapterHost
 from peftreg_plugins.lora import LoraConfig
 
 KEY = "layers.0.self_attn.q_proj.lora_A.weight"

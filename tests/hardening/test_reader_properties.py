@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 import peftreg
-from peftreg import AdaptedModel, AdapterHost, PeftregError
+from peftreg import AdaptedModel, PeftregError
 from peftreg.io.adapter_dir import CONFIG_FILE, read_adapter_dir
+from peftreg.plugin import AdapterHost
 from peftreg_plugins.lora import LoraConfig
 
 JSON = st.recursive(

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftreg
-from peftreg import ConfigError, ModelFamily, ModelFamilyError, TargetNotFoundError
+from peftreg import ConfigError, ModelFamilyError, TargetNotFoundError
 from peftreg import UnsupportedOperationError as Unsupported
 from peftreg.host import AdapterHost
+from peftreg.plugin import ModelFamily
 from peftreg.testing import check_method
 from peftreg_plugins.houlsby import INIT_STD, HoulsbyAdapter, HoulsbyConfig, HoulsbyMethod
 from peftreg_plugins.lora import LoraConfig

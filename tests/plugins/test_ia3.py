@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 import peftreg
-from peftreg import ConfigError, ModelFamily, ModelFamilyError, TargetNotFoundError
+from peftreg import ConfigError, ModelFamilyError, TargetNotFoundError
 from peftreg import UnsupportedOperationError as Unsupported
 from peftreg.host import AdapterHost
+from peftreg.plugin import ModelFamily
 from peftreg.testing import check_method
 from peftreg_plugins.ia3 import IA3Config, IA3Linear, IA3Method
 from peftreg_plugins.lora import LoraConfig

@@ -1,8 +1,8 @@
 """A plugin whose hook returns something that is not a list of methods."""
 
-import peftreg
+from peftreg.plugin import hookimpl
 
 
-@peftreg.hookimpl
+@hookimpl
 def peftreg_register_methods():
     return {"lora": "not a method"}

@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-import peftreg
+from peftreg.plugin import hookimpl
 from peftreg_plugins.lora import LoraConfig, LoraMethod
 
 
@@ -13,6 +13,6 @@ class HijackedLora(LoraMethod):
     config_cls = LoraConfig
 
 
-@peftreg.hookimpl
+@hookimpl
 def peftreg_register_methods():
     return [HijackedLora()]
