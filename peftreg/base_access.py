@@ -148,9 +148,16 @@ def merge_bias(module: nn.Module) -> torch.Tensor | None:
 
 def dense_linear(module: nn.Module) -> nn.Linear:
     """A frozen ``nn.Linear`` computing what the quantized linear ``module`` computes, with its
-    dequantized weight in the compute dtype (what merging into a quantized base starts from)."""
+    dequantized weight (what merging into a quantized base starts from).
+
+    The dense layer takes the dtype the weight had before quantization (``weight_dtype``, the
+    dtype of the activations around it), not the 4-bit layer's compute dtype: the quantized
+    layer casts its input to the compute dtype and its output back, a plain ``nn.Linear`` does
+    not, so a bfloat16 dense layer in a float32 model would refuse its input."""
     access = access_for(module)
-    weight, bias = access.weight(), access.bias(access.dtype)
+    original = getattr(access.module, "weight_dtype", None)
+    dtype = original if isinstance(original, torch.dtype) else access.dtype
+    weight, bias = access.weight(dtype), access.bias(dtype)
     dense = nn.Linear(access.in_features, access.out_features, bias=bias is not None,
                       device=weight.device, dtype=weight.dtype)
     with torch.no_grad():

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import scaled_close
 from torch import nn
 
 import peftreg
@@ -104,6 +105,25 @@ def test_bf16_compute_trains(make_tiny, token_batch):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_merge_with_bf16_compute_in_a_float32_model(make_tiny, token_batch):
+    # The merged layer is dense in the model's own dtype (the weight's dtype before
+    # quantization), not the bf16 compute dtype: a bf16 nn.Linear would refuse float32 input.
+    model = peftreg.adapt(make_tiny(), QLoraConfig(r=4))
+    with torch.no_grad():
+        for p in model.adapter_parameters("default"):
+            p.normal_(std=0.05)
+    adapted = _forward(model, token_batch).detach()
+    model.merge()
+    merged = model.model.layers[0].self_attn.q_proj
+    assert merged.base.weight.dtype == torch.float32
+    scaled_close(_forward(model, token_batch), adapted, "qlora.merged_vs_unmerged",
+                 torch.bfloat16, "merged")
+    model.unmerge()
+    with model.disable_adapters():
+        base = _forward(model, token_batch).detach()
+    assert not torch.allclose(base, adapted, atol=1e-2), "the merged adapter changes the output"
 
 
 def test_merge_and_unload_gives_a_dense_model_and_requantize_reports_error(make_tiny,
