@@ -41,7 +41,7 @@ class RunSettings:
             in steps); ``None``: the step budget.
     """
 
-    steps: int = 30
+    steps: int = 60
     batch_size: int = 16
     max_length: int = 40
     seed: int = 0
