@@ -154,13 +154,13 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     started = time.perf_counter()
     observer = observer_for(console, settings.steps)
     base_metric: dict[int, float] = {}
-    results = []
+    results: list[MethodResult] = []
     with observer if isinstance(observer, TerminalProgress) else contextlib.nullcontext():
         for v in values:
             shifted = _Numbered(observer, len(results), total)
-            base, part = run_comparison(tasks[v], methods, settings, registry, shifted, done,
-                                        sweep, v)
-            base_metric = base_metric or base
+            per_seed, part = run_comparison(tasks[v], methods, settings, registry, shifted,
+                                            done, sweep, v)
+            base_metric = base_metric or per_seed
             results += part
     rows = report.summarize(results)
     base = interval(list(base_metric.values()))

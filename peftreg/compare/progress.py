@@ -10,9 +10,17 @@ time of the runs so far times the runs to go).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from peftreg.compare.runs import MethodResult
 
@@ -30,7 +38,7 @@ def clock(seconds: float) -> str:
 class LineProgress:
     """One line per run started and finished (for pipes, logs and CI)."""
 
-    def __init__(self, console: Console, now: type[time.perf_counter] | None = None) -> None:
+    def __init__(self, console: Console, now: Callable[[], float] | None = None) -> None:
         self.console = console
         self._now = now or time.perf_counter
         self._begin = self._now()
@@ -66,8 +74,8 @@ class TerminalProgress:
         self.bars = Progress(TextColumn("{task.description:<28}"), BarColumn(),
                              MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                              TimeElapsedColumn(), console=console, transient=False)
-        self._overall = None
-        self._current = None
+        self._overall: TaskID | None = None
+        self._current: TaskID | None = None
 
     def __enter__(self) -> TerminalProgress:
         self.bars.__enter__()

@@ -87,11 +87,11 @@ def summarize(results: Sequence[MethodResult]) -> list[RowSummary]:
             notes=first.notes, errors=sorted({r.error for r in runs if r.error})))
     # The gap is taken to full fine-tuning at the same sweep value, or to the one full
     # fine-tuning row a config sweep has.
-    fulls = {r.sweep: r for r in rows if r.row == FULL_FINE_TUNING and r.runs}
-    for r in rows:
-        full = fulls.get(r.sweep) or (next(iter(fulls.values())) if len(fulls) == 1 else None)
+    fulls = {row.sweep: row for row in rows if row.row == FULL_FINE_TUNING and row.runs}
+    for row in rows:
+        full = fulls.get(row.sweep) or (next(iter(fulls.values())) if len(fulls) == 1 else None)
         if full is not None:
-            r.gap_to_full = r.metric.mean - full.metric.mean
+            row.gap_to_full = row.metric.mean - full.metric.mean
     return rows
 
 

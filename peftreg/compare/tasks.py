@@ -293,7 +293,7 @@ TASKS: dict[str, Callable[..., Task]] = {"minilm": minilm_task, "smollm2": smoll
 
 
 def build_task(model: str, data: str | None, *, text_column: str = "text",
-               label_column: str = "label", **sizes: int | None) -> Task:
+               label_column: str = "label", **sizes: Any) -> Task:
     """The task for ``--model`` and ``--task``.
 
     Args:
