@@ -45,7 +45,8 @@ install: $(VENV)/.peftreg-installed
 demo: install
 	$(VENV)/bin/peftreg compare
 
-test: install $(TEST_PLUGINS)/.installed
+# The README's test command, and what CI runs: lint and types first, then the suite.
+test: lint typecheck $(TEST_PLUGINS)/.installed
 	$(PY) -m pytest
 
 lint: install
