@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peftreg.ops import nf4, reference
+from peftreg.ops import nf4, nf4_codes, reference
 from peftreg.quant import NF4Tensor
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional",
@@ -120,7 +120,7 @@ def test_scaling_is_the_reciprocal_product_where_it_differs_from_division():
     # Blocks of random scale: pick the values whose code differs between r / m and
     # r * (1 / m); bitsandbytes must agree with the product on every one of them.
     code = bnb_functional.create_dynamic_map(signed=True).float()
-    bounds = reference.bnb_dynamic_bounds()
+    bounds = nf4_codes.bnb_dynamic_bounds()
     differing = agree = 0
     for seed in range(12):
         g = torch.Generator().manual_seed(seed)
@@ -151,7 +151,7 @@ def test_the_boundary_table_is_bitsandbytes_own():
     # Re-measure every decision boundary of bitsandbytes' 8-bit quantizer and compare with the
     # tables compiled into the kernels and kept in the reference.
     measured = bnb_dynamic_probe.measure_upper_bounds()
-    assert torch.equal(measured, reference.bnb_dynamic_bounds())
+    assert torch.equal(measured, nf4_codes.bnb_dynamic_bounds())
     # The kernel uses the same boundaries: every boundary and its upper neighbour, in one block
     # with absmax 1 and offset 0 (values symmetric around the mean).
     above = torch.nextafter(measured, torch.full_like(measured, 2.0))
