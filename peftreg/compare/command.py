@@ -13,7 +13,7 @@ from rich.console import Console
 
 from peftreg.compare import report
 from peftreg.compare.progress import TerminalProgress, clock, observer_for
-from peftreg.compare.runner import RunObserver, plan, run_comparison
+from peftreg.compare.runner import RunObserver, base_metrics, plan, run_comparison
 from peftreg.compare.runs import MethodResult, RunSettings
 from peftreg.compare.stats import interval
 from peftreg.compare.sweep import parse_sweep
@@ -132,35 +132,34 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
                   f"{settings.seeds} seed(s)" + ("" if args.no_baselines else
                                                  ", with full fine-tuning and head-only rows"),
                   highlight=False)
-    task = build_task(args.model, args.task, text_column=args.text_column,
-                      label_column=args.label_column, steps=settings.steps,
-                      batch_size=settings.batch_size, max_length=settings.max_length,
-                      seed=settings.seed, test_per_class=settings.test_per_class)
-    json_path, png_path = args.out / "results.json", args.out / "results.png"
     sweep = parse_sweep(args.sweep) if args.sweep else None
+    values = sweep.values if sweep is not None else (None,)
+    # One task, or one per training-set size; the held-out set is the same in all of them.
+    sizes = values if sweep is not None and sweep.changes_data else (None,)
+    built = {size: build_task(args.model, args.task, text_column=args.text_column,
+                              label_column=args.label_column, steps=settings.steps,
+                              batch_size=settings.batch_size, max_length=settings.max_length,
+                              seed=settings.seed, test_per_class=settings.test_per_class,
+                              train_size=size) for size in sizes}
+    tasks = {v: built[v] if v in built else built[None] for v in values}
+    task = tasks[values[0]]
+    json_path, png_path = args.out / "results.json", args.out / "results.png"
     done = []
     if args.resume and json_path.is_file():
         done = report.read_runs(json_path, task.name, settings, sweep)
         console.print(f"resuming: {sum(r.error is None for r in done)} finished runs kept from "
                       f"{json_path}", highlight=False)
-    values = sweep.values if sweep is not None else (None,)
-    tasks = {v: task if sweep is None or not sweep.changes_data else build_task(
-        args.model, args.task, text_column=args.text_column, label_column=args.label_column,
-        steps=settings.steps, batch_size=settings.batch_size, max_length=settings.max_length,
-        seed=settings.seed, test_per_class=settings.test_per_class, train_size=v)
-        for v in values}
     total = sum(len(plan(methods, tasks[v], settings, sweep is None or sweep.changes_data
                          or v == values[0])) for v in values)
     started = time.perf_counter()
     observer = observer_for(console, settings.steps)
-    base_metric: dict[int, float] = {}
+    base_metric = base_metrics(task, settings)  # the untrained base, scored once
     results: list[MethodResult] = []
     with observer if isinstance(observer, TerminalProgress) else contextlib.nullcontext():
         for v in values:
             shifted = _Numbered(observer, len(results), total)
-            per_seed, part = run_comparison(tasks[v], methods, settings, registry, shifted,
-                                            done, sweep, v)
-            base_metric = base_metric or per_seed
+            _, part = run_comparison(tasks[v], methods, settings, registry, shifted, done,
+                                     sweep, v, base_metric)
             results += part
     rows = report.summarize(results)
     base = interval(list(base_metric.values()))

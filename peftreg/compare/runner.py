@@ -132,6 +132,11 @@ def run_method(name: str, task: Task, settings: RunSettings, registry: Registry,
     return result
 
 
+def base_metrics(task: Task, settings: RunSettings) -> dict[int, float]:
+    """The untrained base model's held-out metric at each seed (its new head differs)."""
+    return {seed: task.evaluate(task.make_model(seed).eval()) for seed in settings.seed_list()}
+
+
 def plan(methods: Sequence[str], task: Task, settings: RunSettings, with_baselines: bool = True
          ) -> list[tuple[str, int]]:
     """Every (row, seed) of the comparison, seed-major so partial results cover every row."""
@@ -142,7 +147,8 @@ def plan(methods: Sequence[str], task: Task, settings: RunSettings, with_baselin
 def run_comparison(task: Task, methods: Sequence[str], settings: RunSettings,
                    registry: Registry, observer: RunObserver | None = None,
                    done: Iterable[MethodResult] = (), sweep: Sweep | None = None,
-                   value: Any = None) -> tuple[dict[int, float], list[MethodResult]]:
+                   value: Any = None, base_metric: dict[int, float] | None = None
+                   ) -> tuple[dict[int, float], list[MethodResult]]:
     """Run every method (and baseline) of the comparison at every seed.
 
     Args:
@@ -156,14 +162,16 @@ def run_comparison(task: Task, methods: Sequence[str], settings: RunSettings,
         sweep, value: the swept choice and the value of it this comparison runs at (the
             task is already built for a train-size value). A config sweep runs the baselines
             only at its first value, since they do not depend on it.
+        base_metric: the untrained base's metric per seed, if already scored (a sweep
+            scores it once for all its values).
 
     Returns:
         The untrained base model's metric per seed, and every result in plan order.
     """
     label = sweep.label(value) if sweep is not None else ""
     kept = {(r.method, r.seed): r for r in done if r.error is None and r.sweep == label}
-    base_metric = {seed: task.evaluate(task.make_model(seed).eval())
-                   for seed in settings.seed_list()}
+    if base_metric is None:
+        base_metric = base_metrics(task, settings)
     baselines = sweep is None or sweep.changes_data or value == sweep.values[0]
     todo = plan(methods, task, settings, baselines)
     if any(key not in kept for key in todo):

@@ -30,7 +30,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnknownMethodError
-from peftreg.io.atomic import atomic_write, describe_write_failure, fsync_dir
+from peftreg.io.atomic import atomic_write, describe_write_failure
 from peftreg.io.files import readable_file
 from peftreg.io.validate import (
     DuplicateKeyError,
@@ -84,11 +84,6 @@ class AdapterDir:
     def size_on_disk(self) -> int:
         """Bytes of ``adapter.json`` plus the tensor file."""
         return (self.path / CONFIG_FILE).stat().st_size + self.tensor_file.stat().st_size
-
-
-# The names the PEFT-format writer and the optimizer checkpoint import (kept for them).
-_fsync_dir = fsync_dir
-_atomic_write = atomic_write
 
 
 def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
@@ -193,8 +188,8 @@ def _write_adapter_files(
         "tensors": {"file": tensor_name, "sha256": digest, "count": len(tensors),
                     "parameters": sum(t.numel() for t in tensors.values())},
     }
-    _atomic_write(directory / tensor_name, blob)
-    _atomic_write(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(directory / tensor_name, blob)
+    atomic_write(directory / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     # Only now is the previous tensor file unreferenced. Tensor files of saves killed before
     # their config rename were never referenced; they go too, so kills leave no litter.
     for other in directory.glob("adapter.*.safetensors"):
