@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnknownMethodError
 from peftreg.io.atomic import atomic_write, describe_write_failure
-from peftreg.io.files import readable_file
+from peftreg.io.files import is_present, readable_file
 from peftreg.io.validate import (
     DuplicateKeyError,
     compare_to_expected,
@@ -231,7 +231,7 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: not a directory")
-    if not (config_path.exists() or config_path.is_symlink()):
+    if not is_present(config_path):
         raise AdapterFileError(no_adapter_message(directory))
     config_path = readable_file(directory, CONFIG_FILE, "the adapter config")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:

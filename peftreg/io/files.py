@@ -16,7 +16,12 @@ from pathlib import Path
 
 from peftreg.errors import AdapterFileError
 
-__all__ = ["checked_subdirectory", "describe_entry", "readable_file"]
+__all__ = ["checked_subdirectory", "describe_entry", "is_present", "readable_file"]
+
+
+def is_present(path: Path) -> bool:
+    """Whether anything is at ``path``, a broken link included (``exists()`` follows links)."""
+    return path.is_symlink() or path.exists()
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -51,7 +56,7 @@ def readable_file(directory: Path, name: str, role: str) -> Path:
             is missing, a directory, a dangling link or a special file (saying which).
     """
     path = directory / name
-    if (path.is_symlink() or path.exists()) and not _inside(directory, path):
+    if is_present(path) and not _inside(directory, path):
         raise AdapterFileError(
             f"{path}: {role} is a link to {os.path.realpath(path)}, outside the adapter "
             f"directory {directory}; refusing to follow it")

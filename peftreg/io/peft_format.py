@@ -40,7 +40,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ from peftreg.errors import AdapterError, AdapterFileError, PeftregError, Unsuppo
 from peftreg.io.adapter_dir import CONFIG_FILE as PEFTREG_CONFIG_FILE
 from peftreg.io.adapter_dir import MAX_CONFIG_BYTES, AdapterDir, no_adapter_message
 from peftreg.io.atomic import describe_write_failure, fsync_dir
-from peftreg.io.files import checked_subdirectory, readable_file
+from peftreg.io.files import checked_subdirectory, is_present, readable_file
 from peftreg.io.validate import DuplicateKeyError, loads_strict, read_safetensors
 from peftreg.patterns import UnsafePatternError, compile_pattern
 
@@ -182,7 +182,7 @@ def is_peft_dir(directory: str | Path) -> bool:
     config = directory / PEFT_CONFIG_FILE
     # A config that is a link (even a broken one) still marks a PEFT directory, so that the
     # PEFT reader can say what is wrong with it.
-    return (config.exists() or config.is_symlink()) and not (
+    return is_present(config) and not (
         directory / PEFTREG_CONFIG_FILE).exists()
 
 
@@ -225,16 +225,14 @@ def read_peft_dir(
         raise AdapterFileError(f"{directory}: not a directory")
     if _is_sub_adapter(directory):
         checked_subdirectory(directory.parent, directory)
-    if not (directory / PEFT_CONFIG_FILE).exists() and not (
-            directory / PEFT_CONFIG_FILE).is_symlink():
+    if not is_present(directory / PEFT_CONFIG_FILE):
         raise AdapterFileError(no_adapter_message(directory))
     config_path = readable_file(directory, PEFT_CONFIG_FILE,
                                 "the Hugging Face PEFT adapter config")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
     weights_path = directory / PEFT_WEIGHTS_FILE
-    if not (weights_path.exists() or weights_path.is_symlink()) and (
-            directory / "adapter_model.bin").exists():
+    if not is_present(weights_path) and (directory / "adapter_model.bin").exists():
         raise AdapterFileError(
             f"{directory}: Hugging Face PEFT adapter directory without {PEFT_WEIGHTS_FILE} "
             "(adapter_model.bin is a pickle, which peftreg does not load; re-save it with "
@@ -532,12 +530,16 @@ def _spec_selects(ctx: _Import, field: str, spec: list[str] | str, path: str) ->
         raise ctx.config_error(exc.message_for_file()) from exc
 
 
+def _is_pattern_spec(value: Any) -> TypeGuard[list[str] | str]:
+    """A non-empty regex string or non-empty list of names (PEFT's two forms of a spec)."""
+    return (isinstance(value, str) and bool(value)) or (
+        isinstance(value, list) and bool(value) and all(isinstance(e, str) for e in value))
+
+
 def _check_targets_cover(ctx: _Import, spec: Any, adapted: list[str]) -> None:
     """The config's targets must select every module the tensors adapt, and its exclusions
     none of them: otherwise the config and the weights contradict each other."""
-    selectable = (isinstance(spec, str) and spec != "all-linear") or (
-        isinstance(spec, list) and bool(spec) and all(isinstance(e, str) for e in spec))
-    if selectable:
+    if _is_pattern_spec(spec) and spec != "all-linear":
         missed = [p for p in adapted if not _spec_selects(ctx, "target_modules", spec, p)]
         if missed:
             raise ctx.config_error(
@@ -546,8 +548,7 @@ def _check_targets_cover(ctx: _Import, spec: Any, adapted: list[str]) -> None:
                 f"in {ctx.weights_path} belong to {', '.join(sorted(adapted)[:8])}); the "
                 "config contradicts its weights")
     exclude = ctx.doc.get("exclude_modules")
-    if (isinstance(exclude, str) and exclude) or (isinstance(exclude, list) and exclude and
-                                                  all(isinstance(e, str) for e in exclude)):
+    if _is_pattern_spec(exclude):
         excluded = [p for p in adapted if _spec_selects(ctx, "exclude_modules", exclude, p)]
         if excluded:
             raise ctx.config_error(
