@@ -245,7 +245,7 @@ def test_layers_to_transform_selecting_no_layer_names_the_indices():
     assert "layers_to_transform" in message and "[5, 7]" in message and "[0, 1]" in message
 
 
-def test_os_error_reading_is_not_a_link_false_positive(copy):
+def test_plain_files_still_load(copy):
     # A plain file is read as before (the twin of the link refusals).
     assert not os.path.islink(copy / PEFT_WEIGHTS_FILE)
     peftreg.load(make_llama(), copy)
