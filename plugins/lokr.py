@@ -1,0 +1,243 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoKr: Kronecker-product adaptation (Yeh et al. 2024, LyCORIS).
+
+A frozen weight ``W`` (out x in) is adapted as ``W + (alpha / r) * kron(W1, W2)``. The output
+width is factored as ``out = a * b`` and the input width as ``in = c * d`` by
+:func:`factorization` (the divisor pair nearest the square root, or the one containing
+``decompose_factor``), so ``W1`` is ``a x c`` and ``W2`` is ``b x d``. ``W2`` is kept full when
+``r >= max(b, d) / 2`` and otherwise as the rank-``r`` product ``W2a W2b``; ``W1`` is full unless
+``decompose_both`` is set and ``r < max(a, c) / 2``, when it is ``W1a W1b``. These are HF PEFT's
+rules (``peft.tuners.lokr``), as are the names and shapes of the saved tensors: ``lokr_w1``
+(a x c) or ``lokr_w1_a`` (a x r) and ``lokr_w1_b`` (r x c); ``lokr_w2`` (b x d) or ``lokr_w2_a``
+(b x r) and ``lokr_w2_b`` (r x d).
+
+At the start ``W1`` (or ``W1a``) is zero and the rest Kaiming-uniform, so the model equals the
+base; ``init_weights="lycoris"`` zeroes ``W2`` (or ``W2b``) instead, as the LyCORIS repository
+does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftreg.plugin import (
+    Capabilities,
+    ConfigError,
+    LayerAdapter,
+    ModelFamily,
+    PEFTMethod,
+    base_access,
+    hookimpl,
+    host_for,
+    merge_weight,
+    select_targets,
+)
+from peftreg_plugins.loha import (
+    LycorisConfig,
+    default_targets,
+    kaiming_,
+    new_factor,
+    row_dropout,
+    skip_module,
+)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dimension`` into ``(m, n)`` with ``m * n == dimension`` and ``m <= n``.
+
+    When ``factor`` divides ``dimension`` the split is ``(factor, dimension // factor)``
+    (ordered as given, so ``m`` may exceed ``n``). Otherwise divisors ``m`` are tried upwards
+    from 1 while ``m + n`` does not grow and ``m`` stays at most ``factor`` (no bound for
+    ``-1``), which ends at the divisor pair nearest the square root.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    bound = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate:
+            candidate += 1
+        other = dimension // candidate
+        if candidate + other > m + n or candidate > bound:
+            break
+        m, n = candidate, other
+    return (n, m) if m > n else (m, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class KronShapes:
+    """Factor shapes of one layer: ``out = a * b``, ``in = c * d``, and which are low-rank."""
+
+    a: int
+    b: int
+    c: int
+    d: int
+    r: int
+    full_w1: bool
+    full_w2: bool
+
+    @classmethod
+    def of(cls, out_features: int, in_features: int, r: int, decompose_both: bool,
+           decompose_factor: int) -> KronShapes:
+        a, b = factorization(out_features, decompose_factor)
+        c, d = factorization(in_features, decompose_factor)
+        return cls(a, b, c, d, r,
+                   full_w1=not (decompose_both and r < max(a, c) / 2),
+                   full_w2=not r < max(b, d) / 2)
+
+    def parameter_count(self) -> int:
+        """Numbers in the factors: full ``a c`` or ``r (a + c)``, full ``b d`` or ``r (b + d)``."""
+        w1 = self.a * self.c if self.full_w1 else self.r * (self.a + self.c)
+        w2 = self.b * self.d if self.full_w2 else self.r * (self.b + self.d)
+        return w1 + w2
+
+
+@dataclasses.dataclass
+class LokrConfig(LycorisConfig):
+    """Config of a LoKr adapter (:class:`~peftreg_plugins.loha.LycorisConfig` fields, plus:).
+
+    Attributes:
+        decompose_both: also write ``W1`` as a rank-``r`` product when ``r < max(a, c) / 2``.
+        decompose_factor: the factor to split widths by (``-1``: nearest the square root); a
+            value that divides no adapted width falls back to the square-root search bounded
+            by it, as PEFT does.
+        rank_dropout_scale: rescale the kept rows under ``rank_dropout`` (PEFT's default: no).
+        init_weights: ``True`` (``W1`` zero), ``"lycoris"`` (``W2`` zero) or ``False`` (all
+            random, for tests).
+    """
+
+    method: ClassVar[str] = "lokr"
+
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    init_weights: bool | Literal["lycoris"] = True  # type: ignore[assignment]
+
+    def validate(self) -> None:
+        super().validate()
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise self.error("decompose_factor", "must be -1 (square root) or a positive integer",
+                             self.decompose_factor)
+
+    def shapes(self, path: str, out_features: int, in_features: int) -> KronShapes:
+        """The factor shapes for the module at ``path``."""
+        r, _ = self.rank_and_alpha(path)
+        return KronShapes.of(out_features, in_features, r, self.decompose_both,
+                             self.decompose_factor)
+
+
+class LokrLinear(LayerAdapter):
+    """LoKr factors for one ``nn.Linear``: ``y = base(x) + x (s kron(W1, W2))^T``."""
+
+    def __init__(self, base: nn.Module, shapes: KronShapes, alpha: float, config: LokrConfig
+                 ) -> None:
+        super().__init__()
+        view = base_access(base)
+        s = shapes
+        if s.full_w1:
+            self.lokr_w1 = new_factor(s.a, s.c, view)
+        else:
+            self.lokr_w1_a = new_factor(s.a, s.r, view)
+            self.lokr_w1_b = new_factor(s.r, s.c, view)
+        if s.full_w2:
+            self.lokr_w2 = new_factor(s.b, s.d, view)
+        else:
+            self.lokr_w2_a = new_factor(s.b, s.r, view)
+            self.lokr_w2_b = new_factor(s.r, s.d, view)
+        self.shapes, self.alpha, self.scaling = s, alpha, alpha / s.r
+        self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
+        self.rank_dropout_scale = config.rank_dropout_scale
+        with torch.no_grad():
+            for p in self.parameters():
+                kaiming_(p)
+            init = config.init_weights
+            if init is True:
+                nn.init.zeros_(self.lokr_w1 if s.full_w1 else self.lokr_w1_a)
+            elif init == "lycoris":
+                nn.init.zeros_(self.lokr_w2 if s.full_w2 else self.lokr_w2_b)
+
+    def w1(self) -> torch.Tensor:
+        """The left Kronecker factor (a x c)."""
+        return self.lokr_w1 if self.shapes.full_w1 else self.lokr_w1_a @ self.lokr_w1_b
+
+    def w2(self) -> torch.Tensor:
+        """The right Kronecker factor (b x d)."""
+        return self.lokr_w2 if self.shapes.full_w2 else self.lokr_w2_a @ self.lokr_w2_b
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scaling * kron(W1, W2)``, shape (out, in)."""
+        return torch.kron(self.w1(), self.w2()) * self.scaling
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if skip_module(self.training, self.module_dropout):
+            return y
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout > 0:
+            delta = row_dropout(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
+        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        w.copy_((w.float() - self.delta_weight().float()).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        s = self.shapes
+        return (f"w1={s.a}x{s.c}{'' if s.full_w1 else f' (rank {s.r})'}, "
+                f"w2={s.b}x{s.d}{'' if s.full_w2 else f' (rank {s.r})'}, "
+                f"scaling={self.scaling:g}")
+
+
+def _checked_shapes(config: LokrConfig, path: str, module: nn.Module) -> KronShapes:
+    out_f, in_f = base_access(module).shape
+    shapes = config.shapes(path, out_f, in_f)
+    if config.decompose_factor > 0 and (shapes.a, shapes.c) == (1, 1):
+        # Both widths prime (or the factor search gave nothing): kron(1x1, W2) is a dense
+        # (out x in) W2, which is full fine-tuning of the layer, not LoKr.
+        raise ConfigError(
+            f"LokrConfig.decompose_factor: {config.decompose_factor} gives no Kronecker "
+            f"split of {path!r} ({out_f} x {in_f}); choose a factor that divides its widths")
+    return shapes
+
+
+class LokrMethod(PEFTMethod[LokrConfig]):
+    """Kronecker products of small factors on Linear weights; mergeable."""
+
+    name: ClassVar[str] = "lokr"
+    config_cls = LokrConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    suggested_learning_rate: ClassVar[float] = 1e-3
+
+    def inject(self, model: nn.Module, adapter_name: str, config: LokrConfig,
+               family: ModelFamily | None) -> list[str]:
+        paths = select_targets(model, config, self.supported, family, default_targets(family))
+        plans = [(p, _checked_shapes(config, p, model.get_submodule(p))) for p in paths]
+        for path, shapes in plans:
+            host = host_for(model, path)
+            _, alpha = config.rank_and_alpha(path)
+            host.adapters[adapter_name] = LokrLinear(host.base, shapes, alpha, config)
+        return paths
+
+    def parameter_count(self, model: nn.Module, config: LokrConfig,
+                        family: ModelFamily | None) -> int:
+        """Per adapted matrix: ``a c`` or ``r (a + c)`` for W1 plus ``b d`` or ``r (b + d)``
+        for W2, with ``out = a b`` and ``in = c d`` from :func:`factorization`."""
+        return sum(_checked_shapes(config, p, model.get_submodule(p)).parameter_count()
+                   for p in select_targets(model, config, self.supported, family,
+                                           default_targets(family)))
+
+
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
+    """Provide LoKr."""
+    return [LokrMethod()]

@@ -1,0 +1,312 @@
+# SPDX-License-Identifier: Apache-2.0
+"""OFT: orthogonal fine-tuning (Qiu et al. 2023), with HF PEFT 0.21.2's conventions.
+
+The frozen weight ``W`` (out x in) is multiplied by a learned orthogonal matrix on its input
+side: the layer computes ``base(x R)`` for a block-diagonal ``R`` (in x in) of ``r`` blocks of
+size ``b`` (``r * b == in_features``), so merging gives ``W' = W R^T``. An orthogonal ``R``
+keeps the angles between the weight's neurons (the paper's hyperspherical energy), which is the
+method's point.
+
+Each block is the Cayley transform of a skew-symmetric ``Q`` whose ``b (b - 1) / 2`` free entries
+(the strict upper triangle, row by row) are the trainable numbers. PEFT computes it in one of two
+ways, and so does this module:
+
+- ``use_cayley_neumann=True`` (PEFT's default): the truncated Neumann series
+  ``I + 2 Q + 2 Q^2 + ... + 2 Q^(k-2) + Q^(k-1)`` for ``k = num_cayley_neumann_terms`` (PEFT's
+  cut: ``I + 2 Q`` for ``k = 2``, and ``k = 3`` gives the ``k = 4`` series), which approximates
+  ``(I + Q)(I - Q)^-1`` and is orthogonal only up to the truncation;
+- ``use_cayley_neumann=False``: the exact ``(I - Q)(I + Q)^-1``.
+
+(The two are transposes of each other for the same ``Q``; PEFT's numbers are matched in both.)
+``Q`` starts at zero, so ``R = I`` and the model starts at the base.
+
+``coft`` (constrained OFT, paper section 3.3) projects every block's ``Q`` back into a Frobenius
+ball of radius ``eps / sqrt(r)`` before each use, writing the projected values into the
+parameter as PEFT does. ``block_share`` trains one block used ``in / b`` times. ``module_dropout``
+(the paper's multiplicative dropout) replaces ``floor(p * r)`` random blocks by the identity in
+training; PEFT 0.21.2 creates that layer but never calls it on Linear layers, so training-mode
+outputs with ``module_dropout > 0`` differ from PEFT's by design (evaluation is unaffected).
+
+The trainable tensor is saved as ``<module path>.oft_R.weight`` with shape
+``(r, b (b - 1) / 2)`` (``(1, ...)`` with ``block_share``), PEFT's key and shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from peftreg.plugin import (
+    Capabilities,
+    LayerAdapter,
+    ModelFamily,
+    PEFTMethod,
+    TargetedConfig,
+    UnsupportedOperationError,
+    base_access,
+    hookimpl,
+    host_for,
+    merge_weight,
+    select_targets,
+)
+
+
+@dataclasses.dataclass
+class OftConfig(TargetedConfig):
+    """Config of an OFT adapter.
+
+    Exactly one of ``r`` and ``oft_block_size`` is non-zero; the other follows from each layer's
+    input width (``r * oft_block_size == in_features``), and a value that does not divide an
+    adapted layer's input width is a :class:`ConfigError` naming the field and the layer (PEFT
+    silently picks a nearby divisor instead).
+
+    Attributes:
+        r: number of blocks per layer (0: derived from ``oft_block_size``).
+        oft_block_size: size of each block (0: derived from ``r``).
+        use_cayley_neumann: the truncated Neumann series instead of the exact Cayley transform.
+        num_cayley_neumann_terms: terms of that series (>= 2).
+        coft: constrained OFT: keep each block's ``Q`` within Frobenius norm ``eps / sqrt(r)``.
+        eps: the COFT radius (> 0); only read when ``coft`` is set.
+        block_share: one block shared by all positions of the diagonal.
+        module_dropout: in training, the fraction of blocks replaced by the identity.
+        init_weights: ``True`` starts at ``R = I``; ``False`` draws ``Q`` from N(0, 0.1^2)
+            (for tests).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern: see
+            :class:`peftreg.plugin.TargetedConfig`; ``None`` takes the family's query and value
+            projections (PEFT's defaults for OFT on these models).
+    """
+
+    method: ClassVar[str] = "oft"
+
+    r: int = 0
+    oft_block_size: int = 32
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    module_dropout: float = 0.0
+    init_weights: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r < 0:
+            raise self.error("r", "must be >= 0", self.r)
+        if self.oft_block_size < 0:
+            raise self.error("oft_block_size", "must be >= 0", self.oft_block_size)
+        if (self.r == 0) == (self.oft_block_size == 0):
+            raise self.error(
+                "oft_block_size", f"set exactly one of r and oft_block_size (the other is "
+                f"in_features divided by it); got r={self.r}, oft_block_size="
+                f"{self.oft_block_size}")
+        if self.oft_block_size == 1 or (self.r == 0 and self.oft_block_size < 2):
+            raise self.error("oft_block_size", "a block of size 1 has no free rotation; use >= 2",
+                             self.oft_block_size)
+        if self.num_cayley_neumann_terms < 2:
+            raise self.error("num_cayley_neumann_terms",
+                             "must be >= 2 (fewer terms give R = I whatever is trained)",
+                             self.num_cayley_neumann_terms)
+        if not math.isfinite(self.eps) or self.eps <= 0:
+            raise self.error("eps", "must be a finite number > 0", self.eps)
+        if not 0.0 <= self.module_dropout < 1.0:
+            raise self.error("module_dropout", "must be in [0, 1)", self.module_dropout)
+
+    def blocks(self, path: str, in_features: int) -> tuple[int, int]:
+        """``(r, block_size)`` for a layer of input width ``in_features`` at ``path``.
+
+        Raises:
+            ConfigError: the given ``r`` or ``oft_block_size`` does not divide the width.
+        """
+        field, given = ("oft_block_size", self.oft_block_size) if self.r == 0 else ("r", self.r)
+        if given > in_features or in_features % given:
+            raise self.error(
+                field, f"must divide the input width {in_features} of {path!r} "
+                f"(r * oft_block_size == in_features)", given)
+        other = in_features // given
+        r, size = (other, given) if self.r == 0 else (given, other)
+        if size < 2:
+            raise self.error(field, f"gives blocks of size {size} for {path!r} (width "
+                             f"{in_features}); a block needs size >= 2", given)
+        return r, size
+
+
+class OftRotation(nn.Module):
+    """The trainable skew-symmetric generators of one layer's blocks (PEFT's ``oft_R``).
+
+    Attributes:
+        weight: ``(n_blocks, b (b - 1) / 2)``: each row is the strict upper triangle of one
+            block's ``Q``, row by row (``n_blocks`` is 1 with ``block_share``).
+    """
+
+    def __init__(self, n_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.block_size = block_size
+        n = block_size * (block_size - 1) // 2
+        self.weight = nn.Parameter(torch.zeros(n_blocks, n, device=device, dtype=dtype))
+        rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+        # Index tensors, not state: rebuilt from the block size, so not saved.
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def skew(self, vec: torch.Tensor) -> torch.Tensor:
+        """The skew-symmetric blocks ``Q`` (n_blocks x b x b) from their upper triangles."""
+        q = vec.new_zeros(vec.shape[0], self.block_size, self.block_size)
+        q[:, self.rows, self.cols] = vec
+        return q - q.transpose(-2, -1)
+
+
+class OftLinear(LayerAdapter):
+    """A block-diagonal orthogonal rotation of one ``nn.Linear``'s input: ``base(x R)``."""
+
+    def __init__(self, base: nn.Module, r: int, block_size: int, config: OftConfig,
+                 label: str = "") -> None:
+        super().__init__()
+        view = base_access(base)
+        self.in_features = view.in_features
+        self.r, self.block_size = r, block_size
+        self.oft_R = OftRotation(1 if config.block_share else r, block_size, view.device,
+                                 view.dtype)
+        self.use_cayley_neumann = config.use_cayley_neumann
+        self.num_terms = config.num_cayley_neumann_terms
+        self.coft, self.eps = config.coft, config.eps
+        self.block_share = config.block_share
+        self.module_dropout = config.module_dropout
+        self.label = label or type(self).__name__
+        if not config.init_weights:
+            with torch.no_grad():
+                nn.init.normal_(self.oft_R.weight, mean=0.0, std=0.1)
+
+    # -- the rotation --------------------------------------------------------------------------
+
+    def _project(self) -> None:
+        # COFT: every block's Q scaled back onto the ball of radius eps / sqrt(n_blocks) when it
+        # left it, written into the parameter itself (PEFT does the same before each use).
+        w = self.oft_R.weight
+        with torch.no_grad():
+            q = self.oft_R.skew(w)
+            radius = self.eps / math.sqrt(q.shape[0])
+            norm = torch.linalg.matrix_norm(q, keepdim=True)
+            q = torch.where(norm <= radius, q, q * (radius / norm))
+            w.copy_(q[:, self.oft_R.rows, self.oft_R.cols])
+
+    def blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The orthogonal blocks ``R_i`` (n_blocks x b x b), computed in ``dtype``."""
+        if self.coft:
+            self._project()
+        w = self.oft_R.weight
+        q = self.oft_R.skew(w if dtype is None else w.to(dtype))
+        eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
+        if not self.use_cayley_neumann:
+            # (I - Q)(I + Q)^-1, i.e. X (I + Q) = I - Q, solved rather than inverted.
+            return torch.linalg.solve(eye + q, eye - q, left=False)
+        # The Neumann series of (I + Q)(I - Q)^-1 cut as PEFT 0.21.2 cuts it: I + 2 Q for
+        # k = 2, else I + 2 Q + 2 Q^2 + ... + 2 Q^(k-2) + Q^(k-1) with at least the Q^3 term
+        # (so k = 3 and k = 4 agree there).
+        out = eye + 2 * q
+        if self.num_terms > 2:
+            power = q @ q
+            out = out + 2 * power
+            for _ in range(3, self.num_terms - 1):
+                power = power @ q
+                out = out + 2 * power
+            out = out + power @ q
+        return out
+
+    def _dropped(self, blocks: torch.Tensor) -> torch.Tensor:
+        count = int(self.module_dropout * blocks.shape[0])
+        if not (self.training and count > 0 and blocks.shape[0] > 1):
+            return blocks
+        pick = torch.zeros(blocks.shape[0], device=blocks.device, dtype=blocks.dtype)
+        pick[torch.randperm(blocks.shape[0], device=blocks.device)[:count]] = 1
+        pick = pick.view(-1, 1, 1)
+        eye = torch.eye(self.block_size, device=blocks.device, dtype=blocks.dtype)
+        return (1 - pick) * blocks + pick * eye
+
+    def rotation(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense block-diagonal ``R`` (in x in) the input is multiplied by."""
+        blocks = self.blocks(dtype)
+        if self.block_share:
+            blocks = blocks.expand(self.in_features // self.block_size, -1, -1)
+        return torch.block_diag(*blocks.unbind(0))
+
+    # -- LayerAdapter ----------------------------------------------------------------------------
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.oft_R.weight.dtype
+        blocks = self._dropped(self.blocks())
+        n = self.in_features // self.block_size
+        if blocks.shape[0] != n:  # block_share: one block for every position
+            blocks = blocks.expand(n, -1, -1)
+        xb = x.to(dtype).reshape(*x.shape[:-1], n, self.block_size)
+        # Row vector times block: (x R)_c = sum_k x_k R_kc within each block.
+        rotated = torch.einsum("...nk,nkc->...nc", xb, blocks)
+        return rotated.reshape(x.shape).to(x.dtype)
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        rot = self.rotation(torch.float64)
+        w.copy_((w.double() @ rot.T).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        rot = self.rotation(torch.float64)
+        # W = W' R^-T: solve X R^T = W' (R is only near-orthogonal under the Neumann series).
+        try:
+            original = torch.linalg.solve(rot.T, w.double(), left=False)
+        except RuntimeError as exc:  # torch.linalg.LinAlgError: a singular rotation
+            raise UnsupportedOperationError(
+                f"oft adapter {self.label}: cannot unmerge: the rotation is singular") from exc
+        w.copy_(original.to(w.dtype))
+
+    def extra_repr(self) -> str:
+        shared = ", block_share" if self.block_share else ""
+        return f"r={self.r}, block_size={self.block_size}{shared}"
+
+
+def _default_targets(family: ModelFamily | None) -> list[str] | None:
+    if family is None or "q" not in family.roles or "v" not in family.roles:
+        return None
+    return [family.roles["q"], family.roles["v"]]
+
+
+def _plan(model: nn.Module, config: OftConfig, family: ModelFamily | None
+          ) -> list[tuple[str, int, int]]:
+    paths = select_targets(model, config, OftMethod.supported, family, _default_targets(family))
+    return [(p, *config.blocks(p, base_access(model.get_submodule(p)).in_features))
+            for p in paths]
+
+
+class OftMethod(PEFTMethod[OftConfig]):
+    """Block-diagonal orthogonal rotations of Linear inputs; mergeable (W R^T)."""
+
+    name: ClassVar[str] = "oft"
+    config_cls = OftConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    suggested_learning_rate: ClassVar[float] = 1e-3
+
+    def inject(self, model: nn.Module, adapter_name: str, config: OftConfig,
+               family: ModelFamily | None) -> list[str]:
+        plans = _plan(model, config, family)  # every layer checked before any is touched
+        for path, r, size in plans:
+            host = host_for(model, path)
+            host.adapters[adapter_name] = OftLinear(host.base, r, size, config,
+                                                    f"{adapter_name!r} on {path!r}")
+        return [p for p, _, _ in plans]
+
+    def parameter_count(self, model: nn.Module, config: OftConfig,
+                        family: ModelFamily | None) -> int:
+        """``r * b (b - 1) / 2`` per adapted layer (``b (b - 1) / 2`` with ``block_share``)."""
+        return sum((1 if config.block_share else r) * (size * (size - 1) // 2)
+                   for _, r, size in _plan(model, config, family))
+
+
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
+    """Provide OFT."""
+    return [OftMethod()]
