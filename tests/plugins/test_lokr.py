@@ -1,0 +1,137 @@
+"""LoKr (plugins/lokr.py): numbers equal to HF PEFT 0.21.2's ``LoKrConfig``, the kit, the count.
+
+Parity as for LoHa (tests/peft_twin.py): logits, merged logits and every gradient agree within
+float32 defaults (both build the same ``kron(W1, W2)`` and one ``F.linear``; measured 0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import tiny_hf
+import torch
+from peft_twin import compare, compare_merged, twins
+from torch import nn
+
+import peftreg
+from peftreg import ConfigError
+from peftreg.testing import ALL_CHECKS, check_method
+from peftreg_plugins.lokr import KronShapes, LokrConfig, LokrLinear, LokrMethod, factorization
+
+peft = pytest.importorskip("peft", reason="peft is not installed")
+from peft.tuners.lokr.layer import factorization as peft_factorization  # noqa: E402
+
+CHECKS = tuple(c for c in ALL_CHECKS if c != "compile")
+
+CASES = [
+    # r=4 on 32 = 4 x 8 widths: both factors full.
+    pytest.param(tiny_hf.llama, tiny_hf.llama_loss,
+                 dict(r=4, alpha=6, target_modules=["q_proj", "k_proj", "down_proj"]),
+                 id="llama-full-factors"),
+    # r=1 with decompose_both: both factors low-rank.
+    pytest.param(tiny_hf.llama, tiny_hf.llama_loss,
+                 dict(r=1, decompose_both=True, target_modules="all-linear",
+                      rank_pattern={"up_proj": 2}),
+                 id="llama-decompose-both"),
+    pytest.param(tiny_hf.bert, tiny_hf.bert_loss,
+                 dict(r=2, decompose_factor=4, target_modules=["query", "value", "dense"]),
+                 id="bert-factor-4"),
+    pytest.param(tiny_hf.llama, tiny_hf.llama_loss,
+                 dict(r=2, init_weights="lycoris", rank_dropout=0.3, rank_dropout_scale=True,
+                      target_modules=["v_proj", "gate_proj"]),
+                 id="llama-lycoris-init"),
+]
+
+
+@pytest.mark.parametrize(("make", "loss", "fields"), CASES)
+def test_equal_to_peft(make, loss, fields):
+    theirs, ours = twins(make, peft.LoKrConfig(**fields), LokrConfig(**fields), scale=0.3)
+    compare(theirs, ours, tiny_hf.IDS, loss)
+    compare_merged(theirs, ours, tiny_hf.IDS, make)
+
+
+@pytest.mark.parametrize("factor", [-1, 2, 3, 4, 5, 7, 16, 100])
+def test_factorization_is_peft_s(factor):
+    for dim in (1, 2, 7, 12, 32, 48, 64, 96, 127, 128, 250, 256, 768, 4096, 11008):
+        assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+def test_factorization_examples():
+    assert factorization(256) == (16, 16)
+    assert factorization(128) == (8, 16)
+    assert factorization(127) == (1, 127)
+    assert factorization(128, 4) == (4, 32)
+
+
+def test_full_and_low_rank_choice():
+    # out 64 = 8 x 8, in 32 = 4 x 8: W2 is full iff r >= max(8, 8) / 2.
+    assert KronShapes.of(64, 32, 4, False, -1).full_w2
+    assert not KronShapes.of(64, 32, 3, False, -1).full_w2
+    # W1 (8 x 4) is decomposed only with decompose_both and r < max(8, 4) / 2.
+    assert KronShapes.of(64, 32, 3, False, -1).full_w1
+    assert not KronShapes.of(64, 32, 3, True, -1).full_w1
+    assert KronShapes.of(64, 32, 4, True, -1).full_w1
+
+
+def test_starts_at_the_base_like_peft():
+    config = LokrConfig(r=1, decompose_both=True, target_modules=["x"])
+    layer = LokrLinear(nn.Linear(32, 64), KronShapes.of(64, 32, 1, True, -1), 1.0, config)
+    assert torch.count_nonzero(layer.lokr_w1_a) == 0
+    assert torch.count_nonzero(layer.lokr_w2_b) == layer.lokr_w2_b.numel()
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+
+
+def test_conformance_with_all_checks(make_tiny, token_batch):
+    config = LokrConfig(r=1, decompose_both=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    report = check_method(config, make_tiny, token_batch, lambda m, ids: m(ids)["logits"],
+                          lambda m, ids: m(ids, labels=ids)["loss"], steps=6, lr=3e-2,
+                          checks=CHECKS)
+    assert report.loss_after < report.loss_before
+    assert set(report.extra) == set(CHECKS)
+
+
+def test_conformance_on_hf_bert():
+    report = check_method(LokrConfig(r=2, target_modules=["query", "value"],
+                                     modules_to_save=["classifier"]),
+                          tiny_hf.bert, tiny_hf.IDS, tiny_hf.logits, tiny_hf.bert_loss, steps=6,
+                          lr=1e-2)
+    assert report.loss_after < report.loss_before
+
+
+def test_parameter_count_from_the_shapes():
+    model = tiny_hf.llama()
+    # r=1, decompose_both. 32 = 4 x 8, 16 = 4 x 4, 64 = 8 x 8; W1 low-rank iff 1 < max(a, c)/2.
+    config = LokrConfig(r=1, decompose_both=True, target_modules=["q_proj", "k_proj", "up_proj"])
+    q = 1 * (4 + 4) + 1 * (8 + 8)    # 32 x 32: W1 4 x 4 (rank 1), W2 8 x 8 (rank 1)
+    k = 1 * (4 + 4) + 1 * (4 + 8)    # 16 x 32: W1 4 x 4, W2 4 x 8
+    up = 1 * (8 + 4) + 1 * (8 + 8)   # 64 x 32: W1 8 x 4, W2 8 x 8
+    family = peftreg.default_registry().describe_model(model)
+    expected = 2 * (q + k + up)
+    assert LokrMethod().parameter_count(model, config, family) == expected
+    adapted = peftreg.adapt(model, config)
+    assert sum(p.numel() for p in adapted.adapter_parameters("default")) == expected
+    full = LokrConfig(r=8, target_modules=["q_proj"])  # 4 x 4 and 8 x 8, full
+    assert LokrMethod().parameter_count(tiny_hf.llama(), full, family) == 2 * (16 + 64)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"decompose_factor": 0}, r"LokrConfig.decompose_factor: must be -1 .* \(got 0\)"),
+        ({"decompose_factor": -2}, "LokrConfig.decompose_factor: must be -1"),
+        ({"r": 0}, "LokrConfig.r: rank must be > 0"),
+        ({"init_weights": "pissa"}, "LokrConfig.init_weights"),
+        ({"rank_dropout": 1.5}, "LokrConfig.rank_dropout"),
+    ],
+    ids=["factor-0", "factor-negative", "rank", "init", "rank-dropout"],
+)
+def test_bad_config(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        LokrConfig(target_modules=["q_proj"], **fields)
+
+
+def test_a_factor_with_no_kronecker_split_names_the_field():
+    model = nn.Sequential(nn.Linear(7, 13))
+    with pytest.raises(ConfigError, match=r"LokrConfig.decompose_factor: 1 gives no Kronecker "
+                       r"split of '0' \(13 x 7\)"):
+        peftreg.adapt(model, LokrConfig(decompose_factor=1, target_modules=["0"]))
+    assert isinstance(model[0], nn.Linear)  # refused before anything was changed
