@@ -207,10 +207,9 @@ class LohaMethod(PEFTMethod[LohaConfig]):
     config_cls = LohaConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
-    # The LyCORIS documentation's LoHa range (1e-4..1e-3 for diffusion) is for far larger
-    # models; on the tiny test models the loss drops fastest around LoRA's 2e-3 and the update
-    # grows quadratically in the factors, so half of it.
-    suggested_learning_rate: ClassVar[float] = 1e-3
+    # Measured: 30 AdamW steps on the tiny Llama of the tests (all-linear, r=8), rates 3e-4 to
+    # 1e-1: the loss is lowest at the same rate as for LoRA (3e-2 there), so LoRA's suggestion.
+    suggested_learning_rate: ClassVar[float] = 2e-3
 
     def inject(self, model: nn.Module, adapter_name: str, config: LohaConfig,
                family: ModelFamily | None) -> list[str]:

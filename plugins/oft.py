@@ -288,7 +288,9 @@ class OftMethod(PEFTMethod[OftConfig]):
     config_cls = OftConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
-    suggested_learning_rate: ClassVar[float] = 1e-3
+    # Measured as for LoHa (tiny Llama, all-linear, block 8, 30 AdamW steps): lowest loss at
+    # 1e-1 against LoRA's 3e-2, so about 3x LoRA's suggestion.
+    suggested_learning_rate: ClassVar[float] = 6e-3
 
     def inject(self, model: nn.Module, adapter_name: str, config: OftConfig,
                family: ModelFamily | None) -> list[str]:
