@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftreg.plugin import (
     CACHE_KEYS,
+    PROMPT_KEY,
+    AdapterError,
+    AdapterFileError,
     Capabilities,
     ConfigError,
     InputAdapter,
@@ -33,6 +38,11 @@ from peftreg.plugin import (
     MethodConfig,
     ModelFamily,
     ModelFamilyError,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     cache_length,
     extend_inputs,
@@ -87,18 +97,16 @@ def _geometry(family: ModelFamily | None) -> _Geometry:
     if family is None:
         raise ModelFamilyError("prefix tuning needs the model's layer count, key/value heads and "
                                "head width, and no family plugin describes this model")
-    heads = family.num_key_value_heads or family.num_attention_heads
-    head_dim = family.head_dim or (
-        family.hidden_size // family.num_attention_heads
-        if family.hidden_size and family.num_attention_heads else None)
-    missing = [name for name, value in (("layers", family.num_layers), ("key/value heads", heads),
-                                        ("head_dim", head_dim), ("kv_prefix", family.kv_prefix),
+    geometry = family.kv_geometry()
+    missing = [name for name, value in (("layers, key/value heads or head_dim", geometry),
+                                        ("kv_prefix", family.kv_prefix),
                                         ("hidden_size", family.hidden_size)) if not value]
-    if missing:
+    if geometry is None or missing:
         raise ModelFamilyError(f"prefix tuning cannot adapt a {family.name!r} model: its family "
                                f"description lacks {', '.join(missing)}")
-    return _Geometry(family.num_layers, int(heads), int(head_dim),  # type: ignore[arg-type]
-                     int(family.hidden_size), str(family.kv_prefix))  # type: ignore[arg-type]
+    layers, heads, head_dim = geometry
+    return _Geometry(layers, heads, head_dim, int(family.hidden_size),  # type: ignore[arg-type]
+                     str(family.kv_prefix))
 
 
 class PrefixEncoder(InputAdapter):
@@ -187,6 +195,89 @@ def _fill_transformers_cache(model: nn.Module, kwargs: dict[str, Any],
         cache.update(k, v, index)
 
 
+# peftreg's prefix MLP: embedding -> Linear -> tanh -> Linear, as PEFT's.
+_PROJECTION = ("embedding", "projection.0.weight", "projection.0.bias", "projection.2.weight",
+               "projection.2.bias")
+
+
+class PrefixTuningPeftCodec(PeftCodec):
+    """PEFT's PREFIX_TUNING documents: one ``prompt_embeddings`` tensor holding every layer's
+    key and value prefixes (``num_layers x 2 x token_dim`` wide)."""
+
+    peft_type = "PREFIX_TUNING"
+    keys = PeftKeys(
+        mapped=frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                          "num_attention_heads", "num_layers", "modules_to_save",
+                          "prefix_projection"}),
+        ignored={"encoder_hidden_size": "width of the projection MLP, which is not saved (the "
+                                        "file holds the projected prefix)",
+                 "init_weights": "initialisation only"},
+    )
+    exported_fields = frozenset({"num_virtual_tokens", "prefix_projection",
+                                 "encoder_hidden_size", "token_dim", "modules_to_save"})
+    needs_task_type = True
+    needs_model = True
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        prompt, found = ctx.read_prompt(tensors, "prefix tuning")
+        doc = ctx.doc
+        token_dim = doc.get("token_dim")
+        layers, heads = doc.get("num_layers"), doc.get("num_attention_heads")
+        if isinstance(layers, int) and isinstance(token_dim, int) and prompt.dim() == 2 \
+                and prompt.shape[1] != layers * 2 * token_dim:
+            ctx.tensor_problem(PROMPT_KEY, f"width {prompt.shape[1]} is not num_layers x 2 x "
+                               f"token_dim = {layers} x 2 x {token_dim}")
+        geometry = ctx.family.kv_geometry() if ctx.family is not None else None
+        if ctx.family is not None and geometry is not None:
+            g_layers, g_heads, g_head_dim = geometry
+            for key, got, want in (("num_layers", layers, g_layers),
+                                   ("num_attention_heads", heads, g_heads),
+                                   ("token_dim", token_dim, g_heads * g_head_dim)):
+                if got is not None and got != want:
+                    ctx.config_problem(
+                        f"{key} = {got}, but the {ctx.family.name!r} model has {want} "
+                        "(num_attention_heads and token_dim count key/value heads)")
+        # PEFT saves the prefix itself even with prefix_projection (it runs the MLP before
+        # saving), so the file always loads as a direct prefix.
+        return {"num_virtual_tokens": doc["num_virtual_tokens"],
+                "modules_to_save": found.saved_modules, "prefix_projection": False}, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = ctx.tensors
+        if PROMPT_KEY in tensors:
+            prompt, owned = tensors[PROMPT_KEY], {PROMPT_KEY}
+        elif set(_PROJECTION) <= set(tensors):
+            # PEFT keeps no MLP at inference: run it once, as peftreg does in eval mode.
+            t = {k: tensors[k] for k in _PROJECTION}
+            hidden = torch.tanh(F.linear(t["embedding"], t["projection.0.weight"],
+                                         t["projection.0.bias"]))
+            prompt = F.linear(hidden, t["projection.2.weight"], t["projection.2.bias"]).detach()
+            owned = set(_PROJECTION)
+        else:
+            raise AdapterFileError(f"prefix tuning adapter lacks its {PROMPT_KEY!r} tensor")
+        geometry = ctx.family.kv_geometry() if ctx.family is not None else None
+        if geometry is None:
+            raise AdapterError(
+                "exporting prefix tuning to PEFT needs the base model's layer count and "
+                "key/value heads (PEFT's num_layers, num_attention_heads and token_dim), and no "
+                "model family describing them was given; pass the base model")
+        layers, heads, head_dim = geometry
+        if prompt.shape[1] != layers * 2 * heads * head_dim:
+            raise AdapterFileError(
+                f"prefix of width {prompt.shape[1]} does not fit the model: {layers} layers x 2 "
+                f"x {heads} key/value heads x {head_dim} = {layers * 2 * heads * head_dim}")
+        out, saved = ctx.prompt_tensors(prompt, owned)
+        # Written without projection: the file holds the prefix itself, and PEFT's token_dim
+        # is both the MLP's input and the key/value width, which peftreg's projection need not
+        # share.
+        return {"num_virtual_tokens": int(prompt.shape[0]), "num_transformer_submodules": 1,
+                "modules_to_save": saved or None, "token_dim": heads * head_dim,
+                "num_attention_heads": heads, "num_layers": layers,
+                "encoder_hidden_size": heads * head_dim, "prefix_projection": False,
+                "init_weights": None}, out
+
+
 class PrefixTuningMethod(PEFTMethod[PrefixTuningConfig]):
     """Learned key/value prefixes for every attention layer; not mergeable."""
 
@@ -194,6 +285,7 @@ class PrefixTuningMethod(PEFTMethod[PrefixTuningConfig]):
     config_cls = PrefixTuningConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 1e-2
+    peft_codec: ClassVar[PeftCodec] = PrefixTuningPeftCodec()
 
     def inject(self, model: nn.Module, adapter_name: str, config: PrefixTuningConfig,
                family: ModelFamily | None) -> list[str]:
