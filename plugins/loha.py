@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,11 @@ from peftreg.plugin import (
     Capabilities,
     LayerAdapter,
     ModelFamily,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     TargetedConfig,
     UnsafePatternError,
@@ -200,6 +206,91 @@ def default_targets(family: ModelFamily | None) -> list[str] | None:
     return [family.roles["q"], family.roles["v"]]
 
 
+# -- Hugging Face PEFT's format (peft_type LOHA; the LyCORIS part is shared with LoKr) ---------
+
+LYCORIS_MAPPED: Final = frozenset({
+    "r", "alpha", "rank_dropout", "module_dropout", "rank_pattern", "alpha_pattern",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "modules_to_save"})
+LYCORIS_IGNORED: Final = {
+    "init_weights": "initialisation only (the file holds the trained factors)",
+    "use_effective_conv2d": "applies only to Conv1d/Conv2d layers, which peftreg does not adapt "
+                            "with this method (their tensors are refused)",
+}
+LYCORIS_EXPORTED: Final = frozenset({
+    "r", "alpha", "rank_dropout", "module_dropout", "rank_pattern", "alpha_pattern",
+    "init_weights", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "modules_to_save"})
+LOHA_LEAVES: Final = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def peft_rank(doc: Mapping[str, Any], path: str) -> int:
+    """The rank a PEFT LyCORIS document gives the module at ``path`` (its rank_pattern first)."""
+    return int(_pattern_value(doc.get("rank_pattern") or {}, path, doc.get("r", 8)))
+
+
+def lycoris_fields(ctx: PeftImport) -> dict[str, Any]:
+    """The LyCORIS config fields of a PEFT LOHA/LOKR document (the keys mean the same here,
+    pattern keys included: both libraries match them as a regex on a dotted path tail)."""
+    doc = ctx.doc
+    fields: dict[str, Any] = {k: doc[k] for k in ("r", "alpha", "rank_dropout", "module_dropout")
+                              if k in doc}
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = doc.get(key) or {}
+        if not isinstance(value, dict):
+            raise ctx.config_error(f"{key} must be an object, got {value!r}")
+        fields[key] = dict(value)
+    return fields
+
+
+def lycoris_body(ctx: PeftExport, found: ModuleTensors) -> dict[str, Any]:
+    """PEFT's LOHA/LOKR keys for a peftreg LoHa/LoKr config (PEFT's defaults included)."""
+    config: Any = ctx.config
+    alpha = config.alpha
+    body: dict[str, Any] = ctx.target_fields(found)
+    body.update({
+        "r": config.r, "alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout,
+        "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+        "use_effective_conv2d": False, "init_weights": True,
+        "layers_to_transform": None, "layers_pattern": None,
+    })
+    return body
+
+
+class LohaPeftCodec(PeftCodec):
+    """PEFT's LOHA documents: four factors per Linear layer, under the same leaf names."""
+
+    peft_type = "LOHA"
+    keys = PeftKeys(mapped=LYCORIS_MAPPED, ignored=LYCORIS_IGNORED)
+    exported_fields = LYCORIS_EXPORTED
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        found = ctx.read_modules(tensors, LOHA_LEAVES)
+        for path, parts in found.adapted.items():
+            prefix = f"base_model.model.{path}"
+            missing = [leaf for leaf in LOHA_LEAVES if leaf not in parts]
+            if missing:
+                ctx.tensor_problem(f"{prefix}.{missing[0]}", "missing: LoHa needs all four "
+                                   f"factors {', '.join(LOHA_LEAVES)}")
+                continue
+            w1a, w1b, w2a, w2b = (parts[leaf] for leaf in LOHA_LEAVES)
+            if any(t.dim() != 2 for t in (w1a, w1b, w2a, w2b)) or not (
+                    w1a.shape == w2a.shape and w1b.shape == w2b.shape
+                    and w1a.shape[1] == w1b.shape[0]):
+                ctx.tensor_problem(f"{prefix}.hada_w1_a", "the factors' shapes "
+                                   f"{[tuple(t.shape) for t in (w1a, w1b, w2a, w2b)]} are not "
+                                   "(out, r), (r, in), (out, r), (r, in)")
+        fields = ctx.target_fields(found)
+        fields.update(lycoris_fields(ctx))
+        return fields, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        found = ctx.modules(LOHA_LEAVES)
+        return lycoris_body(ctx, found), found.tensors
+
+
 class LohaMethod(PEFTMethod[LohaConfig]):
     """Hadamard products of low-rank factors on Linear weights; mergeable."""
 
@@ -210,6 +301,8 @@ class LohaMethod(PEFTMethod[LohaConfig]):
     # Measured: 30 AdamW steps on the tiny Llama of the tests (all-linear, r=8), rates 3e-4 to
     # 1e-1: the loss is lowest at the same rate as for LoRA (3e-2 there), so LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 2e-3
+    peft_codec: ClassVar[PeftCodec] = LohaPeftCodec()
+    api_level: ClassVar[int] = 2  # the PEFT codec
 
     def inject(self, model: nn.Module, adapter_name: str, config: LohaConfig,
                family: ModelFamily | None) -> list[str]:

@@ -19,7 +19,8 @@ does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,11 @@ from peftreg.plugin import (
     ConfigError,
     LayerAdapter,
     ModelFamily,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     base_access,
     hookimpl,
@@ -38,10 +44,16 @@ from peftreg.plugin import (
     select_targets,
 )
 from peftreg_plugins.loha import (
+    LYCORIS_EXPORTED,
+    LYCORIS_IGNORED,
+    LYCORIS_MAPPED,
     LycorisConfig,
     default_targets,
     kaiming_,
+    lycoris_body,
+    lycoris_fields,
     new_factor,
+    peft_rank,
     row_dropout,
     skip_module,
 )
@@ -209,6 +221,71 @@ def _checked_shapes(config: LokrConfig, path: str, module: nn.Module) -> KronSha
     return shapes
 
 
+# -- Hugging Face PEFT's format (peft_type LOKR) ------------------------------------------------
+
+LOKR_LEAVES: Final = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+_LOKR_FIELDS: Final = ("decompose_both", "decompose_factor", "rank_dropout_scale")
+
+
+def _factor(ctx: PeftImport, prefix: str, parts: Mapping[str, torch.Tensor], name: str
+            ) -> tuple[int, int, bool] | None:
+    """``(rows, cols, full)`` of factor ``name`` (``lokr_w1`` or ``lokr_w2``), or None after
+    recording why it cannot be read."""
+    full, a, b = parts.get(name), parts.get(f"{name}_a"), parts.get(f"{name}_b")
+    if full is not None and a is None and b is None and full.dim() == 2:
+        return full.shape[0], full.shape[1], True
+    if full is None and a is not None and b is not None and a.dim() == b.dim() == 2 \
+            and a.shape[1] == b.shape[0]:
+        return a.shape[0], b.shape[1], False
+    shapes = {k: tuple(t.shape) for k, t in parts.items() if k.startswith(name)}
+    ctx.tensor_problem(f"{prefix}.{name}", f"expected either {name} (2-D) or {name}_a and "
+                       f"{name}_b of a matching rank, got {shapes or 'none'}")
+    return None
+
+
+class LokrPeftCodec(PeftCodec):
+    """PEFT's LOKR documents: a full or low-rank pair of Kronecker factors per Linear layer."""
+
+    peft_type = "LOKR"
+    keys = PeftKeys(mapped=LYCORIS_MAPPED | set(_LOKR_FIELDS), ignored={
+        **LYCORIS_IGNORED,
+        "init_weights": "initialisation only (True, 'lycoris' or False pick which factor "
+                        "starts at zero; the file holds the trained factors)"})
+    exported_fields = LYCORIS_EXPORTED | set(_LOKR_FIELDS)
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        doc = ctx.doc
+        found = ctx.read_modules(tensors, LOKR_LEAVES)
+        for path, parts in found.adapted.items():
+            prefix = f"base_model.model.{path}"
+            w1, w2 = _factor(ctx, prefix, parts, "lokr_w1"), _factor(ctx, prefix, parts,
+                                                                     "lokr_w2")
+            if w1 is None or w2 is None:
+                continue
+            r = peft_rank(doc, path)
+            got = (w1[0], w2[0], w1[1], w2[1], w1[2], w2[2])
+            rule = KronShapes.of(w1[0] * w2[0], w1[1] * w2[1], r,
+                                 bool(doc.get("decompose_both", False)),
+                                 int(doc.get("decompose_factor", -1)))
+            if got != (rule.a, rule.b, rule.c, rule.d, rule.full_w1, rule.full_w2):
+                ctx.tensor_problem(f"{prefix}.lokr_w1", f"factors W1 {w1[0]}x{w1[1]} "
+                                   f"({'full' if w1[2] else 'low-rank'}) and W2 {w2[0]}x{w2[1]} "
+                                   f"({'full' if w2[2] else 'low-rank'}) are not what LoKr's "
+                                   f"rules give for r={r} and this config")
+        fields = ctx.target_fields(found)
+        fields.update(lycoris_fields(ctx))
+        fields.update({k: doc[k] for k in _LOKR_FIELDS if k in doc})
+        return fields, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config: Any = ctx.config
+        found = ctx.modules(LOKR_LEAVES)
+        body = lycoris_body(ctx, found)
+        body.update({k: getattr(config, k) for k in _LOKR_FIELDS})
+        return body, found.tensors
+
+
 class LokrMethod(PEFTMethod[LokrConfig]):
     """Kronecker products of small factors on Linear weights; mergeable."""
 
@@ -219,6 +296,8 @@ class LokrMethod(PEFTMethod[LokrConfig]):
     # Measured as for LoHa (tiny Llama, all-linear, r=8, 30 AdamW steps): lowest loss at 5e-2
     # against LoRA's 3e-2, so about 1.5x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 3e-3
+    peft_codec: ClassVar[PeftCodec] = LokrPeftCodec()
+    api_level: ClassVar[int] = 2  # the PEFT codec
 
     def inject(self, model: nn.Module, adapter_name: str, config: LokrConfig,
                family: ModelFamily | None) -> list[str]:

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
 
 import torch
 from torch import nn
@@ -44,6 +45,11 @@ from peftreg.plugin import (
     Capabilities,
     LayerAdapter,
     ModelFamily,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     TargetedConfig,
     UnsupportedOperationError,
@@ -281,6 +287,72 @@ def _plan(model: nn.Module, config: OftConfig, family: ModelFamily | None
             for p in paths]
 
 
+# -- Hugging Face PEFT's format (peft_type OFT, PEFT >= 0.16's oft_R.weight layout) -----------
+
+OFT_LEAF: Final = "oft_R.weight"
+_OFT_FIELDS: Final = ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
+                      "use_cayley_neumann", "num_cayley_neumann_terms")
+
+
+def _block_size(n: int) -> int | None:
+    """The ``b`` with ``b (b - 1) / 2 == n`` (b >= 2), or None."""
+    b = (1 + math.isqrt(1 + 8 * n)) // 2
+    return b if b >= 2 and b * (b - 1) // 2 == n else None
+
+
+class OftPeftCodec(PeftCodec):
+    """PEFT's OFT documents: one ``oft_R.weight`` (blocks x b (b - 1) / 2) per Linear layer."""
+
+    peft_type = "OFT"
+    keys = PeftKeys(
+        mapped=frozenset({*_OFT_FIELDS, "target_modules", "exclude_modules",
+                          "layers_to_transform", "layers_pattern", "modules_to_save"}),
+        ignored={"init_weights": "initialisation only (the file holds the trained generators)"},
+        refused={
+            "fan_in_fan_out": "the base layer stores its weight transposed (GPT-2 Conv1D), "
+                              "which peftreg's OFT does not adapt",
+            "bias": "the adapter also trains the base layers' biases ('all' or 'oft_only'), "
+                    "which peftreg's OFT does not",
+        },
+    )
+    exported_fields = frozenset({*_OFT_FIELDS, "init_weights", "target_modules",
+                                 "exclude_modules", "layers_to_transform", "layers_pattern",
+                                 "modules_to_save"})
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        doc = ctx.doc
+        r, size = int(doc.get("r", 0)), int(doc.get("oft_block_size", 0))
+        shared = bool(doc.get("block_share", False))
+        found = ctx.read_modules(tensors, (OFT_LEAF,))
+        for path, parts in found.adapted.items():
+            key, w = f"base_model.model.{path}.{OFT_LEAF}", parts[OFT_LEAF]
+            b = _block_size(w.shape[1]) if w.dim() == 2 else None
+            if b is None:
+                ctx.tensor_problem(key, f"shape {tuple(w.shape)} is not (blocks, b (b - 1) / 2) "
+                                   "for a block size b >= 2")
+            elif shared and w.shape[0] != 1:
+                ctx.tensor_problem(key, f"block_share is set but it holds {w.shape[0]} blocks")
+            elif (size and b != size) or (r and not shared and w.shape[0] != r):
+                # PEFT replaces a size that does not divide a layer's width by a nearby
+                # divisor; peftreg refuses such configs rather than adjust them.
+                ctx.tensor_problem(key, f"holds {w.shape[0]} blocks of size {b}, not what "
+                                   f"r={r}, oft_block_size={size} give: PEFT adjusted the "
+                                   "config for this layer, which peftreg does not")
+        fields = ctx.target_fields(found)
+        fields.update({k: doc[k] for k in _OFT_FIELDS if k in doc})
+        return fields, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config: Any = ctx.config
+        found = ctx.modules((OFT_LEAF,))
+        body = ctx.target_fields(found)
+        body.update({k: getattr(config, k) for k in _OFT_FIELDS})
+        body.update({"fan_in_fan_out": False, "bias": "none", "init_weights": True,
+                     "layers_to_transform": None, "layers_pattern": None})
+        return body, found.tensors
+
+
 class OftMethod(PEFTMethod[OftConfig]):
     """Block-diagonal orthogonal rotations of Linear inputs; mergeable (W R^T)."""
 
@@ -291,6 +363,8 @@ class OftMethod(PEFTMethod[OftConfig]):
     # Measured as for LoHa (tiny Llama, all-linear, block 8, 30 AdamW steps): lowest loss at
     # 1e-1 against LoRA's 3e-2, so about 3x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 6e-3
+    peft_codec: ClassVar[PeftCodec] = OftPeftCodec()
+    api_level: ClassVar[int] = 2  # the PEFT codec
 
     def inject(self, model: nn.Module, adapter_name: str, config: OftConfig,
                family: ModelFamily | None) -> list[str]:
