@@ -148,6 +148,9 @@ class OftRotation(nn.Module):
             block's ``Q``, row by row (``n_blocks`` is 1 with ``block_share``).
     """
 
+    rows: torch.Tensor
+    cols: torch.Tensor
+
     def __init__(self, n_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype) -> None:
         super().__init__()

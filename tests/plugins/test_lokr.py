@@ -135,3 +135,11 @@ def test_a_factor_with_no_kronecker_split_names_the_field():
                        r"split of '0' \(13 x 7\)"):
         peftreg.adapt(model, LokrConfig(decompose_factor=1, target_modules=["0"]))
     assert isinstance(model[0], nn.Linear)  # refused before anything was changed
+
+
+def test_4096_square_at_rank_8_has_5120_parameters():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4096, 4096, bias=False))
+    adapted = peftreg.adapt(model, LokrConfig(r=8, target_modules=["0"]))
+    (row,) = adapted.summary().rows
+    assert row.adapter_params == 5_120 == 64 * 64 + 8 * (64 + 64)  # W1 full, W2 rank 8
