@@ -98,11 +98,13 @@ class _Orthonormal(nn.Module):
     """Parametrization: ``X`` (r x d) -> the r x d matrix with orthonormal rows from QR."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, r = torch.linalg.qr(x.T)  # reduced: q is d x r with orthonormal columns
+        # CPU QR has no 16-bit kernels; a half-precision R is computed in float32.
+        wide = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        q, r = torch.linalg.qr(wide.T)  # reduced: q is d x r with orthonormal columns
         # QR is unique up to a sign per column; fixing diag(r) > 0 makes the map continuous
         # and the identity on matrices that already have orthonormal rows.
         sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
-        return (q * sign).T
+        return (q * sign).T.to(x.dtype)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w
@@ -121,7 +123,8 @@ class LoreftIntervention(LayerAdapter):
         super().__init__()
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.rotate_layer = nn.Linear(d, r, bias=False, **kw)
-        nn.init.orthogonal_(self.rotate_layer.weight)
+        with torch.no_grad():
+            self.rotate_layer.weight.copy_(nn.init.orthogonal_(torch.empty(r, d, device=device)))
         parametrize.register_parametrization(self.rotate_layer, "weight", _Orthonormal())
         self.learned_source = nn.Linear(d, r, **kw)
         with torch.no_grad():
