@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from tolerances import tol
 
 import peftreg
 from peftreg.plugin import iter_slots
@@ -60,10 +61,10 @@ def twins(make: Callable[[], torch.nn.Module], peft_config, our_config, *, scale
     return theirs.eval(), ours.eval()
 
 
-def compare(theirs, ours, ids, loss: Callable, *, atol: float = 1e-5) -> dict[str, float]:
+def compare(theirs, ours, ids, loss: Callable, *, check: str = "peft_parity") -> dict[str, float]:
     """Check logits and the gradients of every adapter tensor; return the max differences."""
     out_t, out_o = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
-    torch.testing.assert_close(out_o, out_t, atol=atol, rtol=0)
+    torch.testing.assert_close(out_o, out_t, **tol(check, torch.float32))
     loss(theirs, ids).backward()
     loss(ours, ids).backward()
     theirs_p, ours_p = peft_trainable(theirs), our_trainable(ours)
@@ -71,14 +72,14 @@ def compare(theirs, ours, ids, loss: Callable, *, atol: float = 1e-5) -> dict[st
     for key, p in theirs_p.items():
         assert p.grad is not None and ours_p[key].grad is not None, key
         assert p.grad.abs().max() > 0, f"{key}: no gradient reaches PEFT's tensor"
-        torch.testing.assert_close(ours_p[key].grad, p.grad, atol=atol, rtol=0,
+        torch.testing.assert_close(ours_p[key].grad, p.grad, **tol(check, torch.float32),
                                    msg=lambda m, k=key: f"{k}: {m}")
         grad_diff = max(grad_diff, float((ours_p[key].grad - p.grad).abs().max()))
     return {"logits": float((out_o - out_t).detach().abs().max()), "grad": grad_diff}
 
 
 def compare_merged(theirs, ours, ids, make: Callable[[], torch.nn.Module], *,
-                   atol: float = 1e-5) -> dict[str, float]:
+                   check: str = "peft_parity") -> dict[str, float]:
     """Merge both, compare logits; unmerge ours and check the base weights (those of a fresh
     ``make()``) come back."""
     with torch.no_grad():
@@ -86,15 +87,15 @@ def compare_merged(theirs, ours, ids, make: Callable[[], torch.nn.Module], *,
         theirs.merge_adapter()
         ours.merge()
         merged_t, merged_o = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
-    torch.testing.assert_close(merged_o, merged_t, atol=atol, rtol=0)
-    torch.testing.assert_close(merged_o, unmerged, atol=atol, rtol=0)
+    torch.testing.assert_close(merged_o, merged_t, **tol(check, torch.float32))
+    torch.testing.assert_close(merged_o, unmerged, **tol(check, torch.float32))
     ours.unmerge()
     fresh = make().state_dict()
     worst, seen = 0.0, 0
     for key, w in ours.model.state_dict().items():
         if key.endswith(".base.weight"):  # an adapted module's base, held by its host
             original = fresh[key.replace(".base.weight", ".weight")]
-            torch.testing.assert_close(w, original, atol=atol, rtol=0,
+            torch.testing.assert_close(w, original, **tol(check, torch.float32),
                                        msg=lambda m, k=key: f"{k}: {m}")
             worst, seen = max(worst, float((w - original).abs().max())), seen + 1
     assert seen > 0, "no adapted base weight found"
