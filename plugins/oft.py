@@ -211,8 +211,10 @@ class OftLinear(LayerAdapter):
         q = self.oft_R.skew(w if dtype is None else w.to(dtype))
         eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
         if not self.use_cayley_neumann:
-            # (I - Q)(I + Q)^-1, i.e. X (I + Q) = I - Q, solved rather than inverted.
-            return torch.linalg.solve(eye + q, eye - q, left=False)
+            # (I - Q)(I + Q)^-1, i.e. X (I + Q) = I - Q, solved rather than inverted; in float32
+            # for 16-bit adapters (the solvers have no 16-bit CPU kernels).
+            wide, eye_w = (q.float(), eye.float()) if q.element_size() < 4 else (q, eye)
+            return torch.linalg.solve(eye_w + wide, eye_w - wide, left=False).to(q.dtype)
         # The Neumann series of (I + Q)(I - Q)^-1 cut as PEFT 0.21.2 cuts it: I + 2 Q for
         # k = 2, else I + 2 Q + 2 Q^2 + ... + 2 Q^(k-2) + Q^(k-1) with at least the Q^3 term
         # (so k = 3 and k = 4 agree there).

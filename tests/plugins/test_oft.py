@@ -81,6 +81,18 @@ def test_neumann_series_is_the_cayley_of_minus_q_to_first_order():
                                rtol=0)
 
 
+def test_exact_cayley_on_a_bfloat16_layer():
+    config = OftConfig(target_modules=["x"], oft_block_size=4, use_cayley_neumann=False,
+                       init_weights=False)
+    base = nn.Linear(12, 5).to(torch.bfloat16)
+    layer = OftLinear(base, 3, 4, config)
+    x = torch.randn(2, 12, dtype=torch.bfloat16)
+    out = layer.adapt_input(x)
+    assert out.dtype == torch.bfloat16
+    expected = x.float() @ layer.rotation(torch.float32)
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
 def test_starts_at_identity():
     _, layer = _layer()
     x = torch.randn(2, 12)
