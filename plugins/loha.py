@@ -40,6 +40,7 @@ from peftreg.plugin import (
     PEFTMethod,
     TargetedConfig,
     UnsafePatternError,
+    UnsupportedOperationError,
     base_access,
     compile_pattern,
     hookimpl,
@@ -148,11 +149,15 @@ class LohaLinear(LayerAdapter):
                  module_dropout: float, init_weights: bool) -> None:
         super().__init__()
         view = base_access(base)  # shapes and dtype only; nothing of the base is kept
-        out_f, in_f = view.shape
-        self.hada_w1_a = new_factor(out_f, r, view)
-        self.hada_w1_b = new_factor(r, in_f, view)
-        self.hada_w2_a = new_factor(out_f, r, view)
-        self.hada_w2_b = new_factor(r, in_f, view)
+        self._make_factors(*view.shape, view, r, alpha, rank_dropout, module_dropout,
+                           init_weights)
+
+    def _make_factors(self, out_f: int, in_f: int, like: Any, r: int, alpha: float,
+                      rank_dropout: float, module_dropout: float, init_weights: bool) -> None:
+        self.hada_w1_a = new_factor(out_f, r, like)
+        self.hada_w1_b = new_factor(r, in_f, like)
+        self.hada_w2_a = new_factor(out_f, r, like)
+        self.hada_w2_b = new_factor(r, in_f, like)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         with torch.no_grad():
@@ -168,24 +173,71 @@ class LohaLinear(LayerAdapter):
         return ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
                 * self.scaling)
 
-    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _update(self) -> torch.Tensor | None:
+        # The update for this call (None: module dropout skips the adapter).
         if skip_module(self.training, self.module_dropout):
-            return y
+            return None
         delta = self.delta_weight()
         if self.training and self.rank_dropout > 0:
             delta = row_dropout(delta, self.rank_dropout, rescale=True)
+        return delta
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self._update()
+        if delta is None:
+            return y
         return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
 
     def merge_into(self, base: nn.Module) -> None:
         w = merge_weight(base)
-        w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
+        w.copy_((w.float() + self.delta_weight().float().reshape(w.shape)).to(w.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
         w = merge_weight(base)
-        w.copy_((w.float() - self.delta_weight().float()).to(w.dtype))
+        w.copy_((w.float() - self.delta_weight().float().reshape(w.shape)).to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+class LohaConv2d(LohaLinear):
+    """LoHa factors for one ``nn.Conv2d``, over its flattened kernel (PEFT's default layout).
+
+    The update is ``(out, in / groups * kh * kw)``, reshaped to the kernel and applied as a
+    convolution with the base's stride, padding, dilation and groups. (PEFT's
+    ``use_effective_conv2d`` Tucker form is not implemented.)
+    """
+
+    def __init__(self, base: nn.Conv2d, r: int, alpha: float, rank_dropout: float,
+                 module_dropout: float, init_weights: bool, label: str = "") -> None:
+        LayerAdapter.__init__(self)
+        if base.padding_mode != "zeros":
+            raise UnsupportedOperationError(
+                f"loha on {label or 'a Conv2d'}: padding_mode {base.padding_mode!r} is not "
+                "supported (PEFT applies the update with zero padding)")
+        kh, kw = base.kernel_size
+        self.kernel_shape = (base.out_channels, base.in_channels // base.groups, kh, kw)
+        self.stride, self.dilation, self.groups = base.stride, base.dilation, base.groups
+        self.padding: Any = base.padding  # a tuple, or "same" / "valid"
+        self._make_factors(base.out_channels, self.kernel_shape[1] * kh * kw, base.weight, r,
+                           alpha, rank_dropout, module_dropout, init_weights)
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self._update()
+        if delta is None:
+            return y
+        kernel = delta.reshape(self.kernel_shape)
+        out = F.conv2d(x.to(kernel.dtype), kernel, None, self.stride, self.padding,
+                       self.dilation, self.groups)
+        return y + out.to(y.dtype)
+
+
+def adapted_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of the update matrix for a Linear or (flattened) Conv2d base."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels, module.in_channels // module.groups * kh * kw
+    return base_access(module).shape
 
 
 @dataclasses.dataclass
@@ -214,8 +266,9 @@ LYCORIS_MAPPED: Final = frozenset({
     "modules_to_save"})
 LYCORIS_IGNORED: Final = {
     "init_weights": "initialisation only (the file holds the trained factors)",
-    "use_effective_conv2d": "applies only to Conv1d/Conv2d layers, which peftreg does not adapt "
-                            "with this method (their tensors are refused)",
+    "use_effective_conv2d": "changes only convolutions with kernels larger than 1x1, whose "
+                            "files then hold Tucker cores (hada_t1, hada_t2, lokr_t2), which "
+                            "are refused as unknown tensors",
 }
 LYCORIS_EXPORTED: Final = frozenset({
     "r", "alpha", "rank_dropout", "module_dropout", "rank_pattern", "alpha_pattern",
@@ -297,7 +350,7 @@ class LohaMethod(PEFTMethod[LohaConfig]):
     name: ClassVar[str] = "loha"
     config_cls = LohaConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
     # Measured: 30 AdamW steps on the tiny Llama of the tests (all-linear, r=8), rates 3e-4 to
     # 1e-1: the loss is lowest at the same rate as for LoRA (3e-2 there), so LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 2e-3
@@ -310,18 +363,21 @@ class LohaMethod(PEFTMethod[LohaConfig]):
         for path in paths:
             host = host_for(model, path)
             r, alpha = config.rank_and_alpha(path)
-            host.adapters[adapter_name] = LohaLinear(
-                host.base, r, alpha, config.rank_dropout, config.module_dropout,
-                config.init_weights)
+            args = (r, alpha, config.rank_dropout, config.module_dropout, config.init_weights)
+            base = host.base
+            host.adapters[adapter_name] = (
+                LohaConv2d(base, *args, label=f"{adapter_name!r} on {path!r}")
+                if isinstance(base, nn.Conv2d) else LohaLinear(base, *args))
         return paths
 
     def parameter_count(self, model: nn.Module, config: LohaConfig,
                         family: ModelFamily | None) -> int:
-        """``2 r (d_in + d_out)`` per adapted matrix (two rank-r products)."""
+        """``2 r (d_in + d_out)`` per adapted matrix (two rank-r products); a Conv2d counts
+        ``d_in = in_channels / groups * kh * kw``."""
         total = 0
         for path in select_targets(model, config, self.supported, family,
                                    default_targets(family)):
-            out_f, in_f = base_access(model.get_submodule(path)).shape
+            out_f, in_f = adapted_shape(model.get_submodule(path))
             total += 2 * config.rank_and_alpha(path)[0] * (in_f + out_f)
         return total
 
