@@ -31,6 +31,7 @@ from torch import nn
 from peftreg.plugin import (
     Capabilities,
     LayerAdapter,
+    Linear4bit,
     ModelFamily,
     ModuleTensors,
     PeftCodec,
@@ -350,7 +351,7 @@ class LohaMethod(PEFTMethod[LohaConfig]):
     name: ClassVar[str] = "loha"
     config_cls = LohaConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d, Linear4bit)
     # Measured: 30 AdamW steps on the tiny Llama of the tests (all-linear, r=8), rates 3e-4 to
     # 1e-1: the loss is lowest at the same rate as for LoRA (3e-2 there), so LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 2e-3

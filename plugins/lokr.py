@@ -30,6 +30,7 @@ from peftreg.plugin import (
     Capabilities,
     ConfigError,
     LayerAdapter,
+    Linear4bit,
     ModelFamily,
     ModuleTensors,
     PeftCodec,
@@ -292,7 +293,7 @@ class LokrMethod(PEFTMethod[LokrConfig]):
     name: ClassVar[str] = "lokr"
     config_cls = LokrConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     # Measured as for LoHa (tiny Llama, all-linear, r=8, 30 AdamW steps): lowest loss at 5e-2
     # against LoRA's 3e-2, so about 1.5x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 3e-3

@@ -143,3 +143,29 @@ def test_4096_square_at_rank_8_has_5120_parameters():
     adapted = peftreg.adapt(model, LokrConfig(r=8, target_modules=["0"]))
     (row,) = adapted.summary().rows
     assert row.adapter_params == 5_120 == 64 * 64 + 8 * (64 + 64)  # W1 full, W2 rank 8
+
+
+@pytest.mark.parametrize("order", [("qlora", "x"), ("x", "qlora")], ids=["qlora-first",
+                                                                          "under-test-first"])
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_on_a_4bit_base_stacked_with_qlora(make_tiny, token_batch, kind, order):
+    from peftreg_plugins.loha import LohaConfig
+    from peftreg_plugins.qlora import QLoraConfig
+
+    targets = ["v_proj", "down_proj"]
+    model = peftreg.adapt(make_tiny(), QLoraConfig(r=2, target_modules=targets,
+                                                   quantize="targets", compute_dtype="float32"),
+                          "qlora")
+    config = (LohaConfig if kind == "loha" else LokrConfig)(r=2, target_modules=targets,
+                                                            init_weights=False)
+    model.add_adapter("x", config)
+    with torch.no_grad():
+        for p in model.adapter_parameters("qlora"):
+            p.normal_(std=0.1)
+    model.set_active(list(order))
+    with torch.no_grad():
+        stacked = model(token_batch)["logits"]
+        model.merge()  # the 4-bit layers are densified, then both fold in
+        torch.testing.assert_close(model(token_batch)["logits"], stacked, atol=1e-5, rtol=0)
+        model.unmerge()
+        torch.testing.assert_close(model(token_batch)["logits"], stacked, atol=1e-5, rtol=0)
