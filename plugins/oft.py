@@ -44,6 +44,7 @@ from torch import nn
 from peftreg.plugin import (
     Capabilities,
     LayerAdapter,
+    Linear4bit,
     ModelFamily,
     ModuleTensors,
     PeftCodec,
@@ -364,7 +365,7 @@ class OftMethod(PEFTMethod[OftConfig]):
     name: ClassVar[str] = "oft"
     config_cls = OftConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     # Measured as for LoHa (tiny Llama, all-linear, block 8, 30 AdamW steps): lowest loss at
     # 1e-1 against LoRA's 3e-2, so about 3x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 6e-3

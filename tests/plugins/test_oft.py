@@ -199,3 +199,27 @@ def test_stacking_follows_the_contract_for_an_input_transform():
     model.unmerge()
     # Unmerged, both orders compute base(x R) + s B A (x R): input transforms run first.
     torch.testing.assert_close(stacked, before, atol=1e-6, rtol=0)
+
+
+def test_on_a_4bit_base_stacked_with_qlora(make_tiny, token_batch):
+    from peftreg_plugins.qlora import QLoraConfig
+
+    targets = ["v_proj", "down_proj"]
+    model = peftreg.adapt(make_tiny(), QLoraConfig(r=2, target_modules=targets,
+                                                   quantize="targets", compute_dtype="float32"),
+                          "qlora")
+    model.add_adapter("oft", OftConfig(oft_block_size=8, target_modules=targets,
+                                       init_weights=False))
+    with torch.no_grad():
+        for p in model.adapter_parameters("qlora"):
+            p.normal_(std=0.1)
+    model.set_active(["oft", "qlora"])
+    with pytest.raises(UnsupportedOperationError):  # QLoRA reads the rotated input
+        model.merge()
+    model.set_active(["qlora", "oft"])
+    with torch.no_grad():
+        stacked = model(token_batch)["logits"]
+        model.merge()  # densified, QLoRA's update added, then W R^T
+        torch.testing.assert_close(model(token_batch)["logits"], stacked, atol=1e-5, rtol=0)
+        model.unmerge()
+        torch.testing.assert_close(model(token_batch)["logits"], stacked, atol=1e-5, rtol=0)
