@@ -61,12 +61,13 @@ from peftreg_plugins.loha import (
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Split ``dimension`` into ``(m, n)`` with ``m * n == dimension`` and ``m <= n``.
+    """Split ``dimension`` into ``(m, n)`` with ``m * n == dimension`` (PEFT's rule).
 
     When ``factor`` divides ``dimension`` the split is ``(factor, dimension // factor)``
     (ordered as given, so ``m`` may exceed ``n``). Otherwise divisors ``m`` are tried upwards
     from 1 while ``m + n`` does not grow and ``m`` stays at most ``factor`` (no bound for
-    ``-1``), which ends at the divisor pair nearest the square root.
+    ``-1``), which ends at the divisor pair nearest the square root, returned with
+    ``m <= n``.
     """
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
