@@ -9,7 +9,8 @@ width is factored as ``out = a * b`` and the input width as ``in = c * d`` by
 ``decompose_both`` is set and ``r < max(a, c) / 2``, when it is ``W1a W1b``. These are HF PEFT's
 rules (``peft.tuners.lokr``), as are the names and shapes of the saved tensors: ``lokr_w1``
 (a x c) or ``lokr_w1_a`` (a x r) and ``lokr_w1_b`` (r x c); ``lokr_w2`` (b x d) or ``lokr_w2_a``
-(b x r) and ``lokr_w2_b`` (r x d).
+(b x r) and ``lokr_w2_b`` (r x d). On an ``nn.Conv2d`` (``in = in_channels / groups``) ``W2``
+also carries the kernel: ``lokr_w2`` is (b x d x kh x kw), ``lokr_w2_b`` (r x d kh kw).
 
 At the start ``W1`` (or ``W1a``) is zero and the rest Kaiming-uniform, so the model equals the
 base; ``init_weights="lycoris"`` zeroes ``W2`` (or ``W2b``) instead, as the LyCORIS repository
@@ -19,6 +20,7 @@ does.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, Literal
 
@@ -38,6 +40,7 @@ from peftreg.plugin import (
     PeftImport,
     PeftKeys,
     PEFTMethod,
+    UnsupportedOperationError,
     base_access,
     hookimpl,
     host_for,
@@ -86,7 +89,11 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class KronShapes:
-    """Factor shapes of one layer: ``out = a * b``, ``in = c * d``, and which are low-rank."""
+    """Factor shapes of one layer: ``out = a * b``, ``in = c * d``, and which are low-rank.
+
+    For a Conv2d, ``in`` is ``in_channels / groups`` and ``kernel`` its ``(kh, kw)``: ``W2``
+    carries the kernel, full as ``(b, d, kh, kw)`` or low-rank with ``W2b`` ``(r, d kh kw)``.
+    """
 
     a: int
     b: int
@@ -95,20 +102,28 @@ class KronShapes:
     r: int
     full_w1: bool
     full_w2: bool
+    kernel: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, out_features: int, in_features: int, r: int, decompose_both: bool,
-           decompose_factor: int) -> KronShapes:
+           decompose_factor: int, kernel: tuple[int, ...] = ()) -> KronShapes:
         a, b = factorization(out_features, decompose_factor)
         c, d = factorization(in_features, decompose_factor)
         return cls(a, b, c, d, r,
                    full_w1=not (decompose_both and r < max(a, c) / 2),
-                   full_w2=not r < max(b, d) / 2)
+                   full_w2=not r < max(b, d) / 2, kernel=tuple(kernel))
+
+    @property
+    def kernel_size(self) -> int:
+        """Elements of one kernel (1 for a Linear layer)."""
+        return math.prod(self.kernel)
 
     def parameter_count(self) -> int:
-        """Numbers in the factors: full ``a c`` or ``r (a + c)``, full ``b d`` or ``r (b + d)``."""
+        """Numbers in the factors: full ``a c`` or ``r (a + c)`` for W1, full ``b d k`` or
+        ``r (b + d k)`` for W2 (``k`` kernel elements, 1 for a Linear layer)."""
+        k = self.kernel_size
         w1 = self.a * self.c if self.full_w1 else self.r * (self.a + self.c)
-        w2 = self.b * self.d if self.full_w2 else self.r * (self.b + self.d)
+        w2 = self.b * self.d * k if self.full_w2 else self.r * (self.b + self.d * k)
         return w1 + w2
 
 
@@ -139,11 +154,12 @@ class LokrConfig(LycorisConfig):
             raise self.error("decompose_factor", "must be -1 (square root) or a positive integer",
                              self.decompose_factor)
 
-    def shapes(self, path: str, out_features: int, in_features: int) -> KronShapes:
+    def shapes(self, path: str, out_features: int, in_features: int,
+               kernel: tuple[int, ...] = ()) -> KronShapes:
         """The factor shapes for the module at ``path``."""
         r, _ = self.rank_and_alpha(path)
         return KronShapes.of(out_features, in_features, r, self.decompose_both,
-                             self.decompose_factor)
+                             self.decompose_factor, kernel)
 
 
 class LokrLinear(LayerAdapter):
@@ -152,7 +168,8 @@ class LokrLinear(LayerAdapter):
     def __init__(self, base: nn.Module, shapes: KronShapes, alpha: float, config: LokrConfig
                  ) -> None:
         super().__init__()
-        view = base_access(base)
+        # A Conv2d's weight is 4-D: its dtype and device are read from it directly.
+        view: Any = base.weight if isinstance(base, nn.Conv2d) else base_access(base)
         s = shapes
         if s.full_w1:
             self.lokr_w1 = new_factor(s.a, s.c, view)
@@ -160,10 +177,11 @@ class LokrLinear(LayerAdapter):
             self.lokr_w1_a = new_factor(s.a, s.r, view)
             self.lokr_w1_b = new_factor(s.r, s.c, view)
         if s.full_w2:
-            self.lokr_w2 = new_factor(s.b, s.d, view)
+            self.lokr_w2 = nn.Parameter(torch.empty(s.b, s.d, *s.kernel, device=view.device,
+                                                    dtype=view.dtype))
         else:
             self.lokr_w2_a = new_factor(s.b, s.r, view)
-            self.lokr_w2_b = new_factor(s.r, s.d, view)
+            self.lokr_w2_b = new_factor(s.r, s.d * s.kernel_size, view)
         self.shapes, self.alpha, self.scaling = s, alpha, alpha / s.r
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
         self.rank_dropout_scale = config.rank_dropout_scale
@@ -185,24 +203,36 @@ class LokrLinear(LayerAdapter):
         return self.lokr_w2 if self.shapes.full_w2 else self.lokr_w2_a @ self.lokr_w2_b
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense update ``scaling * kron(W1, W2)``, shape (out, in)."""
-        return torch.kron(self.w1(), self.w2()) * self.scaling
+        """The dense update ``scaling * kron(W1, W2)``: (out, in) for a Linear layer,
+        (out, in / groups * kh * kw) for a Conv2d (reshape to the kernel to apply it)."""
+        w1, w2 = self.w1(), self.w2()
+        if w2.dim() == 4:  # a full conv W2: W1 spans channels only
+            w1 = w1[:, :, None, None]
+        delta = torch.kron(w1, w2) * self.scaling
+        return delta.reshape(delta.shape[0], -1)
 
-    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _update(self) -> torch.Tensor | None:
+        # The update for this call (None: module dropout skips the adapter).
         if skip_module(self.training, self.module_dropout):
-            return y
+            return None
         delta = self.delta_weight()
         if self.training and self.rank_dropout > 0:
             delta = row_dropout(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
+        return delta
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self._update()
+        if delta is None:
+            return y
         return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
 
     def merge_into(self, base: nn.Module) -> None:
         w = merge_weight(base)
-        w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
+        w.copy_((w.float() + self.delta_weight().float().reshape(w.shape)).to(w.dtype))
 
     def unmerge_from(self, base: nn.Module) -> None:
         w = merge_weight(base)
-        w.copy_((w.float() - self.delta_weight().float()).to(w.dtype))
+        w.copy_((w.float() - self.delta_weight().float().reshape(w.shape)).to(w.dtype))
 
     def extra_repr(self) -> str:
         s = self.shapes
@@ -211,9 +241,39 @@ class LokrLinear(LayerAdapter):
                 f"scaling={self.scaling:g}")
 
 
+class LokrConv2d(LokrLinear):
+    """LoKr factors for one ``nn.Conv2d`` (PEFT's layout without ``use_effective_conv2d``):
+    the update is reshaped to the kernel and applied with the base's stride, padding,
+    dilation and groups."""
+
+    def __init__(self, base: nn.Conv2d, shapes: KronShapes, alpha: float, config: LokrConfig,
+                 label: str = "") -> None:
+        if base.padding_mode != "zeros":
+            raise UnsupportedOperationError(
+                f"lokr on {label or 'a Conv2d'}: padding_mode {base.padding_mode!r} is not "
+                "supported (PEFT applies the update with zero padding)")
+        super().__init__(base, shapes, alpha, config)
+        self.kernel_shape = tuple(base.weight.shape)
+        self.stride, self.dilation, self.groups = base.stride, base.dilation, base.groups
+        self.padding: Any = base.padding  # a tuple, or "same" / "valid"
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self._update()
+        if delta is None:
+            return y
+        kernel = delta.reshape(self.kernel_shape)
+        out = F.conv2d(x.to(kernel.dtype), kernel, None, self.stride, self.padding,
+                       self.dilation, self.groups)
+        return y + out.to(y.dtype)
+
+
 def _checked_shapes(config: LokrConfig, path: str, module: nn.Module) -> KronShapes:
-    out_f, in_f = base_access(module).shape
-    shapes = config.shapes(path, out_f, in_f)
+    if isinstance(module, nn.Conv2d):
+        out_f, in_f = module.out_channels, module.in_channels // module.groups
+        shapes = config.shapes(path, out_f, in_f, tuple(module.kernel_size))
+    else:
+        out_f, in_f = base_access(module).shape
+        shapes = config.shapes(path, out_f, in_f)
     if config.decompose_factor > 0 and (shapes.a, shapes.c) == (1, 1):
         # Both widths prime (or the factor search gave nothing): kron(1x1, W2) is a dense
         # (out x in) W2, which is full fine-tuning of the layer, not LoKr.
@@ -232,17 +292,34 @@ _LOKR_FIELDS: Final = ("decompose_both", "decompose_factor", "rank_dropout_scale
 def _factor(ctx: PeftImport, prefix: str, parts: Mapping[str, torch.Tensor], name: str
             ) -> tuple[int, int, bool] | None:
     """``(rows, cols, full)`` of factor ``name`` (``lokr_w1`` or ``lokr_w2``), or None after
-    recording why it cannot be read."""
+    recording why it cannot be read (a full conv ``lokr_w2`` is 4-D: its kernel is not in
+    ``cols``)."""
     full, a, b = parts.get(name), parts.get(f"{name}_a"), parts.get(f"{name}_b")
-    if full is not None and a is None and b is None and full.dim() == 2:
+    dims = (2, 4) if name == "lokr_w2" else (2,)
+    if full is not None and a is None and b is None and full.dim() in dims:
         return full.shape[0], full.shape[1], True
     if full is None and a is not None and b is not None and a.dim() == b.dim() == 2 \
             and a.shape[1] == b.shape[0]:
         return a.shape[0], b.shape[1], False
     shapes = {k: tuple(t.shape) for k, t in parts.items() if k.startswith(name)}
-    ctx.tensor_problem(f"{prefix}.{name}", f"expected either {name} (2-D) or {name}_a and "
-                       f"{name}_b of a matching rank, got {shapes or 'none'}")
+    ctx.tensor_problem(f"{prefix}.{name}", f"expected either {name} (2-D, or 4-D for a "
+                       f"convolution's W2) or {name}_a and {name}_b of a matching rank, got "
+                       f"{shapes or 'none'}")
     return None
+
+
+def _kernel(ctx: PeftImport, path: str, parts: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The kernel a file's factors carry: from a full 4-D W2, else from the model's module."""
+    full = parts.get("lokr_w2")
+    if full is not None and full.dim() == 4:
+        return tuple(full.shape[2:])
+    module = None
+    if ctx.model is not None:
+        try:
+            module = ctx.model.get_submodule(path)
+        except AttributeError:
+            module = None
+    return tuple(module.kernel_size) if isinstance(module, nn.Conv2d) else ()
 
 
 class LokrPeftCodec(PeftCodec):
@@ -266,10 +343,12 @@ class LokrPeftCodec(PeftCodec):
             if w1 is None or w2 is None:
                 continue
             r = peft_rank(doc, path)
-            got = (w1[0], w2[0], w1[1], w2[1], w1[2], w2[2])
-            rule = KronShapes.of(w1[0] * w2[0], w1[1] * w2[1], r,
+            kernel = _kernel(ctx, path, parts)
+            d = w2[1] if w2[2] else w2[1] // max(math.prod(kernel), 1)
+            got = (w1[0], w2[0], w1[1], d, w1[2], w2[2])
+            rule = KronShapes.of(w1[0] * w2[0], w1[1] * d, r,
                                  bool(doc.get("decompose_both", False)),
-                                 int(doc.get("decompose_factor", -1)))
+                                 int(doc.get("decompose_factor", -1)), kernel)
             if got != (rule.a, rule.b, rule.c, rule.d, rule.full_w1, rule.full_w2):
                 ctx.tensor_problem(f"{prefix}.lokr_w1", f"factors W1 {w1[0]}x{w1[1]} "
                                    f"({'full' if w1[2] else 'low-rank'}) and W2 {w2[0]}x{w2[1]} "
@@ -294,7 +373,7 @@ class LokrMethod(PEFTMethod[LokrConfig]):
     name: ClassVar[str] = "lokr"
     config_cls = LokrConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d, Linear4bit)
     # Measured as for LoHa (tiny Llama, all-linear, r=8, 30 AdamW steps): lowest loss at 5e-2
     # against LoRA's 3e-2, so about 1.5x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 3e-3
@@ -308,7 +387,10 @@ class LokrMethod(PEFTMethod[LokrConfig]):
         for path, shapes in plans:
             host = host_for(model, path)
             _, alpha = config.rank_and_alpha(path)
-            host.adapters[adapter_name] = LokrLinear(host.base, shapes, alpha, config)
+            base = host.base
+            host.adapters[adapter_name] = (
+                LokrConv2d(base, shapes, alpha, config, f"{adapter_name!r} on {path!r}")
+                if isinstance(base, nn.Conv2d) else LokrLinear(base, shapes, alpha, config))
         return paths
 
     def parameter_count(self, model: nn.Module, config: LokrConfig,

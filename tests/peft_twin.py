@@ -100,3 +100,51 @@ def compare_merged(theirs, ours, ids, make: Callable[[], torch.nn.Module], *,
             worst, seen = max(worst, float((w - original).abs().max())), seen + 1
     assert seen > 0, "no adapted base weight found"
     return {"merged": float((merged_o - merged_t).abs().max()), "unmerge": worst}
+
+
+class TinyConvs(torch.nn.Module):
+    """A tiny convolutional model (same weights on every build): a padded 3x3 convolution, a
+    strided grouped one and a 1x1 one without bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(21)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 6, 3, stride=2, groups=2)
+        self.c3 = torch.nn.Conv2d(6, 4, 1, bias=False)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+def compare_convs(peft_config, our_config, *, scale: float = 0.3) -> None:
+    """PEFT and peftreg on :class:`TinyConvs`: outputs, gradients, merged outputs, unmerge."""
+    import peft
+
+    theirs = peft.get_peft_model(TinyConvs(), peft_config).eval()
+    ours = peftreg.adapt(TinyConvs(), our_config).eval()
+    theirs_p, ours_p = peft_trainable(theirs), our_trainable(ours)
+    assert sorted(theirs_p) == sorted(ours_p), (sorted(theirs_p), sorted(ours_p))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for key, p in theirs_p.items():
+            assert ours_p[key].shape == p.shape, key
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            ours_p[key].copy_(p)
+    x = torch.randn(2, 3, 9, 9, generator=gen)
+    close = tol("peft_parity", torch.float32)
+    out_t, out_o = theirs(x), ours(x)
+    torch.testing.assert_close(out_o, out_t, **close)
+    out_t.square().mean().backward()
+    out_o.square().mean().backward()
+    for key, p in theirs_p.items():
+        torch.testing.assert_close(ours_p[key].grad, p.grad, **close)
+    with torch.no_grad():
+        theirs.merge_adapter()
+        ours.merge()
+        torch.testing.assert_close(ours(x), theirs(x), **close)
+    ours.unmerge()
+    fresh = TinyConvs()
+    for name in ("c1", "c2", "c3"):
+        torch.testing.assert_close(ours.model.get_submodule(name).base.weight,
+                                   fresh.get_submodule(name).weight, **close)

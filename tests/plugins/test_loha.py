@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import tiny_hf
 import torch
-from peft_twin import compare, compare_merged, twins
+from peft_twin import TinyConvs, compare, compare_convs, compare_merged, twins
 from torch import nn
 
 import peftreg
@@ -128,53 +128,13 @@ def test_save_and_load_keep_peft_keys(tmp_path):
         for i in (0, 1) for j in (1, 2) for s in "ab"]
 
 
-class _Convs(nn.Module):
-    """A tiny convolutional model: plain, strided-grouped and 1x1 convolutions."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(21)
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 6, 3, stride=2, groups=2)
-        self.c3 = nn.Conv2d(6, 4, 1, bias=False)
-
-    def forward(self, x):
-        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
-
-
 def test_conv2d_equal_to_peft():
-    from peft_twin import our_trainable, peft_trainable
-    from tolerances import tol
-
     fields = dict(r=2, alpha=3, target_modules=["c1", "c2", "c3"])
-    theirs = peft.get_peft_model(_Convs(), peft.LoHaConfig(**fields)).eval()
-    ours = peftreg.adapt(_Convs(), LohaConfig(**fields)).eval()
-    theirs_p, ours_p = peft_trainable(theirs), our_trainable(ours)
-    assert sorted(theirs_p) == sorted(ours_p)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for key, p in theirs_p.items():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-            ours_p[key].copy_(p)
-    x = torch.randn(2, 3, 9, 9, generator=gen)
-    out_t, out_o = theirs(x), ours(x)
-    torch.testing.assert_close(out_o, out_t, **tol("peft_parity", torch.float32))
-    out_t.square().mean().backward()
-    out_o.square().mean().backward()
-    for key, p in theirs_p.items():
-        torch.testing.assert_close(ours_p[key].grad, p.grad, **tol("peft_parity", torch.float32))
-    with torch.no_grad():
-        theirs.merge_adapter()
-        ours.merge()
-        torch.testing.assert_close(ours(x), theirs(x), **tol("peft_parity", torch.float32))
-    ours.unmerge()
-    fresh = _Convs()
-    for name in ("c1", "c2", "c3"):
-        torch.testing.assert_close(ours.model.get_submodule(name).base.weight,
-                                   fresh.get_submodule(name).weight, atol=1e-6, rtol=0)
+    compare_convs(peft.LoHaConfig(**fields), LohaConfig(**fields))
     # 2 r (out + in / groups * kh * kw) per layer.
     expected = 2 * 2 * ((8 + 3 * 9) + (6 + 4 * 9) + (4 + 6))
-    assert LohaMethod().parameter_count(_Convs(), LohaConfig(**fields), None) == expected
+    assert LohaMethod().parameter_count(TinyConvs(), LohaConfig(**fields), None) == expected
+    ours = peftreg.adapt(TinyConvs(), LohaConfig(**fields))
     assert sum(p.numel() for p in ours.adapter_parameters("default")) == expected
 
 
@@ -182,7 +142,7 @@ def test_conv2d_peft_directory_round_trip(tmp_path):
     from tolerances import tol
 
     fields = dict(r=2, alpha=3, target_modules=["c1", "c2", "c3"])
-    theirs = peft.get_peft_model(_Convs(), peft.LoHaConfig(**fields)).eval()
+    theirs = peft.get_peft_model(TinyConvs(), peft.LoHaConfig(**fields)).eval()
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in theirs.parameters():
@@ -190,10 +150,10 @@ def test_conv2d_peft_directory_round_trip(tmp_path):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     x = torch.randn(2, 3, 9, 9, generator=gen)
     theirs.save_pretrained(tmp_path / "peft")
-    ours = peftreg.load(_Convs(), tmp_path / "peft")
+    ours = peftreg.load(TinyConvs(), tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), **tol("peft_parity", torch.float32))
     ours.save_adapter(tmp_path / "export", format="peft")
-    back = peft.PeftModel.from_pretrained(_Convs(), tmp_path / "export").eval()
+    back = peft.PeftModel.from_pretrained(TinyConvs(), tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x), ours(x), **tol("peft_parity", torch.float32))

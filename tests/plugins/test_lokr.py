@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import tiny_hf
 import torch
-from peft_twin import compare, compare_merged, twins
+from peft_twin import TinyConvs, compare, compare_convs, compare_merged, twins
 from torch import nn
 
 import peftreg
@@ -169,3 +169,47 @@ def test_on_a_4bit_base_stacked_with_qlora(make_tiny, token_batch, kind, order):
         torch.testing.assert_close(model(token_batch)["logits"], stacked, atol=1e-5, rtol=0)
         model.unmerge()
         torch.testing.assert_close(model(token_batch)["logits"], stacked, atol=1e-5, rtol=0)
+
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(r=8, target_modules=["c1", "c2", "c3"]),                       # full W2 (4-D)
+     dict(r=1, decompose_both=True, target_modules=["c1", "c2", "c3"])],  # low-rank W1, W2
+    ids=["full", "low-rank"])
+def test_conv2d_equal_to_peft(fields):
+    compare_convs(peft.LoKrConfig(**fields), LokrConfig(**fields))
+    ours = peftreg.adapt(TinyConvs(), LokrConfig(**fields))
+    count = LokrMethod().parameter_count(TinyConvs(), LokrConfig(**fields), None)
+    assert sum(p.numel() for p in ours.adapter_parameters("default")) == count
+
+
+def test_conv2d_count_from_the_shapes():
+    # c1: out 8 = 2 x 4, in 3 = 1 x 3, 3x3 kernel; c2: out 6 = 2 x 3, in 8 / 2 = 4 = 2 x 2;
+    # c3: out 4 = 2 x 2, in 6 = 2 x 3, 1x1. At r=8 every factor is full.
+    config = LokrConfig(r=8, target_modules=["c1", "c2", "c3"])
+    expected = (2 * 1 + 4 * 3 * 9) + (2 * 2 + 3 * 2 * 9) + (2 * 2 + 2 * 3 * 1)
+    assert LokrMethod().parameter_count(TinyConvs(), config, None) == expected
+
+
+
+@pytest.mark.parametrize("r", [8, 1], ids=["full", "low-rank"])
+def test_conv2d_peft_directory_round_trip(tmp_path, r):
+    from tolerances import tol
+
+    fields = dict(r=r, decompose_both=True, target_modules=["c1", "c2", "c3"])
+    theirs = peft.get_peft_model(TinyConvs(), peft.LoKrConfig(**fields)).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x = torch.randn(2, 3, 9, 9, generator=gen)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftreg.load(TinyConvs(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), **tol("peft_parity", torch.float32))
+    ours.save_adapter(tmp_path / "export", format="peft")
+    back = peft.PeftModel.from_pretrained(TinyConvs(), tmp_path / "export").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), **tol("peft_parity", torch.float32))
