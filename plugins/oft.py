@@ -27,8 +27,12 @@ parameter as PEFT does. ``block_share`` trains one block used ``in / b`` times. 
 training; PEFT 0.21.2 creates that layer but never calls it on Linear layers, so training-mode
 outputs with ``module_dropout > 0`` differ from PEFT's by design (evaluation is unaffected).
 
-The trainable tensor is saved as ``<module path>.oft_R.weight`` with shape
-``(r, b (b - 1) / 2)`` (``(1, ...)`` with ``block_share``), PEFT's key and shape.
+On an ``nn.Embedding`` the rows the table returns are rotated instead, ``embedding(x) R``
+(``r * b`` is the embedding width), so merging gives ``W' = W R``.
+
+The trainable tensor is saved as ``<module path>.oft_R.weight`` (``oft_embedding_R.weight`` on
+an embedding) with shape ``(r, b (b - 1) / 2)`` (``(1, ...)`` with ``block_share``), PEFT's key
+and shape.
 """
 
 from __future__ import annotations
@@ -173,14 +177,17 @@ class OftRotation(nn.Module):
 class OftLinear(LayerAdapter):
     """A block-diagonal orthogonal rotation of one ``nn.Linear``'s input: ``base(x R)``."""
 
+    # The submodule holding the generators, named as PEFT names it for this layer type.
+    ROTATION: ClassVar[str] = "oft_R"
+
     def __init__(self, base: nn.Module, r: int, block_size: int, config: OftConfig,
                  label: str = "") -> None:
         super().__init__()
         view = base_access(base)
-        self.in_features = view.in_features
+        self.in_features = view.in_features  # the rotated width (an embedding's dim)
         self.r, self.block_size = r, block_size
-        self.oft_R = OftRotation(1 if config.block_share else r, block_size, view.device,
-                                 view.dtype)
+        self.add_module(self.ROTATION, OftRotation(1 if config.block_share else r, block_size,
+                                                   view.device, view.dtype))
         self.use_cayley_neumann = config.use_cayley_neumann
         self.num_terms = config.num_cayley_neumann_terms
         self.coft, self.eps = config.coft, config.eps
@@ -189,27 +196,35 @@ class OftLinear(LayerAdapter):
         self.label = label or type(self).__name__
         if not config.init_weights:
             with torch.no_grad():
-                nn.init.normal_(self.oft_R.weight, mean=0.0, std=0.1)
+                nn.init.normal_(self.generators().weight, mean=0.0, std=0.1)
+
+    def generators(self) -> OftRotation:
+        """The trainable generators (``oft_R``, or ``oft_embedding_R`` on an embedding)."""
+        module = getattr(self, self.ROTATION)
+        if not isinstance(module, OftRotation):  # pragma: no cover - set in __init__ only
+            raise TypeError(f"{self.ROTATION} is not an OftRotation")
+        return module
 
     # -- the rotation --------------------------------------------------------------------------
 
     def _project(self) -> None:
         # COFT: every block's Q scaled back onto the ball of radius eps / sqrt(n_blocks) when it
         # left it, written into the parameter itself (PEFT does the same before each use).
-        w = self.oft_R.weight
+        gen = self.generators()
+        w = gen.weight
         with torch.no_grad():
-            q = self.oft_R.skew(w)
+            q = gen.skew(w)
             radius = self.eps / math.sqrt(q.shape[0])
             norm = torch.linalg.matrix_norm(q, keepdim=True)
             q = torch.where(norm <= radius, q, q * (radius / norm))
-            w.copy_(q[:, self.oft_R.rows, self.oft_R.cols])
+            w.copy_(q[:, gen.rows, gen.cols])
 
     def blocks(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The orthogonal blocks ``R_i`` (n_blocks x b x b), computed in ``dtype``."""
         if self.coft:
             self._project()
-        w = self.oft_R.weight
-        q = self.oft_R.skew(w if dtype is None else w.to(dtype))
+        gen = self.generators()
+        q = gen.skew(gen.weight if dtype is None else gen.weight.to(dtype))
         eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
         if not self.use_cayley_neumann:
             # (I - Q)(I + Q)^-1, i.e. X (I + Q) = I - Q, solved rather than inverted; in float32
@@ -248,8 +263,9 @@ class OftLinear(LayerAdapter):
 
     # -- LayerAdapter ----------------------------------------------------------------------------
 
-    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.oft_R.weight.dtype
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` over the last dimension, block by block."""
+        dtype = self.generators().weight.dtype
         blocks = self._dropped(self.blocks())
         n = self.in_features // self.block_size
         if blocks.shape[0] != n:  # block_share: one block for every position
@@ -258,6 +274,9 @@ class OftLinear(LayerAdapter):
         # Row vector times block: (x R)_c = sum_k x_k R_kc within each block.
         rotated = torch.einsum("...nk,nkc->...nc", xb, blocks)
         return rotated.reshape(x.shape).to(x.dtype)
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x)
 
     def merge_into(self, base: nn.Module) -> None:
         w = merge_weight(base)
@@ -280,6 +299,35 @@ class OftLinear(LayerAdapter):
         return f"r={self.r}, block_size={self.block_size}{shared}"
 
 
+class OftEmbedding(OftLinear):
+    """The rotation on an ``nn.Embedding``'s output rows: ``embedding(x) R`` (PEFT's
+    ``oft_embedding_R``); merging rotates the table, ``W' = W R``."""
+
+    ROTATION: ClassVar[str] = "oft_embedding_R"
+
+    def changes_input(self) -> bool:
+        return False
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.rotate(y)
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        w.copy_((w.double() @ self.rotation(torch.float64)).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        try:
+            original = torch.linalg.solve(self.rotation(torch.float64), w.double(), left=False)
+        except RuntimeError as exc:
+            raise UnsupportedOperationError(
+                f"oft adapter {self.label}: cannot unmerge: the rotation is singular") from exc
+        w.copy_(original.to(w.dtype))
+
+
 def _default_targets(family: ModelFamily | None) -> list[str] | None:
     if family is None or "q" not in family.roles or "v" not in family.roles:
         return None
@@ -295,7 +343,7 @@ def _plan(model: nn.Module, config: OftConfig, family: ModelFamily | None
 
 # -- Hugging Face PEFT's format (peft_type OFT, PEFT >= 0.16's oft_R.weight layout) -----------
 
-OFT_LEAF: Final = "oft_R.weight"
+OFT_LEAVES: Final = ("oft_R.weight", "oft_embedding_R.weight")
 _OFT_FIELDS: Final = ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
                       "use_cayley_neumann", "num_cayley_neumann_terms")
 
@@ -330,9 +378,14 @@ class OftPeftCodec(PeftCodec):
         doc = ctx.doc
         r, size = int(doc.get("r", 0)), int(doc.get("oft_block_size", 0))
         shared = bool(doc.get("block_share", False))
-        found = ctx.read_modules(tensors, (OFT_LEAF,))
+        found = ctx.read_modules(tensors, OFT_LEAVES)
         for path, parts in found.adapted.items():
-            key, w = f"base_model.model.{path}.{OFT_LEAF}", parts[OFT_LEAF]
+            if len(parts) != 1:
+                ctx.tensor_problem(f"base_model.model.{path}.oft_R.weight", "a module has both "
+                                   "oft_R and oft_embedding_R")
+                continue
+            (leaf, w), = parts.items()
+            key = f"base_model.model.{path}.{leaf}"
             b = _block_size(w.shape[1]) if w.dim() == 2 else None
             if b is None:
                 ctx.tensor_problem(key, f"shape {tuple(w.shape)} is not (blocks, b (b - 1) / 2) "
@@ -351,7 +404,7 @@ class OftPeftCodec(PeftCodec):
 
     def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config: Any = ctx.config
-        found = ctx.modules((OFT_LEAF,))
+        found = ctx.modules(OFT_LEAVES)
         body = ctx.target_fields(found)
         body.update({k: getattr(config, k) for k in _OFT_FIELDS})
         body.update({"fan_in_fan_out": False, "bias": "none", "init_weights": True,
@@ -365,7 +418,7 @@ class OftMethod(PEFTMethod[OftConfig]):
     name: ClassVar[str] = "oft"
     config_cls = OftConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
-    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding, Linear4bit)
     # Measured as for LoHa (tiny Llama, all-linear, block 8, 30 AdamW steps): lowest loss at
     # 1e-1 against LoRA's 3e-2, so about 3x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 6e-3
@@ -377,8 +430,9 @@ class OftMethod(PEFTMethod[OftConfig]):
         plans = _plan(model, config, family)  # every layer checked before any is touched
         for path, r, size in plans:
             host = host_for(model, path)
-            host.adapters[adapter_name] = OftLinear(host.base, r, size, config,
-                                                    f"{adapter_name!r} on {path!r}")
+            layer = OftEmbedding if isinstance(host.base, nn.Embedding) else OftLinear
+            host.adapters[adapter_name] = layer(host.base, r, size, config,
+                                                f"{adapter_name!r} on {path!r}")
         return [p for p, _, _ in plans]
 
     def parameter_count(self, model: nn.Module, config: OftConfig,

@@ -63,6 +63,9 @@ CASES = [
                                            use_cayley_neumann=False,
                                            target_modules=["query", "output.dense"]), 0.1,
                  id="oft-bert-shared-exact"),
+    pytest.param(tiny_hf.llama, "oft", dict(oft_block_size=16,
+                                            target_modules=["embed_tokens", "k_proj"]), 0.1,
+                 id="oft-llama-embedding"),
 ]
 PEFT_CONFIGS = {"loha": "LoHaConfig", "lokr": "LoKrConfig", "oft": "OFTConfig"}
 OUR_CONFIGS = {"loha": LohaConfig, "lokr": LokrConfig, "oft": OftConfig}
@@ -79,7 +82,9 @@ def peft_model(make, method, fields, scale):
 @pytest.mark.parametrize(("make", "method", "fields", "scale"), CASES)
 def test_a_peft_directory_loads_with_peft_outputs(tmp_path, make, method, fields, scale):
     theirs = peft_model(make, method, fields, scale)
-    theirs.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT notes it saves the embedding too
+        theirs.save_pretrained(tmp_path)
     expected = logits(theirs)
     ours = peftreg.load(make(), tmp_path)
     assert ours.record("default").config.method == method

@@ -38,6 +38,12 @@ CASES = [
     pytest.param(tiny_hf.bert, tiny_hf.bert_loss,
                  dict(oft_block_size=4, coft=True, eps=0.05,
                       target_modules=["query", "output.dense"]), id="bert-coft"),
+    pytest.param(tiny_hf.llama, tiny_hf.llama_loss,
+                 dict(oft_block_size=8, target_modules=["embed_tokens", "v_proj"]),
+                 id="llama-embedding"),
+    pytest.param(tiny_hf.bert, tiny_hf.bert_loss,
+                 dict(r=2, oft_block_size=0, block_share=True, use_cayley_neumann=False,
+                      target_modules=["word_embeddings"]), id="bert-embedding-shared-exact"),
 ]
 
 
@@ -138,6 +144,9 @@ def test_parameter_count_from_the_shapes():
                        target_modules=["q_proj", "down_proj"])
     # r=4: blocks of 8 on q (28 numbers), of 16 on down (120 numbers), one per layer.
     assert OftMethod().parameter_count(tiny_hf.llama(), shared, family) == 2 * (28 + 120)
+    # An embedding rotates its width (32): 4 blocks of 8.
+    table = OftConfig(oft_block_size=8, target_modules=["embed_tokens"])
+    assert OftMethod().parameter_count(tiny_hf.llama(), table, family) == 4 * 28
 
 
 @pytest.mark.parametrize(
