@@ -116,8 +116,10 @@ def test_module_dropout_replaces_blocks_by_identity_in_training():
     assert sum(kept) == 1  # floor(0.5 * 3) blocks are the identity
 
 
-def test_conformance_with_all_checks(make_tiny, token_batch):
-    config = OftConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], ["embed_tokens"]],
+                         ids=["linear", "embedding"])
+def test_conformance_with_all_checks(make_tiny, token_batch, targets):
+    config = OftConfig(oft_block_size=8, target_modules=targets)
     report = check_method(config, make_tiny, token_batch, lambda m, ids: m(ids)["logits"],
                           lambda m, ids: m(ids, labels=ids)["loss"], steps=6, lr=3e-2,
                           checks=CHECKS)
