@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar, Final, Generic, TypeVar
 
 from torch import nn
@@ -19,6 +20,7 @@ from peftreg.config import MethodConfig
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, iter_slots
 from peftreg.io.peft_codec import PeftCodec
+from peftreg.updates import FittedAdapter, LayerUpdate
 
 #: The plugin API level this peftreg provides. It rises by one whenever something a plugin may
 #: rely on (the names in :mod:`peftreg.plugin` and what they promise) is added; a plugin built
@@ -145,6 +147,18 @@ class PEFTMethod(abc.ABC, Generic[C]):
         ``None`` if there is no closed form. ``model`` is the unadapted model and ``family`` its
         description (the same one :meth:`inject` receives). Parameters of
         ``modules_to_save`` copies are not included.
+        """
+        return None
+
+    def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,
+                    config: MethodConfig | None = None) -> FittedAdapter | None:
+        """Express dense per-layer weight updates as an adapter of this method, or return
+        ``None`` when the method cannot (the default).
+
+        A method that implements it can stand in for any mergeable adapter
+        (``peftreg convert SRC DST --to peft-<this method> --rank R``): LoRA does, by
+        truncated SVD. ``rank`` bounds the new adapter's size per layer; ``config`` is the
+        source adapter's config, for fields worth keeping (``modules_to_save``). (API level 2)
         """
         return None
 

@@ -29,6 +29,7 @@ from peftreg.io.adapter_dir import save_adapter
 from peftreg.io.load import load_adapter
 from peftreg.io.peft_format import save_peft_adapter
 from peftreg.io.record import ADAPTER_NAME
+from peftreg.io.refit import save_refitted
 from peftreg.method import PEFTMethod
 from peftreg.registry import Registry, default_registry
 from peftreg.row_adapters import LowRankAdapter, RowPlan
@@ -626,6 +627,8 @@ class AdaptedModel(nn.Module):
         *,
         format: Literal["peftreg", "peft"] = "peftreg",
         task_type: str | None = None,
+        as_method: str | None = None,
+        rank: int | None = None,
     ) -> Path:
         """Save one adapter (default: the only active one) to ``directory``.
 
@@ -638,11 +641,23 @@ class AdaptedModel(nn.Module):
                 ``directory`` itself, any other adapter ``X`` in ``directory/X``.
             task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...); only for
                 ``format="peft"``.
+            as_method, rank: with ``format="peft"``, write a mergeable adapter as an adapter of
+                method ``as_method`` (``"lora"``) of rank ``rank``, refitted to the updates it
+                makes, so that servers that only run that method can serve it; the refit's
+                error is recorded in the config (see :func:`peftreg.io.refit.save_refitted`).
 
         Returns:
             The directory the adapter's files were written to.
         """
         name = name or self._single_active()
+        if (as_method is None) != (rank is None):
+            raise AdapterError("as_method and rank go together: the method to refit the "
+                               "adapter as, and the rank of the refit")
+        if as_method is not None and rank is not None:
+            if format != "peft":
+                raise AdapterError("as_method writes PEFT's format; pass format='peft'")
+            return save_refitted(self, directory, name, method=as_method, rank=rank,
+                                 task_type=task_type)[0]
         if format == "peft":
             return save_peft_adapter(self, directory, name, task_type=task_type)
         if format != "peftreg":

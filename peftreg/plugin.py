@@ -28,6 +28,8 @@ Groups:
         :func:`has_extension`, and the counter-based dropout :func:`lora_dropout` /
         :func:`new_dropout_seed`.
     quantized bases: :class:`Linear4bit`.
+    dense updates: :class:`LayerUpdate` and :class:`FittedAdapter`, for
+        ``PEFTMethod.fit_updates`` (a method that can stand in for any mergeable adapter).
     Hugging Face PEFT's format: :class:`PeftCodec` (set as ``PEFTMethod.peft_codec``),
         :class:`PeftKeys`, the contexts :class:`PeftImport` / :class:`PeftExport` with the
         shared steps, :class:`ModuleTensors`, :data:`TUNER_PREFIX`, :data:`PROMPT_KEY`,
@@ -92,6 +94,7 @@ from peftreg.targets import (
     output_head_paths,
     select_targets,
 )
+from peftreg.updates import FittedAdapter, LayerUpdate
 
 #: Names of this module that belong to the SDK (the rest of peftreg is not promised).
 __all__ = [
@@ -110,9 +113,11 @@ __all__ = [
     "BaseAccess",
     "Capabilities",
     "ConfigError",
+    "FittedAdapter",
     "InputAdapter",
     "InputSlot",
     "LayerAdapter",
+    "LayerUpdate",
     "Linear4bit",
     "MethodConfig",
     "ModelFamily",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -23,8 +24,12 @@ from torch import nn
 from peftreg.plugin import (
     LORA_LINEAR,
     Capabilities,
+    ConfigError,
+    FittedAdapter,
     LayerAdapter,
+    LayerUpdate,
     Linear4bit,
+    MethodConfig,
     ModelFamily,
     PeftCodec,
     PEFTMethod,
@@ -255,6 +260,33 @@ class LoraMethod(PEFTMethod[LoraConfig]):
                 host.adapters[adapter_name] = LoraLinear(
                     base, r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
         return paths
+
+    def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,
+                    config: MethodConfig | None = None) -> FittedAdapter:
+        """The best rank-``rank`` LoRA for each dense update (Eckart-Young: its truncated SVD,
+        split evenly between the factors, ``B = U sqrt(S)``, ``A = sqrt(S) V^T``), at scale 1
+        (``lora_alpha = r``). A layer whose update has lower rank gets zero rows to fill ``r``.
+        Bias updates have no LoRA counterpart: they are left out, and the caller's error
+        report counts them."""
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+        tensors: dict[str, torch.Tensor] = {}
+        fitted: dict[str, LayerUpdate] = {}
+        for path, update in updates.items():
+            u, sv, vh = torch.linalg.svd(update.weight.double(), full_matrices=False)
+            k = min(rank, sv.shape[0])
+            root = sv[:k].sqrt()
+            b = update.weight.new_zeros(update.weight.shape[0], rank)
+            a = update.weight.new_zeros(rank, update.weight.shape[1])
+            b[:, :k] = u[:, :k] * root
+            a[:k] = root[:, None] * vh[:k]
+            tensors[f"{path}.lora_A.weight"] = a.float()
+            tensors[f"{path}.lora_B.weight"] = b.float()
+            fitted[path] = LayerUpdate(b @ a, None)
+        saved = list(config.modules_to_save) if config is not None else []
+        new = LoraConfig(r=rank, lora_alpha=float(rank), lora_dropout=0.0,
+                         target_modules=list(updates), modules_to_save=saved)
+        return FittedAdapter(new, tensors, fitted)
 
     def parameter_count(
         self, model: nn.Module, config: LoraConfig, family: ModelFamily | None
