@@ -172,6 +172,13 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     return run(args, console)
 
 
+def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    """The rank of the update (LoRA paper section 7) on a compare task."""
+    from peftreg.compare.rank import run_command
+
+    return run_command(args, console)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="peftreg", description=__doc__)
@@ -201,11 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     from peftreg.compare.command import add_arguments
 
     add_arguments(p)
+    p = sub.add_parser("analyze", help="the rank of fine-tuning updates (LoRA paper section "
+                       "7): full fine-tuning's energy spectrum, LoRA subspace similarity and "
+                       "amplification")
+    from peftreg.compare.rank import add_arguments as add_analyze_arguments
+
+    add_analyze_arguments(p)
     return parser
 
 
 COMMANDS = {"methods": cmd_methods, "inspect": cmd_inspect, "doctor": cmd_doctor,
-            "compare": cmd_compare, "convert": cmd_convert}
+            "compare": cmd_compare, "convert": cmd_convert, "analyze": cmd_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
