@@ -28,6 +28,8 @@ Groups:
         :func:`has_extension`, and the counter-based dropout :func:`lora_dropout` /
         :func:`new_dropout_seed`.
     quantized bases: :class:`Linear4bit`.
+    comparison tasks: :class:`TaskSpec` (hook ``peftreg_register_tasks``) building a
+        :class:`Task` for ``peftreg compare --model NAME``.
     dense updates: :class:`LayerUpdate` and :class:`FittedAdapter`, for
         ``PEFTMethod.fit_updates`` (a method that can stand in for any mergeable adapter).
     Hugging Face PEFT's format: :class:`PeftCodec` (set as ``PEFTMethod.peft_codec``),
@@ -42,6 +44,7 @@ from __future__ import annotations
 from torch import nn
 
 from peftreg.base_access import BaseAccess, access_for, dense_linear, merge_bias, merge_weight
+from peftreg.compare.tasks import Task, TaskSpec
 from peftreg.config import MethodConfig
 from peftreg.errors import (
     AdapterError,
@@ -132,6 +135,8 @@ __all__ = [
     "ReferenceTransformer",
     "TargetNotFoundError",
     "TargetedConfig",
+    "Task",
+    "TaskSpec",
     "UnsafePatternError",
     "UnsupportedOperationError",
     "base_access",

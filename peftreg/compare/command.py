@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RunSettings()
     parser.add_argument("--model", default="minilm",
                         help="minilm: MiniLM-L6 tweet sentiment (default); smollm2: SmolLM2-135M "
-                             "tweet language modelling; or the path of a local pretrained "
+                             "tweet language modelling; a task a plugin registers "
+                             "(peftreg_register_tasks); or the path of a local pretrained "
                              "encoder directory (transformers format)")
     parser.add_argument("--task", default=None, metavar="csv:PATH",
                         help="classify your own texts: a CSV with a text and a label column")
@@ -137,7 +138,8 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     # One task, or one per training-set size; the held-out set is the same in all of them.
     sizes = values if sweep is not None and sweep.changes_data else (None,)
     built = {size: build_task(args.model, args.task, text_column=args.text_column,
-                              label_column=args.label_column, steps=settings.steps,
+                              label_column=args.label_column, registry=registry,
+                              steps=settings.steps,
                               batch_size=settings.batch_size, max_length=settings.max_length,
                               seed=settings.seed, test_per_class=settings.test_per_class,
                               train_size=size) for size in sizes}

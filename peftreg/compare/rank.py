@@ -232,12 +232,13 @@ def run_command(args: Any, console: Any) -> int:
         raise ConfigError(f"--ranks {args.ranks!r}: expected two integers like 8,64") from exc
     if len(ranks) != 2:
         raise ConfigError(f"--ranks {args.ranks!r}: expected two integers like 8,64")
+    registry = default_registry()
     task = build_task(args.model, args.task, text_column=args.text_column,
-                      label_column=args.label_column, steps=args.steps, batch_size=16,
-                      max_length=40, seed=args.seed, test_per_class=334)
+                      label_column=args.label_column, registry=registry, steps=args.steps,
+                      batch_size=16, max_length=40, seed=args.seed, test_per_class=334)
     console.print(f"training full fine-tuning and LoRA r={ranks[0]}, r={ranks[1]} "
                   f"({args.steps} steps each) ...")
-    result = analyze(task, default_registry(), ranks=(ranks[0], ranks[1]), seed=args.seed)
+    result = analyze(task, registry, ranks=(ranks[0], ranks[1]), seed=args.seed)
     energy = Table(title="Full fine-tuning: share of each update's energy in its top-k "
                          "singular directions (mean over layers)")
     energy.add_column("matrix")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from peftreg.compare import assets
 from peftreg.compare.gguf import release_dequantized_gguf
 from peftreg.errors import PeftregError
+from peftreg.registry import Registry
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -292,8 +294,43 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
 TASKS: dict[str, Callable[..., Task]] = {"minilm": minilm_task, "smollm2": smollm2_task}
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A comparison task a plugin provides (hook ``peftreg_register_tasks``).
+
+    Attributes:
+        name: what ``--model`` calls it (letters, digits, ``-`` and ``_``).
+        description: one line for listings.
+        build: ``build(**sizes) -> Task``; ``sizes`` as in :func:`build_task`. It must load
+            everything offline (models and data shipped in a package or on disk).
+    """
+
+    name: str
+    description: str
+    build: Callable[..., Task]
+
+
+def plugin_tasks(registry: Registry) -> dict[str, TaskSpec]:
+    """The tasks installed plugins provide; a name clash is refused and reported by plugin."""
+    found: dict[str, TaskSpec] = {}
+    for spec, source in registry.collect("peftreg_register_tasks", TaskSpec):
+        if spec.name in TASKS or spec.name in found:
+            registry.record_failure(source, f"task name {spec.name!r} is already taken; "
+                                    "refusing the plugin's task")
+        elif not _TASK_NAME.fullmatch(spec.name):
+            registry.record_failure(source, f"task name {spec.name!r} is not letters, digits, "
+                                    "'-' and '_'")
+        else:
+            found[spec.name] = spec
+    return found
+
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 def build_task(model: str, data: str | None, *, text_column: str = "text",
-               label_column: str = "label", **sizes: Any) -> Task:
+               label_column: str = "label", registry: Registry | None = None,
+               **sizes: Any) -> Task:
     """The task for ``--model`` and ``--task``.
 
     Args:
@@ -302,6 +339,7 @@ def build_task(model: str, data: str | None, *, text_column: str = "text",
         data: ``None`` for the model's embedded tweets task, or ``csv:PATH`` for the user's
             labelled texts (classification over the label column's distinct values).
         text_column, label_column: the CSV's columns.
+        registry: where plugin tasks come from (a ``--model`` naming one builds it).
         sizes: ``steps``, ``batch_size``, ``max_length``, ``seed``, ``test_per_class`` and
             optionally ``train_size``.
 
@@ -310,12 +348,20 @@ def build_task(model: str, data: str | None, *, text_column: str = "text",
     """
     if data is None and model in TASKS:
         return TASKS[model](**sizes)
+    extra = plugin_tasks(registry) if registry is not None else {}
+    if data is None and model in extra:
+        task = extra[model].build(**sizes)
+        if not isinstance(task, Task):
+            raise TaskDataError(f"--model {model!r}: the plugin's build() returned a "
+                                f"{type(task).__name__}, not a Task")
+        return task
     if model == "smollm2":
         raise TaskDataError("--task csv:... classifies texts: use --model minilm or a local "
                             "encoder directory")
     model_dir = assets.minilm_dir() if model == "minilm" else Path(model)
     if not (model_dir / "config.json").is_file():
-        raise TaskDataError(f"--model {model!r}: neither minilm, smollm2 nor a local model "
+        names = ", ".join(["minilm", "smollm2", *extra])
+        raise TaskDataError(f"--model {model!r}: neither a task ({names}) nor a local model "
                             "directory with a config.json")
     if data is None:
         return sentiment_task(model_dir, read_tweets(assets.tweets_csv()), **sizes,
