@@ -74,6 +74,9 @@ class PEFTMethod(abc.ABC, Generic[C]):
             (a :class:`~peftreg.io.peft_codec.PeftCodec`), or ``None`` when PEFT has no such
             method. With one, ``save_pretrained(..., format="peft")``, ``peftreg convert`` and
             loading PEFT directories work for the method (API level 2).
+        size_field: the config field (an integer) that scales how many parameters the method
+            trains (LoRA's ``r``, prompt tuning's ``num_virtual_tokens``), or ``None``;
+            ``peftreg compare --budget params=N`` sizes the method through it (API level 2).
     """
 
     name: ClassVar[str]
@@ -84,6 +87,7 @@ class PEFTMethod(abc.ABC, Generic[C]):
     api_level: ClassVar[int] = 1
     numerics_version: ClassVar[int] = 1
     peft_codec: ClassVar[PeftCodec | None] = None
+    size_field: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def inject(

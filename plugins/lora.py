@@ -245,6 +245,7 @@ class LoraMethod(PEFTMethod[LoraConfig]):
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
     peft_codec: ClassVar[PeftCodec] = LoraPeftCodec()
+    size_field: ClassVar[str | None] = "r"
 
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                family: ModelFamily | None) -> list[str]:

@@ -380,6 +380,7 @@ class PrefixTuningMethod(PEFTMethod[PrefixTuningConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 1e-2
     peft_codec: ClassVar[PeftCodec] = PrefixTuningPeftCodec()
+    size_field: ClassVar[str | None] = "num_virtual_tokens"
 
     def inject(self, model: nn.Module, adapter_name: str, config: PrefixTuningConfig,
                family: ModelFamily | None) -> list[str]:

@@ -205,6 +205,7 @@ class PromptTuningMethod(PEFTMethod[PromptTuningConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 3e-2
     peft_codec: ClassVar[PeftCodec] = PromptTuningPeftCodec()
+    size_field: ClassVar[str | None] = "num_virtual_tokens"
 
     def inject(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig,
                family: ModelFamily | None) -> list[str]:

@@ -129,6 +129,7 @@ class QLoraMethod(PEFTMethod[QLoraConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True,
                                                        compilable=True)
     suggested_learning_rate: ClassVar[float] = 2e-3
+    size_field: ClassVar[str | None] = "r"
 
     def _targets(self, model: nn.Module, config: QLoraConfig,
                  family: ModelFamily | None) -> list[str]:

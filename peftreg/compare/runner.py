@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from peftreg.compare.baselines import baseline_rows, run_baseline
+from peftreg.compare.budget import match_parameters
 from peftreg.compare.hardware import cpu_compute_dtype
 from peftreg.compare.runs import MethodResult, RunSettings, StepCallback, train
 from peftreg.compare.sweep import TARGETS, Sweep, SweepError, targets_for
@@ -108,6 +109,10 @@ def run_method(name: str, task: Task, settings: RunSettings, registry: Registry,
         model = AdaptedModel(task.make_model(seed), registry=registry)
         if sweep is not None and not sweep.changes_data:
             config = _swept(config, sweep, value, model)
+        if settings.budget_params is not None:
+            config, matched = match_parameters(method, config, model.model, model.family,
+                                               settings.budget_params)
+            result.notes = "; ".join(n for n in (result.notes, matched) if n)
         torch.manual_seed(seed)
         model.add_adapter("compare", config)
         summary = model.summary()

@@ -268,7 +268,40 @@ def test_time_budget_gives_every_run_the_same_wall_clock(tiny_bert_dir, tweets_f
         assert len(r.losses) > 2 and seconds >= 0.4
         # ...and stops soon after it (a loaded machine can make the last step slow)
         assert seconds < 0.4 + 4 * r.step_ms / 1000 + 0.5
-    assert parse_budget("steps") is None and parse_budget("seconds=90") == 90.0
-    for bad in ("seconds=0", "minutes=3", "seconds=x"):
+    assert parse_budget("steps") == (None, None) and parse_budget("seconds=90") == (90.0, None)
+    assert parse_budget("params=5000") == (None, 5000)
+    for bad in ("seconds=0", "minutes=3", "seconds=x", "params=0", "params=2.5"):
         with pytest.raises(peftreg.ConfigError, match="--budget"):
             parse_budget(bad)
+
+
+def test_parameter_budget_sizes_every_method_near_the_target(tiny_bert_dir, tweets_file):
+    # Small enough that prompt tuning's tokens fit the tiny BERT's 32 positions.
+    target = 600
+    settings = RunSettings(steps=2, batch_size=8, max_length=12, seed=1, seeds=1,
+                           test_per_class=10, latency_repeats=1, baselines=False,
+                           budget_params=target)
+    registry = peftreg.default_registry()
+    task = _task(tiny_bert_dir, tweets_file, steps=2)
+    _, results = run_comparison(task, ["lora", "prompt_tuning", "ia3"], settings, registry)
+    by_method = {r.method: r for r in results}
+    head = sum(p.numel() for name, p in task.make_model(1).named_parameters()
+               if name.startswith(tuple(task.modules_to_save)))
+    for name in ("lora", "prompt_tuning"):
+        r = by_method[name]
+        assert r.error is None and "matched" in r.notes
+        field = registry.get(name).size_field
+        value = int(r.notes.split(f"{field}=")[1].split()[0])
+        adapter = r.trainable_params - head
+        # The nearest achievable count: one size step more or less is no nearer the target.
+        config = registry.get(name).config_cls(modules_to_save=list(task.modules_to_save))
+        model = task.make_model(1)
+        family = registry.describe_model(model)
+        method = registry.get(name)
+        step_up = method.parameter_count(model, config.replace(**{field: value + 1}), family)
+        assert abs(adapter - target) <= abs(step_up - target)
+        if value > 1:
+            step_down = method.parameter_count(model, config.replace(**{field: value - 1}),
+                                               family)
+            assert abs(adapter - target) <= abs(step_down - target)
+    assert "not size-matched" in by_method["ia3"].notes
