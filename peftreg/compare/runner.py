@@ -118,9 +118,14 @@ def run_method(name: str, task: Task, settings: RunSettings, registry: Registry,
         summary = model.summary()
         result.trainable_params = summary.rows[0].params
         result.trainable_percent = summary.percent(summary.rows[0])
+        if task.general_evaluate is not None:
+            with model.disable_adapters():
+                general_before = task.general_evaluate(model)
         train(result, model, [p for p in model.parameters() if p.requires_grad], task, seed,
               on_step, settings.budget_seconds)
         result.metric = task.evaluate(model)
+        if task.general_evaluate is not None:
+            result.general_loss_change = task.general_evaluate(model) - general_before
         with tempfile.TemporaryDirectory() as tmp:
             model.save_adapter(tmp, "compare")
             result.adapter_bytes = read_adapter_dir(tmp, registry).size_on_disk

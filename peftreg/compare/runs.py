@@ -82,6 +82,8 @@ class MethodResult:
     latency_ratio_unmerged: float = float("nan")
     notes: str = ""
     sweep: str = ""               # "field=value" in a sweep
+    # Language-modelling tasks: held-out loss on general text after training minus before.
+    general_loss_change: float = float("nan")
     error: str | None = None
 
 

@@ -121,6 +121,8 @@ class Task:
         latency_inputs: one batch of inputs for the inference-latency measurement.
         modules_to_save: modules trained alongside every adapter (the classification head).
         loss: computes the training loss of a model on a batch.
+        general_evaluate: for language-modelling tasks, the held-out loss of a model on general
+            text it is not tuned on (the forgetting measure); ``None`` when the task has none.
     """
 
     name: str
@@ -131,6 +133,7 @@ class Task:
     latency_inputs: dict[str, torch.Tensor]
     modules_to_save: list[str]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    general_evaluate: Callable[[nn.Module], float] | None = None
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -270,13 +273,20 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
         return model(**batch).loss
 
     def evaluate(model: nn.Module) -> float:
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, test_enc["labels"].shape[0], 32):
-                batch = trim_padding({k: v[start:start + 32] for k, v in test_enc.items()})
-                total += float(model(**batch).loss) * batch["labels"].shape[0]
-                count += batch["labels"].shape[0]
-        return total / count
+        return _mean_lm_loss(model, test_enc)
+
+    general_evaluate = None
+    try:
+        texts = assets.general_texts()
+    except assets.MissingAssetError:
+        texts = []  # the task runs; the forgetting column stays empty
+    if texts:
+        # Spread over all topics, a fixed selection whatever the seed.
+        general = [Example(t, 0) for t in texts[:: max(1, len(texts) // GENERAL_TEXTS)]]
+        general_enc = encode(general[:GENERAL_TEXTS])
+
+        def general_evaluate(model: nn.Module) -> float:
+            return _mean_lm_loss(model, general_enc)
 
     return Task(
         name="tweet language modelling, SmolLM2-135M-Instruct",
@@ -288,7 +298,23 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
         latency_inputs={k: v[:batch_size] for k, v in test_enc.items() if k != "labels"},
         modules_to_save=[],
         loss=loss,
+        general_evaluate=general_evaluate,
     )
+
+
+#: General-text exchanges scored for the forgetting measure of language-modelling tasks.
+GENERAL_TEXTS = 300
+
+
+def _mean_lm_loss(model: nn.Module, enc: dict[str, torch.Tensor]) -> float:
+    """Held-out language-modelling loss over ``enc``, in batches of 32 (weighted by examples)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, enc["labels"].shape[0], 32):
+            batch = trim_padding({k: v[start:start + 32] for k, v in enc.items()})
+            total += float(model(**batch).loss) * batch["labels"].shape[0]
+            count += batch["labels"].shape[0]
+    return total / count
 
 
 TASKS: dict[str, Callable[..., Task]] = {"minilm": minilm_task, "smollm2": smollm2_task}

@@ -197,7 +197,8 @@ def _sweep_run(tmp_path, tiny_bert_dir, tweets_file, monkeypatch, *extra):
 
     # The tweets task on the tiny model and its tiny data (no real assets needed).
     def fake_build(model, data, **sizes):
-        kept = {k: v for k, v in sizes.items() if k not in ("text_column", "label_column")}
+        kept = {k: v for k, v in sizes.items()
+                if k not in ("text_column", "label_column", "registry")}
         return sentiment_task(tiny_bert_dir, read_tweets(tweets_file), **kept)
 
     monkeypatch.setattr(command, "build_task", fake_build)
