@@ -44,6 +44,7 @@ def main() -> None:
     task = smollm2_task(steps=args.steps, batch_size=8, max_length=40, seed=0,
                         test_per_class=32)
     base_loss = task.evaluate(task.make_model(0))
+    print(f"base model: {base_loss:.3f}", flush=True)
     rows = [["base model (no adapter)", f"{base_loss:.3f}", "", ""]]
     results = {"base_loss": base_loss, "steps": args.steps, "cases": {}}
     for label, (config, lr) in CASES.items():
@@ -59,6 +60,7 @@ def main() -> None:
         model.eval()
         end = task.evaluate(model)
         results["cases"][label] = {"start_loss": start, "loss_after_steps": end, "lr": lr}
+        print(f"{label}: {start:.3f} -> {end:.3f}", flush=True)
         rows.append([label, f"{start:.3f}", f"{end:.3f}", f"{lr:g}"])
     print_table(f"Held-out loss on SmolLM2-135M tweets (steps: {args.steps})",
                 ["case", "before training", f"after {args.steps} steps", "lr"], rows)

@@ -245,6 +245,43 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
     transformers = _quiet_transformers()
     gguf = assets.smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    def load() -> nn.Module:
+        # transformers marks a GGUF model quantized even when it unpacked every weight, and
+        # Trainer then refuses it: take the stale mark off (see peftreg.compare.gguf).
+        return release_dequantized_gguf(transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
+
+    return causal_lm_task(load, tokenizer, "tweet language modelling, SmolLM2-135M-Instruct",
+                          steps=steps, batch_size=batch_size, max_length=max_length, seed=seed,
+                          test_per_class=test_per_class, train_size=train_size)
+
+
+def local_causal_lm_task(model_dir: Path, **sizes: Any) -> Task:
+    """Causal language modelling of tweets with a local causal LM directory (transformers
+    format with its tokenizer; nothing is downloaded)."""
+    transformers = _quiet_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+    def load() -> nn.Module:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32)
+
+    return causal_lm_task(load, tokenizer, f"tweet language modelling, {model_dir.name}",
+                          **sizes)
+
+
+def causal_lm_task(load: Callable[[], nn.Module], tokenizer: Any, name: str, *, steps: int,
+                   batch_size: int, max_length: int, seed: int, test_per_class: int,
+                   train_size: int | None = None) -> Task:
+    """Next-token prediction on the tweets, scored by held-out loss, with forgetting measured on
+    general text when chatterbot-corpus is installed.
+
+    Args:
+        load: builds the pretrained model (the same weights every call).
+        tokenizer: its tokenizer (a pad token is set to the end-of-text token if missing).
+        name: the task's name for the report.
+    """
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     data = read_tweets(assets.tweets_csv())
     wanted = train_size if train_size is not None else steps * batch_size
@@ -264,10 +301,7 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
 
     def make_model(run_seed: int) -> nn.Module:
         torch.manual_seed(run_seed)
-        # transformers marks a GGUF model quantized even when it unpacked every weight, and
-        # Trainer then refuses it: take the stale mark off (see peftreg.compare.gguf).
-        return release_dequantized_gguf(transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
+        return load()
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
@@ -289,7 +323,7 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
             return _mean_lm_loss(model, general_enc)
 
     return Task(
-        name="tweet language modelling, SmolLM2-135M-Instruct",
+        name=name,
         make_model=make_model,
         train_batches=lambda run_seed, limit=steps: _batches(train_enc, batch_size, limit,
                                                              run_seed),
@@ -354,14 +388,28 @@ def plugin_tasks(registry: Registry) -> dict[str, TaskSpec]:
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
+def _is_causal_lm(model_dir: Path) -> bool:
+    """Whether a local model directory holds a causal LM (its config's architecture)."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    names = config.get("architectures") or [] if isinstance(config, dict) else []
+    return any(isinstance(n, str) and n.endswith("ForCausalLM") for n in names)
+
+
 def build_task(model: str, data: str | None, *, text_column: str = "text",
                label_column: str = "label", registry: Registry | None = None,
                **sizes: Any) -> Task:
     """The task for ``--model`` and ``--task``.
 
     Args:
-        model: ``minilm``, ``smollm2``, or the path of a local pretrained encoder directory
-            (transformers format, with its tokenizer; nothing is downloaded).
+        model: ``minilm``, ``smollm2``, a plugin's task name, or the path of a local
+            pretrained directory (transformers format, with its tokenizer; nothing is
+            downloaded): a causal LM (its config's architecture ends in ``ForCausalLM``) models
+            the tweets' language, any other model classifies their sentiment.
         data: ``None`` for the model's embedded tweets task, or ``csv:PATH`` for the user's
             labelled texts (classification over the label column's distinct values).
         text_column, label_column: the CSV's columns.
@@ -390,6 +438,8 @@ def build_task(model: str, data: str | None, *, text_column: str = "text",
         raise TaskDataError(f"--model {model!r}: neither a task ({names}) nor a local model "
                             "directory with a config.json")
     if data is None:
+        if _is_causal_lm(model_dir):
+            return local_causal_lm_task(model_dir, **sizes)
         return sentiment_task(model_dir, read_tweets(assets.tweets_csv()), **sizes,
                               name=f"tweet sentiment (3 classes), {model_dir.name}")
     if not data.startswith("csv:"):

@@ -306,3 +306,24 @@ def test_parameter_budget_sizes_every_method_near_the_target(tiny_bert_dir, twee
                                                family)
             assert abs(adapter - target) <= abs(step_down - target)
     assert "not size-matched" in by_method["ia3"].notes
+
+
+def test_a_local_causal_lm_directory_models_the_tweets(tmp_path, tiny_bert_dir):
+    import tiny_hf
+
+    try:
+        assets.tweets_csv()
+    except assets.MissingAssetError:
+        pytest.skip("make install installs the tweets")
+
+    from peftreg.compare.tasks import build_task
+
+    folder = tmp_path / "tiny-llama"
+    tiny_hf.llama(vocab_size=96).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    task = build_task(str(folder), None, steps=2, batch_size=4, max_length=12, seed=0,
+                      test_per_class=4)
+    assert task.metric == "loss" and task.name.endswith("tiny-llama")
+    model = task.make_model(0)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert math.isfinite(task.evaluate(model))
