@@ -83,21 +83,19 @@ at::Tensor lora_multi_add(const at::Tensor& base, const at::Tensor& x, const at:
   return out.view(base.sizes());
 }
 
+// One registration for both devices: the entries pick the device's kernels themselves.
+void impl_adapter_ops(torch::Library& m) {
+  m.impl("ia3_linear", &ia3_linear);
+  m.impl("ia3_scale_grad", &ia3_scale_grad);
+  m.impl("houlsby_adapter", &houlsby_adapter);
+  m.impl("lora_multi_add", &lora_multi_add);
+}
+
 }  // namespace
 }  // namespace peftreg::fused
 
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("ia3_linear", &peftreg::fused::ia3_linear);
-  m.impl("ia3_scale_grad", &peftreg::fused::ia3_scale_grad);
-  m.impl("houlsby_adapter", &peftreg::fused::houlsby_adapter);
-  m.impl("lora_multi_add", &peftreg::fused::lora_multi_add);
-}
+TORCH_LIBRARY_IMPL(peftreg, CPU, m) { peftreg::fused::impl_adapter_ops(m); }
 
 #if PEFTREG_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftreg, CUDA, m) {
-  m.impl("ia3_linear", &peftreg::fused::ia3_linear);
-  m.impl("ia3_scale_grad", &peftreg::fused::ia3_scale_grad);
-  m.impl("houlsby_adapter", &peftreg::fused::houlsby_adapter);
-  m.impl("lora_multi_add", &peftreg::fused::lora_multi_add);
-}
+TORCH_LIBRARY_IMPL(peftreg, CUDA, m) { peftreg::fused::impl_adapter_ops(m); }
 #endif

@@ -1,14 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CPU kernels of the peftreg::nf4_* ops (schemas in csrc/registration.cpp; the format is
-// csrc/nf4/nf4_format.h, documented in docs/format.md "NF4 storage"):
-//
-//   nf4_quantize           x -> packed 4-bit codes + float32 absmax per block
-//   nf4_double_quantize    absmax -> uint8 codes + float32 absmax per 256 blocks + offset
-//   nf4_dequantize         codes + scales -> dense tensor of any float dtype
-//   nf4_dequantize_into    the same, written into a preallocated tensor
-//   nf4_linear             y = x @ dequant(W)^T + bias, never forming the dense W
-//   nf4_linear_grad_input  grad_x = grad_y @ dequant(W), never forming the dense W
+// The CPU kernel table of the peftreg::nf4_* ops (nf4_kernels.h): kernels only; the checked
+// entries, one per op for every device, are nf4_ops.cpp. The format is csrc/nf4/nf4_format.h,
+// documented in docs/format.md "NF4 storage".
 //
 // Numerics (shared with the CUDA kernels and peftreg/ops/reference.py): a weight enters every
 // product as its float32 dequantized value fp32(code * absmax) (with double quantization the
@@ -33,13 +27,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mean.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -48,14 +38,12 @@
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "common/checks.h"
 #include "nf4/nf4_args.h"
-#include "nf4/nf4_cpu.h"
 #include "nf4/nf4_format.h"
+#include "nf4/nf4_kernels.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define PEFTREG_NF4_X86 1
@@ -66,13 +54,6 @@
 
 namespace peftreg::nf4 {
 namespace {
-
-constexpr const char* kQuantizeOp = "peftreg::nf4_quantize";
-constexpr const char* kDoubleQuantizeOp = "peftreg::nf4_double_quantize";
-constexpr const char* kDequantizeOp = "peftreg::nf4_dequantize";
-constexpr const char* kDequantizeIntoOp = "peftreg::nf4_dequantize_into";
-constexpr const char* kLinearOp = "peftreg::nf4_linear";
-constexpr const char* kGradInputOp = "peftreg::nf4_linear_grad_input";
 
 constexpr int64_t kGemvMaxRows = 8;    // up to this many input rows: decode path (GEMV)
 constexpr int64_t kTileRows = 32;      // forward GEMM path: weight rows per decoded tile
@@ -238,18 +219,11 @@ bool quantize_block(const T* x, int64_t len, bool full_block, uint8_t* packed, f
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x, int64_t blocksize) {
-  check_blocksize(kQuantizeOp, "blocksize", blocksize);
-  checks::check_device_type(x, kQuantizeOp, "x", c10::DeviceType::CPU);
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kQuantizeOp,
-              ": argument 'x' has dtype ", dtype,
-              "; expected Float (float32), BFloat16 or Half (float16)");
-  const at::Tensor xc = x.contiguous();
+int64_t quantize_cpu(const at::Tensor& xc, int64_t blocksize, at::Tensor& codes,
+                     at::Tensor& absmax) {
+  const auto dtype = xc.scalar_type();
   const int64_t n = xc.numel();
-  const int64_t blocks = num_blocks(n, blocksize);
-  at::Tensor codes = at::empty({packed_bytes(n), 1}, xc.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({blocks}, xc.options().dtype(at::kFloat));
+  const int64_t blocks = absmax.numel();
   uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
   float* absmax_ptr = absmax.data_ptr<float>();
   std::atomic<int64_t> bad_block{-1};
@@ -278,33 +252,15 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x, int64_t
   } else {
     run(c10::Half{});
   }
-  const int64_t bad = bad_block.load();
-  TORCH_CHECK(bad < 0, kQuantizeOp, ": argument 'x' contains NaN or infinity (in block ", bad,
-              ", elements ", bad * blocksize, " to ", std::min(n, (bad + 1) * blocksize) - 1,
-              " of the flattened tensor); NF4 can only store finite values");
-  return {codes, absmax};
+  return bad_block.load();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
-    const at::Tensor& absmax, int64_t nested_blocksize, bool nearest) {
-  check_blocksize(kDoubleQuantizeOp, "nested_blocksize", nested_blocksize);
-  checks::check_device_type(absmax, kDoubleQuantizeOp, "absmax", c10::DeviceType::CPU);
-  check_dtype(absmax, kDoubleQuantizeOp, "absmax", at::kFloat);
-  checks::check_dim(absmax, kDoubleQuantizeOp, "absmax", 1, "(blocks,)");
-  const at::Tensor a = absmax.contiguous();
+void double_quantize_cpu(const at::Tensor& a, const at::Tensor& offset, int64_t nested_blocksize,
+                         bool nearest, at::Tensor& codes, at::Tensor& nested) {
   const int64_t n = a.numel();
   const float* src = a.const_data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(std::isfinite(src[i]), kDoubleQuantizeOp,
-                ": argument 'absmax' contains NaN or infinity (entry ", i, " is ", src[i], ")");
-  }
-  // The offset is torch's own float32 mean (bitsandbytes uses absmax.mean()), so the two agree
-  // to the bit whatever summation order the mean uses.
-  at::Tensor offset = n > 0 ? at::mean(a) : at::zeros({}, a.options());
   const float off = n > 0 ? offset.item<float>() : 0.0f;
-  const int64_t nested_blocks = num_blocks(n, nested_blocksize);
-  at::Tensor codes = at::empty({n}, a.options().dtype(at::kByte));
-  at::Tensor nested = at::empty({nested_blocks}, a.options());
+  const int64_t nested_blocks = nested.numel();
   uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
   float* nested_ptr = nested.data_ptr<float>();
   const DynamicTable& table = dynamic_table();
@@ -350,7 +306,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
       }
     }
   });
-  return {codes, nested, offset.reshape({})};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,34 +333,25 @@ struct WeightView {
   }
 };
 
-struct WeightHolder {
-  at::Tensor codes, absmax, nested, offset;
-  WeightView view;
-};
-
-WeightHolder make_view(const QuantizedWeight& q, const at::Tensor& codes, const at::Tensor& absmax,
-                       const std::optional<at::Tensor>& nested_absmax,
-                       const std::optional<at::Tensor>& offset) {
-  WeightHolder h;
-  h.codes = codes.contiguous();
-  h.absmax = absmax.contiguous();
-  h.view.codes = h.codes.const_data_ptr<uint8_t>();
-  h.view.numel = q.numel;
-  h.view.blocksize = q.blocksize;
-  h.view.nested_blocksize = q.nested_blocksize;
-  h.view.block_shift = log2_pow2(q.blocksize);
-  h.view.nested_shift = q.double_quant ? log2_pow2(q.nested_blocksize) : 0;
+// The view of a checked weight (nf4_args.h: contiguous tensors, which outlive the view).
+WeightView make_view(const Nf4Weight& w) {
+  const QuantizedWeight& q = w.sizes;
+  WeightView v;
+  v.codes = w.codes.const_data_ptr<uint8_t>();
+  v.numel = q.numel;
+  v.blocksize = q.blocksize;
+  v.nested_blocksize = q.nested_blocksize;
+  v.block_shift = log2_pow2(q.blocksize);
+  v.nested_shift = q.double_quant ? log2_pow2(q.nested_blocksize) : 0;
   if (q.double_quant) {
-    h.nested = nested_absmax->contiguous();
-    h.offset = offset->contiguous();
-    h.view.absmax_codes = h.absmax.const_data_ptr<uint8_t>();
-    h.view.nested = h.nested.const_data_ptr<float>();
-    h.view.offset = *h.offset.const_data_ptr<float>();
-    h.view.dyn = dynamic_table().code;
+    v.absmax_codes = w.absmax.const_data_ptr<uint8_t>();
+    v.nested = w.nested_absmax.const_data_ptr<float>();
+    v.offset = *w.offset.const_data_ptr<float>();
+    v.dyn = dynamic_table().code;
   } else {
-    h.view.absmax = h.absmax.const_data_ptr<float>();
+    v.absmax = w.absmax.const_data_ptr<float>();
   }
-  return h;
+  return v;
 }
 
 // dst[j] = lut[nibble j] for the 2 * nbytes nibbles of `bytes` (high nibble first).
@@ -601,54 +547,8 @@ void dequantize_dispatch(const WeightView& w, at::Tensor& out) {
   }
 }
 
-int64_t shape_numel(const char* op, at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (const int64_t d : shape) {
-    TORCH_CHECK(d >= 0, op, ": argument 'shape' ", shape, " has a negative size");
-    n *= d;
-  }
-  return n;
-}
-
-void check_out_dtype(const char* op, at::ScalarType dtype) {
-  TORCH_CHECK(checks::is_supported_float(dtype), op, ": argument 'dtype' is ", dtype,
-              "; expected one of Float (float32), BFloat16, Half (float16) or Double");
-}
-
-void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& absmax,
-                     const std::optional<at::Tensor>& nested_absmax,
-                     const std::optional<at::Tensor>& offset, int64_t blocksize,
-                     int64_t nested_blocksize, at::Tensor& out) {
-  checks::check_device_type(codes, op, "codes", c10::DeviceType::CPU);
-  check_out_dtype(op, out.scalar_type());
-  const QuantizedWeight q = check_quantized_weight(op, codes, "codes", codes, absmax,
-                                                   nested_absmax, offset, blocksize,
-                                                   nested_blocksize, out.numel());
-  checks::check_same_device(out, op, "out", codes, "codes");
-  checks::check_contiguous(out, op, "out");
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  dequantize_dispatch(h.view, out);
-}
-
-void nf4_dequantize_into_cpu(const at::Tensor& codes, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& nested_absmax,
-                             const std::optional<at::Tensor>& offset, int64_t blocksize,
-                             int64_t nested_blocksize, at::Tensor& out) {
-  dequantize_into(kDequantizeIntoOp, codes, absmax, nested_absmax, offset, blocksize,
-                  nested_blocksize, out);
-}
-
-at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
-                              const std::optional<at::Tensor>& nested_absmax,
-                              const std::optional<at::Tensor>& offset, int64_t blocksize,
-                              int64_t nested_blocksize, at::IntArrayRef shape,
-                              at::ScalarType dtype) {
-  check_out_dtype(kDequantizeOp, dtype);
-  shape_numel(kDequantizeOp, shape);
-  at::Tensor out = at::empty(shape, codes.options().dtype(dtype));
-  dequantize_into(kDequantizeOp, codes, absmax, nested_absmax, offset, blocksize,
-                  nested_blocksize, out);
-  return out;
+void dequantize_cpu(const Nf4Weight& w, at::Tensor& out) {
+  dequantize_dispatch(make_view(w), out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,80 +957,17 @@ at::Tensor product(const WeightView& w_in, const at::Tensor& input2d, int64_t in
   return result;
 }
 
-at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                          const std::optional<at::Tensor>& nested_absmax,
-                          const std::optional<at::Tensor>& offset, int64_t blocksize,
-                          int64_t nested_blocksize, int64_t out_features, int64_t in_features,
-                          const std::optional<at::Tensor>& bias) {
-  const LinearSizes s = check_linear_input(kLinearOp, x, "x", in_features, "in_features",
-                                           out_features, in_features);
-  checks::check_device_type(x, kLinearOp, "x", c10::DeviceType::CPU);
-  const QuantizedWeight q = check_quantized_weight(kLinearOp, x, "x", codes, absmax, nested_absmax,
-                                                   offset, blocksize, nested_blocksize,
-                                                   out_features * in_features);
-  check_bias(kLinearOp, bias, x, out_features);
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  at::Tensor y = product(h.view, x.reshape({s.rows, in_features}), in_features, out_features,
-                         /*forward=*/true);
-  if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
-  return y.to(x.scalar_type()).view(out_shape);
-}
-
-at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad, const at::Tensor& codes,
-                                     const at::Tensor& absmax,
-                                     const std::optional<at::Tensor>& nested_absmax,
-                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                     int64_t nested_blocksize, int64_t out_features,
-                                     int64_t in_features) {
-  const LinearSizes s = check_linear_input(kGradInputOp, grad, "grad", out_features,
-                                           "out_features", out_features, in_features);
-  checks::check_device_type(grad, kGradInputOp, "grad", c10::DeviceType::CPU);
-  const QuantizedWeight q = check_quantized_weight(kGradInputOp, grad, "grad", codes, absmax,
-                                                   nested_absmax, offset, blocksize,
-                                                   nested_blocksize, out_features * in_features);
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  const at::Tensor gx = product(h.view, grad.reshape({s.rows, out_features}), in_features,
-                                out_features, /*forward=*/false);
-  std::vector<int64_t> out_shape(grad.sizes().begin(), grad.sizes().end());
-  out_shape.back() = in_features;
-  return gx.to(grad.scalar_type()).view(out_shape);
+at::Tensor product_cpu(const Nf4Weight& w, const at::Tensor& input2d, int64_t out_features,
+                       int64_t in_features, bool forward) {
+  return product(make_view(w), input2d, in_features, out_features, forward);
 }
 
 }  // namespace
 
-at::Tensor nf4_product_acc_cpu(const char* op, const at::Tensor& input2d, const char* input_name,
-                               const at::Tensor& codes, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& offset, int64_t blocksize,
-                               int64_t nested_blocksize, int64_t out_features,
-                               int64_t in_features, bool forward) {
-  const QuantizedWeight q = check_quantized_weight(op, input2d, input_name, codes, absmax,
-                                                   nested_absmax, offset, blocksize,
-                                                   nested_blocksize, out_features * in_features);
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  return product(h.view, input2d, in_features, out_features, forward);
+const Nf4Kernels& cpu_nf4_kernels() {
+  static const Nf4Kernels table{&quantize_cpu, &double_quantize_cpu, &dequantize_cpu,
+                                &product_cpu};
+  return table;
 }
 
 }  // namespace peftreg::nf4
-
-// nf4_dequantize_into mutates `out`, so torch.library cannot attach a Python autograd formula
-// (peftreg/ops/nf4.py covers the other NF4 ops). torch's fallbacks make autograd refuse
-// inputs that require grad and keep version counters right for the mutated output.
-TORCH_LIBRARY_IMPL(peftreg, Autograd, m) {
-  m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());
-}
-
-TORCH_LIBRARY_IMPL(peftreg, ADInplaceOrView, m) {
-  m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-}
-
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("nf4_quantize", &peftreg::nf4::nf4_quantize_cpu);
-  m.impl("nf4_double_quantize", &peftreg::nf4::nf4_double_quantize_cpu);
-  m.impl("nf4_dequantize", &peftreg::nf4::nf4_dequantize_cpu);
-  m.impl("nf4_dequantize_into", &peftreg::nf4::nf4_dequantize_into_cpu);
-  m.impl("nf4_linear", &peftreg::nf4::nf4_linear_cpu);
-  m.impl("nf4_linear_grad_input", &peftreg::nf4::nf4_linear_grad_input_cpu);
-}
