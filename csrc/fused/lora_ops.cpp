@@ -20,20 +20,11 @@
 #include "fused/qlora_args.h"
 #include "nf4/nf4_args.h"
 
-#ifndef PEFTREG_WITH_CUDA
-#define PEFTREG_WITH_CUDA 0
-#endif
-
 namespace peftreg::fused {
 namespace {
 
 const LoraKernels& kernels(const at::Tensor& t, const char* op) {
-#if PEFTREG_WITH_CUDA
-  const LoraKernels* cuda = &cuda_lora_kernels();
-#else
-  const LoraKernels* cuda = nullptr;
-#endif
-  return kernels_for(t, op, cpu_lora_kernels(), cuda);
+  return kernels_for(t, op, cpu_lora_kernels(), PEFTREG_CUDA_TABLE(cuda_lora_kernels));
 }
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -104,7 +95,6 @@ LoraGrads nf4_lora_linear_backward(
       .nf4_lora_linear_backward(s, grad, x, weight, lora_a, lora_b, scaling, x_lora, dropout);
 }
 
-// One registration for both devices: the entries pick the device's kernels themselves.
 void impl_lora_ops(torch::Library& m) {
   m.impl("lora_linear", &lora_linear);
   m.impl("lora_linear_backward", &lora_linear_backward);
@@ -115,8 +105,4 @@ void impl_lora_ops(torch::Library& m) {
 }  // namespace
 }  // namespace peftreg::fused
 
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) { peftreg::fused::impl_lora_ops(m); }
-
-#if PEFTREG_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftreg, CUDA, m) { peftreg::fused::impl_lora_ops(m); }
-#endif
+PEFTREG_IMPL_CPU_AND_CUDA(peftreg::fused::impl_lora_ops)

@@ -50,20 +50,13 @@ inline Nf4LoraSizes check_nf4_lora_args(const at::Tensor& x, const at::Tensor& c
   ck::check_size(lora_b, op, "lora_b", 0, out_features, "(out_features, r)", "out_features");
   ck::check_size(lora_b, op, "lora_b", 1, lora_a.size(0), "(out_features, r)",
                  "r = lora_a.shape[0]");
-  ck::check_same_dtype(lora_a, op, "lora_a", x, "x");
-  ck::check_same_dtype(lora_b, op, "lora_b", x, "x");
-  ck::check_same_device(lora_a, op, "lora_a", x, "x");
-  ck::check_same_device(lora_b, op, "lora_b", x, "x");
-  if (x_lora.has_value()) {
-    ck::check_same_shape(*x_lora, op, "x_lora", x, "x");
-    ck::check_same_dtype(*x_lora, op, "x_lora", x, "x");
-    ck::check_same_device(*x_lora, op, "x_lora", x, "x");
-  }
+  if (x_lora.has_value()) ck::check_same_shape(*x_lora, op, "x_lora", x, "x");
+  ck::check_like(op, {{"lora_a", &lora_a}, {"lora_b", &lora_b}, {"x_lora", ck::opt(x_lora)}}, x,
+                 "x");
   s.rows = ls.rows;
   s.in_features = in_features;
   s.out_features = out_features;
-  s.out_shape.assign(x.sizes().begin(), x.sizes().end());
-  s.out_shape.back() = out_features;
+  s.out_shape = ck::with_last(x, out_features);
   return s;
 }
 

@@ -175,8 +175,7 @@ inline LinearSizes check_linear_input(const char* op, const at::Tensor& x, const
   LinearSizes s;
   s.in_features = in_features;
   s.out_features = out_features;
-  s.rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) s.rows *= x.size(d);
+  s.rows = ck::leading_rows(x);
   return s;
 }
 
@@ -187,8 +186,7 @@ inline void check_bias(const char* op, const std::optional<at::Tensor>& bias,
   ck::check_dim(*bias, op, "bias", 1, "(out_features,)");
   TORCH_CHECK(bias->size(0) == out_features, op, ": argument 'bias' has shape ", bias->sizes(),
               " but out_features is ", out_features);
-  ck::check_same_dtype(*bias, op, "bias", x, "x");
-  ck::check_same_device(*bias, op, "bias", x, "x");
+  ck::check_like(op, {{"bias", &*bias}}, x, "x");
 }
 
 }  // namespace peftreg::nf4

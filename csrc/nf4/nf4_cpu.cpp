@@ -525,23 +525,21 @@ void dequantize_dispatch(const WeightView& w, at::Tensor& out) {
       dequantize_into<double>(w, out.data_ptr<double>());
       return;
     case at::kBFloat16:
+    case at::kHalf: {
+      const bool bf16 = out.scalar_type() == at::kBFloat16;
 #if PEFTREG_NF4_X86
       if (cpu_has_avx2_fma()) {
-        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), true);
+        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), bf16);
         return;
       }
 #endif
-      dequantize_into<c10::BFloat16>(w, out.data_ptr<c10::BFloat16>());
-      return;
-    case at::kHalf:
-#if PEFTREG_NF4_X86
-      if (cpu_has_avx2_fma()) {
-        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), false);
-        return;
+      if (bf16) {
+        dequantize_into<c10::BFloat16>(w, out.data_ptr<c10::BFloat16>());
+      } else {
+        dequantize_into<c10::Half>(w, out.data_ptr<c10::Half>());
       }
-#endif
-      dequantize_into<c10::Half>(w, out.data_ptr<c10::Half>());
       return;
+    }
     default:
       TORCH_CHECK(false, kDequantizeOp, ": unsupported output dtype ", out.scalar_type());
   }
@@ -860,21 +858,27 @@ at::Tensor decode_tile(const WeightView& w, int64_t in, int64_t o0, int64_t o1, 
   return acc == at::kFloat ? tile : tile.to(acc);
 }
 
+// body(t, scratch) for t in [0, tiles), split over threads; each thread reuses one decode
+// buffer `scratch` for its tiles.
+template <typename Body>
+void for_each_tile(int64_t tiles, const Body& body) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // OpenMP workers do not inherit the caller's dispatch state: the tiles' ATen calls run
+    // below autograd (the op's own autograd formula is registered in Python).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor scratch;
+    for (int64_t t = t0; t < t1; ++t) body(t, scratch);
+  });
+}
+
 // y_acc = x_acc @ W^T, GEMM path: each task decodes kTileRows weight rows and multiplies.
 void gemm_forward(const WeightView& w, const at::Tensor& x_acc, int64_t in, int64_t out,
                   at::Tensor& y_acc) {
-  const int64_t tiles = (out + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    // OpenMP workers do not inherit the caller's dispatch state: these ATen calls run below
-    // autograd (the op's own autograd formula is registered in Python).
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = t * kTileRows, o1 = std::min(out, o0 + kTileRows);
-      const at::Tensor tile = decode_tile(w, in, o0, o1, 0, in, x_acc.scalar_type(), scratch);
-      at::Tensor y_slice = y_acc.narrow(1, o0, o1 - o0);
-      at::mm_out(y_slice, x_acc, tile.t());
-    }
+  for_each_tile((out + kTileRows - 1) / kTileRows, [&](int64_t t, at::Tensor& scratch) {
+    const int64_t o0 = t * kTileRows, o1 = std::min(out, o0 + kTileRows);
+    const at::Tensor tile = decode_tile(w, in, o0, o1, 0, in, x_acc.scalar_type(), scratch);
+    at::Tensor y_slice = y_acc.narrow(1, o0, o1 - o0);
+    at::mm_out(y_slice, x_acc, tile.t());
   });
 }
 
@@ -882,27 +886,20 @@ void gemm_forward(const WeightView& w, const at::Tensor& x_acc, int64_t in, int6
 // the weight rows in chunks of kChunkRows, accumulating into its gx columns.
 void gemm_grad_input(const WeightView& w, const at::Tensor& g_acc, int64_t in, int64_t out,
                      at::Tensor& gx_acc) {
-  const int64_t tiles = (in + kTileCols - 1) / kTileCols;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    // OpenMP workers do not inherit the caller's dispatch state: these ATen calls run below
-    // autograd (the op's own autograd formula is registered in Python).
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = t * kTileCols, k1 = std::min(in, k0 + kTileCols);
-      at::Tensor gx_slice = gx_acc.narrow(1, k0, k1 - k0);
-      for (int64_t o0 = 0; o0 < out; o0 += kChunkRows) {
-        const int64_t o1 = std::min(out, o0 + kChunkRows);
-        const at::Tensor tile = decode_tile(w, in, o0, o1, k0, k1, g_acc.scalar_type(), scratch);
-        const at::Tensor g_chunk = g_acc.narrow(1, o0, o1 - o0);
-        if (o0 == 0) {
-          at::mm_out(gx_slice, g_chunk, tile);
-        } else {
-          gx_slice.addmm_(g_chunk, tile);
-        }
+  for_each_tile((in + kTileCols - 1) / kTileCols, [&](int64_t t, at::Tensor& scratch) {
+    const int64_t k0 = t * kTileCols, k1 = std::min(in, k0 + kTileCols);
+    at::Tensor gx_slice = gx_acc.narrow(1, k0, k1 - k0);
+    for (int64_t o0 = 0; o0 < out; o0 += kChunkRows) {
+      const int64_t o1 = std::min(out, o0 + kChunkRows);
+      const at::Tensor tile = decode_tile(w, in, o0, o1, k0, k1, g_acc.scalar_type(), scratch);
+      const at::Tensor g_chunk = g_acc.narrow(1, o0, o1 - o0);
+      if (o0 == 0) {
+        at::mm_out(gx_slice, g_chunk, tile);
+      } else {
+        gx_slice.addmm_(g_chunk, tile);
       }
-      if (out == 0) gx_slice.zero_();
     }
+    if (out == 0) gx_slice.zero_();
   });
 }
 

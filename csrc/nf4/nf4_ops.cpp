@@ -16,7 +16,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/zeros.h>
@@ -35,27 +34,14 @@
 #include "nf4/nf4_format.h"
 #include "nf4/nf4_kernels.h"
 
-#ifndef PEFTREG_WITH_CUDA
-#define PEFTREG_WITH_CUDA 0
-#endif
-
 namespace peftreg::nf4 {
 namespace {
 
 const Nf4Kernels& kernels(const at::Tensor& t, const char* op) {
-#if PEFTREG_WITH_CUDA
-  const Nf4Kernels* cuda = &cuda_nf4_kernels();
-#else
-  const Nf4Kernels* cuda = nullptr;
-#endif
-  return kernels_for(t, op, cpu_nf4_kernels(), cuda);
+  return kernels_for(t, op, cpu_nf4_kernels(), PEFTREG_CUDA_TABLE(cuda_nf4_kernels));
 }
 
-c10::SmallVector<int64_t, 6> with_last(const at::Tensor& t, int64_t last) {
-  c10::SmallVector<int64_t, 6> shape(t.sizes().begin(), t.sizes().end());
-  shape.back() = last;
-  return shape;
-}
+using checks::with_last;
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& x, int64_t blocksize) {
   check_blocksize(kQuantizeOp, "blocksize", blocksize);
@@ -178,11 +164,7 @@ void impl_nf4_ops(torch::Library& m) {
 }  // namespace
 }  // namespace peftreg::nf4
 
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) { peftreg::nf4::impl_nf4_ops(m); }
-
-#if PEFTREG_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftreg, CUDA, m) { peftreg::nf4::impl_nf4_ops(m); }
-#endif
+PEFTREG_IMPL_CPU_AND_CUDA(peftreg::nf4::impl_nf4_ops)
 
 // nf4_dequantize_into mutates `out`, so torch.library cannot attach a Python autograd formula
 // (peftreg/ops/nf4.py covers the other NF4 ops). torch's fallbacks make autograd refuse

@@ -429,6 +429,9 @@ def _lora_linear_backward_fake(
     ck.check(op, grad.shape[-1] == out_features and lora_a.shape[1] == in_features,
              f"grad has {grad.shape[-1]} features and lora_a {lora_a.shape[1]} but the weight "
              f"is ({out_features}, {in_features})")
+    if output_mask[0]:  # the weight is read for grad_x only
+        _check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                      out_features * in_features)
     return lora_grads_fake(grad, lora_a, lora_b, x_lora is not None, output_mask)
 
 

@@ -25,8 +25,9 @@ CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.rglob("*_cuda.cu"))
 GLUE_FILES = sorted(CSRC.rglob("*_cuda_ops.cpp"))
 # C++ files that CPU builds compile too but whose CUDA branch only CUDA builds see.
+_CUDA_BRANCH = re.compile(r"PEFTREG_(WITH_CUDA|CUDA_TABLE|IMPL_CPU_AND_CUDA)\b")
 CUDA_BRANCH_FILES = sorted(p for p in CSRC.rglob("*.cpp")
-                           if p not in GLUE_FILES and "PEFTREG_WITH_CUDA" in p.read_text())
+                           if p not in GLUE_FILES and _CUDA_BRANCH.search(p.read_text()))
 SYNTAX_FILES = GLUE_FILES + CUDA_BRANCH_FILES
 
 
