@@ -364,23 +364,32 @@ void decode_bytes_scalar(const uint8_t* bytes, int64_t nbytes, const float* lut,
 }
 
 #if PEFTREG_NF4_X86
+// The 16-entry table values of the high (*hi) and low (*lo) nibbles of 8 bytes; lut_lo and
+// lut_hi hold entries 0-7 and 8-15.
+__attribute__((target("avx2,fma"), always_inline)) inline void lookup_nibbles8_avx2(
+    const uint8_t* bytes, __m256 lut_lo, __m256 lut_hi, __m256* hi, __m256* lo) {
+  const __m256i low_mask = _mm256_set1_epi32(0x0F);
+  const __m256i b =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i hi_idx = _mm256_srli_epi32(b, 4);
+  const __m256i lo_idx = _mm256_and_si256(b, low_mask);
+  // permutevar8x32 uses the low 3 bits; bit 3 picks the table half (moved to the sign bit).
+  *hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, hi_idx),
+                         _mm256_permutevar8x32_ps(lut_hi, hi_idx),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
+  *lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, lo_idx),
+                         _mm256_permutevar8x32_ps(lut_hi, lo_idx),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+}
+
 __attribute__((target("avx2,fma"))) void decode_bytes_avx2(const uint8_t* bytes, int64_t nbytes,
                                                            const float* lut, float* dst) {
   const __m256 lut_lo = _mm256_loadu_ps(lut);
   const __m256 lut_hi = _mm256_loadu_ps(lut + 8);
-  const __m256i low_mask = _mm256_set1_epi32(0x0F);
   int64_t i = 0;
   for (; i + 8 <= nbytes; i += 8) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)));
-    const __m256i hi_idx = _mm256_srli_epi32(b, 4);
-    const __m256i lo_idx = _mm256_and_si256(b, low_mask);
-    // permutevar8x32 uses the low 3 bits; bit 3 picks the table half (moved to the sign bit).
-    const __m256 hi = _mm256_blendv_ps(
-        _mm256_permutevar8x32_ps(lut_lo, hi_idx), _mm256_permutevar8x32_ps(lut_hi, hi_idx),
-        _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
-    const __m256 lo = _mm256_blendv_ps(
-        _mm256_permutevar8x32_ps(lut_lo, lo_idx), _mm256_permutevar8x32_ps(lut_hi, lo_idx),
-        _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+    __m256 hi, lo;
+    lookup_nibbles8_avx2(bytes + i, lut_lo, lut_hi, &hi, &lo);
     // Interleave: h0 l0 h1 l1 ... h7 l7.
     const __m256 a = _mm256_unpacklo_ps(hi, lo);  // h0 l0 h1 l1 | h4 l4 h5 l5
     const __m256 c = _mm256_unpackhi_ps(hi, lo);  // h2 l2 h3 l3 | h6 l6 h7 l7
@@ -657,7 +666,6 @@ __attribute__((target("avx2,fma"))) float dot_row_avx2(const WeightView& w, int6
                                                        const float* x_odd) {
   const __m256 lut_lo = _mm256_loadu_ps(kNF4Code);
   const __m256 lut_hi = _mm256_loadu_ps(kNF4Code + 8);
-  const __m256i low_mask = _mm256_set1_epi32(0x0F);
   __m256 acc = _mm256_setzero_ps();
   float tail = 0.0f;
   for (int64_t e0 = o * in, e1 = (o + 1) * in; e0 < e1;) {
@@ -670,16 +678,8 @@ __attribute__((target("avx2,fma"))) float dot_row_avx2(const WeightView& w, int6
     __m256 partial = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= nbytes; i += 8) {
-      const __m256i v =
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)));
-      const __m256i hi_idx = _mm256_srli_epi32(v, 4);
-      const __m256i lo_idx = _mm256_and_si256(v, low_mask);
-      const __m256 hi = _mm256_blendv_ps(
-          _mm256_permutevar8x32_ps(lut_lo, hi_idx), _mm256_permutevar8x32_ps(lut_hi, hi_idx),
-          _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
-      const __m256 lo = _mm256_blendv_ps(
-          _mm256_permutevar8x32_ps(lut_lo, lo_idx), _mm256_permutevar8x32_ps(lut_hi, lo_idx),
-          _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+      __m256 hi, lo;
+      lookup_nibbles8_avx2(bytes + i, lut_lo, lut_hi, &hi, &lo);
       partial = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xe + i), partial);
       partial = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xo + i), partial);
     }
