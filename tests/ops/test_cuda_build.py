@@ -66,7 +66,7 @@ def test_there_are_cuda_sources():
     # Every op family registers its one entry for CUDA in a CUDA build.
     entries = {p.relative_to(CSRC).as_posix() for p in CUDA_BRANCH_FILES}
     assert {"fused/lora_ops.cpp", "fused/adapters_ops.cpp", "nf4/nf4_ops.cpp"} <= entries, entries
-    # Each kernel file has a registration glue file next to it, and vice versa.
+    # Each kernel file has its CUDA table file (*_cuda_ops.cpp) next to it, and vice versa.
     assert {p.with_name(p.name.replace("_cuda.cu", "_cuda_ops.cpp")) for p in CU_FILES} == set(
         GLUE_FILES)
 
