@@ -95,21 +95,20 @@ inline float load_f32(const T& v) {
 
 // One block of `len` float32 elements (a block starts at a multiple of the block size, so on
 // an even element): absmax, then packed codes. Returns false if the block holds NaN or infinity.
-bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* packed,
-                           float* absmax) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (int64_t i = 0; i < len; ++i) {
+// Folds |x[i]| for i in [from, len) into amax, and whether all are finite into `finite`.
+inline void scan_abs(const float* x, int64_t from, int64_t len, float& amax, bool& finite) {
+  for (int64_t i = from; i < len; ++i) {
     const float v = std::fabs(x[i]);
     finite = finite && (v <= std::numeric_limits<float>::max());
     amax = v > amax ? v : amax;
   }
-  if (!finite) return false;
-  *absmax = stored_absmax(amax, full_block);
-  const float divisor = std::max(amax, kMinAbsmax);
-  const float inv = 1.0f / divisor;
+}
+
+// Packed codes of elements [from, len) of the block, `from` even; the SIMD path's tail too.
+inline void pack_codes_scalar(const float* x, int64_t from, int64_t len, bool full_block,
+                              float inv, float divisor, uint8_t* packed) {
   const float* mid = kNF4Midpoint;
-  int64_t i = 0;
+  int64_t i = from;
   for (; i + 1 < len; i += 2) {
     const int hi = nf4_nearest(scale_clamped(x[i], full_block, inv, divisor), mid);
     const int lo = nf4_nearest(scale_clamped(x[i + 1], full_block, inv, divisor), mid);
@@ -119,6 +118,17 @@ bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t
     const int hi = nf4_nearest(scale_clamped(x[i], full_block, inv, divisor), mid);
     packed[i / 2] = static_cast<uint8_t>((hi << 4) | kZeroCode);
   }
+}
+
+bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* packed,
+                           float* absmax) {
+  float amax = 0.0f;
+  bool finite = true;
+  scan_abs(x, 0, len, amax, finite);
+  if (!finite) return false;
+  *absmax = stored_absmax(amax, full_block);
+  const float divisor = std::max(amax, kMinAbsmax);
+  pack_codes_scalar(x, 0, len, full_block, 1.0f / divisor, divisor, packed);
   return true;
 }
 
@@ -165,11 +175,7 @@ __attribute__((target("avx2,fma"))) bool quantize_block_avx2(const float* x, int
   float amax = 0.0f;
   for (const float v : lanes) amax = v > amax ? v : amax;
   bool finite = finite_mask == 0xFF;
-  for (; i < len; ++i) {
-    const float v = std::fabs(x[i]);
-    finite = finite && (v <= std::numeric_limits<float>::max());
-    amax = v > amax ? v : amax;
-  }
+  scan_abs(x, i, len, amax, finite);
   if (!finite) return false;
   *absmax = stored_absmax(amax, full_block);
   const float divisor = std::max(amax, kMinAbsmax);
@@ -186,15 +192,7 @@ __attribute__((target("avx2,fma"))) bool quantize_block_avx2(const float* x, int
       quantize8_avx2<false>(x + e, vinv, vdiv, mid, packed + e / 2);
     }
   }
-  for (; e + 1 < len; e += 2) {
-    const int hi = nf4_nearest(scale_clamped(x[e], full_block, inv, divisor), kNF4Midpoint);
-    const int lo = nf4_nearest(scale_clamped(x[e + 1], full_block, inv, divisor), kNF4Midpoint);
-    packed[e / 2] = static_cast<uint8_t>((hi << 4) | lo);
-  }
-  if (e < len) {
-    const int hi = nf4_nearest(scale_clamped(x[e], full_block, inv, divisor), kNF4Midpoint);
-    packed[e / 2] = static_cast<uint8_t>((hi << 4) | kZeroCode);
-  }
+  pack_codes_scalar(x, e, len, full_block, inv, divisor, packed);
   return true;
 }
 #endif
