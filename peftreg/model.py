@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -49,6 +50,34 @@ def check_adapter_name(name: object) -> str:
             "starting with a letter or '_'"
         )
     return name
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedMergeReport:
+    """The error a merge into 4-bit bases added by quantizing the merged weights again.
+
+    Attributes:
+        layers: layer path -> ``max_abs_error`` (largest ``|W_q - W|`` over the weight) and
+            ``relative_error`` (``||W_q - W||_F / ||W||_F``), ``W`` the exact merged weight
+            and ``W_q`` its requantized value.
+        relative_error: the same over all layers together.
+        max_abs_error: the largest over all layers.
+    """
+
+    layers: dict[str, dict[str, float]]
+    relative_error: float
+    max_abs_error: float
+
+    @classmethod
+    def of(cls, raw: dict[str, dict[str, float]]) -> QuantizedMergeReport:
+        layers = {path: {"max_abs_error": e["max_abs_error"],
+                         "relative_error": math.sqrt(e["squared_error"] / e["squared_norm"])
+                         if e["squared_norm"] > 0 else math.sqrt(e["squared_error"])}
+                  for path, e in raw.items()}
+        num = sum(e["squared_error"] for e in raw.values())
+        den = sum(e["squared_norm"] for e in raw.values())
+        return cls(layers, math.sqrt(num / den) if den > 0 else math.sqrt(num),
+                   max((e["max_abs_error"] for e in raw.values()), default=0.0))
 
 
 @dataclasses.dataclass
@@ -553,11 +582,23 @@ class AdaptedModel(nn.Module):
         self._check_mergeable(name).unmerge(self.model, name)
         self._merged.remove(name)
 
-    def merge(self, names: Sequence[str] | None = None) -> None:
+    def merge(self, names: Sequence[str] | None = None, *,
+              keep_quantized: bool = False) -> QuantizedMergeReport | None:
         """Fold adapters (default: the active ones) into the base weights.
 
         Adapters merge in their application (active) order whatever order ``names`` lists,
         as the stacking contract requires (see :meth:`peftreg.host.AdapterHost.merge`).
+
+        Args:
+            names: the adapters to merge.
+            keep_quantized: on a 4-bit base, quantize the merged weight again (same block
+                size and double quantization) instead of making the layer dense; the original
+                codes are kept, so :meth:`unmerge` restores them exactly. The requantization
+                error is returned.
+
+        Returns:
+            With ``keep_quantized``, a :class:`QuantizedMergeReport` of the error the
+            requantization added, per 4-bit layer and in total; otherwise ``None``.
 
         Raises:
             UnsupportedOperationError: one of them belongs to a method that cannot merge, or
@@ -568,6 +609,10 @@ class AdaptedModel(nn.Module):
             self._check_mergeable(name)
             if name not in self._active:
                 raise AdapterError(f"adapter {name!r} is not active; only active ones merge")
+        hosts = [(path, slot) for path, slot in iter_slots(self.model)
+                 if isinstance(slot, AdapterHost)]
+        for _, host in hosts:
+            host.keep_quantized = keep_quantized
         done: list[str] = []
         try:
             for name in sorted(targets, key=self._active.index):
@@ -578,6 +623,14 @@ class AdaptedModel(nn.Module):
             for name in reversed(done):
                 self._unmerge_one(name)
             raise
+        finally:
+            for _, host in hosts:
+                host.keep_quantized = False
+        if not keep_quantized:
+            return None
+        return QuantizedMergeReport.of({path: host.requantize_errors[name]
+                                        for path, host in hosts for name in targets
+                                        if name in host.requantize_errors})
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """Undo :meth:`merge` (default: every merged adapter), newest first.

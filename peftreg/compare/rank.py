@@ -85,6 +85,9 @@ class RankAnalysis:
         similarity: matrix kind -> ``phi[i][j]`` between the two LoRA runs' ``A`` factors.
         amplification: matrix kind -> rank -> ``||dW|| / ||U^T W V||`` of that LoRA run.
         runs: the training runs (metric, final loss), for the record.
+        input_widths: matrix kind -> its input width ``d``; two unrelated subspaces of
+            dimensions ``i <= j`` in ``R^d`` have ``phi(i, j)`` about ``j / d``, the level
+            below which no similarity was learned.
     """
 
     ranks: tuple[int, int]
@@ -92,6 +95,7 @@ class RankAnalysis:
     similarity: dict[str, list[list[float]]]
     amplification: dict[str, dict[int, float]]
     runs: list[dict[str, Any]]
+    input_widths: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,11 +145,14 @@ def analyze(task: Task, registry: Registry, *, ranks: tuple[int, int] = (8, 64),
     factors: dict[int, dict[str, torch.Tensor]] = {}
     updates: dict[int, dict[str, torch.Tensor]] = {}
     lora = registry.get("lora").config_cls
+    # One alpha for both ranks, as the paper does (alpha set to the first rank tried and not
+    # tuned), so the larger rank trains at a smaller scale alpha / r instead of diverging.
+    alpha = 2.0 * small
     for r in ranks:
         model = AdaptedModel(task.make_model(seed), registry=registry)
         targets = [p for group in paths.values() for p in group]
         torch.manual_seed(seed)
-        model.add_adapter("analyze", lora(r=r, lora_alpha=2 * r, target_modules=targets,
+        model.add_adapter("analyze", lora(r=r, lora_alpha=alpha, target_modules=targets,
                                           modules_to_save=list(task.modules_to_save)))
         lr = registry.get("lora").suggested_learning_rate
         result = MethodResult(f"lora r={r}", "", lr, seed=seed)
@@ -155,7 +162,7 @@ def analyze(task: Task, registry: Registry, *, ranks: tuple[int, int] = (8, 64),
                      "final_loss": result.final_loss})
         state = model.adapter_state_dict("analyze")
         factors[r] = {p: state[f"{p}.lora_A.weight"] for p in targets}
-        scale = 2.0  # lora_alpha / r
+        scale = alpha / r
         updates[r] = {p: scale * state[f"{p}.lora_B.weight"].double()
                       @ state[f"{p}.lora_A.weight"].double() for p in targets}
     similarity = {}
@@ -166,7 +173,8 @@ def analyze(task: Task, registry: Registry, *, ranks: tuple[int, int] = (8, 64),
         similarity[kind] = phi.tolist()
         amplified[kind] = {r: statistics.fmean(amplification(updates[r][p], before[p], r)
                                                for p in group) for r in ranks}
-    return RankAnalysis((small, large), energy, similarity, amplified, runs)
+    widths = {kind: int(before[group[0]].shape[1]) for kind, group in paths.items()}
+    return RankAnalysis((small, large), energy, similarity, amplified, runs, widths)
 
 
 def plot(analysis: RankAnalysis, path: Any) -> None:
@@ -251,13 +259,14 @@ def run_command(args: Any, console: Any) -> int:
     lora = Table(title=f"LoRA r={small} against r={large}: subspace similarity phi(i, j) of the A "
                        "factors, and amplification ||dW|| / ||U^T W V||")
     for col in ("matrix", "phi(1,1)", f"phi(1,{large})", f"phi({small},{small})",
-                f"phi({small},{large})", f"amplification r={small}",
+                f"phi({small},{large})", f"unrelated: {large}/d", f"amplification r={small}",
                 f"amplification r={large}"):
         lora.add_column(col)
     for kind, phi in result.similarity.items():
         amp = result.amplification[kind]
         lora.add_row(kind, f"{phi[0][0]:.3f}", f"{phi[0][large - 1]:.3f}",
                      f"{phi[small - 1][small - 1]:.3f}", f"{phi[small - 1][large - 1]:.3f}",
+                     f"{large / result.input_widths[kind]:.3f}",
                      f"{amp[small]:.2f}", f"{amp[large]:.2f}")
     console.print(lora)
     out = Path(args.out)
