@@ -36,6 +36,7 @@ from peftreg.plugin import (
     ModelFamily,
     PEFTMethod,
     TargetedConfig,
+    UnsupportedOperationError,
     base_access,
     get_module,
     hookimpl,
@@ -110,6 +111,13 @@ class VeraProjections(nn.Module):
         self.register_buffer("vera_A", a, persistent=persistent)
         self.register_buffer("vera_B", b, persistent=persistent)
 
+    def blocks(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The leading ``A[:, :in]`` and ``B[:out, :]`` a layer of that shape uses."""
+        a, b = self.vera_A, self.vera_B
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            raise UnsupportedOperationError("vera: the shared projections are missing")
+        return a[:, :in_features], b[:out_features, :]
+
 
 class VeraSlot(AdapterSlot):
     """Model-wide holder of every VeRA adapter's projections, the root's child
@@ -133,8 +141,8 @@ class VeraSlot(AdapterSlot):
     def wrapped(self) -> None:
         return None
 
-    def unwrap(self) -> None:  # type: ignore[override]  # nothing replaces it
-        return None
+    def unwrap(self) -> nn.Module:
+        raise UnsupportedOperationError("VeRA's shared projections stand in for no module")
 
     def detach(self, model: nn.Module, path: str, *, keep_trained: bool = False) -> None:
         # Merged or not, the projections leave with the adapters: the layers' own weights
@@ -161,9 +169,7 @@ class VeraLinear(LayerAdapter):
     def sliced_projections(self, dtype: torch.dtype, device: torch.device
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's blocks of the shared ``A`` (r x in) and ``B`` (out x r)."""
-        shared = self._shared[0]
-        a = shared.vera_A[:, : self.in_features]
-        b = shared.vera_B[: self.out_features, :]
+        a, b = self._shared[0].blocks(self.out_features, self.in_features)
         return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ def test_conformance(make_tiny, token_batch):
 
 def test_parameter_count_closed_form(make_tiny, tiny_config):
     c = tiny_config
-    h, f, kv = c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim
+    h, kv = c.hidden_size, c.num_kv_heads * c.head_dim
     r = 16
     expected = c.num_layers * ((r + h) + (r + kv) + (r + h))  # q, v, down
     model = make_tiny()
