@@ -30,8 +30,7 @@ from peftreg.errors import (
 )
 from peftreg.model import AdaptedModel, AdapterSummary, adapt
 from peftreg.registry import MethodInfo, Registry, default_registry
-
-__version__ = "0.1.0"
+from peftreg.version import __version__
 
 # The user API. Plugin authors import from peftreg.plugin (the SDK) instead.
 __all__ = [

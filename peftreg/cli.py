@@ -24,14 +24,14 @@ def cmd_methods(args: argparse.Namespace, console: Console) -> int:
 
     registry = default_registry()
     table = Table(title="Installed PEFT methods")
-    for col in ("method", "mergeable", "quantized base", "inference latency",
+    for col in ("method", "mergeable", "quantized base", "inference latency", "PEFT format",
                 "distribution", "version", "description"):
         table.add_column(col)
     for info in registry.infos():
         caps = info.capabilities
         table.add_row(info.name, _yes(caps.mergeable), _yes(caps.quantized_base),
-                      _yes(caps.inference_latency), info.dist + (" (built-in)" if info.builtin
-                                                                 else ""),
+                      _yes(caps.inference_latency), info.peft_type or "-",
+                      info.dist + (" (built-in)" if info.builtin else ""),
                       info.version, info.description)
     console.print(table)
     if registry.failures:

@@ -56,6 +56,16 @@ class ModelFamily:
         """Number of transformer blocks."""
         return len(self.layers)
 
+    def kv_geometry(self) -> tuple[int, int, int] | None:
+        """``(layers, key/value heads, head width)``, what a per-layer key/value prefix needs,
+        or ``None`` when the description lacks one of them."""
+        heads = self.num_key_value_heads or self.num_attention_heads
+        head_dim = self.head_dim or (self.hidden_size // self.num_attention_heads
+                                     if self.hidden_size and self.num_attention_heads else None)
+        if not (self.num_layers and heads and head_dim):
+            return None
+        return self.num_layers, int(heads), int(head_dim)
+
     def layer_index(self, path: str) -> int | None:
         """Index of the block containing module ``path``, or ``None`` if it is outside them."""
         for index, layer in enumerate(self.layers):

@@ -18,11 +18,12 @@ from torch import nn
 from peftreg.config import MethodConfig
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, iter_slots
+from peftreg.io.peft_codec import PeftCodec
 
 #: The plugin API level this peftreg provides. It rises by one whenever something a plugin may
 #: rely on (the names in :mod:`peftreg.plugin` and what they promise) is added; a plugin built
 #: for a higher level than the running peftreg is refused by name when the registry loads it.
-API_LEVEL: Final = 1
+API_LEVEL: Final = 2
 
 C = TypeVar("C", bound=MethodConfig)
 
@@ -67,6 +68,10 @@ class PEFTMethod(abc.ABC, Generic[C]):
             adapters compute from the same saved tensors (a new init, a changed scale, a fixed
             formula). It is written into every saved adapter, and loading an adapter saved
             under another numerics version warns that results are not comparable.
+        peft_codec: the method's translation to and from Hugging Face PEFT's adapter format
+            (a :class:`~peftreg.io.peft_codec.PeftCodec`), or ``None`` when PEFT has no such
+            method. With one, ``save_pretrained(..., format="peft")``, ``peftreg convert`` and
+            loading PEFT directories work for the method (API level 2).
     """
 
     name: ClassVar[str]
@@ -76,6 +81,7 @@ class PEFTMethod(abc.ABC, Generic[C]):
     suggested_learning_rate: ClassVar[float] = 1e-3
     api_level: ClassVar[int] = 1
     numerics_version: ClassVar[int] = 1
+    peft_codec: ClassVar[PeftCodec | None] = None
 
     @abc.abstractmethod
     def inject(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -26,6 +25,10 @@ from peftreg.config import MethodConfig
 from peftreg.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedOperationError
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, AdapterSlot, TrainableCopy, iter_slots
+from peftreg.io.adapter_dir import save_adapter
+from peftreg.io.load import load_adapter
+from peftreg.io.peft_format import save_peft_adapter
+from peftreg.io.record import ADAPTER_NAME
 from peftreg.method import PEFTMethod
 from peftreg.registry import Registry, default_registry
 from peftreg.row_adapters import LowRankAdapter, RowPlan
@@ -35,8 +38,6 @@ from peftreg.targets import get_module, iter_base_modules, replace_module
 # The destination mapping type of state_dict (as nn.Module types it).
 _D = TypeVar("_D", bound=dict[str, Any])
 
-# Adapter names become module keys and directory names: no dots, no separators, bounded length.
-ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
 
 def check_adapter_name(name: object) -> str:
@@ -643,15 +644,11 @@ class AdaptedModel(nn.Module):
         """
         name = name or self._single_active()
         if format == "peft":
-            from peftreg.io.peft_format import save_peft_adapter
-
             return save_peft_adapter(self, directory, name, task_type=task_type)
         if format != "peftreg":
             raise AdapterError(f"unknown adapter format {format!r}; use 'peftreg' or 'peft'")
         if task_type is not None:
             raise AdapterError("task_type is written only in PEFT's format (format='peft')")
-        from peftreg.io.adapter_dir import save_adapter
-
         return save_adapter(self, directory, name)
 
     def load_adapter(
@@ -663,10 +660,8 @@ class AdaptedModel(nn.Module):
         trainable: bool = False,
     ) -> AdapterRecord:
         """Load a saved adapter as ``name`` (default: its saved name); see
-        :func:`peftreg.io.adapter_dir.load_adapter`. A Hugging Face PEFT adapter directory
+        :func:`peftreg.io.load.load_adapter`. A Hugging Face PEFT adapter directory
         (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way."""
-        from peftreg.io.adapter_dir import load_adapter
-
         return load_adapter(self, directory, name, activate=activate, trainable=trainable)
 
     def _single_active(self) -> str:

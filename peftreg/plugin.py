@@ -28,6 +28,10 @@ Groups:
         :func:`has_extension`, and the counter-based dropout :func:`lora_dropout` /
         :func:`new_dropout_seed`.
     quantized bases: :class:`Linear4bit`.
+    Hugging Face PEFT's format: :class:`PeftCodec` (set as ``PEFTMethod.peft_codec``),
+        :class:`PeftKeys`, the contexts :class:`PeftImport` / :class:`PeftExport` with the
+        shared steps, :class:`ModuleTensors`, :data:`TUNER_PREFIX`, :data:`PROMPT_KEY`,
+        :func:`is_off`, :func:`is_plain_name`, :func:`pattern_key_from_peft`.
     errors: :class:`PeftregError` and the subclasses a plugin raises.
 """
 
@@ -38,6 +42,8 @@ from torch import nn
 from peftreg.base_access import BaseAccess, access_for, dense_linear, merge_bias, merge_weight
 from peftreg.config import MethodConfig
 from peftreg.errors import (
+    AdapterError,
+    AdapterFileError,
     ConfigError,
     ModelFamilyError,
     PeftregError,
@@ -55,6 +61,18 @@ from peftreg.host import (
     get_module,
     iter_slots,
     replace_module,
+)
+from peftreg.io.peft_codec import (
+    PROMPT_KEY,
+    TUNER_PREFIX,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
+    is_off,
+    is_plain_name,
+    pattern_key_from_peft,
 )
 from peftreg.method import API_LEVEL, Capabilities, PEFTMethod
 from peftreg.model import host_for
@@ -83,6 +101,10 @@ __all__ = [
     "HOULSBY_ADAPTER",
     "IA3_LINEAR",
     "LORA_LINEAR",
+    "PROMPT_KEY",
+    "TUNER_PREFIX",
+    "AdapterError",
+    "AdapterFileError",
     "AdapterHost",
     "AdapterSlot",
     "BaseAccess",
@@ -95,7 +117,12 @@ __all__ = [
     "MethodConfig",
     "ModelFamily",
     "ModelFamilyError",
+    "ModuleTensors",
     "PEFTMethod",
+    "PeftCodec",
+    "PeftExport",
+    "PeftImport",
+    "PeftKeys",
     "PeftregError",
     "ReferenceTransformer",
     "TargetNotFoundError",
@@ -112,6 +139,8 @@ __all__ = [
     "hookimpl",
     "host_for",
     "is_linear",
+    "is_off",
+    "is_plain_name",
     "iter_slots",
     "kernel_mode",
     "kernels",
@@ -122,6 +151,7 @@ __all__ = [
     "new_dropout_seed",
     "output_head_paths",
     "pattern_fullmatch",
+    "pattern_key_from_peft",
     "replace_module",
     "select_targets",
     "set_kernel_mode",

@@ -36,6 +36,8 @@ class MethodInfo:
         version: that distribution's version.
         builtin: shipped with peftreg.
         description: one line.
+        peft_type: Hugging Face PEFT's name of the method when its plugin brings a PEFT codec
+            (its adapters then load from and export to PEFT's format), else ``None``.
     """
 
     name: str
@@ -44,6 +46,7 @@ class MethodInfo:
     version: str
     builtin: bool
     description: str
+    peft_type: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +251,7 @@ class Registry:
                 version=entry.source.version,
                 builtin=entry.source.builtin,
                 description=entry.method.describe(),
+                peft_type=getattr(entry.method.peft_codec, "peft_type", None),
             ))
         return out
 

@@ -21,16 +21,16 @@ __all__ = ["SIGNATURE_BASE", "signature_class"]
 SIGNATURE_BASE = "_peftreg_signature_base"
 """Class attribute naming the wrapper class a signature class was made from."""
 
-_CLASSES: dict[tuple[type, type], type] = {}
+_CLASSES: dict[tuple[type[Any], type[Any]], type[Any]] = {}
 
 
-def _rebuild(base: type, wrapped: type) -> Any:
+def _rebuild(base: type[Any], wrapped: type[Any]) -> Any:
     # Unpickling calls this; the state is applied afterwards by __setstate__.
     cls = signature_class(base, wrapped)
-    return cls.__new__(cls)
+    return object.__new__(cls)
 
 
-def signature_class(base: type, wrapped: type) -> type:
+def signature_class(base: type[Any], wrapped: type[Any]) -> type[Any]:
     """The subclass of ``base`` whose ``forward`` carries ``wrapped.forward``'s signature.
 
     Args:

@@ -22,6 +22,7 @@ keys read ``<module path>.ia3_l``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
 import torch
@@ -35,6 +36,11 @@ from peftreg.plugin import (
     Linear4bit,
     ModelFamily,
     ModelFamilyError,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     TargetedConfig,
     UnsafePatternError,
@@ -231,6 +237,61 @@ def plan(model: nn.Module, config: IA3Config, family: ModelFamily | None
     return [(p, matches(p, spec)) for p in paths]
 
 
+class IA3PeftCodec(PeftCodec):
+    """PEFT's IA3 documents (tensors ``<module path>.ia3_l``, the same in both libraries)."""
+
+    peft_type = "IA3"
+    keys = PeftKeys(
+        mapped=frozenset({"target_modules", "feedforward_modules", "exclude_modules",
+                          "modules_to_save"}),
+        ignored={"init_ia3_weights": "initialisation only"},
+        refused={"fan_in_fan_out": "the base layer stores its weight transposed (GPT-2 "
+                                   "Conv1D), which peftreg's IA3 does not adapt"},
+    )
+    exported_fields = frozenset({"target_modules", "feedforward_modules", "exclude_modules",
+                                 "layers_to_transform", "layers_pattern", "modules_to_save",
+                                 "init_ia3_weights"})
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        found = ctx.read_modules(tensors, ("ia3_l",))
+        for path, parts in found.adapted.items():
+            t = parts["ia3_l"]
+            if t.dim() != 2 or 1 not in t.shape:
+                ctx.tensor_problem(f"base_model.model.{path}.ia3_l", f"shape {tuple(t.shape)} "
+                                   "is neither (out_features, 1) nor (1, in_features)")
+        # PEFT's IA3 has no layer filter.
+        fields = ctx.target_fields(found, layer_filter=False)
+        ff = ctx.doc.get("feedforward_modules")
+        if ff is None:
+            # PEFT saves its resolved list; without one, the tensors' orientation tells.
+            ff = _input_scaled(found.adapted)
+        elif isinstance(ff, list):
+            # PEFT tests a plain string suffix here; the adapted paths it selects are exact.
+            ff = [p for p in found.adapted if any(p.endswith(e) for e in ff)]
+        # peftreg cannot say "no feed-forward module" (None means the family's choice); if the
+        # family's choice differs from the file, the (1, in) / (out, 1) shapes differ and the
+        # load reports it.
+        fields["feedforward_modules"] = ff or None
+        return fields, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        found = ctx.modules(("ia3_l",))
+        ff = _input_scaled(found.adapted)
+        # PEFT matches feedforward_modules by a plain string suffix and wants them to be a
+        # subset of the targets, so with any, both are written as exact paths.
+        body = ctx.target_fields(found, exact=bool(ff))
+        body.update({"feedforward_modules": ff, "fan_in_fan_out": False,
+                     "init_ia3_weights": True})
+        return body, found.tensors
+
+
+def _input_scaled(adapted: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
+    """The modules whose ``ia3_l`` is ``(1, in)``: their input is scaled."""
+    return [p for p, t in adapted.items() if t["ia3_l"].dim() == 2
+            and t["ia3_l"].shape[0] == 1 and t["ia3_l"].shape[1] != 1]
+
+
 class IA3Method(PEFTMethod[IA3Config]):
     """Learned scaling of key, value and feed-forward activations; mergeable, no inference cost."""
 
@@ -239,6 +300,7 @@ class IA3Method(PEFTMethod[IA3Config]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, inference_latency=False)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 1e-2
+    peft_codec: ClassVar[PeftCodec] = IA3PeftCodec()
 
     def inject(self, model: nn.Module, adapter_name: str, config: IA3Config,
                family: ModelFamily | None) -> list[str]:

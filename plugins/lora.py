@@ -26,6 +26,7 @@ from peftreg.plugin import (
     LayerAdapter,
     Linear4bit,
     ModelFamily,
+    PeftCodec,
     PEFTMethod,
     TargetedConfig,
     UnsafePatternError,
@@ -39,6 +40,7 @@ from peftreg.plugin import (
     pattern_fullmatch,
     select_targets,
 )
+from peftreg_plugins.lora_peft import LoraPeftCodec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -237,6 +239,7 @@ class LoraMethod(PEFTMethod[LoraConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, compilable=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
+    peft_codec: ClassVar[PeftCodec] = LoraPeftCodec()
 
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                family: ModelFamily | None) -> list[str]:

@@ -11,12 +11,15 @@ cache, the prompt is added on the first step only; later steps extend the mask a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from peftreg.plugin import (
+    PROMPT_KEY,
+    AdapterFileError,
     AdapterSlot,
     Capabilities,
     ConfigError,
@@ -25,6 +28,11 @@ from peftreg.plugin import (
     MethodConfig,
     ModelFamily,
     ModelFamilyError,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     cache_length,
     extend_inputs,
@@ -39,8 +47,9 @@ class PromptTuningConfig(MethodConfig):
 
     Attributes:
         num_virtual_tokens: prompt length (> 0).
-        prompt_tuning_init: ``"RANDOM"`` (normal, scaled like the embedding table),
-            ``"SAMPLE_VOCAB"`` (copies of random rows of the embedding table),
+        prompt_tuning_init: ``"SAMPLE_VOCAB"`` (the default: copies of random rows of the
+            embedding table, so the prompt starts as real tokens would and the model near its
+            base), ``"RANDOM"`` (normal, scaled like the embedding table; PEFT's default),
             ``"TOKENS"`` (the embeddings of ``init_token_ids``, repeated to length) or
             ``"TEXT"`` (the embeddings of ``prompt_tuning_init_text`` tokenized with the local
             tokenizer ``tokenizer_name_or_path``; nothing is downloaded).
@@ -54,7 +63,7 @@ class PromptTuningConfig(MethodConfig):
     method: ClassVar[str] = "prompt_tuning"
 
     num_virtual_tokens: int = 20
-    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TOKENS", "TEXT"] = "RANDOM"
+    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TOKENS", "TEXT"] = "SAMPLE_VOCAB"
     init_token_ids: list[int] | None = None
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
@@ -145,6 +154,49 @@ def _embedding(model: nn.Module, family: ModelFamily | None) -> tuple[str, nn.Em
     return family.input_embedding, base
 
 
+class PromptTuningPeftCodec(PeftCodec):
+    """PEFT's PROMPT_TUNING documents: one ``prompt_embeddings`` tensor of the virtual tokens."""
+
+    peft_type = "PROMPT_TUNING"
+    keys = PeftKeys(
+        mapped=frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                          "modules_to_save"}),
+        ignored={"num_attention_heads": "informational", "num_layers": "informational",
+                 "prompt_tuning_init": "initialisation only",
+                 "prompt_tuning_init_text": "initialisation only",
+                 "tokenizer_name_or_path": "initialisation only",
+                 "tokenizer_kwargs": "initialisation only"},
+    )
+    exported_fields = frozenset({"num_virtual_tokens", "prompt_tuning_init", "init_token_ids",
+                                 "prompt_tuning_init_text", "tokenizer_name_or_path",
+                                 "token_dim", "modules_to_save"})
+    needs_task_type = True
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        prompt, found = ctx.read_prompt(tensors, "prompt tuning")
+        token_dim = ctx.doc.get("token_dim")
+        if token_dim is not None and prompt.dim() == 2 and prompt.shape[1] != token_dim:
+            ctx.tensor_problem(PROMPT_KEY, f"width {prompt.shape[1]} differs from token_dim = "
+                               f"{token_dim}")
+        return {"num_virtual_tokens": ctx.doc["num_virtual_tokens"],
+                "modules_to_save": found.saved_modules,
+                "token_dim": int(prompt.shape[1]) if prompt.dim() == 2 else None}, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if PROMPT_KEY not in ctx.tensors:
+            raise AdapterFileError(f"prompt tuning adapter lacks its {PROMPT_KEY!r} tensor")
+        prompt = ctx.tensors[PROMPT_KEY]
+        out, saved = ctx.prompt_tensors(prompt, {PROMPT_KEY})
+        family = ctx.family
+        return {"num_virtual_tokens": int(prompt.shape[0]), "num_transformer_submodules": 1,
+                "modules_to_save": saved or None, "token_dim": int(prompt.shape[1]),
+                "num_attention_heads": family.num_attention_heads if family else None,
+                "num_layers": family.num_layers if family and family.num_layers else None,
+                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+                "tokenizer_name_or_path": None, "tokenizer_kwargs": None}, out
+
+
 class PromptTuningMethod(PEFTMethod[PromptTuningConfig]):
     """Trainable virtual tokens prepended to the input; not mergeable."""
 
@@ -152,6 +204,7 @@ class PromptTuningMethod(PEFTMethod[PromptTuningConfig]):
     config_cls = PromptTuningConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 3e-2
+    peft_codec: ClassVar[PeftCodec] = PromptTuningPeftCodec()
 
     def inject(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig,
                family: ModelFamily | None) -> list[str]:

@@ -17,7 +17,6 @@ file is refused instead of loaded.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import re
@@ -29,61 +28,22 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from peftreg.config import MethodConfig
-from peftreg.errors import AdapterError, AdapterFileError, PeftregError, UnknownMethodError
+from peftreg.discovery import PluginSource
+from peftreg.errors import AdapterFileError, PeftregError, UnknownMethodError
 from peftreg.io.atomic import atomic_write, describe_write_failure
 from peftreg.io.files import is_present, readable_file
-from peftreg.io.validate import (
-    DuplicateKeyError,
-    compare_to_expected,
-    loads_strict,
-    read_bounded,
-    read_safetensors,
-)
+from peftreg.io.record import ADAPTER_NAME, MAX_CONFIG_BYTES, AdapterDir, no_adapter_message
+from peftreg.io.validate import read_bounded, read_config_document, read_safetensors
+from peftreg.registry import Registry, default_registry
+from peftreg.version import __version__
 
 if TYPE_CHECKING:
-    from peftreg.discovery import PluginSource
-    from peftreg.model import AdaptedModel, AdapterRecord
-    from peftreg.registry import Registry
+    from peftreg.model import AdaptedModel
 
 CONFIG_FILE = "adapter.json"
 FORMAT = "peftreg-adapter"
 FORMAT_VERSION = 1
 TENSOR_FILE = re.compile(r"adapter\.[0-9a-f]{16}\.safetensors")
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-# Parameters a config may ask for beyond what its file holds before it is refused unallocated
-# (64 MiB of float32): below this, building the adapter to compare shapes costs little.
-ALLOCATION_SLACK = 2**24
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterDir:
-    """The parsed, checked contents of an adapter directory (without a model).
-
-    Attributes:
-        path: the directory.
-        adapter_name: the name it was saved under.
-        config: the validated method config.
-        meta: the whole ``adapter.json`` document.
-        tensors: the adapter's tensors by saved key.
-        tensor_file: path of the safetensors file.
-    """
-
-    path: Path
-    adapter_name: str
-    config: MethodConfig
-    meta: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-    tensor_file: Path
-
-    @property
-    def parameter_count(self) -> int:
-        """Elements in all tensors."""
-        return sum(t.numel() for t in self.tensors.values())
-
-    @property
-    def size_on_disk(self) -> int:
-        """Bytes of ``adapter.json`` plus the tensor file."""
-        return (self.path / CONFIG_FILE).stat().st_size + self.tensor_file.stat().st_size
 
 
 def save_adapter(model: AdaptedModel, directory: str | Path, name: str) -> Path:
@@ -170,8 +130,6 @@ def _write_adapter_files(
                                                      config.method})
     digest = hashlib.sha256(blob).hexdigest()
     tensor_name = f"adapter.{digest[:16]}.safetensors"
-    from peftreg import __version__
-
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -202,19 +160,6 @@ def _write_adapter_files(
     return directory
 
 
-def no_adapter_message(directory: Path) -> str:
-    """The error for a directory holding neither format's config: what was looked for, and
-    what is there instead."""
-    try:
-        names = sorted(p.name for p in directory.iterdir())
-    except OSError:
-        names = []
-    there = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-    return (f"{directory}: no adapter found: looked for {CONFIG_FILE} (peftreg's format) and "
-            f"adapter_config.json (Hugging Face PEFT's); the directory holds "
-            f"{there or 'nothing'}")
-
-
 def read_adapter_dir(directory: str | Path, registry: Registry | None = None) -> AdapterDir:
     """Read and check an adapter directory without touching any model.
 
@@ -223,27 +168,16 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
             checksum, or holding invalid tensors; the message names the file and the problem.
         UnknownMethodError: the method it names is not installed.
     """
-    from peftreg.model import ADAPTER_NAME
-    from peftreg.registry import default_registry
-
     registry = registry or default_registry()
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: not a directory")
     if not is_present(config_path):
-        raise AdapterFileError(no_adapter_message(directory))
+        raise AdapterFileError(no_adapter_message(directory, f"{CONFIG_FILE} (peftreg's format)"))
     config_path = readable_file(directory, CONFIG_FILE, "the adapter config")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterFileError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        meta = loads_strict(config_path.read_text(encoding="utf-8"))
-    except DuplicateKeyError as exc:
-        raise AdapterFileError(f"{config_path}: key {exc.args[0]!r} appears twice in one "
-                               "object") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise AdapterFileError(f"{config_path}: not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_config_document(config_path, "peftreg adapter file", MAX_CONFIG_BYTES)
+    if meta.get("format") != FORMAT:
         raise AdapterFileError(f"{config_path}: not a peftreg adapter file "
                                f"(\"format\" must be {FORMAT!r})")
     version = meta.get("format_version")
@@ -287,7 +221,9 @@ def read_adapter_dir(directory: str | Path, registry: Registry | None = None) ->
                                "is damaged or was replaced)")
     tensors, _ = read_safetensors(tensor_path, data)
     _warn_on_numerics_change(config_path, meta, method)
-    return AdapterDir(directory, adapter_name, config, meta, tensors, tensor_path)
+    targets = meta.get("targets")
+    return AdapterDir(directory, adapter_name, config, meta, tensors, tensor_path, config_path,
+                      tuple(targets) if isinstance(targets, list) else ())
 
 
 class NumericsVersionWarning(UserWarning):
@@ -308,82 +244,3 @@ def _warn_on_numerics_change(config_path: Path, meta: dict[str, Any], method: An
             f"{method.name!r}; the installed plugin has numerics version {current}, so outputs "
             "are not comparable with those measured at save time", NumericsVersionWarning,
             stacklevel=3)
-
-
-def load_adapter(
-    model: AdaptedModel,
-    directory: str | Path,
-    name: str | None = None,
-    *,
-    activate: bool = True,
-    trainable: bool = False,
-) -> AdapterRecord:
-    """Add the adapter saved in ``directory`` to ``model``.
-
-    The files are fully checked first; then the adapter is created from its config and every
-    saved tensor is compared with the new modules (names and shapes). On any mismatch the new
-    adapter is removed again and one error lists every problem; the model is left as it was.
-
-    A Hugging Face PEFT adapter directory (``adapter_config.json`` and no ``adapter.json``) is
-    recognised and read by :func:`peftreg.io.peft_format.read_peft_dir` instead, with the same
-    checks and the same rollback.
-
-    Args:
-        model: the adapted model to load into.
-        directory: an adapter directory written by :func:`save_adapter` (or by PEFT).
-        name: adapter name to use (default: the saved one).
-        activate: make it the active adapter.
-        trainable: allow its parameters to train (default: inference only).
-
-    Raises:
-        AdapterFileError: see :func:`read_adapter_dir`, or the tensors do not fit the model.
-        AdapterError: the name is taken.
-    """
-    from peftreg.io.peft_format import is_peft_dir, read_peft_dir
-
-    if is_peft_dir(directory):
-        saved = read_peft_dir(directory, model.registry, model=model.model, family=model.family)
-    else:
-        saved = read_adapter_dir(directory, model.registry)
-    name = name or saved.adapter_name
-    if name in model.adapters:
-        raise AdapterError(f"an adapter named {name!r} already exists; pass another name")
-    _check_size_before_allocating(model, saved)
-    record = model.add_adapter(name, saved.config, activate=False, trainable=trainable)
-    expected = model.adapter_state_dict(name)
-    problems = compare_to_expected(saved.tensors, expected, str(saved.tensor_file))
-    if problems:
-        model.delete_adapter(name)
-        raise AdapterFileError(
-            f"adapter in {saved.path} does not fit this model ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(problems)
-        )
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(saved.tensors[key].to(dtype=target.dtype, device=target.device))
-    if activate:
-        model.set_active(name)
-    return record
-
-
-def _check_size_before_allocating(model: AdaptedModel, saved: AdapterDir) -> None:
-    """Refuse a config that asks for more adapter parameters than the file holds.
-
-    The tensors are bounded by the file's size, but the config is not: a rank of 10**9 would
-    otherwise be allocated by ``add_adapter`` (possibly exhausting memory) before the shape
-    comparison could refuse it. The method's closed-form count needs no allocation; a method
-    without one (``None``) or whose count fails is left to the shape comparison.
-    """
-    method = model.registry.method_for(saved.config)
-    try:
-        needed = method.parameter_count(model.model, saved.config, model.family)
-    except Exception:  # the count is advisory; add_adapter reports the real problem
-        return
-    held = saved.parameter_count
-    # Small excesses are left to the shape comparison, whose report names each tensor.
-    if isinstance(needed, int) and needed > held + ALLOCATION_SLACK:
-        raise AdapterFileError(
-            f"{saved.path}: its config asks for {needed} {saved.config.method} parameters in "
-            f"this model but {saved.tensor_file.name} holds only {held}; refused before "
-            "allocating (a rank or size in the config does not match the saved tensors)"
-        )

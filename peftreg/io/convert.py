@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Literal
 from peftreg.errors import AdapterError, AdapterFileError
 from peftreg.io.adapter_dir import read_adapter_dir, write_adapter_dir
 from peftreg.io.peft_format import (
+    codec_for_method,
     guess_task_type,
     is_peft_dir,
     read_peft_dir,
     to_peft,
     write_peft_dir,
 )
+from peftreg.registry import default_registry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,25 +36,24 @@ def convert(
 
     ``--to peft`` reads a peftreg adapter directory (``adapter.json``) and writes Hugging Face
     PEFT's (``adapter_config.json`` + ``adapter_model.safetensors``), which
-    ``PeftModel.from_pretrained(base, DST)`` loads. ``--to peftreg`` does the reverse. Methods:
-    LoRA, IA3, prompt tuning, prefix tuning. The files are checked as fully as a load would
-    check them (tensor names and pairs, dtypes, NaN/inf, every PEFT config key) and written
-    atomically; other files in DST are left alone.
+    ``PeftModel.from_pretrained(base, DST)`` loads. ``--to peftreg`` does the reverse. Every
+    installed method whose plugin gives it a PEFT codec converts. The files are checked as fully
+    as a load would check them (tensor names, dtypes, NaN/inf, every PEFT config key) and
+    written atomically; other files in DST are left alone.
 
-    LoRA, IA3 and prompt tuning convert without the base model (names are renamed and the
-    config mapped). Exporting prefix tuning to PEFT needs the base model, because PEFT's config
-    records the layer count and key/value heads that peftreg reads from the model. Prompt and
-    prefix tuning need a PEFT task type (CAUSAL_LM, SEQ_CLS, ...); with a model it is guessed
-    from the model's class.
+    A method whose PEFT config records the model's geometry (the codec's ``needs_model``) needs
+    the base model to export, and one PEFT loads only with a task type (``needs_task_type``)
+    needs ``task_type`` (CAUSAL_LM, SEQ_CLS, ...), guessed from the model's class when a model
+    is given.
 
     Args:
         src: the adapter directory to read.
         dst: the directory to write (created if missing).
         to: the format to write, ``"peft"`` or ``"peftreg"``.
-        model: the base model, optional; enables the checks that need it (prefix geometry,
-            ``modules_to_save`` modules without tensors) and the prefix-tuning export.
-        task_type: PEFT's ``task_type`` for ``to="peft"`` (default: none for LoRA and IA3,
-            guessed from ``model`` for prompt and prefix tuning).
+        model: the base model, optional; enables the checks that need it (the model's geometry,
+            ``modules_to_save`` modules without tensors) and the exports that need it.
+        task_type: PEFT's ``task_type`` for ``to="peft"`` (default: none, or guessed from
+            ``model`` for methods that need one).
 
     Returns:
         ``dst``.
@@ -63,8 +64,6 @@ def convert(
         UnsupportedOperationError: the method or a setting has no counterpart in the target
             format.
     """
-    from peftreg.registry import default_registry
-
     src, dst = Path(src), Path(dst)
     registry = default_registry()
     family = registry.describe_model(model) if model is not None else None
@@ -73,14 +72,16 @@ def convert(
             raise AdapterFileError(f"{src}: already a PEFT adapter directory")
         saved = read_adapter_dir(src, registry)
         method = saved.config.method
-        if task_type is None and method in ("prefix_tuning", "prompt_tuning"):
+        codec = codec_for_method(registry, method)
+        if task_type is None and codec.needs_task_type:
             task_type = guess_task_type(model)
-        if method == "prefix_tuning" and family is None:
+        if codec.needs_model and family is None:
             raise AdapterError(
-                f"{src}: converting prefix tuning to PEFT needs the base model: PEFT's config "
-                "records num_layers, num_attention_heads (key/value heads) and token_dim, which "
-                "a peftreg prefix adapter takes from the model; pass model=")
-        doc, tensors = to_peft(saved.config, saved.tensors, family=family, task_type=task_type)
+                f"{src}: converting {method.replace('_', ' ')} to PEFT needs the base model "
+                "(PEFT's config records the model's geometry, which a peftreg adapter takes "
+                "from the model); pass model=")
+        doc, tensors = to_peft(saved.config, saved.tensors, registry=registry, family=family,
+                               task_type=task_type)
         return write_peft_dir(dst, doc, tensors)
     if to == "peftreg":
         if not is_peft_dir(src):
@@ -89,12 +90,10 @@ def convert(
         if task_type is not None:
             raise AdapterError("task_type is only used when converting to PEFT")
         peft = read_peft_dir(src, registry, model=model, family=family)
-        method = peft.config.method
-        leaves = {"lora": (".lora_A.weight", ".lora_embedding_A"), "ia3": (".ia3_l",)}
-        targets = [key.rsplit(".", 2 if key.endswith(".weight") else 1)[0]
-                   for key in peft.tensors if key.endswith(leaves.get(method, ()))]
+        plugin = registry.get(peft.config.method)
         return write_adapter_dir(
             dst, adapter_name=peft.adapter_name, config=peft.config, tensors=peft.tensors,
-            source=registry.source(method), targets=targets,
-            saved_modules=list(peft.config.modules_to_save))
+            source=registry.source(plugin.name), targets=list(peft.targets),
+            saved_modules=list(peft.config.modules_to_save),
+            numerics_version=plugin.numerics_version)
     raise AdapterError(f"unknown target format {to!r}; use 'peft' or 'peftreg'")

@@ -55,6 +55,32 @@ def loads_strict(text: str | bytes) -> object:
     return json.loads(text, object_pairs_hook=_no_duplicates)
 
 
+def read_config_document(path: Path, what: str, limit: int, text: bytes | None = None
+                         ) -> dict[str, object]:
+    """Read ``what`` (an adapter config, named in messages): at most ``limit`` bytes of strict
+    JSON (no repeated keys) holding one object. ``text`` is the document when it was found
+    elsewhere (PEFT's interrupted export keeps it in the weights file).
+
+    Raises:
+        AdapterFileError: too large, not UTF-8, not JSON, a repeated key, or not an object;
+            the message names the file.
+    """
+    if text is None:
+        if path.stat().st_size > limit:
+            raise AdapterFileError(f"{path}: larger than {limit} bytes")
+        text = path.read_bytes()
+    try:
+        doc = loads_strict(text.decode("utf-8"))
+    except DuplicateKeyError as exc:
+        raise AdapterFileError(f"{path}: key {exc.args[0]!r} appears twice in one object"
+                               ) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AdapterFileError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise AdapterFileError(f"{path}: not a {what} (a JSON object expected)")
+    return doc
+
+
 def memory_limit() -> int:
     """Bytes of physical memory, the ceiling for anything read whole into memory."""
     try:

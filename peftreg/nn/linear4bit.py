@@ -57,6 +57,11 @@ class Linear4bit(nn.Module):
     """
 
     peftreg_linear: ClassVar[bool] = True
+    # The NF4 storage, registered as buffers by _set_storage (declared for the type checker).
+    weight: torch.Tensor
+    weight_absmax: torch.Tensor
+    weight_nested_absmax: torch.Tensor | None
+    weight_offset: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  blocksize: int = 64, double_quant: bool = True,

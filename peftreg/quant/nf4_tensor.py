@@ -195,7 +195,8 @@ class NF4Tensor:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return NF4Tensor(codes=move(self.codes), absmax=move(self.absmax), shape=self.shape,
+        return NF4Tensor(codes=self.codes.to(device), absmax=self.absmax.to(device),
+                         shape=self.shape,
                          dtype=self.dtype, blocksize=self.blocksize,
                          nested_absmax=move(self.nested_absmax), offset=move(self.offset),
                          nested_blocksize=self.nested_blocksize)
@@ -376,13 +377,15 @@ class _StateReader:
             if k.startswith(f"{self.prefix}.") and k.removeprefix(f"{self.prefix}.") not in known:
                 raise self.error(k, "unexpected key for an NF4 weight")
 
-        def place(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
+        def place(t: torch.Tensor) -> torch.Tensor:
             t = t.detach().contiguous()
             return t.to(device) if device is not None else t
 
+        def place_optional(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else place(t)
+
         return NF4Tensor(codes=place(codes.reshape(-1, 1)), absmax=place(absmax),
                          shape=torch.Size(shape), dtype=_DTYPES[meta["dtype"]],
-                         blocksize=blocksize, nested_absmax=place(nested), offset=place(offset),
+                         blocksize=blocksize, nested_absmax=place_optional(nested),
+                         offset=place_optional(offset),
                          nested_blocksize=nested_blocksize)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -41,6 +42,36 @@ def test_builtin_plugins_import_only_the_sdk():
     offending = [f"{f.name}:{line}: {module}" for f in files
                  for line, module in _peftreg_imports(f) if module != "peftreg.plugin"]
     assert offending == [], "built-in plugins must import peftreg only through peftreg.plugin"
+
+
+def _words_in_code(path: Path) -> set[str]:
+    """Identifiers and string constants of a module's code (docstrings and comments left out,
+    since those may mention methods as examples)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    words: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docstrings:
+            words.update(re.findall(r"[a-z0-9_]+", node.value.lower()))
+        elif isinstance(node, ast.Name):
+            words.add(node.id.lower())
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr.lower())
+    return words
+
+
+def test_the_io_layer_names_no_method():
+    # PEFT's per-method knowledge lives in the plugins' codecs; the core's io knows none.
+    methods = {"lora", "qlora", "ia3", "houlsby", "prefix_tuning", "prompt_tuning", "dora"}
+    io = Path(sdk.__file__).parent / "io"
+    found = {f.name: sorted(w for w in _words_in_code(f)
+                            if w in methods or w.startswith(("lora_", "ia3_")))
+             for f in sorted(io.glob("*.py"))}
+    assert {name: words for name, words in found.items() if words} == {}
 
 
 def test_the_import_rule_catches_an_internal_import(tmp_path):
