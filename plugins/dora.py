@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +40,31 @@ from peftreg.plugin import (
     LayerAdapter,
     Linear4bit,
     ModelFamily,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     UnsupportedOperationError,
     base_access,
     hookimpl,
     host_for,
+    is_off,
     lora_dropout,
     merge_weight,
     new_dropout_seed,
     select_targets,
 )
 from peftreg_plugins.lora import LoraConfig
+from peftreg_plugins.lora_peft import KEYS as LORA_KEYS
+from peftreg_plugins.lora_peft import (
+    LINEAR_PAIR,
+    LoraPeftCodec,
+    check_pairs,
+    lora_body,
+    lora_fields,
+)
 from peftreg_plugins.qlora import QLoraConfig, quantize_base
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -204,6 +219,53 @@ class DoraLinear(LayerAdapter):
 
 _SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, Linear4bit)
 
+# -- PEFT's format: a LORA document with use_dora: true ------------------------------------------
+
+MAGNITUDE: Final = "lora_magnitude_vector"
+LEAVES: Final = (*LINEAR_PAIR, MAGNITUDE)
+
+KEYS: Final = PeftKeys(
+    mapped=LORA_KEYS.mapped | {"use_dora"},
+    ignored=LORA_KEYS.ignored,
+    refused={k: v for k, v in LORA_KEYS.refused.items() if k != "use_dora"},
+)
+
+
+class DoraPeftCodec(PeftCodec):
+    """PEFT's LORA documents with ``use_dora: true`` (same tensors as LoRA's, plus
+    ``<module path>.lora_magnitude_vector``), and DoRA adapters written as them."""
+
+    peft_type = "LORA"
+    keys = KEYS
+    exported_fields = LoraPeftCodec.exported_fields
+
+    def claims(self, doc: Mapping[str, Any]) -> bool:
+        return not is_off(doc.get("use_dora"))
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        found = ctx.read_modules(tensors, LEAVES)
+        check_pairs(ctx, found)
+        for path, parts in found.adapted.items():
+            key = f"base_model.model.{path}.{MAGNITUDE}"
+            magnitude, b = parts.get(MAGNITUDE), parts.get(LINEAR_PAIR[1])
+            if magnitude is None:
+                ctx.tensor_problem(key, "missing: a DoRA layer needs its magnitude vector")
+            elif b is not None and tuple(magnitude.shape) != (b.shape[0],):
+                ctx.tensor_problem(key, f"shape {tuple(magnitude.shape)} does not fit "
+                                   f"lora_B.weight of shape {tuple(b.shape)} (it must be "
+                                   "(out_features,))")
+        fields = ctx.target_fields(found)
+        fields.update(lora_fields(ctx))
+        return fields, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        found = ctx.modules(LEAVES)
+        body = lora_body(ctx, found)
+        body["use_dora"] = True
+        return body, found.tensors
+
+
 
 def _default_targets(family: ModelFamily | None) -> list[str] | None:
     if family is None or "q" not in family.roles or "v" not in family.roles:
@@ -226,6 +288,8 @@ class DoraMethod(PEFTMethod[DoraConfig]):
     name: ClassVar[str] = "dora"
     config_cls = DoraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
+    peft_codec: ClassVar[PeftCodec] = DoraPeftCodec()
+    api_level: ClassVar[int] = 2
     # The paper trains DoRA with LoRA's settings (its section 5 and appendix tables use the
     # same or half the LoRA rate); LoRA's measured default suits it.
     suggested_learning_rate: ClassVar[float] = 2e-3

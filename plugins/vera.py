@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,11 @@ from peftreg.plugin import (
     LayerAdapter,
     Linear4bit,
     ModelFamily,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
     PEFTMethod,
     TargetedConfig,
     UnsupportedOperationError,
@@ -198,6 +205,97 @@ class VeraLinear(LayerAdapter):
 
 _SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, Linear4bit)
 
+# -- PEFT's format (peft_type VERA) --------------------------------------------------------------
+
+LEAVES: Final = ("vera_lambda_b", "vera_lambda_d")
+# PEFT keeps the shared pair on its tuner, outside base_model.model.
+PROJECTIONS: Final = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
+FIELDS: Final = ("r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial")
+
+KEYS: Final = PeftKeys(
+    mapped=frozenset({*FIELDS, "target_modules", "modules_to_save", "layers_to_transform",
+                      "layers_pattern"}),
+    ignored={"init_weights": "initialisation only: the file holds the trained vectors"},
+    refused={
+        "fan_in_fan_out": "the base layer stores its weight transposed (GPT-2 Conv1D), which "
+                          "peftreg's VeRA does not adapt",
+        "bias": "the adapter also trains the base layers' biases, which the file holds as "
+                "tensors VeRA cannot place",
+    },
+)
+
+
+class VeraPeftCodec(PeftCodec):
+    """PEFT's VERA documents: ``<module path>.vera_lambda_b`` / ``.vera_lambda_d`` and, with
+    ``save_projection``, the shared ``base_model.vera_A`` / ``base_model.vera_B``."""
+
+    peft_type = "VERA"
+    keys = KEYS
+    exported_fields = frozenset({*FIELDS, "target_modules", "exclude_modules",
+                                 "modules_to_save", "layers_to_transform", "layers_pattern"})
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        doc = ctx.doc
+        shared = {ours: tensors[key] for key, ours in PROJECTIONS.items() if key in tensors}
+        found = ctx.read_modules({k: t for k, t in tensors.items() if k not in PROJECTIONS},
+                                 LEAVES)
+        fields = ctx.target_fields(found)
+        fields.update({k: doc[k] for k in FIELDS if k in doc})
+        r = fields.get("r", VeraConfig.r)
+        if doc.get("save_projection", True):
+            for key, ours in PROJECTIONS.items():
+                if ours not in shared:
+                    ctx.tensor_problem(key, "missing: save_projection is true, so the file "
+                                       "must hold the shared projections")
+        elif shared:
+            # PEFT ignores them too (its buffers are then not part of the state): the
+            # projections come from projection_prng_key.
+            warnings.warn(f"{ctx.weights_path}: save_projection is false, so the projections "
+                          "in the file are ignored and drawn from projection_prng_key",
+                          UserWarning, stacklevel=5)
+            shared = {}
+        a, b = shared.get("vera_A"), shared.get("vera_B")
+        if a is not None and (a.dim() != 2 or a.shape[0] != r):
+            ctx.tensor_problem("base_model.vera_A", f"shape {tuple(a.shape)}: must be (r, in) "
+                               f"with r = {r}")
+        if b is not None and (b.dim() != 2 or b.shape[1] != r):
+            ctx.tensor_problem("base_model.vera_B", f"shape {tuple(b.shape)}: must be (out, r) "
+                               f"with r = {r}")
+        for path, parts in found.adapted.items():
+            d, lam_b = parts.get("vera_lambda_d"), parts.get("vera_lambda_b")
+            prefix = f"base_model.model.{path}"
+            if d is None or lam_b is None:
+                ctx.tensor_problem(f"{prefix}.{LEAVES[1] if d is None else LEAVES[0]}",
+                                   "missing: a VeRA layer needs both vectors")
+            elif tuple(d.shape) != (r,):
+                ctx.tensor_problem(f"{prefix}.vera_lambda_d", f"shape {tuple(d.shape)}: must "
+                                   f"be (r,) with r = {r}")
+            elif b is not None and lam_b.shape[0] > b.shape[0]:
+                ctx.tensor_problem(f"{prefix}.vera_lambda_b", f"{lam_b.shape[0]} outputs, "
+                                   f"more than base_model.vera_B's {b.shape[0]} rows")
+        found.tensors.update(shared)
+        return fields, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config: Any = ctx.config
+        shared = {key: ctx.tensors[ours] for key, ours in PROJECTIONS.items()
+                  if ours in ctx.tensors}
+        inner = dataclasses.replace(ctx, tensors={k: t for k, t in ctx.tensors.items()
+                                                  if k not in PROJECTIONS.values()})
+        found = inner.modules(LEAVES)
+        # PEFT's VeraConfig has no exclude_modules: with one, the adapted paths are written.
+        targets = inner.target_fields(found, exact=config.exclude_modules is not None)
+        targets.pop("exclude_modules")
+        body: dict[str, Any] = {"fan_in_fan_out": False, "bias": "none", "init_weights": True,
+                                "layers_to_transform": None, "layers_pattern": None}
+        body.update(targets)
+        body.update({k: getattr(config, k) for k in FIELDS})
+        out = dict(found.tensors)
+        out.update({key: t.contiguous() for key, t in shared.items()})
+        return body, out
+
+
 
 def _default_targets(family: ModelFamily | None) -> list[str] | None:
     if family is None or "q" not in family.roles or "v" not in family.roles:
@@ -211,6 +309,8 @@ class VeraMethod(PEFTMethod[VeraConfig]):
     name: ClassVar[str] = "vera"
     config_cls = VeraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
+    peft_codec: ClassVar[PeftCodec] = VeraPeftCodec()
+    api_level: ClassVar[int] = 2
     # The paper (appendix, Tables 8-10) trains VeRA with rates 10 to 100 times LoRA's
     # (about 1e-2 for the vectors); only r + out numbers per layer move.
     suggested_learning_rate: ClassVar[float] = 1e-2

@@ -342,3 +342,51 @@ def test_bad_configs(cls, fields, message):
 def test_embedding_targets_are_refused(make_tiny):
     with pytest.raises(peftreg.TargetNotFoundError, match="embed_tokens"):
         peftreg.adapt(make_tiny(), DoraConfig(target_modules=["embed_tokens"]))
+
+
+# -- PEFT's directory format (the DoRA codec) ---------------------------------------------------
+
+@pytest.mark.parametrize(("make", "targets"), [
+    (tiny_hf.llama, ["q_proj", "v_proj", "down_proj"]),
+    (tiny_hf.bert, ["query", "value"]),
+], ids=["llama", "bert"])
+def test_a_peft_dora_directory_loads_as_dora(tmp_path, make, targets):
+    theirs = _peft_dora(make, targets, {"r": 4, "lora_alpha": 8,
+                                        "rank_pattern": {targets[1]: 2}})
+    theirs.save_pretrained(tmp_path)
+    ours = peftreg.load(make(), tmp_path)
+    assert ours.record("default").config.method == "dora"
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(ours, tiny_hf.IDS),
+                                   tiny_hf.logits(theirs, tiny_hf.IDS), atol=1e-5, rtol=0)
+
+
+def test_a_dora_export_loads_in_peft(tmp_path):
+    config = DoraConfig(r=3, lora_alpha=6, use_rslora=True,
+                        target_modules=["q_proj", "k_proj", "up_proj"])
+    ours = peftreg.adapt(tiny_hf.llama(), config).eval()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in ours.adapter_parameters("default"):
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    ours.save_adapter(tmp_path, format="peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_hf.llama(), tmp_path).eval()
+    assert theirs.peft_config["default"].use_dora
+    with torch.no_grad():
+        expected = tiny_hf.logits(ours, tiny_hf.IDS)
+        torch.testing.assert_close(tiny_hf.logits(theirs, tiny_hf.IDS), expected, atol=1e-5,
+                                   rtol=0)
+        assert not torch.allclose(expected, tiny_hf.logits(tiny_hf.llama(), tiny_hf.IDS),
+                                  atol=1e-4)
+
+
+def test_a_peft_dora_directory_without_magnitudes_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    theirs = _peft_dora(tiny_hf.llama, ["q_proj"], {"r": 2})
+    theirs.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if "magnitude" not in k}
+    save_file(tensors, weights)
+    with pytest.raises(peftreg.AdapterFileError, match="lora_magnitude_vector"):
+        peftreg.load(tiny_hf.llama(), tmp_path)

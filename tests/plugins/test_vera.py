@@ -215,3 +215,61 @@ def test_bad_configs(fields, message):
 def test_embedding_targets_are_refused(make_tiny):
     with pytest.raises(peftreg.TargetNotFoundError, match="embed_tokens"):
         peftreg.adapt(make_tiny(), VeraConfig(target_modules=["embed_tokens"]))
+
+
+# -- PEFT's directory format (the VeRA codec) ---------------------------------------------------
+
+@pytest.mark.parametrize("save_projection", [True, False], ids=["projections", "prng-key"])
+@pytest.mark.parametrize(("make", "targets"), [
+    (tiny_hf.llama, ["q_proj", "v_proj", "down_proj"]),
+    (tiny_hf.bert, ["query", "intermediate.dense"]),
+], ids=["llama", "bert"])
+def test_a_peft_vera_directory_loads(tmp_path, make, targets, save_projection):
+    theirs = _peft_vera(make, r=6, projection_prng_key=5, save_projection=save_projection,
+                        target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Specified to not", UserWarning)
+        theirs.save_pretrained(tmp_path)
+    ours = peftreg.load(make(), tmp_path)
+    record = ours.record("default")
+    assert record.config.method == "vera"
+    assert record.config.save_projection is save_projection
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(ours, tiny_hf.IDS),
+                                   tiny_hf.logits(theirs, tiny_hf.IDS), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("save_projection", [True, False], ids=["projections", "prng-key"])
+def test_a_vera_export_loads_in_peft(tmp_path, save_projection):
+    config = VeraConfig(r=5, projection_prng_key=9, save_projection=save_projection,
+                        d_initial=0.3, target_modules=["k_proj", "o_proj", "gate_proj"],
+                        exclude_modules=["model.layers.1.self_attn.o_proj"])
+    ours = peftreg.adapt(tiny_hf.llama(), config).eval()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in ours.adapter_parameters("default"):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    ours.save_adapter(tmp_path, format="peft")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Specified to not", UserWarning)
+        theirs = peft.PeftModel.from_pretrained(tiny_hf.llama(), tmp_path).eval()
+    assert theirs.peft_config["default"].save_projection is save_projection
+    with torch.no_grad():
+        expected = tiny_hf.logits(ours, tiny_hf.IDS)
+        torch.testing.assert_close(tiny_hf.logits(theirs, tiny_hf.IDS), expected, atol=1e-5,
+                                   rtol=0)
+        assert not torch.allclose(expected, tiny_hf.logits(tiny_hf.llama(), tiny_hf.IDS),
+                                  atol=1e-4)
+
+
+def test_a_peft_vera_directory_with_a_bad_projection_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    theirs = _peft_vera(tiny_hf.llama, r=4, target_modules=["q_proj"])
+    theirs.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"][:3]
+    save_file(tensors, weights)
+    with pytest.raises(peftreg.AdapterFileError, match=r"base_model\.vera_A.*must be \(r, in\)"):
+        peftreg.load(tiny_hf.llama(), tmp_path)
