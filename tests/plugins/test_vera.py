@@ -273,3 +273,19 @@ def test_a_peft_vera_directory_with_a_bad_projection_is_refused(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(peftreg.AdapterFileError, match=r"base_model\.vera_A.*must be \(r, in\)"):
         peftreg.load(tiny_hf.llama(), tmp_path)
+
+
+def test_on_a_4bit_base(make_tiny, token_batch):
+    from peftreg_plugins.qlora import QLoraConfig, quantize_base
+
+    model = make_tiny()
+    quantize_base(model, QLoraConfig(compute_dtype="float32", quantize="targets",
+                                     target_modules=["q_proj", "v_proj"]),
+                  peftreg.default_registry().describe_model(model))
+    adapted = peftreg.adapt(model, VeraConfig(r=8, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        for p in adapted.adapter_parameters("default"):
+            p.normal_()
+        out = _forward(adapted, token_batch)
+        adapted.merge()
+        torch.testing.assert_close(_forward(adapted, token_batch), out, atol=1e-4, rtol=1e-4)
