@@ -390,3 +390,26 @@ def test_a_peft_dora_directory_without_magnitudes_is_refused(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(peftreg.AdapterFileError, match="lora_magnitude_vector"):
         peftreg.load(tiny_hf.llama(), tmp_path)
+
+
+def test_qdora_forward_and_backward_never_dequantize_the_weight(make_tiny, token_batch,
+                                                               monkeypatch):
+    if not peftreg.plugin.has_extension():
+        pytest.skip("without the compiled NF4 kernels the 4-bit product itself dequantizes")
+    config = QDoraConfig(r=4, compute_dtype="float32", target_modules=["q_proj", "down_proj"])
+    model = peftreg.adapt(make_tiny(), config)
+    _loss(model, token_batch).backward()  # the row norms ||W_i||^2 are cached from here on
+    calls = []
+    original = peftreg.plugin.Linear4bit.dequantize
+
+    def counting(self, dtype=None):
+        calls.append(self)
+        return original(self, dtype)
+
+    monkeypatch.setattr(peftreg.plugin.Linear4bit, "dequantize", counting)
+    optimizer = torch.optim.SGD(model.adapter_parameters("default"), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        _loss(model, token_batch).backward()
+        optimizer.step()
+    assert calls == []
