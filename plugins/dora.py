@@ -78,6 +78,12 @@ class DoraConfig(LoraConfig):
 
     method: ClassVar[str] = "dora"
 
+    def validate(self) -> None:
+        super().validate()
+        if self.init_lora_weights in ("pissa", "olora"):
+            raise self.error("init_lora_weights", "PiSSA and OLoRA inits are LoRA's only",
+                             self.init_lora_weights)
+
 
 @dataclasses.dataclass
 class QDoraConfig(QLoraConfig):
