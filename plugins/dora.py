@@ -99,8 +99,11 @@ def _weight_key(module: nn.Module) -> tuple[Any, ...]:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return (id(module),)
-    return (id(module), id(weight), weight.data_ptr(), weight._version, weight.dtype,
-            weight.device)
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor: it cannot be written in place either
+        version = -1
+    return (id(module), id(weight), weight.data_ptr(), version, weight.dtype, weight.device)
 
 
 class DoraLinear(LayerAdapter):

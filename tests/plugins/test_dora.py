@@ -413,3 +413,13 @@ def test_qdora_forward_and_backward_never_dequantize_the_weight(make_tiny, token
         _loss(model, token_batch).backward()
         optimizer.step()
     assert calls == []
+
+
+def test_a_base_built_in_inference_mode(token_batch, make_tiny):
+    # Inference tensors have no version counter; the row-norm cache must still work.
+    with torch.inference_mode():
+        model = make_tiny()
+    adapted = peftreg.adapt(model, DoraConfig(r=2, target_modules=["q_proj"])).eval()
+    with torch.inference_mode():
+        first = _forward(adapted, token_batch)
+        assert torch.equal(_forward(adapted, token_batch), first)
