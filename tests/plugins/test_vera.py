@@ -289,3 +289,21 @@ def test_on_a_4bit_base(make_tiny, token_batch):
         out = _forward(adapted, token_batch)
         adapted.merge()
         torch.testing.assert_close(_forward(adapted, token_batch), out, atol=1e-4, rtol=1e-4)
+
+
+def test_a_deep_copy_shares_its_own_projections(make_tiny, token_batch):
+    import copy
+
+    model = peftreg.adapt(make_tiny(), VeraConfig(r=4, target_modules=["q_proj"])).eval()
+    twin = copy.deepcopy(model)
+    layer = twin.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert layer._shared[0] is twin.model.peftreg_vera.adapters["default"]
+    assert layer._shared[0] is not model.model.peftreg_vera.adapters["default"]
+    with torch.no_grad():
+        twin.model.peftreg_vera.adapters["default"].vera_B.zero_()
+        for p in model.adapter_parameters("default"):
+            p.normal_()
+        for p in twin.adapter_parameters("default"):
+            p.normal_()
+    assert torch.equal(_forward(twin, token_batch), _forward(make_tiny(), token_batch))
+    assert not torch.equal(_forward(model, token_batch), _forward(make_tiny(), token_batch))
