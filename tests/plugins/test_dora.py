@@ -423,3 +423,25 @@ def test_a_base_built_in_inference_mode(token_batch, make_tiny):
     with torch.inference_mode():
         first = _forward(adapted, token_batch)
         assert torch.equal(_forward(adapted, token_batch), first)
+
+
+@pytest.mark.parametrize("case", ["float32-adapters-on-bf16", "qdora-bf16-compute"])
+def test_mixed_precision_trains(make_tiny, token_batch, case):
+    if case == "qdora-bf16-compute":
+        model = peftreg.adapt(make_tiny(), QDoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        expected = torch.bfloat16
+    else:
+        model = peftreg.adapt(make_tiny().to(torch.bfloat16), DoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], adapter_dtype="float32"))
+        expected = torch.float32
+    adapter = model.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert adapter.lora_magnitude_vector.dtype == adapter.lora_A.weight.dtype == expected
+    optimizer = torch.optim.AdamW(model.adapter_parameters("default"), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = _loss(model, token_batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
