@@ -35,6 +35,7 @@ from peftreg.plugin import (
     PEFTMethod,
     TargetedConfig,
     UnsafePatternError,
+    UnsupportedOperationError,
     base_access,
     compile_pattern,
     hookimpl,
@@ -60,7 +61,10 @@ class LoraConfig(TargetedConfig):
         lora_dropout: dropout probability on the LoRA path's input, in [0, 1).
         use_rslora: scale by ``lora_alpha / sqrt(r)`` instead.
         init_lora_weights: ``"kaiming"`` (Kaiming-uniform A, as nn.Linear) or ``"gaussian"``
-            (A ~ N(0, 1/r)); B starts at zero either way.
+            (A ~ N(0, 1/r)), B zero either way; or, on dense Linear layers, ``"pissa"`` (A and B
+            from the top ``r`` singular triplets of W, Meng et al. 2024) or ``"olora"`` (from
+            W's QR decomposition, Buyukakyuz 2024). Those two rewrite the base weight to the
+            residual ``W - scaling * B A`` when the adapter is created, as HF PEFT does.
         rank_pattern: per-module rank overrides, keyed by module name, suffix or regex.
         alpha_pattern: per-module ``lora_alpha`` overrides, same keys.
         adapter_dtype: dtype of A and B (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``
@@ -77,7 +81,7 @@ class LoraConfig(TargetedConfig):
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"
+    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -197,6 +201,45 @@ class LoraLinear(LayerAdapter):
         return self.lora_A.weight, self.lora_B.weight, self.scaling
 
 
+BASE_REWRITING_INITS = ("pissa", "olora")
+
+
+def check_rewritable(base: nn.Module, init: str, path: str) -> None:
+    """Refuse a base-rewriting init on anything but a dense floating nn.Linear."""
+    weight = getattr(base, "weight", None)
+    if not isinstance(base, nn.Linear) or not isinstance(weight, torch.Tensor) or \
+            not weight.is_floating_point():
+        where = f" {path!r} is" if path else " got"
+        raise UnsupportedOperationError(
+            f"LoraConfig.init_lora_weights = {init!r} needs dense nn.Linear bases (it rewrites "
+            f"the base weight);{where} a {type(base).__name__}")
+
+
+def init_from_base(adapter: LoraLinear, base: nn.Module, init: str) -> None:
+    """PiSSA or OLoRA: A and B from a decomposition of the base weight, which keeps the
+    residual ``W - scaling * B A`` (so the layer starts where it was, up to rounding).
+
+    PiSSA (Meng et al. 2024): ``W = U S V^T``, ``A = sqrt(S_r / scaling) V_r^T``,
+    ``B = U_r sqrt(S_r / scaling)``. OLoRA (Buyukakyuz 2024): ``W = Q R``, ``A = R[:r]``,
+    ``B = Q[:, :r]``. Both in float32, as HF PEFT computes them.
+    """
+    check_rewritable(base, init, "")
+    weight = merge_weight(base)
+    r, scaling = adapter.r, adapter.scaling
+    w = weight.detach().float()
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(s[:r] / scaling)
+        a, b = torch.diag(root) @ vh[:r], u[:, :r] @ torch.diag(root)
+    else:
+        q, rr = torch.linalg.qr(w)
+        a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+    with torch.no_grad():
+        adapter.lora_A.weight.copy_(a)
+        adapter.lora_B.weight.copy_(b)
+        weight.copy_((w - scaling * b @ a).to(weight.dtype))
+
+
 class LoraEmbedding(LayerAdapter):
     """LoRA factors for one ``nn.Embedding``: the update ``scaling * (B @ A)^T`` is a table.
 
@@ -251,6 +294,9 @@ class LoraMethod(PEFTMethod[LoraConfig]):
                family: ModelFamily | None) -> list[str]:
         paths = select_targets(model, config, self.supported, family, _default_targets(family))
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
+        if config.init_lora_weights in BASE_REWRITING_INITS:  # refuse before rewriting any
+            for path in paths:
+                check_rewritable(host_for(model, path).base, config.init_lora_weights, path)
         for path in paths:
             host = host_for(model, path)
             r, scaling = config.rank_and_scale(path)
@@ -258,8 +304,11 @@ class LoraMethod(PEFTMethod[LoraConfig]):
             if isinstance(base, nn.Embedding):
                 host.adapters[adapter_name] = LoraEmbedding(base, r, scaling, dtype)
             else:
-                host.adapters[adapter_name] = LoraLinear(
+                adapter = LoraLinear(
                     base, r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
+                if config.init_lora_weights in BASE_REWRITING_INITS:
+                    init_from_base(adapter, base, config.init_lora_weights)
+                host.adapters[adapter_name] = adapter
         return paths
 
     def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,

@@ -71,6 +71,10 @@ class QLoraConfig(LoraConfig):
         b = self.blocksize
         if b < 32 or b > 4096 or b & (b - 1):
             raise self.error("blocksize", "must be a power of two in 32..4096", b)
+        if self.init_lora_weights in ("pissa", "olora"):
+            raise self.error("init_lora_weights", "rewrites the base weight, which a 4-bit "
+                             "base cannot hold exactly; initialise on the dense model",
+                             self.init_lora_weights)
 
 
 class _QuantizeSpec(TargetedConfig):
