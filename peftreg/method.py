@@ -101,7 +101,10 @@ class PEFTMethod(abc.ABC, Generic[C]):
 
         The method creates its trainable modules (fresh, initialised as its paper says) and puts
         them into :class:`~peftreg.host.AdapterHost` or other
-        :class:`~peftreg.host.AdapterSlot` modules. It must not change any base weight. Freezing
+        :class:`~peftreg.host.AdapterSlot` modules. It must not change any base weight, unless
+        the config asks for an initialisation that rewrites the base (PiSSA and OLoRA take the
+        top of the weight's spectrum into the factors, as PEFT does); such a method checks
+        everything before it writes, so a refusal leaves the base as it was. Freezing
         of the base and activation are done by the caller.
 
         Args:
