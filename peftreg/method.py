@@ -14,9 +14,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar, Final, Generic, TypeVar
 
+import torch
 from torch import nn
 
 from peftreg.config import MethodConfig
+from peftreg.errors import UnsupportedOperationError
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, iter_slots
 from peftreg.io.peft_codec import PeftCodec
@@ -157,6 +159,42 @@ class PEFTMethod(abc.ABC, Generic[C]):
         """
         return None
 
+    def prepare_hotswap(self, model: nn.Module, adapter_name: str, max_rank: int) -> None:
+        """Make adapter ``adapter_name`` ready to take other saved adapters in place without a
+        recompilation (:meth:`hotswap`): shapes fixed at their largest (a rank up to
+        ``max_rank``), scalars held in tensors. The default does nothing (shapes and scalars
+        are then taken as they are). (API level 2)"""
+
+    def hotswap(self, model: nn.Module, adapter_name: str, config: C,
+                tensors: Mapping[str, torch.Tensor],
+                current: Mapping[str, torch.Tensor]) -> None:
+        """Replace the weights of adapter ``adapter_name`` by a saved adapter's (``config``,
+        ``tensors`` under the saved keys) in place: no module is added or replaced, so a
+        ``torch.compile``d model runs the new weights without recompiling. ``current`` is
+        the adapter's own tensors under the same keys (sharing storage with its parameters).
+
+        The default copies every tensor into the adapter's tensor of the same key and shape.
+        A method whose configs change shapes or scalars (LoRA's rank and alpha) overrides it
+        together with :meth:`prepare_hotswap`. (API level 2)
+
+        Raises:
+            UnsupportedOperationError: the saved adapter does not fit in place (other targets,
+                keys or shapes); nothing is changed then.
+        """
+        own = current
+        problems = [f"{k}: missing from the saved adapter" for k in own if k not in tensors]
+        problems += [f"{k}: not a tensor of this adapter" for k in tensors if k not in own]
+        problems += [f"{k}: shape {tuple(tensors[k].shape)} where the adapter has "
+                     f"{tuple(v.shape)}" for k, v in own.items()
+                     if k in tensors and tensors[k].shape != v.shape]
+        if problems:
+            raise UnsupportedOperationError(
+                f"the saved adapter does not fit adapter {adapter_name!r} in place: "
+                + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+
     def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,
                     config: MethodConfig | None = None) -> FittedAdapter | None:
         """Express dense per-layer weight updates as an adapter of this method, or return
@@ -173,3 +211,4 @@ class PEFTMethod(abc.ABC, Generic[C]):
         """One line for listings (defaults to the first line of the class docstring)."""
         doc = (type(self).__doc__ or "").strip().splitlines()
         return doc[0] if doc else self.name
+

@@ -27,6 +27,7 @@ from peftreg.errors import AdapterError, ConfigError, TargetNotFoundError, Unsup
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, AdapterSlot, TrainableCopy, iter_slots
 from peftreg.io.adapter_dir import save_adapter
+from peftreg.io.formats import read_any
 from peftreg.io.load import load_adapter
 from peftreg.io.peft_format import save_peft_adapter
 from peftreg.io.record import ADAPTER_NAME
@@ -172,6 +173,8 @@ class AdaptedModel(nn.Module):
         self._registry = registry if registry is not None else default_registry()
         self._family = self._registry.describe_model(model)
         self._records: dict[str, AdapterRecord] = {}
+        # Adapters prepared for hot-swapping: their tensors may be padded past their config.
+        self._hotswap_ready: set[str] = set()
         self._active: list[str] = []
         self._merged: list[str] = []
         self._disabled = False
@@ -550,6 +553,7 @@ class AdaptedModel(nn.Module):
             self.unmerge([name])
         self._purge(name)
         del self._records[name]
+        self._hotswap_ready.discard(name)
         self._active = [n for n in self._active if n != name]
         self._apply_state()
         for other in remerge:
@@ -703,6 +707,11 @@ class AdaptedModel(nn.Module):
             The directory the adapter's files were written to.
         """
         name = name or self._single_active()
+        if name in self._hotswap_ready:
+            raise AdapterError(
+                f"adapter {name!r} is prepared for hot-swapping (its tensors are padded to the "
+                "largest rank it can take), so its file would not match its config; save the "
+                "adapters you swap into it, or the model before prepare_hotswap")
         if (as_method is None) != (rank is None):
             raise AdapterError("as_method and rank go together: the method to refit the "
                                "adapter as, and the rank of the refit")
@@ -731,6 +740,40 @@ class AdaptedModel(nn.Module):
         :func:`peftreg.io.load.load_adapter`. A Hugging Face PEFT adapter directory
         (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way."""
         return load_adapter(self, directory, name, activate=activate, trainable=trainable)
+
+    def prepare_hotswap(self, name: str, max_rank: int) -> None:
+        """Make adapter ``name`` ready for :meth:`hotswap_adapter` with saved adapters of rank
+        up to ``max_rank`` (LoRA: factors zero-padded to ``max_rank``, the scale held in a
+        tensor). Call it before ``torch.compile``; it changes no output."""
+        record = self.record(name)
+        record.method.prepare_hotswap(self.model, name, max_rank)
+        self._hotswap_ready.add(name)
+
+    def hotswap_adapter(self, directory: str | Path, name: str) -> AdapterRecord:
+        """Replace the weights of the loaded adapter ``name`` by those saved in ``directory``
+        (either format), in place, so that a ``torch.compile``d model runs the new adapter
+        without recompiling (PEFT's ``hotswap_adapter``, for every method that can).
+
+        The saved adapter must be of the same method and adapt the same modules; a rank or
+        scale change needs :meth:`prepare_hotswap` first.
+
+        Raises:
+            UnsupportedOperationError: it does not fit in place; the adapter is unchanged.
+            AdapterFileError: the directory fails its format's checks.
+        """
+        record = self.record(name)
+        saved = read_any(directory, self.registry, model=self.model, family=self._family)
+        if saved.config.method != record.method.name:
+            raise UnsupportedOperationError(
+                f"{directory}: a {saved.config.method} adapter cannot replace the weights of "
+                f"{record.method.name} adapter {name!r}")
+        if name in self._merged:
+            raise UnsupportedOperationError(f"adapter {name!r} is merged; unmerge it before "
+                                            "swapping its weights")
+        record.method.hotswap(self.model, name, saved.config, saved.tensors,
+                              self.adapter_state_dict(name))
+        self._records[name] = dataclasses.replace(record, config=saved.config)
+        return self._records[name]
 
     def _single_active(self) -> str:
         if len(self._active) != 1:

@@ -40,6 +40,7 @@ from peftreg.plugin import (
     compile_pattern,
     hookimpl,
     host_for,
+    iter_slots,
     lora_dropout,
     merge_weight,
     new_dropout_seed,
@@ -171,6 +172,10 @@ class LoraLinear(LayerAdapter):
         return y + (low * self.scaling).to(y.dtype)
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if isinstance(self.scaling, torch.Tensor):
+            # A hot-swappable adapter keeps its scale in a tensor, which the fused op (taking
+            # a number) would turn back into a graph constant: the plain path keeps it a tensor.
+            return None
         a, b = self.lora_A.weight, self.lora_B.weight
         quantized = getattr(base, "supports_fused_lora", None)  # 4-bit bases (QLoRA)
         if quantized is not None:
@@ -198,7 +203,47 @@ class LoraLinear(LayerAdapter):
 
     # peftreg.row_adapters.LowRankAdapter: per-row multi-adapter serving (lora_multi_add).
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.lora_A.weight, self.lora_B.weight, self.scaling
+        return self.lora_A.weight, self.lora_B.weight, float(self.scaling)
+
+    # -- hot-swapping (AdaptedModel.prepare_hotswap / hotswap_adapter) ---------------------
+
+    @property
+    def hotswap_ready(self) -> bool:
+        """Whether the factors are padded and the scale a tensor (:meth:`pad_for_hotswap`)."""
+        return isinstance(self.scaling, torch.Tensor)
+
+    def pad_for_hotswap(self, max_rank: int) -> None:
+        """Zero-pad A and B to ``max_rank`` (the update is unchanged) and hold the scale in a
+        buffer, so adapters of any rank up to ``max_rank`` and any alpha swap in without
+        changing a shape or a Python number a compiled graph depends on."""
+        if max_rank < self.r:
+            raise ConfigError(f"max_rank {max_rank} is below the adapter's rank {self.r}")
+        with torch.no_grad():
+            for factor, grow in ((self.lora_A, 0), (self.lora_B, 1)):
+                old = factor.weight
+                shape = list(old.shape)
+                shape[grow] = max_rank
+                new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+                new.narrow(grow, 0, self.r).copy_(old)
+                factor.weight = nn.Parameter(new, requires_grad=old.requires_grad)
+            self.lora_A.out_features = self.lora_B.in_features = max_rank
+        scale = float(self.scaling)
+        del self.scaling
+        # Not persistent: the saved keys stay those of an unprepared adapter.
+        self.register_buffer("scaling", torch.tensor(scale, dtype=torch.float32,
+                                                     device=self.lora_A.weight.device),
+                             persistent=False)
+        self.r = max_rank
+
+    def swap_in(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Write factors of rank ``a.shape[0] <= r`` and their scale in place."""
+        with torch.no_grad():
+            self.lora_A.weight.zero_()
+            self.lora_B.weight.zero_()
+            self.lora_A.weight[: a.shape[0]].copy_(a)
+            self.lora_B.weight[:, : b.shape[1]].copy_(b)
+            if isinstance(self.scaling, torch.Tensor):
+                self.scaling.fill_(scale)
 
 
 BASE_REWRITING_INITS = ("pissa", "olora")
@@ -311,6 +356,61 @@ class LoraMethod(PEFTMethod[LoraConfig]):
                 host.adapters[adapter_name] = adapter
         return paths
 
+    def prepare_hotswap(self, model: nn.Module, adapter_name: str, max_rank: int) -> None:
+        """Pad every Linear LoRA of the adapter to ``max_rank`` with the scale in a tensor."""
+        if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank <= 0:
+            raise ConfigError(f"max_rank must be a positive integer, got {max_rank!r}")
+        layers = _lora_layers(model, adapter_name)
+        low = [p for p, layer in layers.items() if isinstance(layer, LoraLinear) and
+               layer.r > max_rank]
+        if low:
+            raise ConfigError(f"max_rank {max_rank} is below the rank of {', '.join(low)}")
+        for layer in layers.values():
+            if isinstance(layer, LoraLinear) and not layer.hotswap_ready:
+                layer.pad_for_hotswap(max_rank)
+
+    def hotswap(self, model: nn.Module, adapter_name: str, config: LoraConfig,
+                tensors: Mapping[str, torch.Tensor],
+                current: Mapping[str, torch.Tensor]) -> None:
+        """Swap in a saved LoRA of the same modules: any rank up to the padded one and any
+        alpha once :meth:`prepare_hotswap` ran, the same rank and scale otherwise. Everything
+        is checked before anything is written."""
+        layers = _lora_layers(model, adapter_name)
+        linear = {p: layer for p, layer in layers.items() if isinstance(layer, LoraLinear)}
+        if len(linear) != len(layers):
+            # Embedding LoRA keeps its shapes: the same-shape copy of the base class.
+            return super().hotswap(model, adapter_name, config, tensors, current)
+        saved = {k.rsplit(".lora_A.weight", 1)[0] for k in tensors if k.endswith(".lora_A.weight")}
+        if saved != set(linear):
+            raise UnsupportedOperationError(
+                f"the saved adapter adapts other modules than adapter {adapter_name!r}: only in "
+                f"it {sorted(saved - set(linear))[:4]}, only in the model "
+                f"{sorted(set(linear) - saved)[:4]}")
+        plan = []
+        for path in sorted(linear):
+            layer = linear[path]
+            a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+            r, scale = config.rank_and_scale(path)
+            if a.shape[0] != r or b.shape[1] != r:
+                raise UnsupportedOperationError(f"{path}: factors of rank {a.shape[0]} where "
+                                                f"the config says {r}")
+            if not layer.hotswap_ready and (r != layer.r or not math.isclose(
+                    scale, float(layer.scaling), rel_tol=1e-12)):
+                raise UnsupportedOperationError(
+                    f"{path}: rank {r} and scale {scale:g} differ from the loaded {layer.r} and "
+                    f"{float(layer.scaling):g}; call prepare_hotswap(name, max_rank) before "
+                    "compiling to swap adapters of other ranks or alphas")
+            if r > layer.r:
+                raise UnsupportedOperationError(f"{path}: rank {r} is above the prepared "
+                                                f"maximum {layer.r}")
+            if a.shape[1] != layer.lora_A.weight.shape[1] or \
+                    b.shape[0] != layer.lora_B.weight.shape[0]:
+                raise UnsupportedOperationError(f"{path}: factors of shape {tuple(b.shape)} @ "
+                                                f"{tuple(a.shape)} do not fit the layer")
+            plan.append((layer, a, b, scale))
+        for layer, a, b, scale in plan:
+            layer.swap_in(a, b, scale)
+
     def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,
                     config: MethodConfig | None = None) -> FittedAdapter:
         """The best rank-``rank`` LoRA for each dense update (Eckart-Young: its truncated SVD,
@@ -349,6 +449,11 @@ class LoraMethod(PEFTMethod[LoraConfig]):
             r, _ = config.rank_and_scale(path)
             total += r * (in_f + out_f)
         return total
+
+
+def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    return {path: slot.adapters[adapter_name] for path, slot in iter_slots(model)
+            if adapter_name in slot.adapters}
 
 
 @hookimpl
