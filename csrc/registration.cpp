@@ -153,7 +153,11 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
       "peftreg._C",
       "peftreg compiled operators; call them through torch.ops.peftreg.* or peftreg.ops.",
       -1,
-      nullptr,
+      nullptr,  // m_methods
+      nullptr,  // m_slots
+      nullptr,  // m_traverse
+      nullptr,  // m_clear
+      nullptr,  // m_free
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) {

@@ -7,11 +7,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from peftreg.errors import PeftregError
+from peftreg.errors import AdapterError, PeftregError
 
 
 def _yes(flag: bool) -> str:
@@ -115,9 +116,53 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
     """Convert an adapter directory between peftreg's and Hugging Face PEFT's formats."""
     from peftreg.io.convert import convert
 
-    written = convert(args.src, args.dst, to=args.to, task_type=args.task_type)
+    if args.to.startswith("peft-"):
+        return _convert_refitted(args, console)
+    if args.rank is not None:
+        raise AdapterError("--rank is only used with --to peft-<method> (a refit)")
+    model = _load_local_model(args.model) if args.model else None
+    written = convert(args.src, args.dst, to=args.to, task_type=args.task_type, model=model)
     console.print(f"wrote {written}")
     return 0
+
+
+def _convert_refitted(args: argparse.Namespace, console: Console) -> int:
+    from peftreg.io.refit import save_refitted
+    from peftreg.model import AdaptedModel
+
+    method = args.to.removeprefix("peft-")
+    if args.rank is None or args.model is None:
+        raise AdapterError(f"--to {args.to} refits the adapter's weight updates, which needs "
+                           "--rank R and the base model (--model PATH, a local transformers "
+                           "model directory)")
+    model = AdaptedModel(_load_local_model(args.model))
+    name = model.load_adapter(args.src).name
+    written, record = save_refitted(model, args.dst, name, method=method, rank=args.rank,
+                                    task_type=args.task_type)
+    table = Table(title=f"{record['from_method']} as {method} of rank {args.rank}: relative "
+                        f"error {record['relative_error']:.3g}")
+    for col in ("layer", "relative error"):
+        table.add_column(col)
+    for path, error in record["layer_relative_errors"].items():
+        table.add_row(path, f"{error:.3g}")
+    console.print(table)
+    console.print(f"wrote {written}")
+    return 0
+
+
+def _load_local_model(path: str) -> Any:
+    """A local ``transformers`` model directory, loaded with the class its config names."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise AdapterError("--model needs the transformers package") from exc
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise AdapterError(f"{path}: its config names no transformers model class "
+                           f"(architectures: {names})")
+    return cls.from_pretrained(path, local_files_only=True)
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
@@ -125,6 +170,13 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from peftreg.compare.command import run
 
     return run(args, console)
+
+
+def cmd_analyze(args: argparse.Namespace, console: Console) -> int:
+    """The rank of the update (LoRA paper section 7) on a compare task."""
+    from peftreg.compare.rank import run_command
+
+    return run_command(args, console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,18 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", choices=["peft", "peftreg"], required=True)
+    p.add_argument("--to", required=True, metavar="{peft,peftreg,peft-METHOD}",
+                   help="the format to write; peft-METHOD (peft-lora) refits a mergeable "
+                   "adapter as METHOD in PEFT's format, for servers that run only that method")
     p.add_argument("--task-type", default=None, help="PEFT task_type (CAUSAL_LM, SEQ_CLS, ...)")
+    p.add_argument("--rank", type=int, default=None, help="rank of the refit (peft-METHOD)")
+    p.add_argument("--model", default=None,
+                   help="local transformers model directory of the base model (needed by "
+                   "peft-METHOD and by prefix tuning's export)")
     p = sub.add_parser("compare", help="fine-tune a pretrained model with every installed "
                        "method and compare them")
     from peftreg.compare.command import add_arguments
 
     add_arguments(p)
+    p = sub.add_parser("analyze", help="the rank of fine-tuning updates (LoRA paper section "
+                       "7): full fine-tuning's energy spectrum, LoRA subspace similarity and "
+                       "amplification")
+    from peftreg.compare.rank import add_arguments as add_analyze_arguments
+
+    add_analyze_arguments(p)
     return parser
 
 
 COMMANDS = {"methods": cmd_methods, "inspect": cmd_inspect, "doctor": cmd_doctor,
-            "compare": cmd_compare, "convert": cmd_convert}
+            "compare": cmd_compare, "convert": cmd_convert, "analyze": cmd_analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

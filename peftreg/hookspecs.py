@@ -15,6 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
+    from peftreg.compare.tasks import TaskSpec
     from peftreg.families import ModelFamily
     from peftreg.method import PEFTMethod
 
@@ -53,5 +54,23 @@ def peftreg_describe_model(model: nn.Module) -> ModelFamily | None:
 
     Returns:
         A :class:`peftreg.plugin.ModelFamily`, or ``None`` when this plugin does not know the model.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def peftreg_register_tasks() -> list[TaskSpec]:
+    """Return the comparison tasks this plugin provides for ``peftreg compare --model NAME``
+    (and ``peftreg analyze``).
+
+    Each element is a :class:`peftreg.plugin.TaskSpec`: a name, a one-line description and a
+    ``build(**sizes)`` function returning a :class:`peftreg.plugin.Task` (a pretrained model
+    shipped offline, its data, loss and held-out metric). ``sizes`` are the command's
+    ``steps``, ``batch_size``, ``max_length``, ``seed``, ``test_per_class`` and optionally
+    ``train_size``. A name that is already taken (``minilm``, ``smollm2`` or another plugin's)
+    is refused and reported, as is anything that is not a ``TaskSpec``.
+
+    Returns:
+        A list of task specs (may be empty).
     """
     raise NotImplementedError

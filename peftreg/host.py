@@ -169,6 +169,12 @@ class AdapterHost(AdapterSlot):
         super().__init__()
         self.base = base
         self.merged: list[str] = []
+        # Merging into a 4-bit base: False makes the layer the dense layer it computes; True
+        # requantizes the merged weight and keeps the codes it replaced, so unmerge restores
+        # them exactly (AdaptedModel.merge(keep_quantized=True) sets it for the merge).
+        self.keep_quantized = False
+        self.requantize_errors: dict[str, dict[str, float]] = {}
+        self._replaced_bases: list[tuple[str, nn.Module]] = []
         # The batch's per-row plan while AdaptedModel.per_row_adapters is in effect (else
         # None); peftreg.row_adapters owns the rest of that mode's state.
         self.row_adapters: RowPlan | None = None
@@ -212,13 +218,38 @@ class AdapterHost(AdapterSlot):
         if problem:
             layer = f" on {where!r}" if where else ""
             raise UnsupportedOperationError(f"cannot merge adapter {name!r}{layer}: {problem}")
-        if BaseAccess(self).quantized:
-            # Folding an update into packed 4-bit codes is impossible: the layer becomes the
-            # dense layer it computes (unmerge keeps it dense; see docs/plugins.md).
-            self.base = dense_linear(self.base)
-        with torch.no_grad():
-            adapter.merge_into(self.base)
+        if BaseAccess(self).quantized and self.keep_quantized:
+            self._merge_requantized(name, adapter)
+        else:
+            if BaseAccess(self).quantized:
+                # Folding an update into packed 4-bit codes is impossible: the layer becomes the
+                # dense layer it computes (unmerge keeps it dense; see docs/plugins.md).
+                self.base = dense_linear(self.base)
+            with torch.no_grad():
+                adapter.merge_into(self.base)
         self.merged.append(name)
+
+    def _merge_requantized(self, name: str, adapter: LayerAdapter) -> None:
+        """Merge into a dense copy of the 4-bit base, quantize the result again with the same
+        settings, and keep the replaced base for :meth:`unmerge`; record the error the
+        requantization adds (against the exact merged weight)."""
+        original = self.base
+        dense = dense_linear(original)
+        with torch.no_grad():
+            adapter.merge_into(dense)
+            requantized = type(original).from_linear(  # type: ignore[attr-defined]
+                dense, blocksize=original.blocksize, double_quant=original.double_quant,
+                compute_dtype=original.compute_dtype)
+            exact = dense.weight.double()
+            error = requantized.dequantize(torch.float32).double() - exact
+        requantized.requires_grad_(False)
+        self.requantize_errors[name] = {
+            "max_abs_error": error.abs().max().item(),
+            "squared_error": error.square().sum().item(),
+            "squared_norm": exact.square().sum().item(),
+        }
+        self._replaced_bases.append((name, original))
+        self.base = requantized
 
     def merge_problem(self, name: str) -> str | None:
         """Why :meth:`merge` would refuse ``name`` now (``None`` when it would not)."""
@@ -251,8 +282,16 @@ class AdapterHost(AdapterSlot):
         while self.merged:
             last = self.merged.pop()
             adapter: LayerAdapter = self.adapters[last]  # type: ignore[assignment]
-            with torch.no_grad():
-                adapter.unmerge_from(self.base)
+            if self._replaced_bases and self._replaced_bases[-1][0] == last:
+                # A requantized merge: the kept codes come back exactly; the adapter's own
+                # unmerge runs on a throwaway dense copy, to clear any state it kept.
+                self.base = self._replaced_bases.pop()[1]
+                self.requantize_errors.pop(last, None)
+                with torch.no_grad():
+                    adapter.unmerge_from(dense_linear(self.base))
+            else:
+                with torch.no_grad():
+                    adapter.unmerge_from(self.base)
             if last == name:
                 break
 

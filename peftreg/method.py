@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar, Final, Generic, TypeVar
 
+import torch
 from torch import nn
 
 from peftreg.config import MethodConfig
+from peftreg.errors import UnsupportedOperationError
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, iter_slots
 from peftreg.io.peft_codec import PeftCodec
+from peftreg.updates import FittedAdapter, LayerUpdate
 
 #: The plugin API level this peftreg provides. It rises by one whenever something a plugin may
 #: rely on (the names in :mod:`peftreg.plugin` and what they promise) is added; a plugin built
@@ -72,6 +76,9 @@ class PEFTMethod(abc.ABC, Generic[C]):
             (a :class:`~peftreg.io.peft_codec.PeftCodec`), or ``None`` when PEFT has no such
             method. With one, ``save_pretrained(..., format="peft")``, ``peftreg convert`` and
             loading PEFT directories work for the method (API level 2).
+        size_field: the config field (an integer) that scales how many parameters the method
+            trains (LoRA's ``r``, prompt tuning's ``num_virtual_tokens``), or ``None``;
+            ``peftreg compare --budget params=N`` sizes the method through it (API level 2).
     """
 
     name: ClassVar[str]
@@ -82,6 +89,7 @@ class PEFTMethod(abc.ABC, Generic[C]):
     api_level: ClassVar[int] = 1
     numerics_version: ClassVar[int] = 1
     peft_codec: ClassVar[PeftCodec | None] = None
+    size_field: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def inject(
@@ -95,7 +103,10 @@ class PEFTMethod(abc.ABC, Generic[C]):
 
         The method creates its trainable modules (fresh, initialised as its paper says) and puts
         them into :class:`~peftreg.host.AdapterHost` or other
-        :class:`~peftreg.host.AdapterSlot` modules. It must not change any base weight. Freezing
+        :class:`~peftreg.host.AdapterSlot` modules. It must not change any base weight, unless
+        the config asks for an initialisation that rewrites the base (PiSSA and OLoRA take the
+        top of the weight's spectrum into the factors, as PEFT does); such a method checks
+        everything before it writes, so a refusal leaves the base as it was. Freezing
         of the base and activation are done by the caller.
 
         Args:
@@ -148,7 +159,56 @@ class PEFTMethod(abc.ABC, Generic[C]):
         """
         return None
 
+    def prepare_hotswap(self, model: nn.Module, adapter_name: str, max_rank: int) -> None:
+        """Make adapter ``adapter_name`` ready to take other saved adapters in place without a
+        recompilation (:meth:`hotswap`): shapes fixed at their largest (a rank up to
+        ``max_rank``), scalars held in tensors. The default does nothing (shapes and scalars
+        are then taken as they are). (API level 2)"""
+
+    def hotswap(self, model: nn.Module, adapter_name: str, config: C,
+                tensors: Mapping[str, torch.Tensor],
+                current: Mapping[str, torch.Tensor]) -> None:
+        """Replace the weights of adapter ``adapter_name`` by a saved adapter's (``config``,
+        ``tensors`` under the saved keys) in place: no module is added or replaced, so a
+        ``torch.compile``d model runs the new weights without recompiling. ``current`` is
+        the adapter's own tensors under the same keys (sharing storage with its parameters).
+
+        The default copies every tensor into the adapter's tensor of the same key and shape.
+        A method whose configs change shapes or scalars (LoRA's rank and alpha) overrides it
+        together with :meth:`prepare_hotswap`. (API level 2)
+
+        Raises:
+            UnsupportedOperationError: the saved adapter does not fit in place (other targets,
+                keys or shapes); nothing is changed then.
+        """
+        own = current
+        problems = [f"{k}: missing from the saved adapter" for k in own if k not in tensors]
+        problems += [f"{k}: not a tensor of this adapter" for k in tensors if k not in own]
+        problems += [f"{k}: shape {tuple(tensors[k].shape)} where the adapter has "
+                     f"{tuple(v.shape)}" for k, v in own.items()
+                     if k in tensors and tensors[k].shape != v.shape]
+        if problems:
+            raise UnsupportedOperationError(
+                f"the saved adapter does not fit adapter {adapter_name!r} in place: "
+                + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+
+    def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,
+                    config: MethodConfig | None = None) -> FittedAdapter | None:
+        """Express dense per-layer weight updates as an adapter of this method, or return
+        ``None`` when the method cannot (the default).
+
+        A method that implements it can stand in for any mergeable adapter
+        (``peftreg convert SRC DST --to peft-<this method> --rank R``): LoRA does, by
+        truncated SVD. ``rank`` bounds the new adapter's size per layer; ``config`` is the
+        source adapter's config, for fields worth keeping (``modules_to_save``). (API level 2)
+        """
+        return None
+
     def describe(self) -> str:
         """One line for listings (defaults to the first line of the class docstring)."""
         doc = (type(self).__doc__ or "").strip().splitlines()
         return doc[0] if doc else self.name
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -26,9 +27,11 @@ from peftreg.errors import AdapterError, ConfigError, TargetNotFoundError, Unsup
 from peftreg.families import ModelFamily
 from peftreg.host import AdapterHost, AdapterSlot, TrainableCopy, iter_slots
 from peftreg.io.adapter_dir import save_adapter
+from peftreg.io.formats import read_any
 from peftreg.io.load import load_adapter
 from peftreg.io.peft_format import save_peft_adapter
 from peftreg.io.record import ADAPTER_NAME
+from peftreg.io.refit import save_refitted
 from peftreg.method import PEFTMethod
 from peftreg.registry import Registry, default_registry
 from peftreg.row_adapters import LowRankAdapter, RowPlan
@@ -48,6 +51,34 @@ def check_adapter_name(name: object) -> str:
             "starting with a letter or '_'"
         )
     return name
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedMergeReport:
+    """The error a merge into 4-bit bases added by quantizing the merged weights again.
+
+    Attributes:
+        layers: layer path -> ``max_abs_error`` (largest ``|W_q - W|`` over the weight) and
+            ``relative_error`` (``||W_q - W||_F / ||W||_F``), ``W`` the exact merged weight
+            and ``W_q`` its requantized value.
+        relative_error: the same over all layers together.
+        max_abs_error: the largest over all layers.
+    """
+
+    layers: dict[str, dict[str, float]]
+    relative_error: float
+    max_abs_error: float
+
+    @classmethod
+    def of(cls, raw: dict[str, dict[str, float]]) -> QuantizedMergeReport:
+        layers = {path: {"max_abs_error": e["max_abs_error"],
+                         "relative_error": math.sqrt(e["squared_error"] / e["squared_norm"])
+                         if e["squared_norm"] > 0 else math.sqrt(e["squared_error"])}
+                  for path, e in raw.items()}
+        num = sum(e["squared_error"] for e in raw.values())
+        den = sum(e["squared_norm"] for e in raw.values())
+        return cls(layers, math.sqrt(num / den) if den > 0 else math.sqrt(num),
+                   max((e["max_abs_error"] for e in raw.values()), default=0.0))
 
 
 @dataclasses.dataclass
@@ -142,6 +173,8 @@ class AdaptedModel(nn.Module):
         self._registry = registry if registry is not None else default_registry()
         self._family = self._registry.describe_model(model)
         self._records: dict[str, AdapterRecord] = {}
+        # Adapters prepared for hot-swapping: their tensors may be padded past their config.
+        self._hotswap_ready: set[str] = set()
         self._active: list[str] = []
         self._merged: list[str] = []
         self._disabled = False
@@ -520,6 +553,7 @@ class AdaptedModel(nn.Module):
             self.unmerge([name])
         self._purge(name)
         del self._records[name]
+        self._hotswap_ready.discard(name)
         self._active = [n for n in self._active if n != name]
         self._apply_state()
         for other in remerge:
@@ -552,11 +586,23 @@ class AdaptedModel(nn.Module):
         self._check_mergeable(name).unmerge(self.model, name)
         self._merged.remove(name)
 
-    def merge(self, names: Sequence[str] | None = None) -> None:
+    def merge(self, names: Sequence[str] | None = None, *,
+              keep_quantized: bool = False) -> QuantizedMergeReport | None:
         """Fold adapters (default: the active ones) into the base weights.
 
         Adapters merge in their application (active) order whatever order ``names`` lists,
         as the stacking contract requires (see :meth:`peftreg.host.AdapterHost.merge`).
+
+        Args:
+            names: the adapters to merge.
+            keep_quantized: on a 4-bit base, quantize the merged weight again (same block
+                size and double quantization) instead of making the layer dense; the original
+                codes are kept, so :meth:`unmerge` restores them exactly. The requantization
+                error is returned.
+
+        Returns:
+            With ``keep_quantized``, a :class:`QuantizedMergeReport` of the error the
+            requantization added, per 4-bit layer and in total; otherwise ``None``.
 
         Raises:
             UnsupportedOperationError: one of them belongs to a method that cannot merge, or
@@ -567,6 +613,10 @@ class AdaptedModel(nn.Module):
             self._check_mergeable(name)
             if name not in self._active:
                 raise AdapterError(f"adapter {name!r} is not active; only active ones merge")
+        hosts = [(path, slot) for path, slot in iter_slots(self.model)
+                 if isinstance(slot, AdapterHost)]
+        for _, host in hosts:
+            host.keep_quantized = keep_quantized
         done: list[str] = []
         try:
             for name in sorted(targets, key=self._active.index):
@@ -577,6 +627,14 @@ class AdaptedModel(nn.Module):
             for name in reversed(done):
                 self._unmerge_one(name)
             raise
+        finally:
+            for _, host in hosts:
+                host.keep_quantized = False
+        if not keep_quantized:
+            return None
+        return QuantizedMergeReport.of({path: host.requantize_errors[name]
+                                        for path, host in hosts for name in targets
+                                        if name in host.requantize_errors})
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """Undo :meth:`merge` (default: every merged adapter), newest first.
@@ -626,6 +684,8 @@ class AdaptedModel(nn.Module):
         *,
         format: Literal["peftreg", "peft"] = "peftreg",
         task_type: str | None = None,
+        as_method: str | None = None,
+        rank: int | None = None,
     ) -> Path:
         """Save one adapter (default: the only active one) to ``directory``.
 
@@ -638,11 +698,28 @@ class AdaptedModel(nn.Module):
                 ``directory`` itself, any other adapter ``X`` in ``directory/X``.
             task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...); only for
                 ``format="peft"``.
+            as_method, rank: with ``format="peft"``, write a mergeable adapter as an adapter of
+                method ``as_method`` (``"lora"``) of rank ``rank``, refitted to the updates it
+                makes, so that servers that only run that method can serve it; the refit's
+                error is recorded in the config (see :func:`peftreg.io.refit.save_refitted`).
 
         Returns:
             The directory the adapter's files were written to.
         """
         name = name or self._single_active()
+        if name in self._hotswap_ready:
+            raise AdapterError(
+                f"adapter {name!r} is prepared for hot-swapping (its tensors are padded to the "
+                "largest rank it can take), so its file would not match its config; save the "
+                "adapters you swap into it, or the model before prepare_hotswap")
+        if (as_method is None) != (rank is None):
+            raise AdapterError("as_method and rank go together: the method to refit the "
+                               "adapter as, and the rank of the refit")
+        if as_method is not None and rank is not None:
+            if format != "peft":
+                raise AdapterError("as_method writes PEFT's format; pass format='peft'")
+            return save_refitted(self, directory, name, method=as_method, rank=rank,
+                                 task_type=task_type)[0]
         if format == "peft":
             return save_peft_adapter(self, directory, name, task_type=task_type)
         if format != "peftreg":
@@ -663,6 +740,40 @@ class AdaptedModel(nn.Module):
         :func:`peftreg.io.load.load_adapter`. A Hugging Face PEFT adapter directory
         (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way."""
         return load_adapter(self, directory, name, activate=activate, trainable=trainable)
+
+    def prepare_hotswap(self, name: str, max_rank: int) -> None:
+        """Make adapter ``name`` ready for :meth:`hotswap_adapter` with saved adapters of rank
+        up to ``max_rank`` (LoRA: factors zero-padded to ``max_rank``, the scale held in a
+        tensor). Call it before ``torch.compile``; it changes no output."""
+        record = self.record(name)
+        record.method.prepare_hotswap(self.model, name, max_rank)
+        self._hotswap_ready.add(name)
+
+    def hotswap_adapter(self, directory: str | Path, name: str) -> AdapterRecord:
+        """Replace the weights of the loaded adapter ``name`` by those saved in ``directory``
+        (either format), in place, so that a ``torch.compile``d model runs the new adapter
+        without recompiling (PEFT's ``hotswap_adapter``, for every method that can).
+
+        The saved adapter must be of the same method and adapt the same modules; a rank or
+        scale change needs :meth:`prepare_hotswap` first.
+
+        Raises:
+            UnsupportedOperationError: it does not fit in place; the adapter is unchanged.
+            AdapterFileError: the directory fails its format's checks.
+        """
+        record = self.record(name)
+        saved = read_any(directory, self.registry, model=self.model, family=self._family)
+        if saved.config.method != record.method.name:
+            raise UnsupportedOperationError(
+                f"{directory}: a {saved.config.method} adapter cannot replace the weights of "
+                f"{record.method.name} adapter {name!r}")
+        if name in self._merged:
+            raise UnsupportedOperationError(f"adapter {name!r} is merged; unmerge it before "
+                                            "swapping its weights")
+        record.method.hotswap(self.model, name, saved.config, saved.tensors,
+                              self.adapter_state_dict(name))
+        self._records[name] = dataclasses.replace(record, config=saved.config)
+        return self._records[name]
 
     def _single_active(self) -> str:
         if len(self._active) != 1:

@@ -28,6 +28,10 @@ Groups:
         :func:`has_extension`, and the counter-based dropout :func:`lora_dropout` /
         :func:`new_dropout_seed`.
     quantized bases: :class:`Linear4bit`.
+    comparison tasks: :class:`TaskSpec` (hook ``peftreg_register_tasks``) building a
+        :class:`Task` for ``peftreg compare --model NAME``.
+    dense updates: :class:`LayerUpdate` and :class:`FittedAdapter`, for
+        ``PEFTMethod.fit_updates`` (a method that can stand in for any mergeable adapter).
     Hugging Face PEFT's format: :class:`PeftCodec` (set as ``PEFTMethod.peft_codec``),
         :class:`PeftKeys`, the contexts :class:`PeftImport` / :class:`PeftExport` with the
         shared steps, :class:`ModuleTensors`, :data:`TUNER_PREFIX`, :data:`PROMPT_KEY`,
@@ -40,6 +44,7 @@ from __future__ import annotations
 from torch import nn
 
 from peftreg.base_access import BaseAccess, access_for, dense_linear, merge_bias, merge_weight
+from peftreg.compare.tasks import Task, TaskSpec
 from peftreg.config import MethodConfig
 from peftreg.errors import (
     AdapterError,
@@ -92,6 +97,7 @@ from peftreg.targets import (
     output_head_paths,
     select_targets,
 )
+from peftreg.updates import FittedAdapter, LayerUpdate
 
 #: Names of this module that belong to the SDK (the rest of peftreg is not promised).
 __all__ = [
@@ -110,9 +116,11 @@ __all__ = [
     "BaseAccess",
     "Capabilities",
     "ConfigError",
+    "FittedAdapter",
     "InputAdapter",
     "InputSlot",
     "LayerAdapter",
+    "LayerUpdate",
     "Linear4bit",
     "MethodConfig",
     "ModelFamily",
@@ -127,6 +135,8 @@ __all__ = [
     "ReferenceTransformer",
     "TargetNotFoundError",
     "TargetedConfig",
+    "Task",
+    "TaskSpec",
     "UnsafePatternError",
     "UnsupportedOperationError",
     "base_access",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 from torch import nn
@@ -23,6 +23,8 @@ from peftreg.discovery import PluginFailure, PluginSource
 from peftreg.errors import ConfigError, DuplicateMethodError, PluginError, UnknownMethodError
 from peftreg.families import ModelFamily
 from peftreg.method import API_LEVEL, Capabilities, PEFTMethod
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +183,38 @@ class Registry:
             )
             return
         self._methods[method.name] = _Entry(method, source)
+
+    def collect(self, hook: str, kind: type[_T]) -> list[tuple[_T, PluginSource]]:
+        """The items every plugin returns from the list-returning hook ``hook``, built-in
+        plugins first, with the plugin that gave each. A plugin whose hook raises, returns no
+        list, or returns items that are not ``kind`` is recorded as a failure (by name); the
+        rest are kept."""
+        out: list[tuple[_T, PluginSource]] = []
+        ordered = sorted(self._sources.items(), key=lambda kv: (not kv[1].builtin, kv[0]))
+        impls = getattr(self._pm.hook, hook).get_hookimpls()
+        for plugin_name, source in ordered:
+            plugin = self._pm.get_plugin(plugin_name)
+            for impl in (i for i in impls if i.plugin is plugin):
+                try:
+                    returned = impl.function()
+                except (Exception, SystemExit) as exc:
+                    self._fail(source, f"{hook} raised {type(exc).__name__}: {exc}")
+                    continue
+                if not isinstance(returned, (list, tuple)):
+                    self._fail(source, f"{hook} must return a list of {kind.__name__}, got "
+                               f"{type(returned).__name__}")
+                    continue
+                for item in returned:
+                    if isinstance(item, kind):
+                        out.append((item, source))
+                    else:
+                        self._fail(source, f"{hook} returned a {type(item).__name__}, not a "
+                                   f"{kind.__name__}")
+        return out
+
+    def record_failure(self, source: PluginSource, reason: str) -> None:
+        """Report a plugin's mistake found by a caller (shown by ``peftreg methods``)."""
+        self._fail(source, reason)
 
     def names(self) -> list[str]:
         """Sorted names of the available methods."""

@@ -197,6 +197,7 @@ class HoulsbyMethod(PEFTMethod[HoulsbyConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
+    size_field: ClassVar[str | None] = "bottleneck_size"
 
     def inject(self, model: nn.Module, adapter_name: str, config: HoulsbyConfig,
                family: ModelFamily | None) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -23,17 +24,23 @@ from torch import nn
 from peftreg.plugin import (
     LORA_LINEAR,
     Capabilities,
+    ConfigError,
+    FittedAdapter,
     LayerAdapter,
+    LayerUpdate,
     Linear4bit,
+    MethodConfig,
     ModelFamily,
     PeftCodec,
     PEFTMethod,
     TargetedConfig,
     UnsafePatternError,
+    UnsupportedOperationError,
     base_access,
     compile_pattern,
     hookimpl,
     host_for,
+    iter_slots,
     lora_dropout,
     merge_weight,
     new_dropout_seed,
@@ -55,7 +62,10 @@ class LoraConfig(TargetedConfig):
         lora_dropout: dropout probability on the LoRA path's input, in [0, 1).
         use_rslora: scale by ``lora_alpha / sqrt(r)`` instead.
         init_lora_weights: ``"kaiming"`` (Kaiming-uniform A, as nn.Linear) or ``"gaussian"``
-            (A ~ N(0, 1/r)); B starts at zero either way.
+            (A ~ N(0, 1/r)), B zero either way; or, on dense Linear layers, ``"pissa"`` (A and B
+            from the top ``r`` singular triplets of W, Meng et al. 2024) or ``"olora"`` (from
+            W's QR decomposition, Buyukakyuz 2024). Those two rewrite the base weight to the
+            residual ``W - scaling * B A`` when the adapter is created, as HF PEFT does.
         rank_pattern: per-module rank overrides, keyed by module name, suffix or regex.
         alpha_pattern: per-module ``lora_alpha`` overrides, same keys.
         adapter_dtype: dtype of A and B (``"float32"``, ``"bfloat16"``, ``"float16"``); ``None``
@@ -72,7 +82,7 @@ class LoraConfig(TargetedConfig):
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"
+    init_lora_weights: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -162,6 +172,10 @@ class LoraLinear(LayerAdapter):
         return y + (low * self.scaling).to(y.dtype)
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if isinstance(self.scaling, torch.Tensor):
+            # A hot-swappable adapter keeps its scale in a tensor, which the fused op (taking
+            # a number) would turn back into a graph constant: the plain path keeps it a tensor.
+            return None
         a, b = self.lora_A.weight, self.lora_B.weight
         quantized = getattr(base, "supports_fused_lora", None)  # 4-bit bases (QLoRA)
         if quantized is not None:
@@ -189,7 +203,86 @@ class LoraLinear(LayerAdapter):
 
     # peftreg.row_adapters.LowRankAdapter: per-row multi-adapter serving (lora_multi_add).
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.lora_A.weight, self.lora_B.weight, self.scaling
+        return self.lora_A.weight, self.lora_B.weight, float(self.scaling)
+
+    # -- hot-swapping (AdaptedModel.prepare_hotswap / hotswap_adapter) ---------------------
+
+    @property
+    def hotswap_ready(self) -> bool:
+        """Whether the factors are padded and the scale a tensor (:meth:`pad_for_hotswap`)."""
+        return isinstance(self.scaling, torch.Tensor)
+
+    def pad_for_hotswap(self, max_rank: int) -> None:
+        """Zero-pad A and B to ``max_rank`` (the update is unchanged) and hold the scale in a
+        buffer, so adapters of any rank up to ``max_rank`` and any alpha swap in without
+        changing a shape or a Python number a compiled graph depends on."""
+        if max_rank < self.r:
+            raise ConfigError(f"max_rank {max_rank} is below the adapter's rank {self.r}")
+        with torch.no_grad():
+            for factor, grow in ((self.lora_A, 0), (self.lora_B, 1)):
+                old = factor.weight
+                shape = list(old.shape)
+                shape[grow] = max_rank
+                new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+                new.narrow(grow, 0, self.r).copy_(old)
+                factor.weight = nn.Parameter(new, requires_grad=old.requires_grad)
+            self.lora_A.out_features = self.lora_B.in_features = max_rank
+        scale = float(self.scaling)
+        del self.scaling
+        # Not persistent: the saved keys stay those of an unprepared adapter.
+        self.register_buffer("scaling", torch.tensor(scale, dtype=torch.float32,
+                                                     device=self.lora_A.weight.device),
+                             persistent=False)
+        self.r = max_rank
+
+    def swap_in(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Write factors of rank ``a.shape[0] <= r`` and their scale in place."""
+        with torch.no_grad():
+            self.lora_A.weight.zero_()
+            self.lora_B.weight.zero_()
+            self.lora_A.weight[: a.shape[0]].copy_(a)
+            self.lora_B.weight[:, : b.shape[1]].copy_(b)
+            if isinstance(self.scaling, torch.Tensor):
+                self.scaling.fill_(scale)
+
+
+BASE_REWRITING_INITS = ("pissa", "olora")
+
+
+def check_rewritable(base: nn.Module, init: str, path: str) -> None:
+    """Refuse a base-rewriting init on anything but a dense floating nn.Linear."""
+    weight = getattr(base, "weight", None)
+    if not isinstance(base, nn.Linear) or not isinstance(weight, torch.Tensor) or \
+            not weight.is_floating_point():
+        where = f" {path!r} is" if path else " got"
+        raise UnsupportedOperationError(
+            f"LoraConfig.init_lora_weights = {init!r} needs dense nn.Linear bases (it rewrites "
+            f"the base weight);{where} a {type(base).__name__}")
+
+
+def init_from_base(adapter: LoraLinear, base: nn.Module, init: str) -> None:
+    """PiSSA or OLoRA: A and B from a decomposition of the base weight, which keeps the
+    residual ``W - scaling * B A`` (so the layer starts where it was, up to rounding).
+
+    PiSSA (Meng et al. 2024): ``W = U S V^T``, ``A = sqrt(S_r / scaling) V_r^T``,
+    ``B = U_r sqrt(S_r / scaling)``. OLoRA (Buyukakyuz 2024): ``W = Q R``, ``A = R[:r]``,
+    ``B = Q[:, :r]``. Both in float32, as HF PEFT computes them.
+    """
+    check_rewritable(base, init, "")
+    weight = merge_weight(base)
+    r, scaling = adapter.r, adapter.scaling
+    w = weight.detach().float()
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(s[:r] / scaling)
+        a, b = torch.diag(root) @ vh[:r], u[:, :r] @ torch.diag(root)
+    else:
+        q, rr = torch.linalg.qr(w)
+        a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+    with torch.no_grad():
+        adapter.lora_A.weight.copy_(a)
+        adapter.lora_B.weight.copy_(b)
+        weight.copy_((w - scaling * b @ a).to(weight.dtype))
 
 
 class LoraEmbedding(LayerAdapter):
@@ -240,11 +333,15 @@ class LoraMethod(PEFTMethod[LoraConfig]):
     supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding, Linear4bit)
     suggested_learning_rate: ClassVar[float] = 2e-3
     peft_codec: ClassVar[PeftCodec] = LoraPeftCodec()
+    size_field: ClassVar[str | None] = "r"
 
     def inject(self, model: nn.Module, adapter_name: str, config: LoraConfig,
                family: ModelFamily | None) -> list[str]:
         paths = select_targets(model, config, self.supported, family, _default_targets(family))
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
+        if config.init_lora_weights in BASE_REWRITING_INITS:  # refuse before rewriting any
+            for path in paths:
+                check_rewritable(host_for(model, path).base, config.init_lora_weights, path)
         for path in paths:
             host = host_for(model, path)
             r, scaling = config.rank_and_scale(path)
@@ -252,9 +349,94 @@ class LoraMethod(PEFTMethod[LoraConfig]):
             if isinstance(base, nn.Embedding):
                 host.adapters[adapter_name] = LoraEmbedding(base, r, scaling, dtype)
             else:
-                host.adapters[adapter_name] = LoraLinear(
+                adapter = LoraLinear(
                     base, r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
+                if config.init_lora_weights in BASE_REWRITING_INITS:
+                    init_from_base(adapter, base, config.init_lora_weights)
+                host.adapters[adapter_name] = adapter
         return paths
+
+    def prepare_hotswap(self, model: nn.Module, adapter_name: str, max_rank: int) -> None:
+        """Pad every Linear LoRA of the adapter to ``max_rank`` with the scale in a tensor."""
+        if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank <= 0:
+            raise ConfigError(f"max_rank must be a positive integer, got {max_rank!r}")
+        layers = _lora_layers(model, adapter_name)
+        low = [p for p, layer in layers.items() if isinstance(layer, LoraLinear) and
+               layer.r > max_rank]
+        if low:
+            raise ConfigError(f"max_rank {max_rank} is below the rank of {', '.join(low)}")
+        for layer in layers.values():
+            if isinstance(layer, LoraLinear) and not layer.hotswap_ready:
+                layer.pad_for_hotswap(max_rank)
+
+    def hotswap(self, model: nn.Module, adapter_name: str, config: LoraConfig,
+                tensors: Mapping[str, torch.Tensor],
+                current: Mapping[str, torch.Tensor]) -> None:
+        """Swap in a saved LoRA of the same modules: any rank up to the padded one and any
+        alpha once :meth:`prepare_hotswap` ran, the same rank and scale otherwise. Everything
+        is checked before anything is written."""
+        layers = _lora_layers(model, adapter_name)
+        linear = {p: layer for p, layer in layers.items() if isinstance(layer, LoraLinear)}
+        if len(linear) != len(layers):
+            # Embedding LoRA keeps its shapes: the same-shape copy of the base class.
+            return super().hotswap(model, adapter_name, config, tensors, current)
+        saved = {k.rsplit(".lora_A.weight", 1)[0] for k in tensors if k.endswith(".lora_A.weight")}
+        if saved != set(linear):
+            raise UnsupportedOperationError(
+                f"the saved adapter adapts other modules than adapter {adapter_name!r}: only in "
+                f"it {sorted(saved - set(linear))[:4]}, only in the model "
+                f"{sorted(set(linear) - saved)[:4]}")
+        plan = []
+        for path in sorted(linear):
+            layer = linear[path]
+            a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+            r, scale = config.rank_and_scale(path)
+            if a.shape[0] != r or b.shape[1] != r:
+                raise UnsupportedOperationError(f"{path}: factors of rank {a.shape[0]} where "
+                                                f"the config says {r}")
+            if not layer.hotswap_ready and (r != layer.r or not math.isclose(
+                    scale, float(layer.scaling), rel_tol=1e-12)):
+                raise UnsupportedOperationError(
+                    f"{path}: rank {r} and scale {scale:g} differ from the loaded {layer.r} and "
+                    f"{float(layer.scaling):g}; call prepare_hotswap(name, max_rank) before "
+                    "compiling to swap adapters of other ranks or alphas")
+            if r > layer.r:
+                raise UnsupportedOperationError(f"{path}: rank {r} is above the prepared "
+                                                f"maximum {layer.r}")
+            if a.shape[1] != layer.lora_A.weight.shape[1] or \
+                    b.shape[0] != layer.lora_B.weight.shape[0]:
+                raise UnsupportedOperationError(f"{path}: factors of shape {tuple(b.shape)} @ "
+                                                f"{tuple(a.shape)} do not fit the layer")
+            plan.append((layer, a, b, scale))
+        for layer, a, b, scale in plan:
+            layer.swap_in(a, b, scale)
+
+    def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,
+                    config: MethodConfig | None = None) -> FittedAdapter:
+        """The best rank-``rank`` LoRA for each dense update (Eckart-Young: its truncated SVD,
+        split evenly between the factors, ``B = U sqrt(S)``, ``A = sqrt(S) V^T``), at scale 1
+        (``lora_alpha = r``). A layer whose update has lower rank gets zero rows to fill ``r``.
+        Bias updates have no LoRA counterpart: they are left out, and the caller's error
+        report counts them."""
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+        tensors: dict[str, torch.Tensor] = {}
+        fitted: dict[str, LayerUpdate] = {}
+        for path, update in updates.items():
+            u, sv, vh = torch.linalg.svd(update.weight.double(), full_matrices=False)
+            k = min(rank, sv.shape[0])
+            root = sv[:k].sqrt()
+            b = update.weight.new_zeros(update.weight.shape[0], rank)
+            a = update.weight.new_zeros(rank, update.weight.shape[1])
+            b[:, :k] = u[:, :k] * root
+            a[:k] = root[:, None] * vh[:k]
+            tensors[f"{path}.lora_A.weight"] = a.float()
+            tensors[f"{path}.lora_B.weight"] = b.float()
+            fitted[path] = LayerUpdate(b @ a, None)
+        saved = list(config.modules_to_save) if config is not None else []
+        new = LoraConfig(r=rank, lora_alpha=float(rank), lora_dropout=0.0,
+                         target_modules=list(updates), modules_to_save=saved)
+        return FittedAdapter(new, tensors, fitted)
 
     def parameter_count(
         self, model: nn.Module, config: LoraConfig, family: ModelFamily | None
@@ -267,6 +449,11 @@ class LoraMethod(PEFTMethod[LoraConfig]):
             r, _ = config.rank_and_scale(path)
             total += r * (in_f + out_f)
         return total
+
+
+def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    return {path: slot.adapters[adapter_name] for path, slot in iter_slots(model)
+            if adapter_name in slot.adapters}
 
 
 @hookimpl

@@ -69,6 +69,8 @@ KEYS: Final = PeftKeys(
 )
 # init_lora_weights values whose initialisation rewrites the base weights.
 BASE_REWRITING_INITS: Final = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Those peftreg's LoRA reproduces (the same decomposition of the same base weight).
+REPRODUCED_INITS: Final = ("pissa", "olora")
 # PEFT 0.21.2's defaults for the LoRA keys peftreg has no counterpart for.
 PEFT_DEFAULTS: Final = {
     "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True, "megatron_config": None,
@@ -115,7 +117,11 @@ def lora_fields(ctx: PeftImport) -> dict[str, Any]:
             raise ctx.config_error(f"{key} must be an object, got {value!r}")
         fields[key] = {pattern_key_from_peft(k): v for k, v in value.items()}
     init = doc.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+    if init in REPRODUCED_INITS:
+        # PEFT saves the trained factors and re-runs the decomposition on the base it loads
+        # onto; peftreg's LoRA does the same, so on the original base the numbers are PEFT's.
+        fields["init_lora_weights"] = init
+    elif isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         warnings.warn(
             f"{ctx.config_path}: init_lora_weights={init!r} rewrote the base weights when the "
             "adapter was created; it reproduces the trained model only on that rewritten base "
@@ -135,6 +141,8 @@ def lora_body(ctx: PeftExport, found: ModuleTensors) -> dict[str, Any]:
         "lora_dropout": config.lora_dropout, "use_rslora": config.use_rslora,
         "layers_to_transform": None, "layers_pattern": None,
     })
+    if config.init_lora_weights in REPRODUCED_INITS:
+        body["init_lora_weights"] = config.init_lora_weights
     keys = [*config.rank_pattern, *config.alpha_pattern]
     if all(is_plain_name(k) for k in keys):
         body.update(rank_pattern=dict(config.rank_pattern),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from peftreg.plugin import (
     PEFTMethod,
     cache_length,
     extend_inputs,
+    get_module,
     hookimpl,
 )
 
@@ -60,6 +61,17 @@ class PrefixTuningConfig(MethodConfig):
         encoder_hidden_size: the MLP's hidden width (default: ``token_dim``).
         token_dim: width of the prefix embedding fed to the MLP (default: the model's hidden
             size); without projection the prefix width is always the key/value width.
+        prefix_init: how a direct prefix starts. ``"activations"`` (the paper's section 5):
+            the keys and values the model itself computes for ``num_virtual_tokens`` real
+            tokens, so the adapted model starts as if those tokens preceded every input (near
+            the base model, not at a random one). ``"random"``: standard normal values.
+            ``None`` (the default) takes ``"activations"`` where the model allows it (its family
+            names the token embedding and the key/value projections, or it returns a
+            ``transformers`` cache) and ``"random"`` otherwise. With ``prefix_projection`` the
+            MLP's input embedding starts random either way.
+        init_token_ids: the tokens for ``"activations"``, repeated or cut to
+            ``num_virtual_tokens``; default: ids drawn uniformly from the vocabulary (with the
+            global torch seed).
         modules_to_save: see :class:`peftreg.MethodConfig`.
     """
 
@@ -69,6 +81,8 @@ class PrefixTuningConfig(MethodConfig):
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     token_dim: int | None = None
+    prefix_init: Literal["activations", "random"] | None = None
+    init_token_ids: list[int] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -78,6 +92,22 @@ class PrefixTuningConfig(MethodConfig):
             value = getattr(self, field)
             if value is not None and value <= 0:
                 raise self.error(field, "must be > 0", value)
+        if self.prefix_init not in (None, "activations", "random"):
+            raise self.error("prefix_init", "must be 'activations', 'random' or None",
+                             self.prefix_init)
+        if self.init_token_ids is not None:
+            if self.prefix_init == "random" or self.prefix_projection:
+                raise self.error("init_token_ids", "used only by prefix_init='activations' "
+                                 "without prefix_projection", self.init_token_ids)
+            if not self.init_token_ids or any(
+                    not isinstance(t, int) or isinstance(t, bool) or t < 0
+                    for t in self.init_token_ids):
+                raise self.error("init_token_ids", "must be a non-empty list of token ids "
+                                 "(integers >= 0)", self.init_token_ids)
+        if self.prefix_init == "activations" and self.prefix_projection:
+            raise self.error("prefix_init", "'activations' sets the prefix itself, which "
+                             "prefix_projection computes from an MLP instead; use one of them",
+                             self.prefix_init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +244,8 @@ class PrefixTuningPeftCodec(PeftCodec):
                  "init_weights": "initialisation only"},
     )
     exported_fields = frozenset({"num_virtual_tokens", "prefix_projection",
-                                 "encoder_hidden_size", "token_dim", "modules_to_save"})
+                                 "encoder_hidden_size", "token_dim", "modules_to_save",
+                                 "prefix_init", "init_token_ids"})
     needs_task_type = True
     needs_model = True
 
@@ -278,6 +309,69 @@ class PrefixTuningPeftCodec(PeftCodec):
                 "init_weights": None}, out
 
 
+def _activation_prefix(model: nn.Module, config: PrefixTuningConfig, family: ModelFamily,
+                       g: _Geometry) -> torch.Tensor | None:
+    """The keys and values the model computes for real tokens, laid out as a direct prefix
+    (``n x layers * 2 * kv_width``), or ``None`` when the model does not allow it."""
+    embedding = get_module(model, family.input_embedding) if family.input_embedding else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        return None
+    n = config.num_virtual_tokens
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if config.init_token_ids is not None:
+        if max(config.init_token_ids) >= vocab:
+            raise ConfigError(f"PrefixTuningConfig.init_token_ids: id {max(config.init_token_ids)} "
+                              f"is outside the vocabulary of {vocab} tokens")
+        ids = torch.tensor(config.init_token_ids, device=device).repeat(n)[:n]
+    else:
+        ids = torch.randint(0, vocab, (n,), device=device)
+    layers = _kv_of_tokens(model, family, ids[None], g)
+    if layers is None:
+        return None
+    # (layers, 2, n, kv_width) -> (n, layers * 2 * kv_width), PrefixEncoder.layer_kv's layout.
+    stacked = torch.stack([torch.stack(kv) for kv in layers])
+    return stacked.permute(2, 0, 1, 3).reshape(n, g.width)
+
+
+def _kv_of_tokens(model: nn.Module, family: ModelFamily, ids: torch.Tensor, g: _Geometry
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer ``(key, value)``, each ``(n, kv_width)``, for the tokens ``ids`` (batch 1).
+
+    A model that returns a ``transformers`` cache gives its own keys (rotated and normalised as
+    its attention uses them); otherwise the family's ``k`` and ``v`` projections are read.
+    """
+    was_training = model.training
+    captured: dict[str, torch.Tensor] = {}
+    paths = [*family.role_paths("k"), *family.role_paths("v")]
+    hooks = []
+    if len(paths) == 2 * g.layers:
+        for path in paths:
+            def keep(_m: nn.Module, _i: Any, out: torch.Tensor, path: str = path) -> None:
+                captured[path] = out.detach()
+            hooks.append(get_module(model, path).register_forward_hook(keep))
+    try:
+        model.eval()
+        with torch.no_grad():
+            asks_cache = g.kv_prefix != "prefix_kv" and "use_cache" in inspect.signature(
+                model.forward).parameters
+            out = model(input_ids=ids, use_cache=True) if asks_cache else model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    cache = getattr(out, "past_key_values", None)
+    cache_layers = getattr(cache, "layers", None)
+    if cache_layers is not None and len(cache_layers) == g.layers:
+        # (1, kv_heads, n, head_dim) -> (n, kv_width)
+        return [tuple(t[0].transpose(0, 1).reshape(t.shape[2], -1)  # type: ignore[misc]
+                      for t in (layer.keys, layer.values)) for layer in cache_layers]
+    if len(captured) != 2 * g.layers:
+        return None
+    keys, values = paths[: g.layers], paths[g.layers:]
+    return [(captured[k][0], captured[v][0]) for k, v in zip(keys, values, strict=True)]
+
+
 class PrefixTuningMethod(PEFTMethod[PrefixTuningConfig]):
     """Learned key/value prefixes for every attention layer; not mergeable."""
 
@@ -286,6 +380,7 @@ class PrefixTuningMethod(PEFTMethod[PrefixTuningConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 1e-2
     peft_codec: ClassVar[PeftCodec] = PrefixTuningPeftCodec()
+    size_field: ClassVar[str | None] = "num_virtual_tokens"
 
     def inject(self, model: nn.Module, adapter_name: str, config: PrefixTuningConfig,
                family: ModelFamily | None) -> list[str]:
@@ -296,8 +391,20 @@ class PrefixTuningMethod(PEFTMethod[PrefixTuningConfig]):
         weight = next((p for p in model.parameters() if p.is_floating_point()), None)
         dtype = weight.dtype if weight is not None else torch.float32
         device = weight.device if weight is not None else torch.device("cpu")
+        encoder = PrefixEncoder(config, geometry, dtype, device)
+        if not config.prefix_projection and config.prefix_init != "random":
+            start = _activation_prefix(model, config, family, geometry)  # type: ignore[arg-type]
+            if start is not None:
+                with torch.no_grad():
+                    encoder.prompt_embeddings.copy_(start)
+            elif config.prefix_init == "activations":
+                raise ModelFamilyError(
+                    "PrefixTuningConfig.prefix_init='activations' needs the model's token "
+                    f"embedding and key/value projections, and the {family.name!r} family "  # type: ignore[union-attr]
+                    "description names neither them nor a cache the model returns; use "
+                    "prefix_init='random'")
         slot = InputSlot.attached_to(model)
-        slot.adapters[adapter_name] = PrefixEncoder(config, geometry, dtype, device)
+        slot.adapters[adapter_name] = encoder
         return list(family.layers)  # type: ignore[union-attr]  # _geometry checked it
 
     def parameter_count(

@@ -47,8 +47,9 @@ class PromptTuningConfig(MethodConfig):
 
     Attributes:
         num_virtual_tokens: prompt length (> 0).
-        prompt_tuning_init: ``"RANDOM"`` (normal, scaled like the embedding table),
-            ``"SAMPLE_VOCAB"`` (copies of random rows of the embedding table),
+        prompt_tuning_init: ``"SAMPLE_VOCAB"`` (the default: copies of random rows of the
+            embedding table, so the prompt starts as real tokens would and the model near its
+            base), ``"RANDOM"`` (normal, scaled like the embedding table; PEFT's default),
             ``"TOKENS"`` (the embeddings of ``init_token_ids``, repeated to length) or
             ``"TEXT"`` (the embeddings of ``prompt_tuning_init_text`` tokenized with the local
             tokenizer ``tokenizer_name_or_path``; nothing is downloaded).
@@ -62,7 +63,7 @@ class PromptTuningConfig(MethodConfig):
     method: ClassVar[str] = "prompt_tuning"
 
     num_virtual_tokens: int = 20
-    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TOKENS", "TEXT"] = "RANDOM"
+    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TOKENS", "TEXT"] = "SAMPLE_VOCAB"
     init_token_ids: list[int] | None = None
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
@@ -204,6 +205,7 @@ class PromptTuningMethod(PEFTMethod[PromptTuningConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=False, inference_latency=True)
     suggested_learning_rate: ClassVar[float] = 3e-2
     peft_codec: ClassVar[PeftCodec] = PromptTuningPeftCodec()
+    size_field: ClassVar[str | None] = "num_virtual_tokens"
 
     def inject(self, model: nn.Module, adapter_name: str, config: PromptTuningConfig,
                family: ModelFamily | None) -> list[str]:

@@ -71,6 +71,10 @@ class QLoraConfig(LoraConfig):
         b = self.blocksize
         if b < 32 or b > 4096 or b & (b - 1):
             raise self.error("blocksize", "must be a power of two in 32..4096", b)
+        if self.init_lora_weights in ("pissa", "olora"):
+            raise self.error("init_lora_weights", "rewrites the base weight, which a 4-bit "
+                             "base cannot hold exactly; initialise on the dense model",
+                             self.init_lora_weights)
 
 
 class _QuantizeSpec(TargetedConfig):
@@ -129,6 +133,7 @@ class QLoraMethod(PEFTMethod[QLoraConfig]):
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True,
                                                        compilable=True)
     suggested_learning_rate: ClassVar[float] = 2e-3
+    size_field: ClassVar[str | None] = "r"
 
     def _targets(self, model: nn.Module, config: QLoraConfig,
                  family: ModelFamily | None) -> list[str]:

@@ -11,8 +11,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
+#include <utility>
 
 namespace peftreg::checks {
 
@@ -73,6 +77,58 @@ inline void check_same_shape(const at::Tensor& t, const char* op, const char* na
                              const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.sizes() == ref.sizes(), op, ": argument '", name, "' must have the same shape as '",
               ref_name, "' ", ref.sizes(), " but has shape ", t.sizes());
+}
+
+// A named tensor argument for the list checks below; a null tensor is an absent optional one.
+using Named = std::pair<const char*, const at::Tensor*>;
+
+inline const at::Tensor* opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
+inline void check_same_dtypes(const char* op, std::initializer_list<Named> named,
+                              const at::Tensor& ref, const char* ref_name) {
+  for (const auto& [name, t] : named) {
+    if (t != nullptr) check_same_dtype(*t, op, name, ref, ref_name);
+  }
+}
+
+inline void check_same_devices(const char* op, std::initializer_list<Named> named,
+                               const at::Tensor& ref, const char* ref_name) {
+  for (const auto& [name, t] : named) {
+    if (t != nullptr) check_same_device(*t, op, name, ref, ref_name);
+  }
+}
+
+// Every present tensor of `named` has ref's dtype, then every one is on ref's device: the order
+// of the fake kernels' same_dtype / same_device (peftreg/ops/_checks.py).
+inline void check_like(const char* op, std::initializer_list<Named> named, const at::Tensor& ref,
+                       const char* ref_name) {
+  check_same_dtypes(op, named, ref, ref_name);
+  check_same_devices(op, named, ref, ref_name);
+}
+
+// An optional 1-D argument of `size` entries (a bias): its rank, then its length.
+inline void check_optional_vector(const std::optional<at::Tensor>& t, const char* op,
+                                  const char* name, int64_t size, const char* layout,
+                                  const char* meaning) {
+  if (!t.has_value()) return;
+  check_dim(*t, op, name, 1, layout);
+  check_size(*t, op, name, 0, size, layout, meaning);
+}
+
+// The product of t's leading dimensions: the rows of a (..., features) argument.
+inline int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
+// t's shape with the last dimension replaced: the shape of an op's (..., features) output.
+inline c10::SmallVector<int64_t, 6> with_last(const at::Tensor& t, int64_t last) {
+  c10::SmallVector<int64_t, 6> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = last;
+  return shape;
 }
 
 inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {

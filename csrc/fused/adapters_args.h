@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Argument validation and sizes of the IA3, Houlsby and multi-LoRA ops, shared by the CPU kernels
-// (adapters_cpu.cpp) and the CUDA glue (adapters_cuda_ops.cpp) so both devices reject the same
-// inputs with the same messages. The fake kernels in peftreg/ops/adapters.py repeat these checks.
+// Argument validation and sizes of the IA3, Houlsby and multi-LoRA ops, run once by their
+// entries (adapters_ops.cpp) for every device. The fake kernels in peftreg/ops/adapters.py
+// repeat these checks in the same words and order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -34,23 +34,31 @@ inline Activation parse_activation(c10::string_view name) {
   return Activation::kRelu;  // unreachable
 }
 
-inline int64_t leading_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return rows;
-}
-
-inline c10::SmallVector<int64_t, 6> with_last(const at::Tensor& t, int64_t last) {
-  c10::SmallVector<int64_t, 6> shape(t.sizes().begin(), t.sizes().end());
-  shape.back() = last;
-  return shape;
-}
+using checks::leading_rows;
+using checks::with_last;
 
 struct Ia3Sizes {
   int64_t rows = 0;
   int64_t in_features = 0;
   int64_t out_features = 0;
 };
+
+// What both IA3 ops check first: x (..., in_features), weight (out_features, in_features) and
+// the rank of scale (`scale_layout`); its length depends on the op.
+inline Ia3Sizes check_ia3_weight(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& scale, const char* scale_layout) {
+  namespace ck = peftreg::checks;
+  ck::check_min_dim(x, op, "x", 1, "(..., in_features)");
+  ck::check_dim(weight, op, "weight", 2, "(out_features, in_features)");
+  ck::check_dim(scale, op, "scale", 1, scale_layout);
+  Ia3Sizes s;
+  s.rows = leading_rows(x);
+  s.in_features = x.size(-1);
+  s.out_features = weight.size(0);
+  ck::check_size(weight, op, "weight", 1, s.in_features, "(out_features, in_features)",
+                 "in_features = x.shape[-1]");
+  return s;
+}
 
 // ia3_linear(x, weight, bias, scale, scale_input): scale has in_features entries when the input
 // is scaled, out_features when the output is.
@@ -59,15 +67,8 @@ inline Ia3Sizes check_ia3_linear_args(const at::Tensor& x, const at::Tensor& wei
                                       const at::Tensor& scale, bool scale_input) {
   namespace ck = peftreg::checks;
   const char* op = kIa3LinearOp;
-  ck::check_min_dim(x, op, "x", 1, "(..., in_features)");
-  ck::check_dim(weight, op, "weight", 2, "(out_features, in_features)");
-  ck::check_dim(scale, op, "scale", 1, scale_input ? "(in_features,)" : "(out_features,)");
-  Ia3Sizes s;
-  s.rows = leading_rows(x);
-  s.in_features = x.size(-1);
-  s.out_features = weight.size(0);
-  ck::check_size(weight, op, "weight", 1, s.in_features, "(out_features, in_features)",
-                 "in_features = x.shape[-1]");
+  const Ia3Sizes s = check_ia3_weight(op, x, weight, scale,
+                                      scale_input ? "(in_features,)" : "(out_features,)");
   if (scale_input) {
     ck::check_size(scale, op, "scale", 0, s.in_features, "(in_features,)",
                    "scale_input=True: in_features = x.shape[-1]");
@@ -75,18 +76,10 @@ inline Ia3Sizes check_ia3_linear_args(const at::Tensor& x, const at::Tensor& wei
     ck::check_size(scale, op, "scale", 0, s.out_features, "(out_features,)",
                    "scale_input=False: out_features = weight.shape[0]");
   }
-  if (bias.has_value()) {
-    ck::check_dim(*bias, op, "bias", 1, "(out_features,)");
-    ck::check_size(*bias, op, "bias", 0, s.out_features, "(out_features,)",
-                   "out_features = weight.shape[0]");
-  }
+  ck::check_optional_vector(bias, op, "bias", s.out_features, "(out_features,)",
+                            "out_features = weight.shape[0]");
   ck::check_supported_dtype(x, op, "x");
-  ck::check_same_dtype(weight, op, "weight", x, "x");
-  ck::check_same_dtype(scale, op, "scale", x, "x");
-  if (bias.has_value()) ck::check_same_dtype(*bias, op, "bias", x, "x");
-  ck::check_same_device(weight, op, "weight", x, "x");
-  ck::check_same_device(scale, op, "scale", x, "x");
-  if (bias.has_value()) ck::check_same_device(*bias, op, "bias", x, "x");
+  ck::check_like(op, {{"weight", &weight}, {"scale", &scale}, {"bias", ck::opt(bias)}}, x, "x");
   return s;
 }
 
@@ -98,15 +91,7 @@ inline Ia3Sizes check_ia3_scale_grad_args(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& scale) {
   namespace ck = peftreg::checks;
   const char* op = kIa3ScaleGradOp;
-  ck::check_min_dim(x, op, "x", 1, "(..., in_features)");
-  ck::check_dim(weight, op, "weight", 2, "(out_features, in_features)");
-  ck::check_dim(scale, op, "scale", 1, "(out_features,)");
-  Ia3Sizes s;
-  s.rows = leading_rows(x);
-  s.in_features = x.size(-1);
-  s.out_features = weight.size(0);
-  ck::check_size(weight, op, "weight", 1, s.in_features, "(out_features, in_features)",
-                 "in_features = x.shape[-1]");
+  const Ia3Sizes s = check_ia3_weight(op, x, weight, scale, "(out_features,)");
   ck::check_size(scale, op, "scale", 0, s.out_features, "(out_features,)",
                  "out_features = weight.shape[0]");
   const auto expected = with_last(x, s.out_features);
@@ -114,21 +99,13 @@ inline Ia3Sizes check_ia3_scale_grad_args(const at::Tensor& grad, const at::Tens
               ": argument 'out' must have shape (*x.shape[:-1], out_features) = ",
               c10::IntArrayRef(expected), " but has shape ", out.sizes());
   ck::check_same_shape(grad, op, "grad", out, "out");
-  if (bias.has_value()) {
-    ck::check_dim(*bias, op, "bias", 1, "(out_features,)");
-    ck::check_size(*bias, op, "bias", 0, s.out_features, "(out_features,)",
-                   "out_features = weight.shape[0]");
-  }
+  ck::check_optional_vector(bias, op, "bias", s.out_features, "(out_features,)",
+                            "out_features = weight.shape[0]");
   ck::check_supported_dtype(x, op, "x");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad", &grad},
-                                {"out", &out}, {"weight", &weight}, {"scale", &scale}}) {
-    ck::check_same_dtype(*t, op, name, x, "x");
-    ck::check_same_device(*t, op, name, x, "x");
-  }
-  if (bias.has_value()) {
-    ck::check_same_dtype(*bias, op, "bias", x, "x");
-    ck::check_same_device(*bias, op, "bias", x, "x");
-  }
+  ck::check_like(op,
+                 {{"grad", &grad}, {"out", &out}, {"weight", &weight}, {"scale", &scale},
+                  {"bias", ck::opt(bias)}},
+                 x, "x");
   return s;
 }
 
@@ -157,24 +134,14 @@ inline HoulsbySizes check_houlsby_args(const at::Tensor& h, const at::Tensor& w_
   ck::check_size(w_up, op, "w_up", 0, s.hidden, "(hidden, bottleneck)", "hidden = h.shape[-1]");
   ck::check_size(w_up, op, "w_up", 1, s.bottleneck, "(hidden, bottleneck)",
                  "bottleneck = w_down.shape[0]");
-  if (b_down.has_value()) {
-    ck::check_dim(*b_down, op, "b_down", 1, "(bottleneck,)");
-    ck::check_size(*b_down, op, "b_down", 0, s.bottleneck, "(bottleneck,)",
-                   "bottleneck = w_down.shape[0]");
-  }
-  if (b_up.has_value()) {
-    ck::check_dim(*b_up, op, "b_up", 1, "(hidden,)");
-    ck::check_size(*b_up, op, "b_up", 0, s.hidden, "(hidden,)", "hidden = h.shape[-1]");
-  }
+  ck::check_optional_vector(b_down, op, "b_down", s.bottleneck, "(bottleneck,)",
+                            "bottleneck = w_down.shape[0]");
+  ck::check_optional_vector(b_up, op, "b_up", s.hidden, "(hidden,)", "hidden = h.shape[-1]");
   ck::check_supported_dtype(h, op, "h");
-  ck::check_same_dtype(w_down, op, "w_down", h, "h");
-  ck::check_same_dtype(w_up, op, "w_up", h, "h");
-  if (b_down.has_value()) ck::check_same_dtype(*b_down, op, "b_down", h, "h");
-  if (b_up.has_value()) ck::check_same_dtype(*b_up, op, "b_up", h, "h");
-  ck::check_same_device(w_down, op, "w_down", h, "h");
-  ck::check_same_device(w_up, op, "w_up", h, "h");
-  if (b_down.has_value()) ck::check_same_device(*b_down, op, "b_down", h, "h");
-  if (b_up.has_value()) ck::check_same_device(*b_up, op, "b_up", h, "h");
+  ck::check_like(op,
+                 {{"w_down", &w_down}, {"w_up", &w_up}, {"b_down", ck::opt(b_down)},
+                  {"b_up", ck::opt(b_up)}},
+                 h, "h");
   return s;
 }
 
@@ -221,17 +188,14 @@ inline LoraMultiSizes check_lora_multi_args(const at::Tensor& base, const at::Te
   TORCH_CHECK(index.scalar_type() == at::kLong, op, ": argument 'index' has dtype ",
               index.scalar_type(), "; expected Long (int64)");
   ck::check_supported_dtype(x, op, "x");
-  ck::check_same_dtype(base, op, "base", x, "x");
-  ck::check_same_dtype(lora_a, op, "lora_a", x, "x");
-  ck::check_same_dtype(lora_b, op, "lora_b", x, "x");
+  ck::check_same_dtypes(op, {{"base", &base}, {"lora_a", &lora_a}, {"lora_b", &lora_b}}, x, "x");
   TORCH_CHECK(checks::is_supported_float(scaling.scalar_type()), op,
               ": argument 'scaling' has dtype ", scaling.scalar_type(),
               "; expected a floating dtype");
-  ck::check_same_device(base, op, "base", x, "x");
-  ck::check_same_device(lora_a, op, "lora_a", x, "x");
-  ck::check_same_device(lora_b, op, "lora_b", x, "x");
-  ck::check_same_device(scaling, op, "scaling", x, "x");
-  ck::check_same_device(index, op, "index", x, "x");
+  ck::check_same_devices(op,
+                         {{"base", &base}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+                          {"scaling", &scaling}, {"index", &index}},
+                         x, "x");
   return s;
 }
 

@@ -17,20 +17,11 @@
 #include "fused/adapters_args.h"
 #include "fused/adapters_kernels.h"
 
-#ifndef PEFTREG_WITH_CUDA
-#define PEFTREG_WITH_CUDA 0
-#endif
-
 namespace peftreg::fused {
 namespace {
 
 const AdapterKernels& kernels(const at::Tensor& t, const char* op) {
-#if PEFTREG_WITH_CUDA
-  const AdapterKernels* cuda = &cuda_adapter_kernels();
-#else
-  const AdapterKernels* cuda = nullptr;
-#endif
-  return kernels_for(t, op, cpu_adapter_kernels(), cuda);
+  return kernels_for(t, op, cpu_adapter_kernels(), PEFTREG_CUDA_TABLE(cuda_adapter_kernels));
 }
 
 at::Tensor ia3_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -83,21 +74,14 @@ at::Tensor lora_multi_add(const at::Tensor& base, const at::Tensor& x, const at:
   return out.view(base.sizes());
 }
 
+void impl_adapter_ops(torch::Library& m) {
+  m.impl("ia3_linear", &ia3_linear);
+  m.impl("ia3_scale_grad", &ia3_scale_grad);
+  m.impl("houlsby_adapter", &houlsby_adapter);
+  m.impl("lora_multi_add", &lora_multi_add);
+}
+
 }  // namespace
 }  // namespace peftreg::fused
 
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("ia3_linear", &peftreg::fused::ia3_linear);
-  m.impl("ia3_scale_grad", &peftreg::fused::ia3_scale_grad);
-  m.impl("houlsby_adapter", &peftreg::fused::houlsby_adapter);
-  m.impl("lora_multi_add", &peftreg::fused::lora_multi_add);
-}
-
-#if PEFTREG_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftreg, CUDA, m) {
-  m.impl("ia3_linear", &peftreg::fused::ia3_linear);
-  m.impl("ia3_scale_grad", &peftreg::fused::ia3_scale_grad);
-  m.impl("houlsby_adapter", &peftreg::fused::houlsby_adapter);
-  m.impl("lora_multi_add", &peftreg::fused::lora_multi_add);
-}
-#endif
+PEFTREG_IMPL_CPU_AND_CUDA(peftreg::fused::impl_adapter_ops)

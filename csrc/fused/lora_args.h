@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Argument validation and size bookkeeping for peftreg::lora_linear, shared by the CPU kernel
-// (lora_cpu.cpp) and the CUDA registration glue (lora_cuda_ops.cpp) so both devices reject the
-// same inputs with the same messages. The fake kernel in peftreg/ops/lora.py mirrors it.
+// Argument validation and size bookkeeping for peftreg::lora_linear and its backward, run once
+// by their entries (lora_ops.cpp) for every device. The fake kernels in peftreg/ops/lora.py
+// mirror it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,12 +46,8 @@ inline LoraLinearSizes check_lora_linear_args(const at::Tensor& x, const at::Ten
   s.in_features = x.size(-1);
   s.out_features = weight.size(0);
   s.rank = lora_a.size(0);
-  s.rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
-    s.rows *= x.size(d);
-  }
-  s.out_shape.assign(x.sizes().begin(), x.sizes().end());
-  s.out_shape.back() = s.out_features;
+  s.rows = ck::leading_rows(x);
+  s.out_shape = ck::with_last(x, s.out_features);
 
   ck::check_size(weight, op, "weight", 1, s.in_features, "(out_features, in_features)",
                  "in_features = x.shape[-1]");
@@ -60,27 +56,16 @@ inline LoraLinearSizes check_lora_linear_args(const at::Tensor& x, const at::Ten
   ck::check_size(lora_b, op, "lora_b", 0, s.out_features, "(out_features, r)",
                  "out_features = weight.shape[0]");
   ck::check_size(lora_b, op, "lora_b", 1, s.rank, "(out_features, r)", "r = lora_a.shape[0]");
-  if (bias.has_value()) {
-    ck::check_dim(*bias, op, "bias", 1, "(out_features,)");
-    ck::check_size(*bias, op, "bias", 0, s.out_features, "(out_features,)",
-                   "out_features = weight.shape[0]");
-  }
+  ck::check_optional_vector(bias, op, "bias", s.out_features, "(out_features,)",
+                            "out_features = weight.shape[0]");
   if (x_lora.has_value()) {
     ck::check_same_shape(*x_lora, op, "x_lora", x, "x");
   }
-
   ck::check_supported_dtype(x, op, "x");
-  ck::check_same_dtype(weight, op, "weight", x, "x");
-  ck::check_same_dtype(lora_a, op, "lora_a", x, "x");
-  ck::check_same_dtype(lora_b, op, "lora_b", x, "x");
-  if (bias.has_value()) ck::check_same_dtype(*bias, op, "bias", x, "x");
-  if (x_lora.has_value()) ck::check_same_dtype(*x_lora, op, "x_lora", x, "x");
-
-  ck::check_same_device(weight, op, "weight", x, "x");
-  ck::check_same_device(lora_a, op, "lora_a", x, "x");
-  ck::check_same_device(lora_b, op, "lora_b", x, "x");
-  if (bias.has_value()) ck::check_same_device(*bias, op, "bias", x, "x");
-  if (x_lora.has_value()) ck::check_same_device(*x_lora, op, "x_lora", x, "x");
+  ck::check_like(op,
+                 {{"weight", &weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+                  {"bias", ck::opt(bias)}, {"x_lora", ck::opt(x_lora)}},
+                 x, "x");
   return s;
 }
 
@@ -108,10 +93,8 @@ inline LoraBackwardSizes check_lora_backward_args(
   ck::check_dim(lora_b, op, "lora_b", 2, "(out_features, r)");
   s.out_features = grad.size(-1);
   s.in_features = lora_a.size(1);
-  s.rows = 1;
-  for (int64_t d = 0; d + 1 < grad.dim(); ++d) s.rows *= grad.size(d);
-  s.x_shape.assign(grad.sizes().begin(), grad.sizes().end());
-  s.x_shape.back() = s.in_features;
+  s.rows = ck::leading_rows(grad);
+  s.x_shape = ck::with_last(grad, s.in_features);
   ck::check_size(lora_b, op, "lora_b", 0, s.out_features, "(out_features, r)",
                  "out_features = grad.shape[-1]");
   ck::check_size(lora_b, op, "lora_b", 1, lora_a.size(0), "(out_features, r)",
@@ -128,8 +111,7 @@ inline LoraBackwardSizes check_lora_backward_args(
       TORCH_CHECK((*t)->sizes() == c10::IntArrayRef(s.x_shape), op, ": argument '", name,
                   "' must have shape ", c10::IntArrayRef(s.x_shape),
                   " (grad's leading dims, in_features) but has shape ", (*t)->sizes());
-      ck::check_same_dtype(**t, op, name, grad, "grad");
-      ck::check_same_device(**t, op, name, grad, "grad");
+      ck::check_like(op, {{name, &**t}}, grad, "grad");
     }
   }
   if (weight_needed && weight.has_value()) {
@@ -138,14 +120,10 @@ inline LoraBackwardSizes check_lora_backward_args(
                    "out_features = grad.shape[-1]");
     ck::check_size(*weight, op, "weight", 1, s.in_features, "(out_features, in_features)",
                    "in_features = lora_a.shape[1]");
-    ck::check_same_dtype(*weight, op, "weight", grad, "grad");
-    ck::check_same_device(*weight, op, "weight", grad, "grad");
+    ck::check_like(op, {{"weight", &*weight}}, grad, "grad");
   }
   ck::check_supported_dtype(grad, op, "grad");
-  ck::check_same_dtype(lora_a, op, "lora_a", grad, "grad");
-  ck::check_same_dtype(lora_b, op, "lora_b", grad, "grad");
-  ck::check_same_device(lora_a, op, "lora_a", grad, "grad");
-  ck::check_same_device(lora_b, op, "lora_b", grad, "grad");
+  ck::check_like(op, {{"lora_a", &lora_a}, {"lora_b", &lora_b}}, grad, "grad");
   return s;
 }
 

@@ -30,20 +30,15 @@ void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::
 // The CPU kernels of nf4_lora_linear and its backward (qlora_cpu.cpp), entries of the CPU
 // table in lora_cpu.cpp (signatures as in lora_kernels.h).
 at::Tensor nf4_lora_linear_cpu(const Nf4LoraSizes& s, const at::Tensor& x,
-                               const at::Tensor& codes, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& offset, int64_t blocksize,
-                               int64_t nested_blocksize, int64_t out_features,
-                               int64_t in_features, const std::optional<at::Tensor>& bias,
-                               const at::Tensor& lora_a, const at::Tensor& lora_b,
-                               double scaling, const std::optional<at::Tensor>& x_lora,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scaling,
+                               const std::optional<at::Tensor>& x_lora,
                                const LoraDropout& dropout);
-LoraGrads nf4_lora_linear_backward_cpu(
-    const LoraBackwardSizes& s, const at::Tensor& grad, const std::optional<at::Tensor>& x,
-    const at::Tensor& codes, const at::Tensor& absmax,
-    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-    const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout);
+LoraGrads nf4_lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor& grad,
+                                       const std::optional<at::Tensor>& x,
+                                       const nf4::Nf4Weight& weight, const at::Tensor& lora_a,
+                                       const at::Tensor& lora_b, double scaling,
+                                       const std::optional<at::Tensor>& x_lora,
+                                       const LoraDropout& dropout);
 
 }  // namespace peftreg::fused

@@ -18,7 +18,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
 #include <optional>
@@ -31,6 +30,7 @@
 #include "fused/lora_kernels.h"
 #include "fused/lora_math.h"
 #include "fused/qlora_args.h"
+#include "nf4/nf4_kernels.h"
 
 namespace peftreg::fused {
 namespace {
@@ -94,55 +94,36 @@ LoraGrads lora_linear_backward_cuda(const LoraBackwardSizes& s, const at::Tensor
                                  grad.scalar_type(), dropout);
 }
 
-// LoRA on an NF4 base: the CUDA nf4_linear / nf4_linear_grad_input kernels (called through the
-// dispatcher; they round to x's dtype) plus the low-rank terms added in place with cuBLAS.
-using Nf4LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                               int64_t, int64_t, int64_t, int64_t,
-                               const std::optional<at::Tensor>&);
-using Nf4GradInputFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
-                                  int64_t);
-
+// LoRA on an NF4 base: nf4_linear's CUDA product (rounded to x's dtype, as nf4_linear returns
+// it) plus the low-rank terms added in place with cuBLAS.
 at::Tensor nf4_lora_linear_cuda(const Nf4LoraSizes& s, const at::Tensor& x,
-                                const at::Tensor& codes, const at::Tensor& absmax,
-                                const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                int64_t nested_blocksize, int64_t out_features,
-                                int64_t in_features, const std::optional<at::Tensor>& bias,
-                                const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                double scaling, const std::optional<at::Tensor>& x_lora,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                const at::Tensor& lora_b, double scaling,
+                                const std::optional<at::Tensor>& x_lora,
                                 const LoraDropout& dropout) {
-  static const auto nf4_linear = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("peftreg::nf4_linear", "")
-                                     .typed<Nf4LinearFn>();
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor y = nf4_linear.call(x, codes, absmax, nested_absmax, offset, blocksize,
-                                 nested_blocksize, out_features, in_features, bias)
-                     .reshape({s.rows, out_features});
-  at::Tensor xl2d = rows_2d(x_lora.has_value() ? *x_lora : x, s.rows, in_features);
+  const at::Tensor x2d = rows_2d(x, s.rows, s.in_features);
+  at::Tensor y = nf4::nf4_linear_rows(nf4::cuda_nf4_kernels(), s.weight, x2d, bias,
+                                      s.out_features, s.in_features);
+  at::Tensor xl2d = x_lora.has_value() ? rows_2d(*x_lora, s.rows, s.in_features) : x2d;
   if (dropout.active()) xl2d = lora_dropout_apply(xl2d, dropout);
   add_low_rank(y, xl2d, lora_a, lora_b, scaling);
   return y;
 }
 
-LoraGrads nf4_lora_linear_backward_cuda(
-    const LoraBackwardSizes& s, const at::Tensor& grad, const std::optional<at::Tensor>& x,
-    const at::Tensor& codes, const at::Tensor& absmax,
-    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-    const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout) {
-  static const auto grad_input = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("peftreg::nf4_linear_grad_input", "")
-                                     .typed<Nf4GradInputFn>();
+LoraGrads nf4_lora_linear_backward_cuda(const LoraBackwardSizes& s, const at::Tensor& grad,
+                                        const std::optional<at::Tensor>& x,
+                                        const nf4::Nf4Weight& weight, const at::Tensor& lora_a,
+                                        const at::Tensor& lora_b, double scaling,
+                                        const std::optional<at::Tensor>& x_lora,
+                                        const LoraDropout& dropout) {
   const c10::cuda::CUDAGuard device_guard(grad.device());
-  const at::Tensor g2d = rows_2d(grad, s.rows, out_features);
+  const at::Tensor g2d = rows_2d(grad, s.rows, s.out_features);
   at::Tensor grad_x;
   if (s.need[kGradX]) {
-    grad_x = grad_input.call(g2d, codes, absmax, nested_absmax, offset, blocksize,
-                             nested_blocksize, out_features, in_features);
+    grad_x = nf4::cuda_nf4_kernels()
+                 .product(weight, g2d, s.out_features, s.in_features, /*forward=*/false)
+                 .to(grad.scalar_type());
   }
   const LowRankGrads lr = low_rank_grads_for(g2d, x, lora_a, lora_b, scaling, x_lora, s,
                                              grad.scalar_type(),

@@ -30,22 +30,19 @@ struct LoraKernels {
                                     const at::Tensor& lora_a, const at::Tensor& lora_b,
                                     double scaling, const std::optional<at::Tensor>& x_lora,
                                     const LoraDropout& dropout);
+  // The NF4 base (s.weight, s.out_features x s.in_features) in place of weight.
   at::Tensor (*nf4_lora_linear)(const Nf4LoraSizes& s, const at::Tensor& x,
-                                const at::Tensor& codes, const at::Tensor& absmax,
-                                const std::optional<at::Tensor>& nested_absmax,
-                                const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                int64_t nested_blocksize, int64_t out_features,
-                                int64_t in_features, const std::optional<at::Tensor>& bias,
-                                const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                double scaling, const std::optional<at::Tensor>& x_lora,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                const at::Tensor& lora_b, double scaling,
+                                const std::optional<at::Tensor>& x_lora,
                                 const LoraDropout& dropout);
-  LoraGrads (*nf4_lora_linear_backward)(
-      const LoraBackwardSizes& s, const at::Tensor& grad, const std::optional<at::Tensor>& x,
-      const at::Tensor& codes, const at::Tensor& absmax,
-      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-      int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features,
-      const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-      const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout);
+  // `weight` is checked (and read) only when s.need[kGradX].
+  LoraGrads (*nf4_lora_linear_backward)(const LoraBackwardSizes& s, const at::Tensor& grad,
+                                        const std::optional<at::Tensor>& x,
+                                        const nf4::Nf4Weight& weight, const at::Tensor& lora_a,
+                                        const at::Tensor& lora_b, double scaling,
+                                        const std::optional<at::Tensor>& x_lora,
+                                        const LoraDropout& dropout);
 };
 
 const LoraKernels& cpu_lora_kernels();

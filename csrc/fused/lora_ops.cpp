@@ -18,21 +18,13 @@
 #include "fused/lora_kernels.h"
 #include "fused/lora_math.h"
 #include "fused/qlora_args.h"
-
-#ifndef PEFTREG_WITH_CUDA
-#define PEFTREG_WITH_CUDA 0
-#endif
+#include "nf4/nf4_args.h"
 
 namespace peftreg::fused {
 namespace {
 
 const LoraKernels& kernels(const at::Tensor& t, const char* op) {
-#if PEFTREG_WITH_CUDA
-  const LoraKernels* cuda = &cuda_lora_kernels();
-#else
-  const LoraKernels* cuda = nullptr;
-#endif
-  return kernels_for(t, op, cpu_lora_kernels(), cuda);
+  return kernels_for(t, op, cpu_lora_kernels(), PEFTREG_CUDA_TABLE(cuda_lora_kernels));
 }
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -69,14 +61,12 @@ at::Tensor nf4_lora_linear(const at::Tensor& x, const at::Tensor& codes, const a
                            const at::Tensor& lora_b, double scaling,
                            const std::optional<at::Tensor>& x_lora, double dropout_p,
                            const std::optional<at::Tensor>& dropout_seed) {
-  const Nf4LoraSizes s = check_nf4_lora_args(x, out_features, in_features, bias, lora_a, lora_b,
-                                             x_lora);
+  const Nf4LoraSizes s = check_nf4_lora_args(x, codes, absmax, nested_absmax, offset, blocksize,
+                                             nested_blocksize, out_features, in_features, bias,
+                                             lora_a, lora_b, x_lora);
   const LoraDropout dropout = lora_dropout_args(kNf4LoraOp, dropout_p, dropout_seed, x_lora);
   const at::Tensor y = kernels(x, kNf4LoraOp)
-                           .nf4_lora_linear(s, x, codes, absmax, nested_absmax, offset,
-                                            blocksize, nested_blocksize, out_features,
-                                            in_features, bias, lora_a, lora_b, scaling, x_lora,
-                                            dropout);
+                           .nf4_lora_linear(s, x, bias, lora_a, lora_b, scaling, x_lora, dropout);
   return y.view(s.out_shape);
 }
 
@@ -96,27 +86,23 @@ LoraGrads nf4_lora_linear_backward(
   TORCH_CHECK(s.out_features == out_features && s.in_features == in_features,
               kNf4LoraBackwardOp, ": grad has ", s.out_features, " features and lora_a ",
               s.in_features, " but the weight is (", out_features, ", ", in_features, ")");
+  nf4::Nf4Weight weight;
+  if (s.need[kGradX]) {
+    weight = nf4::checked_weight(kNf4LoraBackwardOp, grad, "grad", codes, absmax, nested_absmax,
+                                 offset, blocksize, nested_blocksize, out_features * in_features);
+  }
   return kernels(grad, kNf4LoraBackwardOp)
-      .nf4_lora_linear_backward(s, grad, x, codes, absmax, nested_absmax, offset, blocksize,
-                                nested_blocksize, out_features, in_features, lora_a, lora_b,
-                                scaling, x_lora, dropout);
+      .nf4_lora_linear_backward(s, grad, x, weight, lora_a, lora_b, scaling, x_lora, dropout);
+}
+
+void impl_lora_ops(torch::Library& m) {
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("nf4_lora_linear", &nf4_lora_linear);
+  m.impl("nf4_lora_linear_backward", &nf4_lora_linear_backward);
 }
 
 }  // namespace
 }  // namespace peftreg::fused
 
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("lora_linear", &peftreg::fused::lora_linear);
-  m.impl("lora_linear_backward", &peftreg::fused::lora_linear_backward);
-  m.impl("nf4_lora_linear", &peftreg::fused::nf4_lora_linear);
-  m.impl("nf4_lora_linear_backward", &peftreg::fused::nf4_lora_linear_backward);
-}
-
-#if PEFTREG_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftreg, CUDA, m) {
-  m.impl("lora_linear", &peftreg::fused::lora_linear);
-  m.impl("lora_linear_backward", &peftreg::fused::lora_linear_backward);
-  m.impl("nf4_lora_linear", &peftreg::fused::nf4_lora_linear);
-  m.impl("nf4_lora_linear_backward", &peftreg::fused::nf4_lora_linear_backward);
-}
-#endif
+PEFTREG_IMPL_CPU_AND_CUDA(peftreg::fused::impl_lora_ops)

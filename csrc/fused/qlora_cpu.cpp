@@ -5,7 +5,7 @@
 //
 //   y = x @ dequant(W)^T + bias + scaling * ((x_lora or x) @ A^T) @ B^T
 //
-// The base product is the NF4 kernel's tile-by-tile product (csrc/nf4/nf4_cpu.cpp), taken in
+// The base product is the NF4 CPU table's tile-by-tile product (csrc/nf4/nf4_kernels.h), in
 // float32 before rounding; bias and the low-rank update (csrc/fused/lora_math.h) are added to
 // that float32 result and the output is rounded once. The backward likewise adds the low-rank
 // input gradient to the NF4 kernel's float32 g @ dequant(W). So a bf16 QLoRA layer gets fp32
@@ -23,23 +23,19 @@
 #include "fused/lora_dropout.h"
 #include "fused/lora_math.h"
 #include "fused/qlora_args.h"
-#include "nf4/nf4_cpu.h"
+#include "nf4/nf4_kernels.h"
 
 namespace peftreg::fused {
 
 at::Tensor nf4_lora_linear_cpu(const Nf4LoraSizes& s, const at::Tensor& x,
-                               const at::Tensor& codes, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& offset, int64_t blocksize,
-                               int64_t nested_blocksize, int64_t out_features,
-                               int64_t in_features, const std::optional<at::Tensor>& bias,
-                               const at::Tensor& lora_a, const at::Tensor& lora_b,
-                               double scaling, const std::optional<at::Tensor>& x_lora,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scaling,
+                               const std::optional<at::Tensor>& x_lora,
                                const LoraDropout& dropout) {
+  const int64_t in_features = s.in_features;
   const at::Tensor x2d = rows_2d(x, s.rows, in_features);
-  at::Tensor y = nf4::nf4_product_acc_cpu(kNf4LoraOp, x2d, "x", codes, absmax, nested_absmax,
-                                          offset, blocksize, nested_blocksize, out_features,
-                                          in_features, /*forward=*/true);
+  at::Tensor y = nf4::cpu_nf4_kernels().product(s.weight, x2d, s.out_features, in_features,
+                                                /*forward=*/true);
   const at::ScalarType compute = y.scalar_type();  // float32, or float64 for float64 input
   if (bias.has_value()) y.add_(as_compute(*bias, compute));
   at::Tensor xl2d = as_compute(
@@ -54,20 +50,18 @@ at::Tensor nf4_lora_linear_cpu(const Nf4LoraSizes& s, const at::Tensor& x,
   return out;
 }
 
-LoraGrads nf4_lora_linear_backward_cpu(
-    const LoraBackwardSizes& s, const at::Tensor& grad, const std::optional<at::Tensor>& x,
-    const at::Tensor& codes, const at::Tensor& absmax,
-    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, int64_t in_features,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-    const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout) {
-  const at::Tensor g2d = rows_2d(grad, s.rows, out_features);
+LoraGrads nf4_lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor& grad,
+                                       const std::optional<at::Tensor>& x,
+                                       const nf4::Nf4Weight& weight, const at::Tensor& lora_a,
+                                       const at::Tensor& lora_b, double scaling,
+                                       const std::optional<at::Tensor>& x_lora,
+                                       const LoraDropout& dropout) {
+  const at::Tensor g2d = rows_2d(grad, s.rows, s.out_features);
   const at::ScalarType compute = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor grad_x;
   if (s.need[kGradX]) {
-    grad_x = nf4::nf4_product_acc_cpu(kNf4LoraBackwardOp, g2d, "grad", codes, absmax,
-                                      nested_absmax, offset, blocksize, nested_blocksize,
-                                      out_features, in_features, /*forward=*/false);
+    grad_x = nf4::cpu_nf4_kernels().product(weight, g2d, s.out_features, s.in_features,
+                                            /*forward=*/false);
   }
   const LowRankGrads lr = low_rank_grads_for(as_compute(g2d, compute), x, lora_a, lora_b,
                                              scaling, x_lora, s, compute,

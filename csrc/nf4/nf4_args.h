@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// Argument validation for the peftreg::nf4_* ops, shared by the CPU kernels (nf4_cpu.cpp) and
-// the CUDA glue (nf4_cuda_ops.cpp) so both devices reject the same inputs with the same
-// messages. The fake kernels in peftreg/ops/nf4.py repeat these checks with torch._check.
+// Argument validation for the peftreg::nf4_* ops, called once per op by its one entry
+// (nf4_ops.cpp, and qlora_args.h for nf4_lora_linear), whatever the device. The fake kernels in
+// peftreg/ops/nf4.py repeat these checks with torch._check, in the same words.
 //
 // A quantized weight travels through the ops as six arguments (see docs/ops.md):
 //   codes             uint8, (n + 1) // 2 packed bytes (bitsandbytes stores them as (bytes, 1))
@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "common/checks.h"
 #include "nf4/nf4_format.h"
@@ -32,6 +33,34 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name,
                         at::ScalarType expected) {
   TORCH_CHECK(t.scalar_type() == expected, op, ": argument '", name, "' has dtype ",
               t.scalar_type(), "; expected ", expected);
+}
+
+inline constexpr const char* kQuantizeOp = "peftreg::nf4_quantize";
+inline constexpr const char* kDoubleQuantizeOp = "peftreg::nf4_double_quantize";
+inline constexpr const char* kDequantizeOp = "peftreg::nf4_dequantize";
+inline constexpr const char* kDequantizeIntoOp = "peftreg::nf4_dequantize_into";
+inline constexpr const char* kLinearOp = "peftreg::nf4_linear";
+inline constexpr const char* kGradInputOp = "peftreg::nf4_linear_grad_input";
+
+// nf4_quantize takes the dtypes NF4 weights come in; float64 has no use here.
+inline void check_quantize_dtype(const char* op, const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": argument 'x' has dtype ", dtype,
+              "; expected Float (float32), BFloat16 or Half (float16)");
+}
+
+// nf4_dequantize's 'dtype'; nf4_dequantize_into checks its 'out' with
+// checks::check_supported_dtype.
+inline void check_dense_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(checks::is_supported_float(dtype), op, ": argument 'dtype' is ", dtype,
+              "; expected one of Float (float32), BFloat16, Half (float16) or Double");
+}
+
+inline void check_shape(const char* op, at::IntArrayRef shape) {
+  for (const int64_t d : shape) {
+    TORCH_CHECK(d >= 0, op, ": argument 'shape' ", shape, " has a negative size");
+  }
 }
 
 inline void check_numel(const at::Tensor& t, const char* op, const char* name, int64_t expected,
@@ -99,6 +128,32 @@ inline QuantizedWeight check_quantized_weight(const char* op, const at::Tensor& 
   return w;
 }
 
+// A validated quantized weight as the kernels get it: its sizes and its tensors, contiguous
+// (nested_absmax and offset are undefined without double quantization).
+struct Nf4Weight {
+  QuantizedWeight sizes;
+  at::Tensor codes, absmax, nested_absmax, offset;
+};
+
+// check_quantized_weight, then the tensors the kernels read.
+inline Nf4Weight checked_weight(const char* op, const at::Tensor& device_ref,
+                                const char* ref_name, const at::Tensor& codes,
+                                const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                int64_t nested_blocksize, int64_t numel) {
+  Nf4Weight w;
+  w.sizes = check_quantized_weight(op, device_ref, ref_name, codes, absmax, nested_absmax, offset,
+                                   blocksize, nested_blocksize, numel);
+  w.codes = codes.contiguous();
+  w.absmax = absmax.contiguous();
+  if (w.sizes.double_quant) {
+    w.nested_absmax = nested_absmax->contiguous();
+    w.offset = offset->contiguous();
+  }
+  return w;
+}
+
 // nf4_linear / nf4_linear_grad_input: sizes of the product.
 struct LinearSizes {
   int64_t rows = 0;
@@ -120,8 +175,7 @@ inline LinearSizes check_linear_input(const char* op, const at::Tensor& x, const
   LinearSizes s;
   s.in_features = in_features;
   s.out_features = out_features;
-  s.rows = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) s.rows *= x.size(d);
+  s.rows = ck::leading_rows(x);
   return s;
 }
 
@@ -132,8 +186,7 @@ inline void check_bias(const char* op, const std::optional<at::Tensor>& bias,
   ck::check_dim(*bias, op, "bias", 1, "(out_features,)");
   TORCH_CHECK(bias->size(0) == out_features, op, ": argument 'bias' has shape ", bias->sizes(),
               " but out_features is ", out_features);
-  ck::check_same_dtype(*bias, op, "bias", x, "x");
-  ck::check_same_device(*bias, op, "bias", x, "x");
+  ck::check_like(op, {{"bias", &*bias}}, x, "x");
 }
 
 }  // namespace peftreg::nf4

@@ -1,14 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CPU kernels of the peftreg::nf4_* ops (schemas in csrc/registration.cpp; the format is
-// csrc/nf4/nf4_format.h, documented in docs/format.md "NF4 storage"):
-//
-//   nf4_quantize           x -> packed 4-bit codes + float32 absmax per block
-//   nf4_double_quantize    absmax -> uint8 codes + float32 absmax per 256 blocks + offset
-//   nf4_dequantize         codes + scales -> dense tensor of any float dtype
-//   nf4_dequantize_into    the same, written into a preallocated tensor
-//   nf4_linear             y = x @ dequant(W)^T + bias, never forming the dense W
-//   nf4_linear_grad_input  grad_x = grad_y @ dequant(W), never forming the dense W
+// The CPU kernel table of the peftreg::nf4_* ops (nf4_kernels.h): kernels only; the checked
+// entries, one per op for every device, are nf4_ops.cpp. The format is csrc/nf4/nf4_format.h,
+// documented in docs/format.md "NF4 storage".
 //
 // Numerics (shared with the CUDA kernels and peftreg/ops/reference.py): a weight enters every
 // product as its float32 dequantized value fp32(code * absmax) (with double quantization the
@@ -33,13 +27,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mean.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -48,14 +38,12 @@
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "common/checks.h"
 #include "nf4/nf4_args.h"
-#include "nf4/nf4_cpu.h"
 #include "nf4/nf4_format.h"
+#include "nf4/nf4_kernels.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define PEFTREG_NF4_X86 1
@@ -66,13 +54,6 @@
 
 namespace peftreg::nf4 {
 namespace {
-
-constexpr const char* kQuantizeOp = "peftreg::nf4_quantize";
-constexpr const char* kDoubleQuantizeOp = "peftreg::nf4_double_quantize";
-constexpr const char* kDequantizeOp = "peftreg::nf4_dequantize";
-constexpr const char* kDequantizeIntoOp = "peftreg::nf4_dequantize_into";
-constexpr const char* kLinearOp = "peftreg::nf4_linear";
-constexpr const char* kGradInputOp = "peftreg::nf4_linear_grad_input";
 
 constexpr int64_t kGemvMaxRows = 8;    // up to this many input rows: decode path (GEMV)
 constexpr int64_t kTileRows = 32;      // forward GEMM path: weight rows per decoded tile
@@ -114,21 +95,20 @@ inline float load_f32(const T& v) {
 
 // One block of `len` float32 elements (a block starts at a multiple of the block size, so on
 // an even element): absmax, then packed codes. Returns false if the block holds NaN or infinity.
-bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* packed,
-                           float* absmax) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (int64_t i = 0; i < len; ++i) {
+// Folds |x[i]| for i in [from, len) into amax, and whether all are finite into `finite`.
+inline void scan_abs(const float* x, int64_t from, int64_t len, float& amax, bool& finite) {
+  for (int64_t i = from; i < len; ++i) {
     const float v = std::fabs(x[i]);
     finite = finite && (v <= std::numeric_limits<float>::max());
     amax = v > amax ? v : amax;
   }
-  if (!finite) return false;
-  *absmax = stored_absmax(amax, full_block);
-  const float divisor = std::max(amax, kMinAbsmax);
-  const float inv = 1.0f / divisor;
+}
+
+// Packed codes of elements [from, len) of the block, `from` even; the SIMD path's tail too.
+inline void pack_codes_scalar(const float* x, int64_t from, int64_t len, bool full_block,
+                              float inv, float divisor, uint8_t* packed) {
   const float* mid = kNF4Midpoint;
-  int64_t i = 0;
+  int64_t i = from;
   for (; i + 1 < len; i += 2) {
     const int hi = nf4_nearest(scale_clamped(x[i], full_block, inv, divisor), mid);
     const int lo = nf4_nearest(scale_clamped(x[i + 1], full_block, inv, divisor), mid);
@@ -138,6 +118,17 @@ bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t
     const int hi = nf4_nearest(scale_clamped(x[i], full_block, inv, divisor), mid);
     packed[i / 2] = static_cast<uint8_t>((hi << 4) | kZeroCode);
   }
+}
+
+bool quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* packed,
+                           float* absmax) {
+  float amax = 0.0f;
+  bool finite = true;
+  scan_abs(x, 0, len, amax, finite);
+  if (!finite) return false;
+  *absmax = stored_absmax(amax, full_block);
+  const float divisor = std::max(amax, kMinAbsmax);
+  pack_codes_scalar(x, 0, len, full_block, 1.0f / divisor, divisor, packed);
   return true;
 }
 
@@ -184,11 +175,7 @@ __attribute__((target("avx2,fma"))) bool quantize_block_avx2(const float* x, int
   float amax = 0.0f;
   for (const float v : lanes) amax = v > amax ? v : amax;
   bool finite = finite_mask == 0xFF;
-  for (; i < len; ++i) {
-    const float v = std::fabs(x[i]);
-    finite = finite && (v <= std::numeric_limits<float>::max());
-    amax = v > amax ? v : amax;
-  }
+  scan_abs(x, i, len, amax, finite);
   if (!finite) return false;
   *absmax = stored_absmax(amax, full_block);
   const float divisor = std::max(amax, kMinAbsmax);
@@ -205,15 +192,7 @@ __attribute__((target("avx2,fma"))) bool quantize_block_avx2(const float* x, int
       quantize8_avx2<false>(x + e, vinv, vdiv, mid, packed + e / 2);
     }
   }
-  for (; e + 1 < len; e += 2) {
-    const int hi = nf4_nearest(scale_clamped(x[e], full_block, inv, divisor), kNF4Midpoint);
-    const int lo = nf4_nearest(scale_clamped(x[e + 1], full_block, inv, divisor), kNF4Midpoint);
-    packed[e / 2] = static_cast<uint8_t>((hi << 4) | lo);
-  }
-  if (e < len) {
-    const int hi = nf4_nearest(scale_clamped(x[e], full_block, inv, divisor), kNF4Midpoint);
-    packed[e / 2] = static_cast<uint8_t>((hi << 4) | kZeroCode);
-  }
+  pack_codes_scalar(x, e, len, full_block, inv, divisor, packed);
   return true;
 }
 #endif
@@ -238,18 +217,11 @@ bool quantize_block(const T* x, int64_t len, bool full_block, uint8_t* packed, f
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x, int64_t blocksize) {
-  check_blocksize(kQuantizeOp, "blocksize", blocksize);
-  checks::check_device_type(x, kQuantizeOp, "x", c10::DeviceType::CPU);
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kQuantizeOp,
-              ": argument 'x' has dtype ", dtype,
-              "; expected Float (float32), BFloat16 or Half (float16)");
-  const at::Tensor xc = x.contiguous();
+int64_t quantize_cpu(const at::Tensor& xc, int64_t blocksize, at::Tensor& codes,
+                     at::Tensor& absmax) {
+  const auto dtype = xc.scalar_type();
   const int64_t n = xc.numel();
-  const int64_t blocks = num_blocks(n, blocksize);
-  at::Tensor codes = at::empty({packed_bytes(n), 1}, xc.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({blocks}, xc.options().dtype(at::kFloat));
+  const int64_t blocks = absmax.numel();
   uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
   float* absmax_ptr = absmax.data_ptr<float>();
   std::atomic<int64_t> bad_block{-1};
@@ -278,33 +250,15 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& x, int64_t
   } else {
     run(c10::Half{});
   }
-  const int64_t bad = bad_block.load();
-  TORCH_CHECK(bad < 0, kQuantizeOp, ": argument 'x' contains NaN or infinity (in block ", bad,
-              ", elements ", bad * blocksize, " to ", std::min(n, (bad + 1) * blocksize) - 1,
-              " of the flattened tensor); NF4 can only store finite values");
-  return {codes, absmax};
+  return bad_block.load();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
-    const at::Tensor& absmax, int64_t nested_blocksize, bool nearest) {
-  check_blocksize(kDoubleQuantizeOp, "nested_blocksize", nested_blocksize);
-  checks::check_device_type(absmax, kDoubleQuantizeOp, "absmax", c10::DeviceType::CPU);
-  check_dtype(absmax, kDoubleQuantizeOp, "absmax", at::kFloat);
-  checks::check_dim(absmax, kDoubleQuantizeOp, "absmax", 1, "(blocks,)");
-  const at::Tensor a = absmax.contiguous();
+void double_quantize_cpu(const at::Tensor& a, const at::Tensor& offset, int64_t nested_blocksize,
+                         bool nearest, at::Tensor& codes, at::Tensor& nested) {
   const int64_t n = a.numel();
   const float* src = a.const_data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(std::isfinite(src[i]), kDoubleQuantizeOp,
-                ": argument 'absmax' contains NaN or infinity (entry ", i, " is ", src[i], ")");
-  }
-  // The offset is torch's own float32 mean (bitsandbytes uses absmax.mean()), so the two agree
-  // to the bit whatever summation order the mean uses.
-  at::Tensor offset = n > 0 ? at::mean(a) : at::zeros({}, a.options());
   const float off = n > 0 ? offset.item<float>() : 0.0f;
-  const int64_t nested_blocks = num_blocks(n, nested_blocksize);
-  at::Tensor codes = at::empty({n}, a.options().dtype(at::kByte));
-  at::Tensor nested = at::empty({nested_blocks}, a.options());
+  const int64_t nested_blocks = nested.numel();
   uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
   float* nested_ptr = nested.data_ptr<float>();
   const DynamicTable& table = dynamic_table();
@@ -350,7 +304,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(
       }
     }
   });
-  return {codes, nested, offset.reshape({})};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,34 +331,25 @@ struct WeightView {
   }
 };
 
-struct WeightHolder {
-  at::Tensor codes, absmax, nested, offset;
-  WeightView view;
-};
-
-WeightHolder make_view(const QuantizedWeight& q, const at::Tensor& codes, const at::Tensor& absmax,
-                       const std::optional<at::Tensor>& nested_absmax,
-                       const std::optional<at::Tensor>& offset) {
-  WeightHolder h;
-  h.codes = codes.contiguous();
-  h.absmax = absmax.contiguous();
-  h.view.codes = h.codes.const_data_ptr<uint8_t>();
-  h.view.numel = q.numel;
-  h.view.blocksize = q.blocksize;
-  h.view.nested_blocksize = q.nested_blocksize;
-  h.view.block_shift = log2_pow2(q.blocksize);
-  h.view.nested_shift = q.double_quant ? log2_pow2(q.nested_blocksize) : 0;
+// The view of a checked weight (nf4_args.h: contiguous tensors, which outlive the view).
+WeightView make_view(const Nf4Weight& w) {
+  const QuantizedWeight& q = w.sizes;
+  WeightView v;
+  v.codes = w.codes.const_data_ptr<uint8_t>();
+  v.numel = q.numel;
+  v.blocksize = q.blocksize;
+  v.nested_blocksize = q.nested_blocksize;
+  v.block_shift = log2_pow2(q.blocksize);
+  v.nested_shift = q.double_quant ? log2_pow2(q.nested_blocksize) : 0;
   if (q.double_quant) {
-    h.nested = nested_absmax->contiguous();
-    h.offset = offset->contiguous();
-    h.view.absmax_codes = h.absmax.const_data_ptr<uint8_t>();
-    h.view.nested = h.nested.const_data_ptr<float>();
-    h.view.offset = *h.offset.const_data_ptr<float>();
-    h.view.dyn = dynamic_table().code;
+    v.absmax_codes = w.absmax.const_data_ptr<uint8_t>();
+    v.nested = w.nested_absmax.const_data_ptr<float>();
+    v.offset = *w.offset.const_data_ptr<float>();
+    v.dyn = dynamic_table().code;
   } else {
-    h.view.absmax = h.absmax.const_data_ptr<float>();
+    v.absmax = w.absmax.const_data_ptr<float>();
   }
-  return h;
+  return v;
 }
 
 // dst[j] = lut[nibble j] for the 2 * nbytes nibbles of `bytes` (high nibble first).
@@ -418,23 +362,32 @@ void decode_bytes_scalar(const uint8_t* bytes, int64_t nbytes, const float* lut,
 }
 
 #if PEFTREG_NF4_X86
+// The 16-entry table values of the high (*hi) and low (*lo) nibbles of 8 bytes; lut_lo and
+// lut_hi hold entries 0-7 and 8-15.
+__attribute__((target("avx2,fma"), always_inline)) inline void lookup_nibbles8_avx2(
+    const uint8_t* bytes, __m256 lut_lo, __m256 lut_hi, __m256* hi, __m256* lo) {
+  const __m256i low_mask = _mm256_set1_epi32(0x0F);
+  const __m256i b =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i hi_idx = _mm256_srli_epi32(b, 4);
+  const __m256i lo_idx = _mm256_and_si256(b, low_mask);
+  // permutevar8x32 uses the low 3 bits; bit 3 picks the table half (moved to the sign bit).
+  *hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, hi_idx),
+                         _mm256_permutevar8x32_ps(lut_hi, hi_idx),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
+  *lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, lo_idx),
+                         _mm256_permutevar8x32_ps(lut_hi, lo_idx),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+}
+
 __attribute__((target("avx2,fma"))) void decode_bytes_avx2(const uint8_t* bytes, int64_t nbytes,
                                                            const float* lut, float* dst) {
   const __m256 lut_lo = _mm256_loadu_ps(lut);
   const __m256 lut_hi = _mm256_loadu_ps(lut + 8);
-  const __m256i low_mask = _mm256_set1_epi32(0x0F);
   int64_t i = 0;
   for (; i + 8 <= nbytes; i += 8) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)));
-    const __m256i hi_idx = _mm256_srli_epi32(b, 4);
-    const __m256i lo_idx = _mm256_and_si256(b, low_mask);
-    // permutevar8x32 uses the low 3 bits; bit 3 picks the table half (moved to the sign bit).
-    const __m256 hi = _mm256_blendv_ps(
-        _mm256_permutevar8x32_ps(lut_lo, hi_idx), _mm256_permutevar8x32_ps(lut_hi, hi_idx),
-        _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
-    const __m256 lo = _mm256_blendv_ps(
-        _mm256_permutevar8x32_ps(lut_lo, lo_idx), _mm256_permutevar8x32_ps(lut_hi, lo_idx),
-        _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+    __m256 hi, lo;
+    lookup_nibbles8_avx2(bytes + i, lut_lo, lut_hi, &hi, &lo);
     // Interleave: h0 l0 h1 l1 ... h7 l7.
     const __m256 a = _mm256_unpacklo_ps(hi, lo);  // h0 l0 h1 l1 | h4 l4 h5 l5
     const __m256 c = _mm256_unpackhi_ps(hi, lo);  // h2 l2 h3 l3 | h6 l6 h7 l7
@@ -579,76 +532,28 @@ void dequantize_dispatch(const WeightView& w, at::Tensor& out) {
       dequantize_into<double>(w, out.data_ptr<double>());
       return;
     case at::kBFloat16:
+    case at::kHalf: {
+      const bool bf16 = out.scalar_type() == at::kBFloat16;
 #if PEFTREG_NF4_X86
       if (cpu_has_avx2_fma()) {
-        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), true);
+        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), bf16);
         return;
       }
 #endif
-      dequantize_into<c10::BFloat16>(w, out.data_ptr<c10::BFloat16>());
-      return;
-    case at::kHalf:
-#if PEFTREG_NF4_X86
-      if (cpu_has_avx2_fma()) {
-        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), false);
-        return;
+      if (bf16) {
+        dequantize_into<c10::BFloat16>(w, out.data_ptr<c10::BFloat16>());
+      } else {
+        dequantize_into<c10::Half>(w, out.data_ptr<c10::Half>());
       }
-#endif
-      dequantize_into<c10::Half>(w, out.data_ptr<c10::Half>());
       return;
+    }
     default:
       TORCH_CHECK(false, kDequantizeOp, ": unsupported output dtype ", out.scalar_type());
   }
 }
 
-int64_t shape_numel(const char* op, at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (const int64_t d : shape) {
-    TORCH_CHECK(d >= 0, op, ": argument 'shape' ", shape, " has a negative size");
-    n *= d;
-  }
-  return n;
-}
-
-void check_out_dtype(const char* op, at::ScalarType dtype) {
-  TORCH_CHECK(checks::is_supported_float(dtype), op, ": argument 'dtype' is ", dtype,
-              "; expected one of Float (float32), BFloat16, Half (float16) or Double");
-}
-
-void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& absmax,
-                     const std::optional<at::Tensor>& nested_absmax,
-                     const std::optional<at::Tensor>& offset, int64_t blocksize,
-                     int64_t nested_blocksize, at::Tensor& out) {
-  checks::check_device_type(codes, op, "codes", c10::DeviceType::CPU);
-  check_out_dtype(op, out.scalar_type());
-  const QuantizedWeight q = check_quantized_weight(op, codes, "codes", codes, absmax,
-                                                   nested_absmax, offset, blocksize,
-                                                   nested_blocksize, out.numel());
-  checks::check_same_device(out, op, "out", codes, "codes");
-  checks::check_contiguous(out, op, "out");
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  dequantize_dispatch(h.view, out);
-}
-
-void nf4_dequantize_into_cpu(const at::Tensor& codes, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& nested_absmax,
-                             const std::optional<at::Tensor>& offset, int64_t blocksize,
-                             int64_t nested_blocksize, at::Tensor& out) {
-  dequantize_into(kDequantizeIntoOp, codes, absmax, nested_absmax, offset, blocksize,
-                  nested_blocksize, out);
-}
-
-at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
-                              const std::optional<at::Tensor>& nested_absmax,
-                              const std::optional<at::Tensor>& offset, int64_t blocksize,
-                              int64_t nested_blocksize, at::IntArrayRef shape,
-                              at::ScalarType dtype) {
-  check_out_dtype(kDequantizeOp, dtype);
-  shape_numel(kDequantizeOp, shape);
-  at::Tensor out = at::empty(shape, codes.options().dtype(dtype));
-  dequantize_into(kDequantizeOp, codes, absmax, nested_absmax, offset, blocksize,
-                  nested_blocksize, out);
-  return out;
+void dequantize_cpu(const Nf4Weight& w, at::Tensor& out) {
+  dequantize_dispatch(make_view(w), out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -759,7 +664,6 @@ __attribute__((target("avx2,fma"))) float dot_row_avx2(const WeightView& w, int6
                                                        const float* x_odd) {
   const __m256 lut_lo = _mm256_loadu_ps(kNF4Code);
   const __m256 lut_hi = _mm256_loadu_ps(kNF4Code + 8);
-  const __m256i low_mask = _mm256_set1_epi32(0x0F);
   __m256 acc = _mm256_setzero_ps();
   float tail = 0.0f;
   for (int64_t e0 = o * in, e1 = (o + 1) * in; e0 < e1;) {
@@ -772,16 +676,8 @@ __attribute__((target("avx2,fma"))) float dot_row_avx2(const WeightView& w, int6
     __m256 partial = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= nbytes; i += 8) {
-      const __m256i v =
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)));
-      const __m256i hi_idx = _mm256_srli_epi32(v, 4);
-      const __m256i lo_idx = _mm256_and_si256(v, low_mask);
-      const __m256 hi = _mm256_blendv_ps(
-          _mm256_permutevar8x32_ps(lut_lo, hi_idx), _mm256_permutevar8x32_ps(lut_hi, hi_idx),
-          _mm256_castsi256_ps(_mm256_slli_epi32(hi_idx, 28)));
-      const __m256 lo = _mm256_blendv_ps(
-          _mm256_permutevar8x32_ps(lut_lo, lo_idx), _mm256_permutevar8x32_ps(lut_hi, lo_idx),
-          _mm256_castsi256_ps(_mm256_slli_epi32(lo_idx, 28)));
+      __m256 hi, lo;
+      lookup_nibbles8_avx2(bytes + i, lut_lo, lut_hi, &hi, &lo);
       partial = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xe + i), partial);
       partial = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xo + i), partial);
     }
@@ -960,21 +856,27 @@ at::Tensor decode_tile(const WeightView& w, int64_t in, int64_t o0, int64_t o1, 
   return acc == at::kFloat ? tile : tile.to(acc);
 }
 
+// body(t, scratch) for t in [0, tiles), split over threads; each thread reuses one decode
+// buffer `scratch` for its tiles.
+template <typename Body>
+void for_each_tile(int64_t tiles, const Body& body) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    // OpenMP workers do not inherit the caller's dispatch state: the tiles' ATen calls run
+    // below autograd (the op's own autograd formula is registered in Python).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor scratch;
+    for (int64_t t = t0; t < t1; ++t) body(t, scratch);
+  });
+}
+
 // y_acc = x_acc @ W^T, GEMM path: each task decodes kTileRows weight rows and multiplies.
 void gemm_forward(const WeightView& w, const at::Tensor& x_acc, int64_t in, int64_t out,
                   at::Tensor& y_acc) {
-  const int64_t tiles = (out + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    // OpenMP workers do not inherit the caller's dispatch state: these ATen calls run below
-    // autograd (the op's own autograd formula is registered in Python).
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = t * kTileRows, o1 = std::min(out, o0 + kTileRows);
-      const at::Tensor tile = decode_tile(w, in, o0, o1, 0, in, x_acc.scalar_type(), scratch);
-      at::Tensor y_slice = y_acc.narrow(1, o0, o1 - o0);
-      at::mm_out(y_slice, x_acc, tile.t());
-    }
+  for_each_tile((out + kTileRows - 1) / kTileRows, [&](int64_t t, at::Tensor& scratch) {
+    const int64_t o0 = t * kTileRows, o1 = std::min(out, o0 + kTileRows);
+    const at::Tensor tile = decode_tile(w, in, o0, o1, 0, in, x_acc.scalar_type(), scratch);
+    at::Tensor y_slice = y_acc.narrow(1, o0, o1 - o0);
+    at::mm_out(y_slice, x_acc, tile.t());
   });
 }
 
@@ -982,27 +884,20 @@ void gemm_forward(const WeightView& w, const at::Tensor& x_acc, int64_t in, int6
 // the weight rows in chunks of kChunkRows, accumulating into its gx columns.
 void gemm_grad_input(const WeightView& w, const at::Tensor& g_acc, int64_t in, int64_t out,
                      at::Tensor& gx_acc) {
-  const int64_t tiles = (in + kTileCols - 1) / kTileCols;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    // OpenMP workers do not inherit the caller's dispatch state: these ATen calls run below
-    // autograd (the op's own autograd formula is registered in Python).
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = t * kTileCols, k1 = std::min(in, k0 + kTileCols);
-      at::Tensor gx_slice = gx_acc.narrow(1, k0, k1 - k0);
-      for (int64_t o0 = 0; o0 < out; o0 += kChunkRows) {
-        const int64_t o1 = std::min(out, o0 + kChunkRows);
-        const at::Tensor tile = decode_tile(w, in, o0, o1, k0, k1, g_acc.scalar_type(), scratch);
-        const at::Tensor g_chunk = g_acc.narrow(1, o0, o1 - o0);
-        if (o0 == 0) {
-          at::mm_out(gx_slice, g_chunk, tile);
-        } else {
-          gx_slice.addmm_(g_chunk, tile);
-        }
+  for_each_tile((in + kTileCols - 1) / kTileCols, [&](int64_t t, at::Tensor& scratch) {
+    const int64_t k0 = t * kTileCols, k1 = std::min(in, k0 + kTileCols);
+    at::Tensor gx_slice = gx_acc.narrow(1, k0, k1 - k0);
+    for (int64_t o0 = 0; o0 < out; o0 += kChunkRows) {
+      const int64_t o1 = std::min(out, o0 + kChunkRows);
+      const at::Tensor tile = decode_tile(w, in, o0, o1, k0, k1, g_acc.scalar_type(), scratch);
+      const at::Tensor g_chunk = g_acc.narrow(1, o0, o1 - o0);
+      if (o0 == 0) {
+        at::mm_out(gx_slice, g_chunk, tile);
+      } else {
+        gx_slice.addmm_(g_chunk, tile);
       }
-      if (out == 0) gx_slice.zero_();
     }
+    if (out == 0) gx_slice.zero_();
   });
 }
 
@@ -1057,80 +952,17 @@ at::Tensor product(const WeightView& w_in, const at::Tensor& input2d, int64_t in
   return result;
 }
 
-at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                          const std::optional<at::Tensor>& nested_absmax,
-                          const std::optional<at::Tensor>& offset, int64_t blocksize,
-                          int64_t nested_blocksize, int64_t out_features, int64_t in_features,
-                          const std::optional<at::Tensor>& bias) {
-  const LinearSizes s = check_linear_input(kLinearOp, x, "x", in_features, "in_features",
-                                           out_features, in_features);
-  checks::check_device_type(x, kLinearOp, "x", c10::DeviceType::CPU);
-  const QuantizedWeight q = check_quantized_weight(kLinearOp, x, "x", codes, absmax, nested_absmax,
-                                                   offset, blocksize, nested_blocksize,
-                                                   out_features * in_features);
-  check_bias(kLinearOp, bias, x, out_features);
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  at::Tensor y = product(h.view, x.reshape({s.rows, in_features}), in_features, out_features,
-                         /*forward=*/true);
-  if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out_features;
-  return y.to(x.scalar_type()).view(out_shape);
-}
-
-at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad, const at::Tensor& codes,
-                                     const at::Tensor& absmax,
-                                     const std::optional<at::Tensor>& nested_absmax,
-                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
-                                     int64_t nested_blocksize, int64_t out_features,
-                                     int64_t in_features) {
-  const LinearSizes s = check_linear_input(kGradInputOp, grad, "grad", out_features,
-                                           "out_features", out_features, in_features);
-  checks::check_device_type(grad, kGradInputOp, "grad", c10::DeviceType::CPU);
-  const QuantizedWeight q = check_quantized_weight(kGradInputOp, grad, "grad", codes, absmax,
-                                                   nested_absmax, offset, blocksize,
-                                                   nested_blocksize, out_features * in_features);
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  const at::Tensor gx = product(h.view, grad.reshape({s.rows, out_features}), in_features,
-                                out_features, /*forward=*/false);
-  std::vector<int64_t> out_shape(grad.sizes().begin(), grad.sizes().end());
-  out_shape.back() = in_features;
-  return gx.to(grad.scalar_type()).view(out_shape);
+at::Tensor product_cpu(const Nf4Weight& w, const at::Tensor& input2d, int64_t out_features,
+                       int64_t in_features, bool forward) {
+  return product(make_view(w), input2d, in_features, out_features, forward);
 }
 
 }  // namespace
 
-at::Tensor nf4_product_acc_cpu(const char* op, const at::Tensor& input2d, const char* input_name,
-                               const at::Tensor& codes, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& offset, int64_t blocksize,
-                               int64_t nested_blocksize, int64_t out_features,
-                               int64_t in_features, bool forward) {
-  const QuantizedWeight q = check_quantized_weight(op, input2d, input_name, codes, absmax,
-                                                   nested_absmax, offset, blocksize,
-                                                   nested_blocksize, out_features * in_features);
-  const WeightHolder h = make_view(q, codes, absmax, nested_absmax, offset);
-  return product(h.view, input2d, in_features, out_features, forward);
+const Nf4Kernels& cpu_nf4_kernels() {
+  static const Nf4Kernels table{&quantize_cpu, &double_quantize_cpu, &dequantize_cpu,
+                                &product_cpu};
+  return table;
 }
 
 }  // namespace peftreg::nf4
-
-// nf4_dequantize_into mutates `out`, so torch.library cannot attach a Python autograd formula
-// (peftreg/ops/nf4.py covers the other NF4 ops). torch's fallbacks make autograd refuse
-// inputs that require grad and keep version counters right for the mutated output.
-TORCH_LIBRARY_IMPL(peftreg, Autograd, m) {
-  m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());
-}
-
-TORCH_LIBRARY_IMPL(peftreg, ADInplaceOrView, m) {
-  m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-}
-
-TORCH_LIBRARY_IMPL(peftreg, CPU, m) {
-  m.impl("nf4_quantize", &peftreg::nf4::nf4_quantize_cpu);
-  m.impl("nf4_double_quantize", &peftreg::nf4::nf4_double_quantize_cpu);
-  m.impl("nf4_dequantize", &peftreg::nf4::nf4_dequantize_cpu);
-  m.impl("nf4_dequantize_into", &peftreg::nf4::nf4_dequantize_into_cpu);
-  m.impl("nf4_linear", &peftreg::nf4::nf4_linear_cpu);
-  m.impl("nf4_linear_grad_input", &peftreg::nf4::nf4_linear_grad_input_cpu);
-}

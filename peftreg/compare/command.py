@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RunSettings()
     parser.add_argument("--model", default="minilm",
                         help="minilm: MiniLM-L6 tweet sentiment (default); smollm2: SmolLM2-135M "
-                             "tweet language modelling; or the path of a local pretrained "
+                             "tweet language modelling; a task a plugin registers "
+                             "(peftreg_register_tasks); or the path of a local pretrained "
                              "encoder directory (transformers format)")
     parser.add_argument("--task", default=None, metavar="csv:PATH",
                         help="classify your own texts: a CSV with a text and a label column")
@@ -42,9 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated method names, or 'all' for every installed method "
                              f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--budget", default="steps", metavar="steps|seconds=N",
+    parser.add_argument("--budget", default="steps", metavar="steps|seconds=N|params=N",
                         help="steps: every run takes --steps steps (default); seconds=N: every "
-                             "run trains for N seconds of wall clock")
+                             "run trains for N seconds of wall clock; params=N: every method "
+                             "is sized to about N trainable parameters (its size field: "
+                             "LoRA's r, prompt tuning's num_virtual_tokens, ...)")
     parser.add_argument("--seeds", type=int, default=defaults.seeds,
                         help="runs per method (seeds --seed, --seed + 1, ...); intervals need 2+")
     parser.add_argument("--no-baselines", action="store_true",
@@ -84,22 +87,25 @@ def choose_methods(registry: Registry, requested: str | None) -> list[str]:
     return names
 
 
-def parse_budget(text: str) -> float | None:
-    """``steps`` to None, ``seconds=N`` to N.
+def parse_budget(text: str) -> tuple[float | None, int | None]:
+    """``steps`` to (None, None), ``seconds=N`` to (N, None), ``params=N`` to (None, N).
 
     Raises:
-        ConfigError: anything else, or N not a positive number.
+        ConfigError: anything else, or N not a positive number (a whole one for params).
     """
     if text == "steps":
-        return None
+        return None, None
     kind, _, value = text.partition("=")
     try:
-        seconds = float(value)
+        number = float(value)
     except ValueError:
-        seconds = -1.0
-    if kind != "seconds" or not seconds > 0:
-        raise ConfigError(f"--budget {text!r}: expected 'steps' or 'seconds=N' with N > 0")
-    return seconds
+        number = -1.0
+    if kind == "seconds" and number > 0:
+        return number, None
+    if kind == "params" and number >= 1 and number.is_integer():
+        return None, int(number)
+    raise ConfigError(f"--budget {text!r}: expected 'steps', 'seconds=N' with N > 0 or "
+                      "'params=N' with N a whole number >= 1")
 
 
 class _Numbered:
@@ -122,11 +128,12 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     """Execute ``peftreg compare`` with parsed ``args``."""
     registry = registry or default_registry()
     methods = choose_methods(registry, args.methods)
+    budget_seconds, budget_params = parse_budget(args.budget)
     settings = RunSettings(steps=args.steps, batch_size=args.batch_size,
                            max_length=args.max_length, seed=args.seed, seeds=args.seeds,
                            learning_rate=args.lr, test_per_class=args.test_per_class,
                            baselines=not args.no_baselines,
-                           budget_seconds=parse_budget(args.budget))
+                           budget_seconds=budget_seconds, budget_params=budget_params)
     torch.manual_seed(settings.seed)
     console.print(f"preparing task {args.model!r} for methods: {', '.join(methods)}; "
                   f"{settings.seeds} seed(s)" + ("" if args.no_baselines else
@@ -137,7 +144,8 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     # One task, or one per training-set size; the held-out set is the same in all of them.
     sizes = values if sweep is not None and sweep.changes_data else (None,)
     built = {size: build_task(args.model, args.task, text_column=args.text_column,
-                              label_column=args.label_column, steps=settings.steps,
+                              label_column=args.label_column, registry=registry,
+                              steps=settings.steps,
                               batch_size=settings.batch_size, max_length=settings.max_length,
                               seed=settings.seed, test_per_class=settings.test_per_class,
                               train_size=size) for size in sizes}

@@ -56,6 +56,7 @@ class RowSummary:
     latency_merged: float
     notes: str
     errors: list[str]
+    forgetting: Interval | None = None
 
 
 def _median(values: Sequence[float]) -> float:
@@ -84,7 +85,9 @@ def summarize(results: Sequence[MethodResult]) -> list[RowSummary]:
             latency_unmerged=_median([r.latency_ratio_unmerged for r in ok]),
             latency_merged=_median([r.latency_ratio for r in ok]) if first.mergeable
             else float("nan"),
-            notes=first.notes, errors=sorted({r.error for r in runs if r.error})))
+            notes=first.notes, errors=sorted({r.error for r in runs if r.error}),
+            forgetting=interval([r.general_loss_change for r in ok])
+            if any(not math.isnan(r.general_loss_change) for r in ok) else None))
     # The gap is taken to full fine-tuning at the same sweep value, or to the one full
     # fine-tuning row a config sweep has.
     fulls = {row.sweep: row for row in rows if row.row == FULL_FINE_TUNING and row.runs}
@@ -123,7 +126,26 @@ _COLUMNS = ("method", "trainable params", "% of model", "ms/step", "peak MiB", "
             "latency merged", "notes")
 
 
-def _cells(r: RowSummary) -> list[str]:
+_FORGETTING = "general-text loss change"
+
+
+def _columns(rows: Sequence[RowSummary]) -> list[str]:
+    """The table's columns; the forgetting column only where some row measured it."""
+    columns = list(_COLUMNS)
+    if any(r.forgetting is not None for r in rows):
+        columns.insert(columns.index("gap to full FT") + 1, _FORGETTING)
+    return columns
+
+
+def _cells(r: RowSummary, forgetting: bool = False) -> list[str]:
+    cells = _base_cells(r)
+    if forgetting:
+        where = _COLUMNS.index("gap to full FT") + 1
+        cells.insert(where, r.forgetting.format() if r.forgetting is not None and r.runs else "")
+    return cells
+
+
+def _base_cells(r: RowSummary) -> list[str]:
     if not r.runs:
         return [r.row, "failed", "", "", "", "", (r.errors or [""])[0][:60], "", "", "", "",
                 "", ""]
@@ -145,20 +167,24 @@ def results_table(task_name: str, metric: str, base: Interval, rows: Sequence[Ro
     """The comparison as a rich table, one row per method or baseline."""
     table = Table(title=f"peftreg compare: {task_name}; mean ± 95% interval over {seeds} "
                         f"seed(s); untrained base {_metric_label(metric)} {base.format()}")
-    for col in _COLUMNS:
+    columns = _columns(rows)
+    for col in columns:
         table.add_column(col.format(metric=_metric_label(metric)),
                          justify="left" if col in ("method", "notes") else "right")
     for r in rows:
-        table.add_row(*_cells(r))
+        table.add_row(*_cells(r, _FORGETTING in columns))
     return table
 
 
 def markdown_table(metric: str, base: Interval, rows: Sequence[RowSummary]) -> str:
     """The same table in Markdown, for a README."""
-    header = [c.format(metric=_metric_label(metric)) for c in _COLUMNS]
+    columns = _columns(rows)
+    header = [c.format(metric=_metric_label(metric)) for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lines.append(f"| untrained base | | | | | | {base.format()} | | | | | | |")
+    lines += ["| " + " | ".join(_cells(r, _FORGETTING in columns)) + " |" for r in rows]
+    base_cells = [""] * len(columns)
+    base_cells[0], base_cells[columns.index("{metric}")] = "untrained base", base.format()
+    lines.append("| " + " | ".join(base_cells) + " |")
     return "\n".join(lines)
 
 

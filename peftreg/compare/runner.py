@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from peftreg.compare.baselines import baseline_rows, run_baseline
+from peftreg.compare.budget import match_parameters
 from peftreg.compare.hardware import cpu_compute_dtype
 from peftreg.compare.runs import MethodResult, RunSettings, StepCallback, train
 from peftreg.compare.sweep import TARGETS, Sweep, SweepError, targets_for
@@ -108,14 +109,23 @@ def run_method(name: str, task: Task, settings: RunSettings, registry: Registry,
         model = AdaptedModel(task.make_model(seed), registry=registry)
         if sweep is not None and not sweep.changes_data:
             config = _swept(config, sweep, value, model)
+        if settings.budget_params is not None:
+            config, matched = match_parameters(method, config, model.model, model.family,
+                                               settings.budget_params)
+            result.notes = "; ".join(n for n in (result.notes, matched) if n)
         torch.manual_seed(seed)
         model.add_adapter("compare", config)
         summary = model.summary()
         result.trainable_params = summary.rows[0].params
         result.trainable_percent = summary.percent(summary.rows[0])
+        if task.general_evaluate is not None:
+            with model.disable_adapters():
+                general_before = task.general_evaluate(model)
         train(result, model, [p for p in model.parameters() if p.requires_grad], task, seed,
               on_step, settings.budget_seconds)
         result.metric = task.evaluate(model)
+        if task.general_evaluate is not None:
+            result.general_loss_change = task.general_evaluate(model) - general_before
         with tempfile.TemporaryDirectory() as tmp:
             model.save_adapter(tmp, "compare")
             result.adapter_bytes = read_adapter_dir(tmp, registry).size_on_disk

@@ -39,6 +39,8 @@ class RunSettings:
         budget_seconds: with a time budget, every run trains for this many seconds of wall
             clock instead of ``steps`` steps (methods differ in step time, so they then differ
             in steps); ``None``: the step budget.
+        budget_params: size every method with a size field to about this many trainable
+            adapter parameters (:mod:`peftreg.compare.budget`); ``None``: their defaults.
     """
 
     steps: int = 60
@@ -51,6 +53,7 @@ class RunSettings:
     latency_repeats: int = 5
     baselines: bool = True
     budget_seconds: float | None = None
+    budget_params: int | None = None
 
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
@@ -79,6 +82,8 @@ class MethodResult:
     latency_ratio_unmerged: float = float("nan")
     notes: str = ""
     sweep: str = ""               # "field=value" in a sweep
+    # Language-modelling tasks: held-out loss on general text after training minus before.
+    general_loss_change: float = float("nan")
     error: str | None = None
 
 

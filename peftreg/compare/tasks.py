@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from peftreg.compare import assets
 from peftreg.compare.gguf import release_dequantized_gguf
 from peftreg.errors import PeftregError
+from peftreg.registry import Registry
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -119,6 +121,8 @@ class Task:
         latency_inputs: one batch of inputs for the inference-latency measurement.
         modules_to_save: modules trained alongside every adapter (the classification head).
         loss: computes the training loss of a model on a batch.
+        general_evaluate: for language-modelling tasks, the held-out loss of a model on general
+            text it is not tuned on (the forgetting measure); ``None`` when the task has none.
     """
 
     name: str
@@ -129,6 +133,7 @@ class Task:
     latency_inputs: dict[str, torch.Tensor]
     modules_to_save: list[str]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    general_evaluate: Callable[[nn.Module], float] | None = None
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -240,6 +245,43 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
     transformers = _quiet_transformers()
     gguf = assets.smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    def load() -> nn.Module:
+        # transformers marks a GGUF model quantized even when it unpacked every weight, and
+        # Trainer then refuses it: take the stale mark off (see peftreg.compare.gguf).
+        return release_dequantized_gguf(transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
+
+    return causal_lm_task(load, tokenizer, "tweet language modelling, SmolLM2-135M-Instruct",
+                          steps=steps, batch_size=batch_size, max_length=max_length, seed=seed,
+                          test_per_class=test_per_class, train_size=train_size)
+
+
+def local_causal_lm_task(model_dir: Path, **sizes: Any) -> Task:
+    """Causal language modelling of tweets with a local causal LM directory (transformers
+    format with its tokenizer; nothing is downloaded)."""
+    transformers = _quiet_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+    def load() -> nn.Module:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32)
+
+    return causal_lm_task(load, tokenizer, f"tweet language modelling, {model_dir.name}",
+                          **sizes)
+
+
+def causal_lm_task(load: Callable[[], nn.Module], tokenizer: Any, name: str, *, steps: int,
+                   batch_size: int, max_length: int, seed: int, test_per_class: int,
+                   train_size: int | None = None) -> Task:
+    """Next-token prediction on the tweets, scored by held-out loss, with forgetting measured on
+    general text when chatterbot-corpus is installed.
+
+    Args:
+        load: builds the pretrained model (the same weights every call).
+        tokenizer: its tokenizer (a pad token is set to the end-of-text token if missing).
+        name: the task's name for the report.
+    """
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     data = read_tweets(assets.tweets_csv())
     wanted = train_size if train_size is not None else steps * batch_size
@@ -259,25 +301,29 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
 
     def make_model(run_seed: int) -> nn.Module:
         torch.manual_seed(run_seed)
-        # transformers marks a GGUF model quantized even when it unpacked every weight, and
-        # Trainer then refuses it: take the stale mark off (see peftreg.compare.gguf).
-        return release_dequantized_gguf(transformers.AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32))
+        return load()
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
     def evaluate(model: nn.Module) -> float:
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, test_enc["labels"].shape[0], 32):
-                batch = trim_padding({k: v[start:start + 32] for k, v in test_enc.items()})
-                total += float(model(**batch).loss) * batch["labels"].shape[0]
-                count += batch["labels"].shape[0]
-        return total / count
+        return _mean_lm_loss(model, test_enc)
+
+    general_evaluate = None
+    try:
+        texts = assets.general_texts()
+    except assets.MissingAssetError:
+        texts = []  # the task runs; the forgetting column stays empty
+    if texts:
+        # Spread over all topics, a fixed selection whatever the seed.
+        general = [Example(t, 0) for t in texts[:: max(1, len(texts) // GENERAL_TEXTS)]]
+        general_enc = encode(general[:GENERAL_TEXTS])
+
+        def general_evaluate(model: nn.Module) -> float:
+            return _mean_lm_loss(model, general_enc)
 
     return Task(
-        name="tweet language modelling, SmolLM2-135M-Instruct",
+        name=name,
         make_model=make_model,
         train_batches=lambda run_seed, limit=steps: _batches(train_enc, batch_size, limit,
                                                              run_seed),
@@ -286,22 +332,88 @@ def smollm2_task(*, steps: int, batch_size: int, max_length: int, seed: int,
         latency_inputs={k: v[:batch_size] for k, v in test_enc.items() if k != "labels"},
         modules_to_save=[],
         loss=loss,
+        general_evaluate=general_evaluate,
     )
+
+
+#: General-text exchanges scored for the forgetting measure of language-modelling tasks.
+GENERAL_TEXTS = 300
+
+
+def _mean_lm_loss(model: nn.Module, enc: dict[str, torch.Tensor]) -> float:
+    """Held-out language-modelling loss over ``enc``, in batches of 32 (weighted by examples)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, enc["labels"].shape[0], 32):
+            batch = trim_padding({k: v[start:start + 32] for k, v in enc.items()})
+            total += float(model(**batch).loss) * batch["labels"].shape[0]
+            count += batch["labels"].shape[0]
+    return total / count
 
 
 TASKS: dict[str, Callable[..., Task]] = {"minilm": minilm_task, "smollm2": smollm2_task}
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A comparison task a plugin provides (hook ``peftreg_register_tasks``).
+
+    Attributes:
+        name: what ``--model`` calls it (letters, digits, ``-`` and ``_``).
+        description: one line for listings.
+        build: ``build(**sizes) -> Task``; ``sizes`` as in :func:`build_task`. It must load
+            everything offline (models and data shipped in a package or on disk).
+    """
+
+    name: str
+    description: str
+    build: Callable[..., Task]
+
+
+def plugin_tasks(registry: Registry) -> dict[str, TaskSpec]:
+    """The tasks installed plugins provide; a name clash is refused and reported by plugin."""
+    found: dict[str, TaskSpec] = {}
+    for spec, source in registry.collect("peftreg_register_tasks", TaskSpec):
+        if spec.name in TASKS or spec.name in found:
+            registry.record_failure(source, f"task name {spec.name!r} is already taken; "
+                                    "refusing the plugin's task")
+        elif not _TASK_NAME.fullmatch(spec.name):
+            registry.record_failure(source, f"task name {spec.name!r} is not letters, digits, "
+                                    "'-' and '_'")
+        else:
+            found[spec.name] = spec
+    return found
+
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def _is_causal_lm(model_dir: Path) -> bool:
+    """Whether a local model directory holds a causal LM (its config's architecture)."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    names = config.get("architectures") or [] if isinstance(config, dict) else []
+    return any(isinstance(n, str) and n.endswith("ForCausalLM") for n in names)
+
+
 def build_task(model: str, data: str | None, *, text_column: str = "text",
-               label_column: str = "label", **sizes: Any) -> Task:
+               label_column: str = "label", registry: Registry | None = None,
+               **sizes: Any) -> Task:
     """The task for ``--model`` and ``--task``.
 
     Args:
-        model: ``minilm``, ``smollm2``, or the path of a local pretrained encoder directory
-            (transformers format, with its tokenizer; nothing is downloaded).
+        model: ``minilm``, ``smollm2``, a plugin's task name, or the path of a local
+            pretrained directory (transformers format, with its tokenizer; nothing is
+            downloaded): a causal LM (its config's architecture ends in ``ForCausalLM``) models
+            the tweets' language, any other model classifies their sentiment.
         data: ``None`` for the model's embedded tweets task, or ``csv:PATH`` for the user's
             labelled texts (classification over the label column's distinct values).
         text_column, label_column: the CSV's columns.
+        registry: where plugin tasks come from (a ``--model`` naming one builds it).
         sizes: ``steps``, ``batch_size``, ``max_length``, ``seed``, ``test_per_class`` and
             optionally ``train_size``.
 
@@ -310,14 +422,24 @@ def build_task(model: str, data: str | None, *, text_column: str = "text",
     """
     if data is None and model in TASKS:
         return TASKS[model](**sizes)
+    extra = plugin_tasks(registry) if registry is not None else {}
+    if data is None and model in extra:
+        task = extra[model].build(**sizes)
+        if not isinstance(task, Task):
+            raise TaskDataError(f"--model {model!r}: the plugin's build() returned a "
+                                f"{type(task).__name__}, not a Task")
+        return task
     if model == "smollm2":
         raise TaskDataError("--task csv:... classifies texts: use --model minilm or a local "
                             "encoder directory")
     model_dir = assets.minilm_dir() if model == "minilm" else Path(model)
     if not (model_dir / "config.json").is_file():
-        raise TaskDataError(f"--model {model!r}: neither minilm, smollm2 nor a local model "
+        names = ", ".join(["minilm", "smollm2", *extra])
+        raise TaskDataError(f"--model {model!r}: neither a task ({names}) nor a local model "
                             "directory with a config.json")
     if data is None:
+        if _is_causal_lm(model_dir):
+            return local_causal_lm_task(model_dir, **sizes)
         return sentiment_task(model_dir, read_tweets(assets.tweets_csv()), **sizes,
                               name=f"tweet sentiment (3 classes), {model_dir.name}")
     if not data.startswith("csv:"):

@@ -46,7 +46,9 @@ PROMPT_PREFIX: Final = "base_model."
 PROMPT_KEY: Final = "prompt_embeddings"
 #: Config keys every PEFT method writes; none changes what the adapter computes.
 COMMON_KEYS: Final = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version",
-                                "base_model_name_or_path", "revision", "inference_mode"})
+                                "base_model_name_or_path", "revision", "inference_mode",
+                                # peftreg's record of a refit (peftreg.io.refit), metadata only
+                                "peftreg_conversion"})
 # Layers whose whole weight PEFT also saves when they are adapted (save_embedding_layers).
 _EMBEDDING_NAMES: Final = ("embed_tokens", "lm_head")
 

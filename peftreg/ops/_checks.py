@@ -84,6 +84,14 @@ def size(op: str, t: torch.Tensor, name: str, at: int, expected: int, layout: st
           f"({meaning}) but has shape {shape(t)}")
 
 
+def optional_vector(op: str, t: torch.Tensor | None, name: str, expected: int, layout: str,
+                    meaning: str) -> None:
+    """An optional 1-D argument of ``expected`` entries (a bias): its rank, then its length."""
+    if t is not None:
+        dim(op, t, name, 1, layout)
+        size(op, t, name, 0, expected, layout, meaning)
+
+
 def same_shape(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     check(op, t.shape == ref.shape, f"argument '{name}' must have the same shape as "
           f"'{ref_name}' {shape(ref)} but has shape {shape(t)}")

@@ -172,10 +172,8 @@ def _ia3_weight_checks(op: str, x: torch.Tensor, weight: torch.Tensor) -> int:
 
 
 def _bias_checks(op: str, bias: torch.Tensor | None, out_features: int) -> None:
-    if bias is not None:
-        ck.dim(op, bias, "bias", 1, "(out_features,)")
-        ck.size(op, bias, "bias", 0, out_features, "(out_features,)",
-                "out_features = weight.shape[0]")
+    ck.optional_vector(op, bias, "bias", out_features, "(out_features,)",
+                       "out_features = weight.shape[0]")
 
 
 @IA3_LINEAR.register_fake
@@ -242,16 +240,11 @@ def _houlsby_adapter_fake(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.T
     ck.size(op, w_up, "w_up", 0, hidden, "(hidden, bottleneck)", "hidden = h.shape[-1]")
     ck.size(op, w_up, "w_up", 1, bottleneck, "(hidden, bottleneck)",
             "bottleneck = w_down.shape[0]")
-    named = [("w_down", w_down), ("w_up", w_up)]
-    if b_down is not None:
-        ck.dim(op, b_down, "b_down", 1, "(bottleneck,)")
-        ck.size(op, b_down, "b_down", 0, bottleneck, "(bottleneck,)",
-                "bottleneck = w_down.shape[0]")
-        named.append(("b_down", b_down))
-    if b_up is not None:
-        ck.dim(op, b_up, "b_up", 1, "(hidden,)")
-        ck.size(op, b_up, "b_up", 0, hidden, "(hidden,)", "hidden = h.shape[-1]")
-        named.append(("b_up", b_up))
+    ck.optional_vector(op, b_down, "b_down", bottleneck, "(bottleneck,)",
+                       "bottleneck = w_down.shape[0]")
+    ck.optional_vector(op, b_up, "b_up", hidden, "(hidden,)", "hidden = h.shape[-1]")
+    named = [(name, t) for name, t in (("w_down", w_down), ("w_up", w_up), ("b_down", b_down),
+                                       ("b_up", b_up)) if t is not None]
     ck.supported_dtype(op, h, "h")
     ck.same_dtype(op, named, h, "h")
     ck.same_device(op, named, h, "h")

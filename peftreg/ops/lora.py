@@ -199,11 +199,10 @@ def _lora_linear_fake(
             "in_features = x.shape[-1]")
     check_lora_factors(op, lora_a, lora_b, in_features, out_features,
                        "in_features = x.shape[-1]", "out_features = weight.shape[0]")
+    ck.optional_vector(op, bias, "bias", out_features, "(out_features,)",
+                       "out_features = weight.shape[0]")
     named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
     if bias is not None:
-        ck.dim(op, bias, "bias", 1, "(out_features,)")
-        ck.size(op, bias, "bias", 0, out_features, "(out_features,)",
-                "out_features = weight.shape[0]")
         named.append(("bias", bias))
     if x_lora is not None:
         ck.same_shape(op, x_lora, "x_lora", x, "x")

@@ -331,10 +331,13 @@ def _double_quantize_fake(absmax: torch.Tensor, nested_blocksize: int = 256,
     return codes, nested, absmax.new_empty(())
 
 
-def _dequantize_checks(op: str, codes: torch.Tensor, absmax: torch.Tensor,
-                       nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
-                       blocksize: int, nested_blocksize: int, size: list[int],
-                       dtype: torch.dtype) -> None:
+@DEQUANTIZE.register_fake
+def _dequantize_fake(codes: torch.Tensor, absmax: torch.Tensor,
+                     nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
+                     blocksize: int, nested_blocksize: int, shape: list[int],
+                     dtype: torch.dtype) -> torch.Tensor:
+    op = DEQUANTIZE.qualname
+    size = list(shape)
     ck.check(op, dtype in ck.SUPPORTED_FLOATS,
              f"argument 'dtype' is {ck.scalar_name(dtype)}; expected one of Float (float32), "
              "BFloat16, Half (float16) or Double")
@@ -342,24 +345,20 @@ def _dequantize_checks(op: str, codes: torch.Tensor, absmax: torch.Tensor,
         ck.check(op, s >= 0, f"argument 'shape' {size} has a negative size")
     _check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
                   math.prod(size))
-
-
-@DEQUANTIZE.register_fake
-def _dequantize_fake(codes: torch.Tensor, absmax: torch.Tensor,
-                     nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
-                     blocksize: int, nested_blocksize: int, shape: list[int],
-                     dtype: torch.dtype) -> torch.Tensor:
-    _dequantize_checks(DEQUANTIZE.qualname, codes, absmax, nested_absmax, offset, blocksize,
-                       nested_blocksize, list(shape), dtype)
-    return codes.new_empty(tuple(shape), dtype=dtype)
+    return codes.new_empty(tuple(size), dtype=dtype)
 
 
 @DEQUANTIZE_INTO.register_fake
 def _dequantize_into_fake(codes: torch.Tensor, absmax: torch.Tensor,
                           nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
                           blocksize: int, nested_blocksize: int, out: torch.Tensor) -> None:
-    _dequantize_checks(DEQUANTIZE_INTO.qualname, codes, absmax, nested_absmax, offset,
-                       blocksize, nested_blocksize, list(out.shape), out.dtype)
+    op = DEQUANTIZE_INTO.qualname
+    ck.supported_dtype(op, out, "out")
+    _check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                  out.numel())
+    ck.same_device(op, [("out", out)], codes, "codes")
+    ck.check(op, out.is_contiguous(), f"argument 'out' must be contiguous but has strides "
+             f"{list(out.stride())} for shape {ck.shape(out)}")
 
 
 def _linear_out(op: str, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
@@ -430,6 +429,9 @@ def _lora_linear_backward_fake(
     ck.check(op, grad.shape[-1] == out_features and lora_a.shape[1] == in_features,
              f"grad has {grad.shape[-1]} features and lora_a {lora_a.shape[1]} but the weight "
              f"is ({out_features}, {in_features})")
+    if output_mask[0]:  # the weight is read for grad_x only
+        _check_weight(op, codes, absmax, nested_absmax, offset, blocksize, nested_blocksize,
+                      out_features * in_features)
     return lora_grads_fake(grad, lora_a, lora_b, x_lora is not None, output_mask)
 
 
@@ -518,7 +520,7 @@ LINEAR.register_autograd(_linear_backward, _linear_setup_context)
 LINEAR_GRAD_INPUT.register_autograd(_grad_input_backward, _grad_input_setup_context)
 LORA_LINEAR.register_autograd(_lora_backward, _lora_setup_context)
 # nf4_dequantize_into mutates its output, which torch.library cannot register here; its Autograd
-# kernel is torch's "not implemented" fallback, registered in csrc/nf4/nf4_cpu.cpp.
+# kernel is torch's "not implemented" fallback, registered in csrc/nf4/nf4_ops.cpp.
 for _storage_op in (QUANTIZE, DOUBLE_QUANTIZE, DEQUANTIZE):
     _storage_op.not_differentiable(
         "is not differentiable (NF4 storage is frozen); detach its tensor inputs, or use "

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from rich.console import Console
 
 import peftreg
@@ -17,43 +16,6 @@ from peftreg.compare.runs import RunSettings
 from peftreg.compare.tasks import balanced_split, read_tweets, sentiment_task
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-
-WORDS = ["good", "bad", "fine", "great", "awful", "okay", "love", "hate", "meh", "car", "road",
-         "the", "is", "a", "very"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny random BERT with a word-level tokenizer, saved like a pretrained checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=32)
-    transformers.BertModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tweets_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "tweets.csv"
-    rows = ["sentiment,confidence,text"]
-    mood = {"negative": ["bad", "awful", "hate"], "neutral": ["okay", "meh", "fine"],
-            "positive": ["good", "great", "love"]}
-    for i in range(120):
-        label = ["negative", "neutral", "positive"][i % 3]
-        words = [rng.choice(mood[label]), *rng.choices(["car", "road", "the", "is", "a"], k=4)]
-        rows.append(f"{label},0.9,{' '.join(words)} {i}")
-    rows += ["sarcastic,0.5,not a label", "positive,0.9,", rows[1]]
-    path.write_bytes(("\n".join(rows) + "\n").encode() + b"positive,1,caf\xe9 good\n")
-    return path
-
 
 def test_read_tweets_skips_bad_rows_and_duplicates(tweets_file):
     examples = read_tweets(tweets_file)
@@ -235,7 +197,8 @@ def _sweep_run(tmp_path, tiny_bert_dir, tweets_file, monkeypatch, *extra):
 
     # The tweets task on the tiny model and its tiny data (no real assets needed).
     def fake_build(model, data, **sizes):
-        kept = {k: v for k, v in sizes.items() if k not in ("text_column", "label_column")}
+        kept = {k: v for k, v in sizes.items()
+                if k not in ("text_column", "label_column", "registry")}
         return sentiment_task(tiny_bert_dir, read_tweets(tweets_file), **kept)
 
     monkeypatch.setattr(command, "build_task", fake_build)
@@ -306,7 +269,61 @@ def test_time_budget_gives_every_run_the_same_wall_clock(tiny_bert_dir, tweets_f
         assert len(r.losses) > 2 and seconds >= 0.4
         # ...and stops soon after it (a loaded machine can make the last step slow)
         assert seconds < 0.4 + 4 * r.step_ms / 1000 + 0.5
-    assert parse_budget("steps") is None and parse_budget("seconds=90") == 90.0
-    for bad in ("seconds=0", "minutes=3", "seconds=x"):
+    assert parse_budget("steps") == (None, None) and parse_budget("seconds=90") == (90.0, None)
+    assert parse_budget("params=5000") == (None, 5000)
+    for bad in ("seconds=0", "minutes=3", "seconds=x", "params=0", "params=2.5"):
         with pytest.raises(peftreg.ConfigError, match="--budget"):
             parse_budget(bad)
+
+
+def test_parameter_budget_sizes_every_method_near_the_target(tiny_bert_dir, tweets_file):
+    # Small enough that prompt tuning's tokens fit the tiny BERT's 32 positions.
+    target = 600
+    settings = RunSettings(steps=2, batch_size=8, max_length=12, seed=1, seeds=1,
+                           test_per_class=10, latency_repeats=1, baselines=False,
+                           budget_params=target)
+    registry = peftreg.default_registry()
+    task = _task(tiny_bert_dir, tweets_file, steps=2)
+    _, results = run_comparison(task, ["lora", "prompt_tuning", "ia3"], settings, registry)
+    by_method = {r.method: r for r in results}
+    head = sum(p.numel() for name, p in task.make_model(1).named_parameters()
+               if name.startswith(tuple(task.modules_to_save)))
+    for name in ("lora", "prompt_tuning"):
+        r = by_method[name]
+        assert r.error is None and "matched" in r.notes
+        field = registry.get(name).size_field
+        value = int(r.notes.split(f"{field}=")[1].split()[0])
+        adapter = r.trainable_params - head
+        # The nearest achievable count: one size step more or less is no nearer the target.
+        config = registry.get(name).config_cls(modules_to_save=list(task.modules_to_save))
+        model = task.make_model(1)
+        family = registry.describe_model(model)
+        method = registry.get(name)
+        step_up = method.parameter_count(model, config.replace(**{field: value + 1}), family)
+        assert abs(adapter - target) <= abs(step_up - target)
+        if value > 1:
+            step_down = method.parameter_count(model, config.replace(**{field: value - 1}),
+                                               family)
+            assert abs(adapter - target) <= abs(step_down - target)
+    assert "not size-matched" in by_method["ia3"].notes
+
+
+def test_a_local_causal_lm_directory_models_the_tweets(tmp_path, tiny_bert_dir):
+    import tiny_hf
+
+    try:
+        assets.tweets_csv()
+    except assets.MissingAssetError:
+        pytest.skip("make install installs the tweets")
+
+    from peftreg.compare.tasks import build_task
+
+    folder = tmp_path / "tiny-llama"
+    tiny_hf.llama(vocab_size=96).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    task = build_task(str(folder), None, steps=2, batch_size=4, max_length=12, seed=0,
+                      test_per_class=4)
+    assert task.metric == "loss" and task.name.endswith("tiny-llama")
+    model = task.make_model(0)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert math.isfinite(task.evaluate(model))

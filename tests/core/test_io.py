@@ -153,7 +153,8 @@ def _edit_meta(directory, **changes):
     [
         ({"format_version": 9}, AdapterFileError, "format_version 9 is newer"),
         ({"format_version": "1"}, AdapterFileError, "not a positive integer"),
-        ({"method": "dora"}, UnknownMethodError, "no installed method is called 'dora'"),
+        ({"method": "frobnicate"}, UnknownMethodError,
+         "no installed method is called 'frobnicate'"),
         ({"config__r": 0}, AdapterFileError, r"invalid config: LoraConfig.r: rank must be > 0"),
         ({"config__rank": 4}, AdapterFileError, r"unknown field\(s\) 'rank'"),
         ({"config__format_version": 7}, AdapterFileError, "format_version 7 is newer"),

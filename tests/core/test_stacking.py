@@ -3,8 +3,9 @@
 Two adapters on the same layers, both active: merging either equals the unmerged outputs, or is
 refused with an error saying why and changes nothing. Unmerging restores the unmerged outputs,
 and deleting both while merged restores the base. The pairs are LoRA, IA3 (with a scaled
-feed-forward input, the input-side case), Houlsby (not mergeable), QLoRA, and a DoRA-like test
-plugin that reads its base weights (the non-additive case).
+feed-forward input, the input-side case), Houlsby (not mergeable), QLoRA, DoRA and a DoRA-like
+test plugin that read their base weights (the non-additive case), and VeRA (projections shared
+model-wide).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import peftreg
 from peftreg.plugin import AdapterHost
 from peftreg.registry import Registry
 from peftreg_plugins import family_torch
+from peftreg_plugins.dora import DoraConfig, DoraMethod
 from peftreg_plugins.houlsby import HoulsbyConfig, HoulsbyMethod
 from peftreg_plugins.ia3 import IA3Config, IA3Method
 from peftreg_plugins.lora import LoraConfig, LoraMethod
 from peftreg_plugins.qlora import QLoraConfig, QLoraMethod
+from peftreg_plugins.vera import VeraConfig, VeraMethod
 
 TARGETS = ["v_proj", "down_proj"]
 ATOL = RTOL = 1e-4
@@ -35,6 +38,8 @@ CONFIGS = {
     "qlora": lambda: QLoraConfig(r=2, target_modules=TARGETS, quantize="targets",
                                  compute_dtype="float32"),
     "dora_like": lambda: DoraLikeConfig(r=2, target_modules=TARGETS),
+    "dora": lambda: DoraConfig(r=2, target_modules=TARGETS),
+    "vera": lambda: VeraConfig(r=4, target_modules=TARGETS),
 }
 PAIRS = list(itertools.product(CONFIGS, repeat=2))
 
@@ -45,14 +50,15 @@ def expected_refusal(first: str, second: str | None) -> str | None:
         return "cannot be merged"
     if first == "ia3" and second is not None:  # scales down_proj's input; the next reads it
         return "transforms the layer's input"
-    if second == "dora_like":
+    if second in ("dora_like", "dora"):
         return "reads the base weights"
     return None
 
 
 @pytest.fixture(scope="module")
 def registry():
-    methods = [LoraMethod(), IA3Method(), HoulsbyMethod(), QLoraMethod(), DoraLikeMethod()]
+    methods = [LoraMethod(), IA3Method(), HoulsbyMethod(), QLoraMethod(), DoraLikeMethod(),
+               DoraMethod(), VeraMethod()]
     return Registry.for_testing(methods, plugins=[family_torch])
 
 
@@ -115,7 +121,7 @@ def test_merge_first_alone_keeps_outputs_or_is_refused(make_tiny, token_batch, r
     refusal = expected_refusal(first, None)
     if refusal is None and first == "ia3":
         refusal = "transforms the layer's input"
-    if refusal is None and second == "dora_like":
+    if refusal is None and second in ("dora_like", "dora"):
         refusal = "reads the base weights"
     if refusal is not None:
         with pytest.raises(peftreg.UnsupportedOperationError, match=refusal):

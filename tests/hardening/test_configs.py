@@ -31,8 +31,8 @@ def registry():
 @pytest.mark.parametrize(
     ("data", "error", "words"),
     [
-        ({"method": "dora", "r": 4}, UnknownMethodError,
-         ["no installed method is called 'dora'", "lora"]),
+        ({"method": "frobnicate", "r": 4}, UnknownMethodError,
+         ["no installed method is called 'frobnicate'", "lora"]),
         ({"r": 4}, ConfigError, ['needs a "method" string', "lora"]),
         ([1, 2], ConfigError, ["must be a JSON object", "list"]),
         ({"method": "lora", "rank": 4}, ConfigError,

@@ -202,9 +202,10 @@ def test_hostile_adapter_json_is_refused(saved, make_tiny, text, words):
 
 def test_unknown_method_names_the_file(saved, make_tiny):
     meta = _meta(saved)
-    meta["method"] = "dora"
+    meta["method"] = "frobnicate"
     (saved / CONFIG_FILE).write_text(json.dumps(meta))
-    with pytest.raises(UnknownMethodError, match="no installed method is called 'dora'") as info:
+    with pytest.raises(UnknownMethodError,
+                       match="no installed method is called 'frobnicate'") as info:
         peftreg.load(make_tiny(), saved)
     assert str(saved / CONFIG_FILE) in str(info.value)
 

@@ -398,8 +398,8 @@ def test_broken_tensors_are_refused(broken, change, patterns):
 
 
 @pytest.mark.parametrize(("changes", "patterns"), [
-    pytest.param({"use_dora": True}, ["use_dora = True", "DoRA"], id="use_dora"),
-    pytest.param({"peft_type": "VERA"}, ["peft_type 'VERA'"], id="unknown-peft_type"),
+    pytest.param({"peft_type": "FROBNICATE"}, ["peft_type 'FROBNICATE'"],
+                 id="unknown-peft_type"),
     pytest.param({"bias": "all"}, ["bias = 'all'"], id="bias-all"),
     pytest.param({"fan_in_fan_out": True}, ["fan_in_fan_out"], id="fan_in_fan_out"),
     pytest.param({"target_parameters": ["mlp.experts.down_proj"]}, ["target_parameters"],
@@ -412,6 +412,12 @@ def test_broken_tensors_are_refused(broken, change, patterns):
 def test_config_features_peftreg_cannot_reproduce_are_refused(broken, changes, patterns):
     edit_config(broken, **changes)
     assert_refused(broken, PEFT_CONFIG_FILE, *patterns)
+
+
+def test_a_lora_document_switched_to_dora_lacks_the_magnitudes(broken):
+    # DoRA's codec claims a document with use_dora: true; LoRA tensors alone are not DoRA's.
+    edit_config(broken, use_dora=True)
+    assert_refused(broken, PEFT_WEIGHTS_FILE, "lora_magnitude_vector", "missing")
 
 
 def test_unknown_keys_that_are_off_are_ignored(broken, lora_dir):
@@ -461,7 +467,9 @@ def test_encoder_decoder_prompts_are_refused(tmp_path):
 
 
 def test_base_rewriting_initialisation_warns(broken):
-    edit_config(broken, init_lora_weights="pissa")
+    # Exact PiSSA and OLoRA are reproduced (tests/plugins/test_lora_init.py); the randomised
+    # fast SVD of pissa_niter_N is not.
+    edit_config(broken, init_lora_weights="pissa_niter_4")
     with pytest.warns(UserWarning, match="rewrote the base weights"):
         peftreg.load(make_llama(), broken)
 

@@ -201,8 +201,8 @@ def test_unknown_keys_that_switch_something_on_are_refused(copy, value):
 
 
 def test_known_features_peftreg_cannot_reproduce_stay_refused(copy):
-    edit_config(copy, use_dora=True)
-    refused(copy, "use_dora", "DoRA")
+    edit_config(copy, use_qalora=True)
+    refused(copy, "use_qalora", "QA-LoRA")
 
 
 # -- part 7: messages that name the problem -------------------------------------------------

@@ -2,8 +2,10 @@
 """Compile-check the CUDA sources wherever a CUDA toolkit exists; no GPU needed.
 
 Every ``csrc/**/*_cuda.cu`` includes no torch header, so nvcc compiles it alone in seconds. The
-torch-side registration glue (``*_cuda_ops.cpp``) is syntax-checked with the host compiler
-against torch's headers and the toolkit's, which catches API drift before a GPU machine does.
+torch-side CUDA kernel tables (``*_cuda_ops.cpp``) and the CUDA branch of every other file that
+has one (the entries' ``PEFTREG_WITH_CUDA`` registration) are syntax-checked with the host
+compiler against torch's headers and the toolkit's, which catches API drift before a GPU
+machine does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.rglob("*_cuda.cu"))
 GLUE_FILES = sorted(CSRC.rglob("*_cuda_ops.cpp"))
+# C++ files that CPU builds compile too but whose CUDA branch only CUDA builds see.
+_CUDA_BRANCH = re.compile(r"PEFTREG_(WITH_CUDA|CUDA_TABLE|IMPL_CPU_AND_CUDA)\b")
+CUDA_BRANCH_FILES = sorted(p for p in CSRC.rglob("*.cpp")
+                           if p not in GLUE_FILES and _CUDA_BRANCH.search(p.read_text()))
+SYNTAX_FILES = GLUE_FILES + CUDA_BRANCH_FILES
 
 
 def _find_nvcc() -> str | None:
@@ -56,7 +63,10 @@ def _rel(path: Path) -> str:
 
 def test_there_are_cuda_sources():
     assert CU_FILES, "no csrc/**/*_cuda.cu files found"
-    # Each kernel file has a registration glue file next to it, and vice versa.
+    # Every op family registers its one entry for CUDA in a CUDA build.
+    entries = {p.relative_to(CSRC).as_posix() for p in CUDA_BRANCH_FILES}
+    assert {"fused/lora_ops.cpp", "fused/adapters_ops.cpp", "nf4/nf4_ops.cpp"} <= entries, entries
+    # Each kernel file has its CUDA table file (*_cuda_ops.cpp) next to it, and vice versa.
     assert {p.with_name(p.name.replace("_cuda.cu", "_cuda_ops.cpp")) for p in CU_FILES} == set(
         GLUE_FILES)
 
@@ -85,9 +95,9 @@ def test_nvcc_compiles_for_sm90(cu_file, tmp_path):
 @needs_nvcc
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="the host-compiler check is Linux-only")
-@pytest.mark.parametrize("glue_file", GLUE_FILES, ids=[_rel(p) for p in GLUE_FILES])
+@pytest.mark.parametrize("glue_file", SYNTAX_FILES, ids=[_rel(p) for p in SYNTAX_FILES])
 def test_cuda_glue_syntax_checks_against_torch_headers(glue_file):
-    """The registration glue parses against this torch's headers and the toolkit's (~10 s)."""
+    """A CUDA build's C++ parses against this torch's headers and the toolkit's (~10 s each)."""
     torch_cpp = pytest.importorskip("torch.utils.cpp_extension")
     root = _toolkit_root(NVCC)
     if root is None or not (root / "include" / "cuda_runtime_api.h").is_file():

@@ -123,3 +123,63 @@ def test_two_methods_switch(make_tiny, token_batch):
 
 def _family(model):
     return peftreg.default_registry().describe_model(model)
+
+
+# -- initialisation from real tokens (Li & Liang 2021, section 5) ------------------------------
+
+
+def test_activation_init_makes_the_model_see_the_tokens_before_every_input():
+    # A Hugging Face causal LM returns its own cache: the prefix is then exactly the keys and
+    # values of the tokens, so the adapted model equals the base run on tokens + input.
+    tiny_hf = pytest.importorskip("tiny_hf")
+    pytest.importorskip("transformers")
+    tokens = [5, 17, 33]
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    tokens_twice = torch.cat((torch.tensor(tokens * 2).expand(2, -1), ids), dim=1)
+    with torch.no_grad():
+        expected = tiny_hf.llama()(input_ids=tokens_twice).logits[:, 6:]
+        model = peftreg.adapt(tiny_hf.llama(), PrefixTuningConfig(
+            num_virtual_tokens=6, init_token_ids=tokens))  # repeated to length 6
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, tiny_hf.llama()(input_ids=ids).logits)
+
+
+def test_activation_init_reads_the_key_value_projections_of_a_model_without_a_cache(
+        make_tiny, tiny_config):
+    base = make_tiny()
+    tokens = torch.tensor([3, 9, 4, 1])
+    captured = {}
+    hooks = [base.get_submodule(f"layers.{i}.self_attn.{name}").register_forward_hook(
+        lambda m, i, out, key=(i, name): captured.__setitem__(key, out[0]))
+        for i in range(tiny_config.num_layers) for name in ("k_proj", "v_proj")]
+    with torch.no_grad():
+        base(tokens[None])
+    for hook in hooks:
+        hook.remove()
+    model = peftreg.adapt(make_tiny(), PrefixTuningConfig(num_virtual_tokens=4,
+                                                          init_token_ids=tokens.tolist()))
+    encoder = model.model.peftreg_input_adapters.adapters["default"]
+    for layer, (key, value) in enumerate(encoder.layer_kv(1, torch.float32)):
+        torch.testing.assert_close(key[0].transpose(0, 1).reshape(4, -1),
+                                   captured[(layer, "k_proj")], atol=0, rtol=0)
+        torch.testing.assert_close(value[0].transpose(0, 1).reshape(4, -1),
+                                   captured[(layer, "v_proj")], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"prefix_init": "zeros"}, "prefix_init"),
+    ({"init_token_ids": []}, "init_token_ids"),
+    ({"init_token_ids": [1, -2]}, "init_token_ids"),
+    ({"init_token_ids": [1], "prefix_init": "random"}, "init_token_ids"),
+    ({"prefix_init": "activations", "prefix_projection": True}, "prefix_init"),
+])
+def test_bad_init_configs_name_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        PrefixTuningConfig(**fields)
+
+
+def test_a_token_outside_the_vocabulary_is_refused(make_tiny, tiny_config):
+    with pytest.raises(ConfigError, match="init_token_ids: id"):
+        peftreg.adapt(make_tiny(), PrefixTuningConfig(
+            num_virtual_tokens=2, init_token_ids=[tiny_config.vocab_size]))

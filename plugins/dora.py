@@ -1,0 +1,363 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024), also on a 4-bit base (QDoRA).
+
+A frozen weight ``W`` (out x in) is split into a magnitude and a direction: the adapted layer
+uses ``W' = m * (W + s B A) / ||W + s B A||``, the norm taken per output row (the paper's
+eq. 5 with PEFT's row convention), ``m`` (out) trainable and initialised to the row norms of
+``W``, ``A`` and ``B`` LoRA factors (``B`` zero), so training starts at the base model. As the
+paper's section 4.3 suggests, the norm is a constant for the backward: gradients reach ``m``,
+``A`` and ``B`` only through ``m / ||.||`` times the LoRA-style output.
+
+The layer never builds the dense ``W + s B A``. Row ``i``'s squared norm is
+
+    ||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T
+
+with ``||W_i||^2`` cached (``W`` is frozen; the cache follows a replaced, moved or rewritten
+base), ``W A^T`` computed by running the base layer on the ``r`` rows of ``A`` (on a 4-bit base
+that is the 4-bit product, no dense copy of the weight) and ``A A^T`` only ``r x r``; it is
+computed once per forward call. The bias is not rescaled, and with dropout the rescaled base
+part is ``W dropout(x)``, both as HF PEFT does (``LoraConfig(use_dora=True)``).
+
+DoRA is not additive (it rescales what the base computed), so it holds a base view and the
+stacking contract keeps earlier adapters from merging under it (docs/plugins.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftreg.plugin import (
+    ALL_LINEAR,
+    BaseAccess,
+    Capabilities,
+    LayerAdapter,
+    Linear4bit,
+    ModelFamily,
+    ModuleTensors,
+    PeftCodec,
+    PeftExport,
+    PeftImport,
+    PeftKeys,
+    PEFTMethod,
+    UnsupportedOperationError,
+    base_access,
+    hookimpl,
+    host_for,
+    is_off,
+    lora_dropout,
+    merge_weight,
+    new_dropout_seed,
+    select_targets,
+)
+from peftreg_plugins.lora import LoraConfig
+from peftreg_plugins.lora_peft import KEYS as LORA_KEYS
+from peftreg_plugins.lora_peft import (
+    LINEAR_PAIR,
+    LoraPeftCodec,
+    check_pairs,
+    lora_body,
+    lora_fields,
+)
+from peftreg_plugins.qlora import QLoraConfig, quantize_base
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class DoraConfig(LoraConfig):
+    """Config of a DoRA adapter: the LoRA fields (rank, scale, dropout, init, patterns, dtype)
+    with the magnitude vector added. See :class:`peftreg_plugins.lora.LoraConfig`; Linear layers
+    (dense or 4-bit) can be targeted, Embeddings cannot."""
+
+    method: ClassVar[str] = "dora"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init_lora_weights in ("pissa", "olora"):
+            raise self.error("init_lora_weights", "PiSSA and OLoRA inits are LoRA's only",
+                             self.init_lora_weights)
+
+
+@dataclasses.dataclass
+class QDoraConfig(QLoraConfig):
+    """Config of QDoRA: DoRA on a base quantized to 4-bit NF4 as QLoRA quantizes it (every
+    :class:`peftreg_plugins.qlora.QLoraConfig` field)."""
+
+    method: ClassVar[str] = "qdora"
+
+
+def _weight_key(module: nn.Module) -> tuple[Any, ...]:
+    """What identifies the stored base weight: the module, its weight tensor's storage and its
+    version counter (in-place writes such as a merge bump it), dtype and device."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return (id(module),)
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor: it cannot be written in place either
+        version = -1
+    return (id(module), id(weight), weight.data_ptr(), version, weight.dtype, weight.device)
+
+
+class DoraLinear(LayerAdapter):
+    """DoRA for one linear layer (dense or 4-bit): LoRA factors plus a magnitude vector.
+
+    Saved tensors: ``lora_A.weight`` (r x in), ``lora_B.weight`` (out x r) and
+    ``lora_magnitude_vector`` (out), PEFT's names and shapes.
+    """
+
+    def __init__(self, view: BaseAccess, r: int, scaling: float, dropout: float, init: str,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        out_f, in_f = view.shape
+        kw: dict[str, Any] = {"device": view.device, "dtype": dtype or view.dtype}
+        self.lora_A = nn.Linear(in_f, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, out_f, bias=False, **kw)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        self.base_view = view  # registers nothing: the base stays the host's
+        self.r, self.scaling, self.dropout_p = r, scaling, float(dropout)
+        self._row_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._merged_norm: torch.Tensor | None = None
+        # B is zero, so this is ||W_i|| computed exactly as the forward computes it: the first
+        # forward's m / ||.|| is exactly one and the model starts at the base.
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(kw["dtype"]))
+
+    # -- the row norm ----------------------------------------------------------------------------
+
+    def _norm_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.lora_A.weight.dtype, torch.float32)
+
+    def _base_row_sq(self) -> torch.Tensor:
+        """``||W_i||^2`` per row, cached until the stored base changes."""
+        module = self.base_view.module
+        key = (*_weight_key(module), self._norm_dtype())
+        if self._row_sq is None or self._row_sq[0] != key:
+            w = self.base_view.weight(self._norm_dtype())
+            self._row_sq = (key, (w * w).sum(dim=1))
+        return self._row_sq[1]
+
+    def _base_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ W^T`` without the bias, computed by the base itself (the 4-bit product on a
+        quantized base, the stored weight without a copy on a dense one)."""
+        module = self.base_view.module
+        if isinstance(module, nn.Linear):
+            return F.linear(rows.to(module.weight.dtype), module.weight)
+        out = module(rows)
+        bias = self.base_view.bias(out.dtype)
+        return out - bias if bias is not None else out
+
+    def weight_norm(self) -> torch.Tensor:
+        """``||W + s B A||`` per output row, detached, in float32 (float64 for float64
+        adapters), without building ``W + s B A``.
+
+        The expanded square can cancel when a row of ``W + s B A`` is nearly zero; it is clamped
+        at the size of its own rounding error so the norm stays positive and finite.
+        """
+        dtype = self._norm_dtype()
+        with torch.no_grad():
+            a = self.lora_A.weight.detach()
+            b = self.lora_B.weight.detach().to(dtype)
+            s = float(self.scaling)
+            w_sq = self._base_row_sq()
+            wa = self._base_product(a).to(dtype).T  # (out, r) = W A^T
+            af = a.to(dtype)
+            cross = (wa * b).sum(dim=1)
+            quad = ((b @ (af @ af.T)) * b).sum(dim=1)
+            squared = w_sq + (2 * s) * cross + (s * s) * quad
+            floor = torch.finfo(dtype).eps * (w_sq + (s * s) * quad)
+            squared = torch.maximum(squared, floor.clamp_min(torch.finfo(dtype).tiny))
+            return squared.sqrt()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ``s B A`` (merging only; the forward never builds it)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.weight
+        magnitude = self.lora_magnitude_vector
+        scale = magnitude / self.weight_norm().to(magnitude.dtype)
+        x_lora = x.to(a.dtype)
+        if self.training and self.dropout_p > 0:
+            # The rescaled base part then reads the dropped-out input too (PEFT's choice), so it
+            # is recomputed here rather than taken from y.
+            x_lora = lora_dropout(x_lora, self.dropout_p, new_dropout_seed())
+            base_part = self._base_product(x_lora).to(a.dtype)
+        else:
+            bias = self.base_view.bias(y.dtype)
+            base_part = (y - bias if bias is not None else y).to(a.dtype)
+        low = self.lora_B(self.lora_A(x_lora))
+        update = (scale - 1) * base_part + scale * low * self.scaling
+        return y + update.to(y.dtype)
+
+    # -- merging ---------------------------------------------------------------------------------
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        norm = self.weight_norm().float()
+        factor = self.lora_magnitude_vector.detach().float() / norm
+        if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
+            raise UnsupportedOperationError(
+                "dora: lora_magnitude_vector has zero or non-finite entries relative to the row "
+                "norm; merging could not be undone")
+        self._merged_norm = norm
+        w.copy_((factor[:, None] * (w.float() + self.delta_weight())).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        norm = self._merged_norm
+        if norm is None:
+            raise UnsupportedOperationError("dora: unmerge without a merge")
+        w = merge_weight(base)
+        factor = self.lora_magnitude_vector.detach().float() / norm.to(w.device)
+        w.copy_((w.float() / factor[:, None] - self.delta_weight()).to(w.dtype))
+        self._merged_norm = None
+
+
+_SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, Linear4bit)
+
+# -- PEFT's format: a LORA document with use_dora: true ------------------------------------------
+
+MAGNITUDE: Final = "lora_magnitude_vector"
+LEAVES: Final = (*LINEAR_PAIR, MAGNITUDE)
+
+KEYS: Final = PeftKeys(
+    mapped=LORA_KEYS.mapped | {"use_dora"},
+    ignored=LORA_KEYS.ignored,
+    refused={k: v for k, v in LORA_KEYS.refused.items() if k != "use_dora"},
+)
+
+
+class DoraPeftCodec(PeftCodec):
+    """PEFT's LORA documents with ``use_dora: true`` (same tensors as LoRA's, plus
+    ``<module path>.lora_magnitude_vector``), and DoRA adapters written as them."""
+
+    peft_type = "LORA"
+    keys = KEYS
+    exported_fields = LoraPeftCodec.exported_fields
+
+    def claims(self, doc: Mapping[str, Any]) -> bool:
+        return not is_off(doc.get("use_dora"))
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        found = ctx.read_modules(tensors, LEAVES)
+        check_pairs(ctx, found)
+        for path, parts in found.adapted.items():
+            key = f"base_model.model.{path}.{MAGNITUDE}"
+            magnitude, b = parts.get(MAGNITUDE), parts.get(LINEAR_PAIR[1])
+            if magnitude is None:
+                ctx.tensor_problem(key, "missing: a DoRA layer needs its magnitude vector")
+            elif b is not None and tuple(magnitude.shape) != (b.shape[0],):
+                ctx.tensor_problem(key, f"shape {tuple(magnitude.shape)} does not fit "
+                                   f"lora_B.weight of shape {tuple(b.shape)} (it must be "
+                                   "(out_features,))")
+        fields = ctx.target_fields(found)
+        fields.update(lora_fields(ctx))
+        return fields, found
+
+    def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        found = ctx.modules(LEAVES)
+        body = lora_body(ctx, found)
+        body["use_dora"] = True
+        return body, found.tensors
+
+
+
+def _default_targets(family: ModelFamily | None) -> list[str] | None:
+    if family is None or "q" not in family.roles or "v" not in family.roles:
+        return None
+    return [family.roles["q"], family.roles["v"]]
+
+
+def _count(model: nn.Module, config: LoraConfig, paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        out_f, in_f = base_access(model.get_submodule(path)).shape
+        r, _ = config.rank_and_scale(path)
+        total += r * (in_f + out_f) + out_f
+    return total
+
+
+class DoraMethod(PEFTMethod[DoraConfig]):
+    """Weight-decomposed low-rank updates (magnitude and direction); mergeable."""
+
+    name: ClassVar[str] = "dora"
+    config_cls = DoraConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True)
+    peft_codec: ClassVar[PeftCodec] = DoraPeftCodec()
+    api_level: ClassVar[int] = 2
+    # The paper trains DoRA with LoRA's settings (its section 5 and appendix tables use the
+    # same or half the LoRA rate); LoRA's measured default suits it.
+    suggested_learning_rate: ClassVar[float] = 2e-3
+
+    def _targets(self, model: nn.Module, config: DoraConfig,
+                 family: ModelFamily | None) -> list[str]:
+        return select_targets(model, config, _SUPPORTED, family, _default_targets(family))
+
+    def inject(self, model: nn.Module, adapter_name: str, config: DoraConfig,
+               family: ModelFamily | None) -> list[str]:
+        paths = self._targets(model, config, family)
+        dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
+        for path in paths:
+            host = host_for(model, path)
+            r, scaling = config.rank_and_scale(path)
+            host.adapters[adapter_name] = DoraLinear(
+                base_access(host), r, scaling, config.lora_dropout, config.init_lora_weights,
+                dtype)
+        return paths
+
+    def parameter_count(self, model: nn.Module, config: DoraConfig,
+                        family: ModelFamily | None) -> int:
+        """``sum over adapted matrices of r * (d_in + d_out) + d_out`` (factors and magnitude)."""
+        return _count(model, config, self._targets(model, config, family))
+
+
+class QDoraMethod(PEFTMethod[QDoraConfig]):
+    """DoRA on a 4-bit NF4 base (QDoRA); merging densifies the base."""
+
+    name: ClassVar[str] = "qdora"
+    config_cls = QDoraConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True)
+    suggested_learning_rate: ClassVar[float] = 2e-3
+
+    def _targets(self, model: nn.Module, config: QDoraConfig,
+                 family: ModelFamily | None) -> list[str]:
+        return select_targets(model, config, _SUPPORTED, family, ALL_LINEAR)
+
+    def inject(self, model: nn.Module, adapter_name: str, config: QDoraConfig,
+               family: ModelFamily | None) -> list[str]:
+        paths = self._targets(model, config, family)
+        quantize_base(model, config, family)
+        compute = _DTYPES[config.compute_dtype]
+        dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else compute
+        for path in paths:
+            host = host_for(model, path)
+            r, scaling = config.rank_and_scale(path)
+            host.adapters[adapter_name] = DoraLinear(
+                base_access(host), r, scaling, config.lora_dropout, config.init_lora_weights,
+                dtype)
+        return paths
+
+    def parameter_count(self, model: nn.Module, config: QDoraConfig,
+                        family: ModelFamily | None) -> int:
+        """As DoRA: ``r * (d_in + d_out) + d_out`` per adapted matrix."""
+        return _count(model, config, self._targets(model, config, family))
+
+
+@hookimpl
+def peftreg_register_methods() -> list[PEFTMethod[Any]]:
+    """Provide DoRA and QDoRA."""
+    return [DoraMethod(), QDoraMethod()]
