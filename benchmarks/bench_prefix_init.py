@@ -28,11 +28,11 @@ CASES = {
                                      PrefixTuningMethod.suggested_learning_rate),
     "prefix tuning, real-token activations (default)": (
         PrefixTuningConfig(num_virtual_tokens=20), PrefixTuningMethod.suggested_learning_rate),
-    "prompt tuning, random (PEFT's default)": (
-        PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="RANDOM"),
+    "prompt tuning, random (the default, as PEFT's)": (
+        PromptTuningConfig(num_virtual_tokens=20), PromptTuningMethod.suggested_learning_rate),
+    "prompt tuning, vocabulary rows": (
+        PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB"),
         PromptTuningMethod.suggested_learning_rate),
-    "prompt tuning, vocabulary rows (default)": (PromptTuningConfig(num_virtual_tokens=20),
-                                                 PromptTuningMethod.suggested_learning_rate),
 }
 
 

@@ -302,6 +302,7 @@ class DoraMethod(PEFTMethod[DoraConfig]):
     # The paper trains DoRA with LoRA's settings (its section 5 and appendix tables use the
     # same or half the LoRA rate); LoRA's measured default suits it.
     suggested_learning_rate: ClassVar[float] = 2e-3
+    size_field: ClassVar[str | None] = "r"
 
     def _targets(self, model: nn.Module, config: DoraConfig,
                  family: ModelFamily | None) -> list[str]:
@@ -332,6 +333,7 @@ class QDoraMethod(PEFTMethod[QDoraConfig]):
     config_cls = QDoraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True)
     suggested_learning_rate: ClassVar[float] = 2e-3
+    size_field: ClassVar[str | None] = "r"
 
     def _targets(self, model: nn.Module, config: QDoraConfig,
                  family: ModelFamily | None) -> list[str]:

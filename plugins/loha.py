@@ -355,6 +355,7 @@ class LohaMethod(PEFTMethod[LohaConfig]):
     # Measured: 30 AdamW steps on the tiny Llama of the tests (all-linear, r=8), rates 3e-4 to
     # 1e-1: the loss is lowest at the same rate as for LoRA (3e-2 there), so LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 2e-3
+    size_field: ClassVar[str | None] = "r"
     peft_codec: ClassVar[PeftCodec] = LohaPeftCodec()
     api_level: ClassVar[int] = 2  # the PEFT codec
 

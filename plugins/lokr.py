@@ -377,6 +377,7 @@ class LokrMethod(PEFTMethod[LokrConfig]):
     # Measured as for LoHa (tiny Llama, all-linear, r=8, 30 AdamW steps): lowest loss at 5e-2
     # against LoRA's 3e-2, so about 1.5x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 3e-3
+    size_field: ClassVar[str | None] = "r"
     peft_codec: ClassVar[PeftCodec] = LokrPeftCodec()
     api_level: ClassVar[int] = 2  # the PEFT codec
 

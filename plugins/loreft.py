@@ -199,6 +199,7 @@ class LoreftMethod(PEFTMethod[LoreftConfig]):
     # positions f1+l1 and at all positions): lowest loss at 1e-1 against LoRA's 3e-2, so about
     # 3x LoRA's suggestion.
     suggested_learning_rate: ClassVar[float] = 6e-3
+    size_field: ClassVar[str | None] = "r"
 
     def inject(self, model: nn.Module, adapter_name: str, config: LoreftConfig,
                family: ModelFamily | None) -> list[str]:

@@ -47,9 +47,10 @@ class PromptTuningConfig(MethodConfig):
 
     Attributes:
         num_virtual_tokens: prompt length (> 0).
-        prompt_tuning_init: ``"SAMPLE_VOCAB"`` (the default: copies of random rows of the
-            embedding table, so the prompt starts as real tokens would and the model near its
-            base), ``"RANDOM"`` (normal, scaled like the embedding table; PEFT's default),
+        prompt_tuning_init: ``"RANDOM"`` (the default, as PEFT's: normal, scaled like the
+            embedding table), ``"SAMPLE_VOCAB"`` (copies of random rows of the embedding table:
+            the prompt starts as real tokens; on SmolLM2 it starts no nearer the base and
+            trains slower than RANDOM, docs/benchmarks.md),
             ``"TOKENS"`` (the embeddings of ``init_token_ids``, repeated to length) or
             ``"TEXT"`` (the embeddings of ``prompt_tuning_init_text`` tokenized with the local
             tokenizer ``tokenizer_name_or_path``; nothing is downloaded).
@@ -63,7 +64,7 @@ class PromptTuningConfig(MethodConfig):
     method: ClassVar[str] = "prompt_tuning"
 
     num_virtual_tokens: int = 20
-    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TOKENS", "TEXT"] = "SAMPLE_VOCAB"
+    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TOKENS", "TEXT"] = "RANDOM"
     init_token_ids: list[int] | None = None
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None

@@ -314,6 +314,7 @@ class VeraMethod(PEFTMethod[VeraConfig]):
     # The paper (appendix, Tables 8-10) trains VeRA with rates 10 to 100 times LoRA's
     # (about 1e-2 for the vectors); only r + out numbers per layer move.
     suggested_learning_rate: ClassVar[float] = 1e-2
+    size_field: ClassVar[str | None] = "r"
 
     def _targets(self, model: nn.Module, config: VeraConfig,
                  family: ModelFamily | None) -> list[str]:

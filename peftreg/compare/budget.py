@@ -11,10 +11,12 @@ without a size field, or without a closed form, runs at its default and says so.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
 
+from peftreg.errors import PeftregError
 from peftreg.families import ModelFamily
 from peftreg.method import PEFTMethod
 
@@ -32,20 +34,33 @@ def match_parameters(method: PEFTMethod[Any], config: Any, model: nn.Module,
     if field is None:
         return config, "not size-matched (the method has no size field)"
 
-    def count(value: int) -> int | None:
-        return method.parameter_count(model, config.replace(**{field: value}), family)
+    def count(value: int) -> float:
+        """The count at ``value``; a size the model cannot take (a rank above its width)
+        counts as infinitely large, so the search stays below it."""
+        try:
+            found = method.parameter_count(model, config.replace(**{field: value}), family)
+        except PeftregError:
+            return math.inf
+        return math.inf if found is None else found
 
-    if count(1) is None:
+    try:
+        closed_form = method.parameter_count(model, config.replace(**{field: 1}), family)
+    except PeftregError as exc:
+        return config, f"not size-matched ({exc})"
+    if closed_form is None:
         return config, "not size-matched (no closed-form parameter count)"
     # Counts grow with the size value: find the first value reaching the target by bisection,
     # then take whichever neighbour is nearer.
     low, high = 1, MAX_SIZE
     while low < high:
         mid = (low + high) // 2
-        if (count(mid) or 0) >= target:
+        if count(mid) >= target:
             high = mid
         else:
             low = mid + 1
-    candidates = [v for v in (low - 1, low) if v >= 1]
-    best = min(candidates, key=lambda v: abs((count(v) or 0) - target))
-    return config.replace(**{field: best}), f"{field}={best} ({count(best):,} params, matched)"
+    candidates = [v for v in (low - 1, low) if v >= 1 and count(v) < math.inf]
+    if not candidates:
+        return config, "not size-matched (no size fits the model)"
+    best = min(candidates, key=lambda v: abs(count(v) - target))
+    return config.replace(**{field: best}), \
+        f"{field}={best} ({int(count(best)):,} params, matched)"
