@@ -394,6 +394,8 @@ class AdaptedModel(nn.Module):
         low-rank update in one batched op. ``None`` means the base model for that row. Each row's
         result equals running the model with only that adapter active; a layer the row's adapter
         does not adapt gives the base output. The active-adapter setting is ignored meanwhile.
+        With gradients enabled and trainable adapters, the batch trains every row's adapter
+        at once: each adapter gets the gradient of its own rows, as if trained alone on them.
 
         Works for any model whose adapted layers see the batch as their first input dimension
         (or as flattened rows). Also available as ``model(..., adapter_names=[...])``.
@@ -404,16 +406,11 @@ class AdaptedModel(nn.Module):
         Raises:
             AdapterError: an unknown adapter name, or no names.
             UnsupportedOperationError: a named adapter is not LoRA on Linear layers or has
-                ``modules_to_save``, adapters are merged, or the model is in training mode
-                (this path is inference-only).
+                ``modules_to_save``, adapters are merged, or (training) one has dropout.
         """
         rows = tuple(names)
         if not rows:
             raise AdapterError("per_row_adapters needs one adapter name (or None) per row")
-        if self.training:
-            raise UnsupportedOperationError(
-                "per-row adapters are for inference: call model.eval() first (the batched "
-                "multi-adapter op has no backward; train adapters one at a time)")
         if self._merged:
             raise UnsupportedOperationError(
                 f"per-row adapters need unmerged weights, but {self._merged} are merged; call "
@@ -424,6 +421,13 @@ class AdaptedModel(nn.Module):
         plan = RowPlan(rows)  # one index per batch, shared by every layer
         for host in hosts:
             host.row_adapters = plan
+        # Every named trainable adapter trains on its rows, active or not. The flags stay set
+        # after the block, because the backward runs after it and autograd skips leaves that
+        # no longer require grad; the next change of the active adapters resets them.
+        for name in dict.fromkeys(n for n in rows if n is not None):
+            if self._records[name].trainable:
+                for p in self.adapter_parameters(name):
+                    p.requires_grad_(True)
         try:
             yield
         finally:

@@ -13,7 +13,13 @@ The plan turns the row names into index tensors once per batch: layers that hold
 adapters (usually all of them) share one index, built on the first layer that needs it. Adapters
 take part through the :class:`LowRankAdapter` protocol (LoRA on Linear layers implements it). A
 row whose adapter does not adapt a given layer gets the base output there, exactly as if that
-adapter ran alone. The mode is for inference: there is no backward.
+adapter ran alone.
+
+In training mode the same batch trains every row's adapter at once: each layer gathers the rows
+of each adapter (the row lists are built once per batch and shared), applies that adapter's
+factors to them and adds the result back, in plain PyTorch, so autograd gives each adapter the
+gradient of its own rows only: what training it alone on those rows would give, with the base
+computed once for the whole batch instead of once per adapter.
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ class RowPlan:
     def __init__(self, names: RowNames) -> None:
         self.names = names
         self._index: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._rows: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
     def adapters_on(self, host: AdapterHost) -> tuple[str, ...]:
         """The plan's adapters that ``host`` holds, in first-use order."""
@@ -131,13 +138,40 @@ class RowPlan:
         return index
 
 
+    def rows_of(self, on_host: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+        """For each adapter of ``on_host``, the indices of its rows in ``x`` flattened to
+        ``(rows, features)`` (built once per batch and input shape)."""
+        key = (on_host, tuple(x.shape[:-1]), x.device)
+        found = self._rows.get(key)
+        if found is None:
+            flat = self.index(on_host, x).reshape(-1)
+            found = [(flat == k).nonzero().squeeze(1) for k in range(len(on_host))]
+            self._rows[key] = found
+        return found
+
+
+def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...],
+                      x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus each row's own LoRA update, differentiable in every adapter's factors."""
+    flat_x = x.reshape(-1, x.shape[-1])
+    out = y.reshape(-1, y.shape[-1])
+    for rows, name in zip(plan.rows_of(on_host, x), on_host, strict=True):
+        if rows.numel() == 0:
+            continue
+        a, b, scaling = _factors(host, name)
+        dropout = getattr(host.adapters[name], "dropout_p", 0.0)
+        if dropout:
+            raise UnsupportedOperationError(
+                f"adapter {name!r} has lora_dropout {dropout}: training per row runs without "
+                "dropout; train it with lora_dropout=0.0 or on its own")
+        update = (flat_x.index_select(0, rows).to(a.dtype) @ a.t()) @ b.t()
+        out = out.index_add(0, rows, (update * scaling).to(out.dtype))
+    return out.reshape(y.shape)
+
+
 def per_row_forward(host: AdapterHost, plan: RowPlan, x: torch.Tensor, *args: Any,
                     **kwargs: Any) -> Any:
     """``host``'s output with every row's own adapter (or none) applied."""
-    if host.training:
-        raise UnsupportedOperationError(
-            "per-row adapters are for inference: call model.eval() first (the batched "
-            "multi-adapter op has no backward; train adapters one at a time)")
     if host.merged:
         raise UnsupportedOperationError(
             f"per-row adapters need unmerged weights, but {host.merged} are merged into this "
@@ -146,6 +180,9 @@ def per_row_forward(host: AdapterHost, plan: RowPlan, x: torch.Tensor, *args: An
     on_host = plan.adapters_on(host)
     if not on_host:
         return y
+    if torch.is_grad_enabled() and any(t.requires_grad for name in on_host
+                                       for t in _factors(host, name)[:2]):
+        return _trainable_update(host, plan, on_host, x, y)
     lora_a, lora_b, scaling = _stacked(host, on_host, y.dtype, y.device)
     index = plan.index(on_host, x)
     xin = x.to(y.dtype)
