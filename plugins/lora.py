@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -449,6 +449,65 @@ class LoraMethod(PEFTMethod[LoraConfig]):
             r, _ = config.rank_and_scale(path)
             total += r * (in_f + out_f)
         return total
+
+
+def loraplus_param_groups(model: nn.Module, *, lr: float, loraplus_lr_ratio: float,
+                          loraplus_lr_embedding: float = 1e-6,
+                          loraplus_weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024): the B factors learn
+    ``loraplus_lr_ratio`` times faster than the A factors.
+
+    Grouped as HF PEFT's ``create_loraplus_optimizer`` groups them, so the two libraries train
+    alike: factors of LoRA on embeddings at ``loraplus_lr_embedding``; B factors and every other
+    one-dimensional trainable tensor at ``lr * loraplus_lr_ratio`` (biases and normalisation
+    weights among them without weight decay); everything else (A factors, saved heads) at
+    ``lr``. Only parameters that require gradients are included.
+
+    Raises:
+        ConfigError: a learning rate is not positive or the ratio is below 1.
+    """
+    if not lr > 0 or not loraplus_lr_embedding > 0:
+        raise ConfigError(f"LoRA+ learning rates must be positive (lr={lr!r}, "
+                          f"loraplus_lr_embedding={loraplus_lr_embedding!r})")
+    if not loraplus_lr_ratio >= 1:
+        raise ConfigError(f"loraplus_lr_ratio is the ratio of B's rate to A's and must be at "
+                          f"least 1, got {loraplus_lr_ratio!r}")
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    groups: dict[str, list[nn.Parameter]] = {"a": [], "b": [], "b_no_decay": [], "embedding": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner = owners.get(id(param))
+        if isinstance(owner, LoraEmbedding):
+            groups["embedding"].append(param)
+        elif "lora_B" in name.split(".") or param.ndim == 1:
+            no_decay = name.endswith("bias") or isinstance(owner, norms) or \
+                type(owner).__name__.endswith("RMSNorm")
+            groups["b_no_decay" if no_decay else "b"].append(param)
+        else:
+            groups["a"].append(param)
+    return [
+        {"params": groups["a"], "weight_decay": loraplus_weight_decay, "lr": lr},
+        {"params": groups["embedding"], "weight_decay": loraplus_weight_decay,
+         "lr": loraplus_lr_embedding},
+        {"params": groups["b"], "weight_decay": loraplus_weight_decay,
+         "lr": lr * loraplus_lr_ratio},
+        {"params": groups["b_no_decay"], "weight_decay": 0.0, "lr": lr * loraplus_lr_ratio},
+    ]
+
+
+def create_loraplus_optimizer(model: nn.Module, optimizer_cls: Callable[..., torch.optim.Optimizer],
+                              *, lr: float, loraplus_lr_ratio: float, **kwargs: Any
+                              ) -> torch.optim.Optimizer:
+    """An optimizer of class ``optimizer_cls`` over :func:`loraplus_param_groups` (the keyword
+    arguments ``loraplus_lr_embedding`` and ``loraplus_weight_decay`` go to the groups, the
+    rest to the optimizer)."""
+    groups = loraplus_param_groups(
+        model, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+        loraplus_lr_embedding=kwargs.pop("loraplus_lr_embedding", 1e-6),
+        loraplus_weight_decay=kwargs.pop("loraplus_weight_decay", 0.0))
+    return optimizer_cls(groups, lr=lr, **kwargs)
 
 
 def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
