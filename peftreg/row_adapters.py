@@ -103,7 +103,7 @@ class RowPlan:
     def __init__(self, names: RowNames) -> None:
         self.names = names
         self._index: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._rows: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._rows: dict[tuple[Any, ...], tuple[torch.Tensor, list[int]]] = {}
 
     def adapters_on(self, host: AdapterHost) -> tuple[str, ...]:
         """The plan's adapters that ``host`` holds, in first-use order."""
@@ -138,25 +138,37 @@ class RowPlan:
         return index
 
 
-    def rows_of(self, on_host: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
-        """For each adapter of ``on_host``, the indices of its rows in ``x`` flattened to
-        ``(rows, features)`` (built once per batch and input shape)."""
+    def grouped_rows(self, on_host: tuple[str, ...], x: torch.Tensor
+                     ) -> tuple[torch.Tensor, list[int]]:
+        """The rows of ``x`` (flattened to ``(rows, features)``) that some adapter of
+        ``on_host`` takes, ordered by adapter, and how many each adapter takes (built once per
+        batch and input shape): one gather brings every adapter's rows together."""
         key = (on_host, tuple(x.shape[:-1]), x.device)
         found = self._rows.get(key)
         if found is None:
             flat = self.index(on_host, x).reshape(-1)
-            found = [(flat == k).nonzero().squeeze(1) for k in range(len(on_host))]
+            taken = (flat >= 0).nonzero().squeeze(1)
+            order = torch.argsort(flat[taken], stable=True)
+            counts = torch.bincount(flat[taken], minlength=len(on_host)).tolist()
+            found = (taken[order], counts)
             self._rows[key] = found
         return found
 
 
 def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...],
                       x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y`` plus each row's own LoRA update, differentiable in every adapter's factors."""
-    flat_x = x.reshape(-1, x.shape[-1])
-    out = y.reshape(-1, y.shape[-1])
-    for rows, name in zip(plan.rows_of(on_host, x), on_host, strict=True):
-        if rows.numel() == 0:
+    """``y`` plus each row's own LoRA update, differentiable in every adapter's factors.
+
+    The rows are gathered once, grouped by adapter; each adapter's contiguous group goes
+    through its factors; the updates are added back with one scatter (so the output is copied
+    once per layer, not once per adapter)."""
+    rows, counts = plan.grouped_rows(on_host, x)
+    if rows.numel() == 0:
+        return y
+    gathered = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+    updates = []
+    for group, name, count in zip(gathered.split(counts), on_host, counts, strict=True):
+        if count == 0:
             continue
         a, b, scaling = _factors(host, name)
         dropout = getattr(host.adapters[name], "dropout_p", 0.0)
@@ -164,8 +176,8 @@ def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...]
             raise UnsupportedOperationError(
                 f"adapter {name!r} has lora_dropout {dropout}: training per row runs without "
                 "dropout; train it with lora_dropout=0.0 or on its own")
-        update = (flat_x.index_select(0, rows).to(a.dtype) @ a.t()) @ b.t()
-        out = out.index_add(0, rows, (update * scaling).to(out.dtype))
+        updates.append(((group.to(a.dtype) @ a.t()) @ b.t() * scaling).to(y.dtype))
+    out = y.reshape(-1, y.shape[-1]).index_add(0, rows, torch.cat(updates))
     return out.reshape(y.shape)
 
 
