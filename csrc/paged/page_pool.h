@@ -113,7 +113,8 @@ inline int64_t blocks_per_page8(int64_t page_bytes) { return page_bytes / kQuant
 // bucket b and `refine` the most midpoints inside any bucket, so at most `refine` compares
 // finish the count.
 struct Quantizer {
-  static constexpr int kBucketShift = 17;
+  // 2^16 bit patterns: 7 mantissa bits, so one compare finishes both dynamic maps' codes.
+  static constexpr int kBucketShift = 16;
   float code[256];
   float mid[256];
   std::vector<uint8_t> start;  // padded by 3 bytes for 32-bit gathers

@@ -255,7 +255,8 @@ PEFTREG_ALWAYS_INLINE void encode_scalar(const Quantizer& q, const float* x, flo
 template <typename T, bool kSmallWeight>
 __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
     const AdamWScalars& s, const T* grad, T* param, const uint8_t* c1, const uint8_t* c2,
-    float a1, float a2, const Quant8Maps& q, float* m, float* v, int64_t end) {
+    float a1, float a2, const Quant8Maps& q, float* m, float* v, int64_t end, float* max1,
+    float* max2) {
   const __m256 w = _mm256_set1_ps(s.one_minus_beta1);
   const __m256 one_minus_w = _mm256_set1_ps(1.0f - s.one_minus_beta1);
   const __m256 sign = _mm256_set1_ps(s.maximize ? -1.0f : 1.0f);
@@ -267,6 +268,10 @@ __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
   const __m256 neg_step = _mm256_set1_ps(s.neg_step_size);
   const __m256 scale1 = _mm256_set1_ps(a1);
   const __m256 scale2 = _mm256_set1_ps(a2);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  // Running maxima: max_ps(x, acc) keeps acc when x is NaN, as std::max(acc, x) does.
+  __m256 acc1 = _mm256_setzero_ps();
+  __m256 acc2 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= end; i += 8) {
     const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c1 + i)));
@@ -283,7 +288,17 @@ __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
     const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2_sqrt), eps);
     _mm256_storeu_ps(m + i, mi);
     _mm256_storeu_ps(v + i, vi);
+    acc1 = _mm256_max_ps(_mm256_and_ps(mi, abs_mask), acc1);
+    acc2 = _mm256_max_ps(_mm256_and_ps(vi, abs_mask), acc2);
     avx2_store(param + i, _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(neg_step, mi), denom)));
+  }
+  alignas(32) float lanes1[8];
+  alignas(32) float lanes2[8];
+  _mm256_store_ps(lanes1, acc1);
+  _mm256_store_ps(lanes2, acc2);
+  for (int k = 0; k < 8; ++k) {
+    *max1 = std::max(*max1, lanes1[k]);
+    *max2 = std::max(*max2, lanes2[k]);
   }
   return i;
 }
@@ -333,18 +348,21 @@ void adamw8_block(const AdamWScalars& s, const T* grad, T* param, int64_t n, uin
   alignas(64) float v[kQuantBlock];
   int64_t done = 0;
   bool avx2 = false;
+  float max1 = 0.0f;
+  float max2 = 0.0f;
 #if PEFTREG_X86_DISPATCH
   avx2 = kHasAvx2;
   if constexpr (!std::is_same_v<T, c10::Half>) {
     if (avx2) {
-      done = adamw8_update_avx2<T, kSmallWeight>(s, grad, param, c1, c2, *a1, *a2, q, m, v, n);
+      done = adamw8_update_avx2<T, kSmallWeight>(s, grad, param, c1, c2, *a1, *a2, q, m, v, n,
+                                                 &max1, &max2);
     }
   }
 #endif
   adamw8_update_scalar<T, kSmallWeight>(s, grad, param, c1, c2, *a1, *a2, q, m, v, done, n);
-  float max1 = 0.0f;
-  float max2 = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
+  // Maxima are exact whatever the order (no rounding), so the vector part's and the tail's
+  // combine to the scalar loop's result.
+  for (int64_t i = done; i < n; ++i) {
     max1 = std::max(max1, std::fabs(m[i]));
     max2 = std::max(max2, std::fabs(v[i]));
   }
