@@ -154,6 +154,17 @@ def test_dynamic_map_equals_bit_pattern_decoding(signed):
         assert ours[0] == 0.0 and ours[1].item() == pytest.approx(0.325e-6)
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_dynamic_map_matches_bitsandbytes_where_installed(signed):
+    """The peer's map (bitsandbytes.functional.create_dynamic_map, the maps its AdamW8bit
+    uses), where bitsandbytes is importable: equal to within float32 rounding (bitsandbytes
+    builds its bins with float32 linspace, we in float64)."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    theirs = functional.create_dynamic_map(signed=signed).float()
+    ours = dynamic_map(signed)
+    torch.testing.assert_close(ours, theirs, rtol=3e-7, atol=0)
+
+
 def _quantizer(require_pool):
     opt = PagedAdamW([torch.nn.Parameter(torch.zeros(1))], page_bytes=PAGE, state_bits=8)
     return opt
