@@ -13,6 +13,9 @@ Page layout used by :meth:`PagePool.adamw_step`: page ``k`` holds elements
 ``exp_avg`` followed by the same elements of ``exp_avg_sq``. Parameters occupy consecutive
 ranges of that array, so small parameters share pages and only the last page has slack.
 
+:meth:`PagePool.adamw8_step` reads the same pages as blockwise 8-bit state instead (codes of
+both moments and one float32 absmax per 256 elements; layout in ``csrc/paged/page_pool.h``).
+
 There is no plain-PyTorch fallback: without the compiled extension the pool raises
 :class:`~peftreg.ops.ExtensionUnavailableError` saying how to build it.
 """

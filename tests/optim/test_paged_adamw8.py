@@ -473,3 +473,28 @@ def test_bad_arguments_and_dicts(require_pool):
         opt.load_state_dict(short)
     fp32.close()
     opt.close()
+
+
+def test_maximize_equals_negated_gradients_and_groups_keep_their_lr(paged_device):
+    groups = lambda ps: [{"params": ps[:3], "lr": 3e-3}, {"params": ps[3:]}]  # noqa: E731
+    a, b = _params(paged_device), _params(paged_device)
+    opt_a = PagedAdamW(groups(a), lr=1e-2, maximize=True, page_bytes=PAGE, state_bits=8)
+    opt_b = PagedAdamW(groups(b), lr=1e-2, page_bytes=PAGE, state_bits=8)
+    for step in range(6):
+        for pa, pb, g in zip(a, b, _grads(step, a), strict=True):
+            pa.grad = None if g is None else g.clone()
+            pb.grad = None if g is None else -g
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(a, b, strict=True):
+        assert torch.equal(pa, pb)
+    # Twin: the group's lr matters (the first group moved less than it would at 1e-2).
+    c = _params(paged_device)
+    opt_c = PagedAdamW(c, lr=1e-2, page_bytes=PAGE, state_bits=8)
+    for step in range(6):
+        for pc, g in zip(c, _grads(step, c), strict=True):
+            pc.grad = None if g is None else -g
+        opt_c.step()
+    assert not torch.equal(c[0], b[0]) and torch.equal(c[4], b[4])
+    for o in (opt_a, opt_b, opt_c):
+        o.close()
