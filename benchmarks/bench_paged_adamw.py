@@ -2,8 +2,10 @@
 
 Part 1, optimizer step alone: a LoRA-shaped parameter set (96 adapters of r=16 on 1024-wide
 layers, 3.1M trainable fp32 parameters), gradients fixed, one ``step()`` timed. Rows: torch AdamW
-single-tensor (the CPU default), foreach and fused; PagedAdamW with everything resident and at
-a 10% budget (with the bytes it moves per step). Ratios are against each torch variant.
+single-tensor (the CPU default), foreach and fused; PagedAdamW with float32 and with 8-bit
+blockwise states (``state_bits=8``, issue 17), each with everything resident and at a 10% budget
+(with the bytes it moves per step and the state bytes per parameter). Ratios are against each
+torch variant. On a machine shared with other work the times are indicative only.
 
 Part 2, peak process memory of a QLoRA training run (NF4 base, LoRA r=64 on every linear of a
 4-layer 1024-wide reference transformer, 5M trainable parameters, 40 MB of AdamW moments):
@@ -51,12 +53,15 @@ def step_rows(device: torch.device, min_run_time: float) -> tuple[list[dict], di
         ("torch AdamW (fused)", {"fused": True}),
         ("PagedAdamW (all resident)", {"paged": None}),
         (f"PagedAdamW ({BUDGET:.0%} budget)", {"paged": BUDGET}),
+        ("PagedAdamW 8-bit (all resident)", {"paged": None, "state_bits": 8}),
+        (f"PagedAdamW 8-bit ({BUDGET:.0%} budget)", {"paged": BUDGET, "state_bits": 8}),
     ]
     rows = []
     for name, kwargs in variants:
         params = lora_params(device)
         if "paged" in kwargs:
-            opt = PagedAdamW(params, lr=1e-4, budget_fraction=kwargs["paged"])
+            opt = PagedAdamW(params, lr=1e-4, budget_fraction=kwargs["paged"],
+                             state_bits=kwargs.get("state_bits", 32))
         else:
             try:
                 opt = torch.optim.AdamW(params, lr=1e-4, **kwargs)
@@ -78,6 +83,7 @@ def step_rows(device: torch.device, min_run_time: float) -> tuple[list[dict], di
             row["peak_resident_bytes"] = after["peak_resident_bytes"]
             row["budget_bytes"] = after["budget_bytes"]
             row["state_bytes"] = after["num_pages"] * after["page_bytes"]
+            row["state_bytes_per_param"] = row["state_bytes"] / sum(p.numel() for p in params)
             opt.close()
         rows.append(row)
     return rows, {"trainable_params": sum(p.numel() for p in lora_params(torch.device("cpu")))}
@@ -102,7 +108,9 @@ QLORA_RUN = textwrap.dedent("""
         if kind == "torch":
             opt = torch.optim.AdamW(params, lr=1e-4)
         else:
-            opt = PagedAdamW(params, lr=1e-4, budget_fraction=None if kind == "paged-all"
+            bits = 8 if kind.startswith("paged8") else 32
+            opt = PagedAdamW(params, lr=1e-4, state_bits=bits,
+                             budget_fraction=None if kind.endswith("-all")
                              else float(kind.split("-")[1]))
         for _ in range(steps):
             model(ids, labels=ids)["loss"].backward()
@@ -120,7 +128,7 @@ QLORA_RUN = textwrap.dedent("""
 
 def qlora_rows(device: torch.device, steps: int) -> list[dict]:
     rows = []
-    for kind in ("torch", "paged-all", f"paged-{BUDGET}"):
+    for kind in ("torch", "paged-all", f"paged-{BUDGET}", "paged8-all", f"paged8-{BUDGET}"):
         proc = subprocess.run([sys.executable, "-c", QLORA_RUN, kind, str(steps), str(device)],
                               capture_output=True, text=True, timeout=1800)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -148,17 +156,19 @@ def main() -> None:
     table = []
     for r in rows:
         if "error" in r:
-            table.append([r["name"], "-", "-", "-", "-", "-", r["error"][:40]])
+            table.append([r["name"], "-", "-", "-", "-", "-", "-", r["error"][:40]])
             continue
         moved = r.get("bytes_out_per_step")
+        per_param = r.get("state_bytes_per_param", 8.0)  # torch: two float32 moments
         table.append([r["name"], fmt_ms(r["median_ms"]), fmt_ratio(r["median_ms"], single),
                       fmt_ratio(r["median_ms"], foreach), fmt_ratio(r["median_ms"], fused),
+                      f"{per_param:.3f}",
                       "-" if moved is None else f"{(moved + r['bytes_in_per_step']) / 2**20:.1f}",
                       "-" if moved is None else f"{r['peak_resident_bytes'] / 2**20:.1f}"])
     print_table(f"Optimizer step, {info['trainable_params'] / 1e6:.1f}M LoRA parameters, "
                 f"{device} ({torch.get_num_threads()} threads)",
                 ["optimizer", "median ms", "vs single", "vs foreach", "vs fused",
-                 "MiB moved/step", "peak resident MiB"], table)
+                 "state B/param", "MiB moved/step", "peak resident MiB"], table)
 
     qrows = qlora_rows(device, steps=3 if args.quick else 5)
     torch_rss = next((r.get("rss_increase") for r in qrows if r["kind"] == "torch"), None)

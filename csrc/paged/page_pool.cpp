@@ -189,18 +189,17 @@ void PagePool::raise_pending() {
               "backing tier or raise the budget before the next step");
 }
 
-void PagePool::adamw_step(const std::vector<AdamWParam>& params, const AdamWHyper& hyper) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_open("adamw_step");
-  const int64_t per_page = elements_per_page();
+void PagePool::plan(const std::vector<AdamWParam>& params, const AdamWHyper& hyper,
+                    int64_t per_page, const char* what,
+                    std::vector<std::vector<AdamWSegment>>* by_page,
+                    std::vector<int64_t>* touched) {
   // Segments grouped by page: each page is visited once per step whatever the parameters.
-  std::vector<std::vector<AdamWSegment>> by_page(pages_.size());
-  std::vector<int64_t> touched;
+  by_page->assign(pages_.size(), {});
   for (size_t i = 0; i < params.size(); ++i) {
     const AdamWParam& p = params[i];
     TORCH_CHECK(p.numel >= 0 && p.state_offset >= 0 &&
                     p.state_offset + p.numel <= static_cast<int64_t>(pages_.size()) * per_page,
-                "peftreg paged: adamw_step: parameter ", i, " (", p.numel,
+                "peftreg paged: ", what, ": parameter ", i, " (", p.numel,
                 " elements at state offset ", p.state_offset, ") lies outside the pool's ",
                 pages_.size(), " pages");
     const AdamWScalars s = adamw_scalars(hyper, p.step);
@@ -211,20 +210,26 @@ void PagePool::adamw_step(const std::vector<AdamWParam>& params, const AdamWHype
       const int64_t page = index / per_page;
       const int64_t within = index % per_page;
       const int64_t count = std::min(p.numel - done, per_page - within);
-      if (by_page[static_cast<size_t>(page)].empty()) {
-        touched.push_back(page);
+      auto& segments = (*by_page)[static_cast<size_t>(page)];
+      if (segments.empty()) {
+        touched->push_back(page);
       }
-      by_page[static_cast<size_t>(page)].push_back(
+      segments.push_back(
           AdamWSegment{static_cast<char*>(p.param) + done * elem,
                        static_cast<const char*>(p.grad) + done * elem, p.dtype, count, within, s});
       done += count;
     }
   }
-  std::sort(touched.begin(), touched.end());
+  std::sort(touched->begin(), touched->end());
   if (!forward_) {
-    std::reverse(touched.begin(), touched.end());
+    std::reverse(touched->begin(), touched->end());
   }
   forward_ = !forward_;
+}
+
+void PagePool::sweep(const std::vector<int64_t>& touched,
+                     std::vector<std::vector<AdamWSegment>>& by_page,
+                     const std::function<void(const std::vector<PageWork>&)>& update) {
   const bool prefetch = backend_->async_prefetch();
   trim();
   // Pages pinned together; never more than the budget holds, so making room for the last of
@@ -250,7 +255,7 @@ void PagePool::adamw_step(const std::vector<AdamWParam>& params, const AdamWHype
       for (const PageWork& w : batch) {
         backend_->before_use(w.page);
       }
-      backend_->adamw(batch, per_page);
+      update(batch);
     } catch (...) {
       for (const PageWork& w : batch) {
         release(w.page);
@@ -264,6 +269,47 @@ void PagePool::adamw_step(const std::vector<AdamWParam>& params, const AdamWHype
     }
   }
   raise_pending();
+}
+
+void PagePool::adamw_step(const std::vector<AdamWParam>& params, const AdamWHyper& hyper) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open("adamw_step");
+  const int64_t per_page = elements_per_page();
+  std::vector<std::vector<AdamWSegment>> by_page;
+  std::vector<int64_t> touched;
+  plan(params, hyper, per_page, "adamw_step", &by_page, &touched);
+  sweep(touched, by_page,
+        [&](const std::vector<PageWork>& batch) { backend_->adamw(batch, per_page); });
+}
+
+void PagePool::adamw8_step(const std::vector<AdamWParam>& params, const AdamWHyper& hyper) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open("adamw8_step");
+  TORCH_CHECK(quant_ != nullptr, "peftreg paged: adamw8_step: the pool has no quantization "
+              "maps (set_quant_maps was not called)");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].state_offset % kQuantBlock == 0, "peftreg paged: adamw8_step: "
+                "parameter ", i, " has state offset ", params[i].state_offset,
+                ", not a multiple of the block size ", kQuantBlock);
+  }
+  const int64_t blocks = blocks_per_page8(page_bytes_);
+  std::vector<std::vector<AdamWSegment>> by_page;
+  std::vector<int64_t> touched;
+  plan(params, hyper, blocks * kQuantBlock, "adamw8_step", &by_page, &touched);
+  const std::shared_ptr<const Quant8Maps> maps = quant_;
+  sweep(touched, by_page, [&](const std::vector<PageWork>& batch) {
+    backend_->adamw8(batch, blocks, *maps);
+  });
+}
+
+void PagePool::set_quant_maps(std::shared_ptr<const Quant8Maps> maps) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  quant_ = std::move(maps);
+}
+
+std::shared_ptr<const Quant8Maps> PagePool::quant_maps() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return quant_;
 }
 
 void PagePool::read_page(int64_t page, void* dst) {

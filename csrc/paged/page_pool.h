@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -93,6 +94,48 @@ struct AdamWSegment {
   AdamWScalars s;
 };
 
+// Blockwise 8-bit moments (issue 17): each moment is stored as one uint8 code per element and
+// one float32 absmax per block of kQuantBlock elements; element x of a block with absmax A is
+// encoded as the index of the map value nearest to x / A (ties to the lower index) and decoded
+// as map[code] * A. Page layout, B = blocks_per_page8(page_bytes), E = B * kQuantBlock:
+//   bytes [0, E)          exp_avg codes        [E, 2E)        exp_avg_sq codes
+//   bytes [2E, 2E + 4B)   exp_avg absmax       [2E + 4B, 2E + 8B) exp_avg_sq absmax
+// A block never straddles pages, and parameters start on block boundaries (the optimizer
+// aligns their offsets), so every block belongs to one parameter and one update.
+constexpr int64_t kQuantBlock = 256;
+constexpr int64_t kQuantBlockBytes = 2 * kQuantBlock + 2 * static_cast<int64_t>(sizeof(float));
+inline int64_t blocks_per_page8(int64_t page_bytes) { return page_bytes / kQuantBlockBytes; }
+
+// Nearest-code encoder of one sorted 256-entry map. mid[j] is the midpoint of code[j] and
+// code[j + 1] in float32 (mid[255] = +inf), and a code is the number of midpoints below the
+// value. To find it without a binary search, the value's float32 bits (made order-preserving)
+// are cut into buckets of 2^kBucketShift patterns; start[b] is the code at the bottom of
+// bucket b and `refine` the most midpoints inside any bucket, so at most `refine` compares
+// finish the count.
+struct Quantizer {
+  // 2^16 bit patterns: 7 mantissa bits, so one compare finishes both dynamic maps' codes.
+  static constexpr int kBucketShift = 16;
+  float code[256];
+  float mid[256];
+  std::vector<uint8_t> start;  // padded by 3 bytes for 32-bit gathers
+  uint32_t first_bucket = 0;
+  uint32_t last_bucket = 0;
+  int refine = 0;
+  explicit Quantizer(const float* map);  // throws unless sorted, within [-1, 1], with 0
+  uint8_t encode(float q) const;
+};
+
+struct Quant8Maps {
+  Quant8Maps(const float* signed_map, const float* unsigned_map)
+      : m(signed_map), v(unsigned_map) {}
+  Quantizer m;  // exp_avg: the signed dynamic map
+  Quantizer v;  // exp_avg_sq: the unsigned dynamic map
+};
+
+// Encodes x[0, n) as codes[0, n) and absmax[0, ceil(n / kQuantBlock)) (CPU memory).
+void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* codes,
+                        float* absmax);
+
 // One resident, pinned page and the segments to update in it.
 struct PageWork {
   int64_t page;
@@ -131,6 +174,9 @@ class PageBackend {
   // Update the segments of a batch of resident pages (each page: elements_per_page floats of
   // exp_avg followed by as many of exp_avg_sq).
   virtual void adamw(const std::vector<PageWork>& batch, int64_t elements_per_page) = 0;
+  // The same for 8-bit pages (layout above); segments start on block boundaries.
+  virtual void adamw8(const std::vector<PageWork>& batch, int64_t blocks_per_page,
+                      const Quant8Maps& maps) = 0;
   // Copy a resident page out to / in from a caller buffer of the same device.
   virtual void copy_out(int64_t page, const void* buf, void* dst) = 0;
   virtual void copy_in(int64_t page, void* buf, const void* src) = 0;
@@ -179,6 +225,11 @@ class PagePool {
   // (small parameters alone would leave threads idle); on CUDA one page at a time, with the
   // next one prefetched.
   void adamw_step(const std::vector<AdamWParam>& params, const AdamWHyper& hyper);
+  // The same over 8-bit pages (see Quant8Maps); needs set_quant_maps first, and every
+  // state_offset must be a multiple of kQuantBlock.
+  void adamw8_step(const std::vector<AdamWParam>& params, const AdamWHyper& hyper);
+  void set_quant_maps(std::shared_ptr<const Quant8Maps> maps);
+  std::shared_ptr<const Quant8Maps> quant_maps() const;
   // Copy page `page` out to / in from a device buffer of page_bytes.
   void read_page(int64_t page, void* dst);
   void write_page(int64_t page, const void* src);
@@ -208,6 +259,14 @@ class PagePool {
   void check_open(const char* what) const;
   void check_page(int64_t page, const char* what) const;
   void raise_pending();
+  // Segments of `params` grouped by page (per_page state elements each), pages in sweep order.
+  void plan(const std::vector<AdamWParam>& params, const AdamWHyper& hyper, int64_t per_page,
+            const char* what, std::vector<std::vector<AdamWSegment>>* by_page,
+            std::vector<int64_t>* touched);
+  // Pins the touched pages batch by batch and runs `update` on each batch.
+  void sweep(const std::vector<int64_t>& touched,
+             std::vector<std::vector<AdamWSegment>>& by_page,
+             const std::function<void(const std::vector<PageWork>&)>& update);
 
   mutable std::mutex mutex_;
   std::unique_ptr<PageBackend> backend_;
@@ -219,6 +278,7 @@ class PagePool {
   std::vector<void*> free_bufs_; // fast-tier buffers to reuse (never more than the peak)
   Counters counters_;
   std::string pending_error_;    // first page-out failure of the current operation
+  std::shared_ptr<const Quant8Maps> quant_;
   bool forward_ = true;
   bool closed_ = false;
 };

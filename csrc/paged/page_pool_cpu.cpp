@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -197,6 +198,233 @@ void adamw_part(const AdamWSegment& seg, float* m, float* v, int64_t begin, int6
   }
 }
 
+// ---- blockwise 8-bit moments (issue 17; layout and encoding in page_pool.h) ---------------
+
+PEFTREG_ALWAYS_INLINE uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+PEFTREG_ALWAYS_INLINE float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+// Order-preserving: a < b as floats (neither NaN) iff key(a) <= key(b) as unsigned integers
+// (-0 and +0 get neighbouring keys). Negative floats are reversed and put below the positive.
+PEFTREG_ALWAYS_INLINE uint32_t order_key(uint32_t u) {
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+PEFTREG_ALWAYS_INLINE uint32_t key_to_bits(uint32_t k) {
+  return (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;
+}
+
+// One moment's update of one block, the same arithmetic as adamw_body on decoded moments.
+template <typename T, bool kSmallWeight>
+PEFTREG_ALWAYS_INLINE void adamw8_update_scalar(const AdamWScalars& s, const T* __restrict grad,
+                                                T* __restrict param, const uint8_t* c1,
+                                                const uint8_t* c2, float a1, float a2,
+                                                const Quant8Maps& q, float* __restrict m,
+                                                float* __restrict v, int64_t begin,
+                                                int64_t end) {
+  const float w = s.one_minus_beta1;
+  const float one_minus_w = 1.0f - w;
+  const float sign = s.maximize ? -1.0f : 1.0f;
+  for (int64_t i = begin; i < end; ++i) {
+    const float g = load(grad, i) * sign;
+    const float p = load(param, i) * s.decay;
+    const float m0 = q.m.code[c1[i]] * a1;
+    const float v0 = q.v.code[c2[i]] * a2;
+    const float mi = kSmallWeight ? m0 + w * (g - m0) : g - (g - m0) * one_minus_w;
+    const float vi = v0 * s.beta2 + s.one_minus_beta2 * g * g;
+    const float denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;
+    m[i] = mi;
+    v[i] = vi;
+    store(param, i, p + s.neg_step_size * mi / denom);
+  }
+}
+
+PEFTREG_ALWAYS_INLINE void encode_scalar(const Quantizer& q, const float* x, float div,
+                                         uint8_t* codes, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    codes[i] = q.encode(x[i] / div);
+  }
+}
+
+#if PEFTREG_X86_DISPATCH
+template <typename T, bool kSmallWeight>
+__attribute__((target("avx2"))) int64_t adamw8_update_avx2(
+    const AdamWScalars& s, const T* grad, T* param, const uint8_t* c1, const uint8_t* c2,
+    float a1, float a2, const Quant8Maps& q, float* m, float* v, int64_t end, float* max1,
+    float* max2) {
+  const __m256 w = _mm256_set1_ps(s.one_minus_beta1);
+  const __m256 one_minus_w = _mm256_set1_ps(1.0f - s.one_minus_beta1);
+  const __m256 sign = _mm256_set1_ps(s.maximize ? -1.0f : 1.0f);
+  const __m256 decay = _mm256_set1_ps(s.decay);
+  const __m256 beta2 = _mm256_set1_ps(s.beta2);
+  const __m256 one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
+  const __m256 bc2_sqrt = _mm256_set1_ps(s.bc2_sqrt);
+  const __m256 eps = _mm256_set1_ps(s.eps);
+  const __m256 neg_step = _mm256_set1_ps(s.neg_step_size);
+  const __m256 scale1 = _mm256_set1_ps(a1);
+  const __m256 scale2 = _mm256_set1_ps(a2);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  // Running maxima: max_ps(x, acc) keeps acc when x is NaN, as std::max(acc, x) does.
+  __m256 acc1 = _mm256_setzero_ps();
+  __m256 acc2 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= end; i += 8) {
+    const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c1 + i)));
+    const __m256i i2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c2 + i)));
+    const __m256 m0 = _mm256_mul_ps(_mm256_i32gather_ps(q.m.code, i1, 4), scale1);
+    const __m256 v0 = _mm256_mul_ps(_mm256_i32gather_ps(q.v.code, i2, 4), scale2);
+    const __m256 g = _mm256_mul_ps(avx2_load(grad + i), sign);
+    const __m256 p = _mm256_mul_ps(avx2_load(param + i), decay);
+    const __m256 diff = _mm256_sub_ps(g, m0);
+    const __m256 mi = kSmallWeight ? _mm256_add_ps(m0, _mm256_mul_ps(w, diff))
+                                   : _mm256_sub_ps(g, _mm256_mul_ps(diff, one_minus_w));
+    const __m256 vi = _mm256_add_ps(_mm256_mul_ps(v0, beta2),
+                                    _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, g), g));
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2_sqrt), eps);
+    _mm256_storeu_ps(m + i, mi);
+    _mm256_storeu_ps(v + i, vi);
+    acc1 = _mm256_max_ps(_mm256_and_ps(mi, abs_mask), acc1);
+    acc2 = _mm256_max_ps(_mm256_and_ps(vi, abs_mask), acc2);
+    avx2_store(param + i, _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(neg_step, mi), denom)));
+  }
+  alignas(32) float lanes1[8];
+  alignas(32) float lanes2[8];
+  _mm256_store_ps(lanes1, acc1);
+  _mm256_store_ps(lanes2, acc2);
+  for (int k = 0; k < 8; ++k) {
+    *max1 = std::max(*max1, lanes1[k]);
+    *max2 = std::max(*max2, lanes2[k]);
+  }
+  return i;
+}
+
+// Eight encodes at once: the bucket's start code by a gather, then `refine` compares with
+// gathered midpoints, each adding one while the midpoint lies below the value.
+__attribute__((target("avx2"))) int64_t encode_avx2(const Quantizer& q, const float* x,
+                                                    float div, uint8_t* codes, int64_t end) {
+  const __m256 divisor = _mm256_set1_ps(div);
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i first = _mm256_set1_epi32(static_cast<int>(q.first_bucket));
+  const __m256i last = _mm256_set1_epi32(static_cast<int>(q.last_bucket));
+  const __m256i low_byte = _mm256_set1_epi32(0xFF);
+  const int* start = reinterpret_cast<const int*>(q.start.data());
+  int64_t i = 0;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 value = _mm256_div_ps(_mm256_loadu_ps(x + i), divisor);
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i key = _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), top));
+    __m256i bucket = _mm256_srli_epi32(key, Quantizer::kBucketShift);
+    bucket = _mm256_sub_epi32(_mm256_min_epu32(_mm256_max_epu32(bucket, first), last), first);
+    __m256i idx = _mm256_and_si256(
+        _mm256_i32gather_epi32(start, bucket, 1), low_byte);  // start is padded for this
+    for (int r = 0; r < q.refine; ++r) {
+      const __m256 mid = _mm256_i32gather_ps(q.mid, idx, 4);
+      idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(mid, value, _CMP_LT_OQ)));
+    }
+    const __m256i w16 = _mm256_packus_epi32(idx, idx);
+    const __m256i w8 = _mm256_packus_epi16(w16, w16);
+    const uint32_t lo = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(w8)));
+    const uint32_t hi = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_extracti128_si256(w8, 1)));
+    std::memcpy(codes + i, &lo, 4);
+    std::memcpy(codes + i + 4, &hi, 4);
+  }
+  return i;
+}
+#endif
+
+// Elements [0, n) of one block: decode, update (parameter written), find the new absmax of
+// each moment and encode against it. The parameter update uses the float32 moments before
+// encoding, as bitsandbytes' 8-bit optimizers do, so quantization error enters only through
+// the stored state.
+template <typename T, bool kSmallWeight>
+void adamw8_block(const AdamWScalars& s, const T* grad, T* param, int64_t n, uint8_t* c1,
+                  uint8_t* c2, float* a1, float* a2, const Quant8Maps& q) {
+  alignas(64) float m[kQuantBlock];
+  alignas(64) float v[kQuantBlock];
+  int64_t done = 0;
+  bool avx2 = false;
+  float max1 = 0.0f;
+  float max2 = 0.0f;
+#if PEFTREG_X86_DISPATCH
+  avx2 = kHasAvx2;
+  if constexpr (!std::is_same_v<T, c10::Half>) {
+    if (avx2) {
+      done = adamw8_update_avx2<T, kSmallWeight>(s, grad, param, c1, c2, *a1, *a2, q, m, v, n,
+                                                 &max1, &max2);
+    }
+  }
+#endif
+  adamw8_update_scalar<T, kSmallWeight>(s, grad, param, c1, c2, *a1, *a2, q, m, v, done, n);
+  // Maxima are exact whatever the order (no rounding), so the vector part's and the tail's
+  // combine to the scalar loop's result.
+  for (int64_t i = done; i < n; ++i) {
+    max1 = std::max(max1, std::fabs(m[i]));
+    max2 = std::max(max2, std::fabs(v[i]));
+  }
+  // An all-zero block is stored with absmax 0 and the code of 0 (dividing by 1 keeps 0 / 0
+  // out of the encoder).
+  const float div1 = max1 > 0.0f ? max1 : 1.0f;
+  const float div2 = max2 > 0.0f ? max2 : 1.0f;
+  int64_t e1 = 0;
+  int64_t e2 = 0;
+#if PEFTREG_X86_DISPATCH
+  if (avx2) {
+    e1 = encode_avx2(q.m, m, div1, c1, n);
+    e2 = encode_avx2(q.v, v, div2, c2, n);
+  }
+#endif
+  (void)avx2;
+  encode_scalar(q.m, m, div1, c1, e1, n);
+  encode_scalar(q.v, v, div2, c2, e2, n);
+  *a1 = max1;
+  *a2 = max2;
+}
+
+template <typename T>
+void adamw8_blocks_typed(const AdamWSegment& seg, uint8_t* c1, uint8_t* c2, float* a1,
+                         float* a2, const Quant8Maps& q, int64_t begin, int64_t end) {
+  const T* grad = static_cast<const T*>(seg.grad);
+  T* param = static_cast<T*>(seg.param);
+  const bool small = seg.s.one_minus_beta1 < 0.5f;
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t first = b * kQuantBlock;
+    const int64_t n = std::min(kQuantBlock, seg.count - first);
+    if (small) {
+      adamw8_block<T, true>(seg.s, grad + first, param + first, n, c1 + first, c2 + first,
+                            a1 + b, a2 + b, q);
+    } else {
+      adamw8_block<T, false>(seg.s, grad + first, param + first, n, c1 + first, c2 + first,
+                             a1 + b, a2 + b, q);
+    }
+  }
+}
+
+// Blocks [begin, end) of one segment whose page's codes and absmax start at c1, c2, a1, a2.
+void adamw8_part(const AdamWSegment& seg, uint8_t* c1, uint8_t* c2, float* a1, float* a2,
+                 const Quant8Maps& q, int64_t begin, int64_t end) {
+  const int64_t block = seg.state_index / kQuantBlock;
+  c1 += seg.state_index;
+  c2 += seg.state_index;
+  a1 += block;
+  a2 += block;
+  switch (seg.dtype) {
+    case ParamDType::kFloat32:
+      adamw8_blocks_typed<float>(seg, c1, c2, a1, a2, q, begin, end);
+      break;
+    case ParamDType::kBFloat16:
+      adamw8_blocks_typed<c10::BFloat16>(seg, c1, c2, a1, a2, q, begin, end);
+      break;
+    case ParamDType::kFloat16:
+      adamw8_blocks_typed<c10::Half>(seg, c1, c2, a1, a2, q, begin, end);
+      break;
+  }
+}
+
 class CpuBackend final : public PageBackend {
  public:
   CpuBackend(int64_t page_bytes, std::string directory)
@@ -327,6 +555,40 @@ class CpuBackend final : public PageBackend {
     });
   }
 
+  void adamw8(const std::vector<PageWork>& batch, int64_t blocks_per_page,
+              const Quant8Maps& maps) override {
+    // As adamw(): every block of the batch in one flat range split across threads.
+    struct Task {
+      const AdamWSegment* seg;
+      uint8_t* base;
+    };
+    std::vector<Task> tasks;
+    std::vector<int64_t> starts;
+    int64_t total = 0;
+    for (const PageWork& w : batch) {
+      for (const AdamWSegment& seg : *w.segments) {
+        tasks.push_back(Task{&seg, static_cast<uint8_t*>(w.buf)});
+        starts.push_back(total);
+        total += (seg.count + kQuantBlock - 1) / kQuantBlock;
+      }
+    }
+    const int64_t codes = blocks_per_page * kQuantBlock;
+    at::parallel_for(0, total, kGrain / kQuantBlock, [&](int64_t begin, int64_t end) {
+      size_t t = static_cast<size_t>(
+          std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1);
+      while (begin < end) {
+        const Task& task = tasks[t];
+        const int64_t blocks = (task.seg->count + kQuantBlock - 1) / kQuantBlock;
+        const int64_t stop = std::min(end, starts[t] + blocks);
+        float* a1 = reinterpret_cast<float*>(task.base + 2 * codes);
+        adamw8_part(*task.seg, task.base, task.base + codes, a1, a1 + blocks_per_page, maps,
+                    begin - starts[t], stop - starts[t]);
+        begin = stop;
+        ++t;
+      }
+    });
+  }
+
   void copy_out(int64_t /*page*/, const void* buf, void* dst) override {
     std::memcpy(dst, buf, static_cast<size_t>(page_bytes_));
   }
@@ -347,6 +609,71 @@ class CpuBackend final : public PageBackend {
 };
 
 }  // namespace
+
+Quantizer::Quantizer(const float* map) {
+  bool has_zero = false;
+  for (int j = 0; j < 256; ++j) {
+    const float x = map[j];
+    TORCH_CHECK(std::isfinite(x) && x >= -1.0f && x <= 1.0f, "peftreg paged: quantization "
+                "map entry ", j, " is ", x, "; entries must lie in [-1, 1]");
+    TORCH_CHECK(j == 0 || x > map[j - 1], "peftreg paged: the quantization map must be "
+                "strictly increasing; entry ", j, " (", x, ") follows ", map[j > 0 ? j - 1 : 0]);
+    has_zero = has_zero || x == 0.0f;
+    code[j] = x;
+  }
+  TORCH_CHECK(has_zero, "peftreg paged: the quantization map must contain 0 (all-zero blocks "
+              "are encoded with it)");
+  for (int j = 0; j < 255; ++j) {
+    mid[j] = (code[j] + code[j + 1]) * 0.5f;
+  }
+  mid[255] = std::numeric_limits<float>::infinity();
+  const uint32_t lowest = order_key(float_bits(-1.0f));
+  const uint32_t highest = order_key(float_bits(1.0f));
+  first_bucket = lowest >> kBucketShift;
+  last_bucket = highest >> kBucketShift;
+  start.assign(static_cast<size_t>(last_bucket - first_bucket + 1) + 3, 0);
+  auto below = [this](float x) {
+    return static_cast<int>(std::lower_bound(mid, mid + 255, x) - mid);
+  };
+  for (uint32_t b = first_bucket; b <= last_bucket; ++b) {
+    const uint32_t lo_key = std::max(b << kBucketShift, lowest);
+    const uint32_t hi_key = std::min(((b + 1) << kBucketShift) - 1, highest);
+    const int lo = below(bits_float(key_to_bits(lo_key)));
+    const int hi = below(bits_float(key_to_bits(hi_key)));
+    start[b - first_bucket] = static_cast<uint8_t>(lo);
+    refine = std::max(refine, hi - lo);
+  }
+}
+
+uint8_t Quantizer::encode(float q) const {
+  uint32_t bucket = order_key(float_bits(q)) >> kBucketShift;
+  bucket = std::min(std::max(bucket, first_bucket), last_bucket);
+  int idx = start[bucket - first_bucket];
+  for (int r = 0; r < refine; ++r) {
+    idx += mid[idx] < q ? 1 : 0;
+  }
+  return static_cast<uint8_t>(idx);
+}
+
+void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* codes,
+                        float* absmax) {
+  for (int64_t first = 0, b = 0; first < n; first += kQuantBlock, ++b) {
+    const int64_t count = std::min(kQuantBlock, n - first);
+    float a = 0.0f;
+    for (int64_t i = 0; i < count; ++i) {
+      a = std::max(a, std::fabs(x[first + i]));
+    }
+    const float div = a > 0.0f ? a : 1.0f;
+    int64_t done = 0;
+#if PEFTREG_X86_DISPATCH
+    if (kHasAvx2) {
+      done = encode_avx2(q, x + first, div, codes + first, count);
+    }
+#endif
+    encode_scalar(q, x + first, div, codes + first, done, count);
+    absmax[b] = a;
+  }
+}
 
 std::unique_ptr<PageBackend> make_cpu_backend(int64_t page_bytes, const std::string& directory) {
   return std::make_unique<CpuBackend>(page_bytes, directory);

@@ -55,7 +55,108 @@ __global__ void adamw_kernel(AdamWLaunch a) {
   }
 }
 
+constexpr int kBlock8 = 256;  // peftreg::paged::kQuantBlock
+
+// Number of midpoints below q (mid[255] = +inf): the code nearest to q, ties to the lower.
+__device__ __forceinline__ int encode(const float* mid, float q) {
+  int idx = 0;
+#pragma unroll
+  for (int step = 128; step >= 1; step >>= 1) {
+    if (mid[idx + step - 1] < q) {
+      idx += step;
+    }
+  }
+  return idx;
+}
+
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+  scratch[threadIdx.x] = x;
+  __syncthreads();
+  for (int width = kBlock8 / 2; width > 0; width >>= 1) {
+    if (threadIdx.x < width) {
+      scratch[threadIdx.x] = fmaxf(scratch[threadIdx.x], scratch[threadIdx.x + width]);
+    }
+    __syncthreads();
+  }
+  const float out = scratch[0];
+  __syncthreads();
+  return out;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
+  __shared__ float code1[256], code2[256], mid1[256], mid2[256], scratch[kBlock8];
+  const int t = threadIdx.x;
+  code1[t] = a.map1[t];
+  code2[t] = a.map2[t];
+  __syncthreads();
+  mid1[t] = t < 255 ? __fmul_rn(__fadd_rn(code1[t], code1[t + 1]), 0.5f) : __int_as_float(0x7f800000);
+  mid2[t] = t < 255 ? __fmul_rn(__fadd_rn(code2[t], code2[t + 1]), 0.5f) : __int_as_float(0x7f800000);
+  __syncthreads();
+  const int64_t block = blockIdx.x;
+  const int64_t i = block * kBlock8 + t;
+  const bool live = i < a.count;
+  float mi = 0.0f;
+  float vi = 0.0f;
+  if (live) {
+    T* param = static_cast<T*>(a.param);
+    const T* grad = static_cast<const T*>(a.grad);
+    const float w = a.one_minus_beta1;
+    float g = to_float(grad[i]);
+    if (a.maximize) {
+      g = -g;
+    }
+    float p = __fmul_rn(to_float(param[i]), a.decay);
+    const float m0 = __fmul_rn(code1[a.c1[i]], a.a1[block]);
+    const float v0 = __fmul_rn(code2[a.c2[i]], a.a2[block]);
+    mi = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
+                  : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
+    vi = __fadd_rn(__fmul_rn(v0, a.beta2), __fmul_rn(__fmul_rn(a.one_minus_beta2, g), g));
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
+    p = __fadd_rn(p, __fdiv_rn(__fmul_rn(a.neg_step_size, mi), denom));
+    param[i] = from_float<T>(p);
+  }
+  // Every thread takes part in the reductions; the slack of a partial block counts as 0.
+  const float max1 = block_max(live ? fabsf(mi) : 0.0f, scratch);
+  const float max2 = block_max(live ? fabsf(vi) : 0.0f, scratch);
+  if (live) {
+    const float div1 = max1 > 0.0f ? max1 : 1.0f;
+    const float div2 = max2 > 0.0f ? max2 : 1.0f;
+    a.c1[i] = static_cast<unsigned char>(encode(mid1, __fdiv_rn(mi, div1)));
+    a.c2[i] = static_cast<unsigned char>(encode(mid2, __fdiv_rn(vi, div2)));
+  }
+  if (t == 0) {
+    a.a1[block] = max1;
+    a.a2[block] = max2;
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_adamw8(const AdamW8Launch& args, cudaStream_t stream) {
+  if (args.count <= 0) {
+    return cudaSuccess;
+  }
+  const int64_t blocks = (args.count + kBlock8 - 1) / kBlock8;
+  if (blocks > 2147483647LL) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned grid = static_cast<unsigned>(blocks);
+  switch (args.dtype) {
+    case 0:
+      adamw8_kernel<float><<<grid, kBlock8, 0, stream>>>(args);
+      break;
+    case 1:
+      adamw8_kernel<__nv_bfloat16><<<grid, kBlock8, 0, stream>>>(args);
+      break;
+    case 2:
+      adamw8_kernel<__half><<<grid, kBlock8, 0, stream>>>(args);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream) {
   if (args.count <= 0) {

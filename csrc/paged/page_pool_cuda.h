@@ -32,4 +32,32 @@ struct AdamWLaunch {
 
 cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream);
 
+// The 8-bit update of one segment (issue 17; layout in page_pool.h): `count` elements from a
+// block boundary, their codes at c1 / c2 and one absmax per 256 elements at a1 / a2, all in a
+// resident page. The maps travel by value (2 KiB of the 4 KiB kernel-argument space); the
+// kernel derives the midpoints in float32 exactly as the CPU's Quantizer does, and one thread
+// block of 256 threads updates one quantization block.
+struct AdamW8Launch {
+  void* param;
+  const void* grad;
+  int dtype;
+  int64_t count;
+  unsigned char* c1;
+  unsigned char* c2;
+  float* a1;
+  float* a2;
+  float decay;
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float bc2_sqrt;
+  float eps;
+  float neg_step_size;
+  int maximize;
+  float map1[256];
+  float map2[256];
+};
+
+cudaError_t launch_adamw8(const AdamW8Launch& args, cudaStream_t stream);
+
 }  // namespace peftreg::paged::cuda

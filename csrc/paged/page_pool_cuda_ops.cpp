@@ -22,6 +22,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -141,6 +142,40 @@ class CudaBackend final : public PageBackend {
                                        s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
                                        s.bc2_sqrt, s.eps, s.neg_step_size, s.maximize ? 1 : 0};
         C10_CUDA_CHECK(cuda::launch_adamw(launch, stream));
+      }
+    }
+  }
+
+  void adamw8(const std::vector<PageWork>& batch, int64_t blocks_per_page,
+              const Quant8Maps& maps) override {
+    c10::cuda::CUDAGuard guard(device_);
+    cudaStream_t stream = compute().stream();
+    const int64_t codes = blocks_per_page * kQuantBlock;
+    cuda::AdamW8Launch launch{};
+    std::copy(maps.m.code, maps.m.code + 256, launch.map1);
+    std::copy(maps.v.code, maps.v.code + 256, launch.map2);
+    for (const PageWork& w : batch) {
+      unsigned char* base = static_cast<unsigned char*>(w.buf);
+      float* a1 = reinterpret_cast<float*>(base + 2 * codes);
+      for (const AdamWSegment& seg : *w.segments) {
+        const AdamWScalars& s = seg.s;
+        launch.param = seg.param;
+        launch.grad = seg.grad;
+        launch.dtype = static_cast<int>(seg.dtype);
+        launch.count = seg.count;
+        launch.c1 = base + seg.state_index;
+        launch.c2 = base + codes + seg.state_index;
+        launch.a1 = a1 + seg.state_index / kQuantBlock;
+        launch.a2 = a1 + blocks_per_page + seg.state_index / kQuantBlock;
+        launch.decay = s.decay;
+        launch.one_minus_beta1 = s.one_minus_beta1;
+        launch.beta2 = s.beta2;
+        launch.one_minus_beta2 = s.one_minus_beta2;
+        launch.bc2_sqrt = s.bc2_sqrt;
+        launch.eps = s.eps;
+        launch.neg_step_size = s.neg_step_size;
+        launch.maximize = s.maximize ? 1 : 0;
+        C10_CUDA_CHECK(cuda::launch_adamw8(launch, stream));
       }
     }
   }

@@ -11,7 +11,9 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace peftreg::paged {
@@ -63,35 +65,51 @@ class PagePoolHolder : public torch::CustomClassHolder {
                   const std::vector<int64_t>& offsets, const std::vector<double>& steps,
                   double lr, double beta1, double beta2, double eps, double weight_decay,
                   bool maximize) {
-    const size_t n = params.size();
-    TORCH_CHECK(grads.size() == n && offsets.size() == n && steps.size() == n,
-                "peftreg paged: adamw_step: params, grads, offsets and steps must have one "
-                "entry per parameter, got ", n, ", ", grads.size(), ", ", offsets.size(),
-                " and ", steps.size());
     std::vector<at::Tensor> keep;  // contiguous copies of gradients, alive during the step
-    std::vector<AdamWParam> items;
-    items.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& p = params[i];
-      const at::Tensor& g = grads[i];
-      TORCH_CHECK(p.device() == device_, "peftreg paged: adamw_step: parameter ", i,
-                  " is on ", p.device(), " but the page pool is on ", device_);
-      TORCH_CHECK(p.is_contiguous(), "peftreg paged: adamw_step: parameter ", i,
-                  " is not contiguous (the update writes it in place)");
-      TORCH_CHECK(g.device() == p.device() && g.scalar_type() == p.scalar_type() &&
-                      g.sizes() == p.sizes(),
-                  "peftreg paged: adamw_step: the gradient of parameter ", i, " (",
-                  g.scalar_type(), " ", g.sizes(), " on ", g.device(),
-                  ") does not match the parameter (", p.scalar_type(), " ", p.sizes(), " on ",
-                  p.device(), ")");
-      TORCH_CHECK(steps[i] >= 1, "peftreg paged: adamw_step: step of parameter ", i,
-                  " must be >= 1, got ", steps[i]);
-      const at::Tensor gc = g.contiguous();
-      keep.push_back(gc);
-      items.push_back(AdamWParam{p.data_ptr(), gc.const_data_ptr(), param_dtype(p, i),
-                                 p.numel(), offsets[i], steps[i]});
-    }
+    const std::vector<AdamWParam> items = describe_params(params, grads, offsets, steps, &keep);
     pool_->adamw_step(items, AdamWHyper{lr, beta1, beta2, eps, weight_decay, maximize});
+  }
+
+  void adamw8_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                   const std::vector<int64_t>& offsets, const std::vector<double>& steps,
+                   double lr, double beta1, double beta2, double eps, double weight_decay,
+                   bool maximize) {
+    std::vector<at::Tensor> keep;
+    const std::vector<AdamWParam> items = describe_params(params, grads, offsets, steps, &keep);
+    pool_->adamw8_step(items, AdamWHyper{lr, beta1, beta2, eps, weight_decay, maximize});
+  }
+
+  // The 256-entry maps of exp_avg (signed) and exp_avg_sq (unsigned), float32 on the CPU.
+  void set_quant_maps(const at::Tensor& signed_map, const at::Tensor& unsigned_map) {
+    for (const at::Tensor* t : {&signed_map, &unsigned_map}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 &&
+                      t->numel() == 256,
+                  "peftreg paged: set_quant_maps: expected float32 CPU tensors of 256 "
+                  "elements, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+    }
+    const at::Tensor a = signed_map.contiguous();
+    const at::Tensor b = unsigned_map.contiguous();
+    pool_->set_quant_maps(std::make_shared<const Quant8Maps>(a.const_data_ptr<float>(),
+                                                             b.const_data_ptr<float>()));
+  }
+
+  // Blockwise encoding of a float32 CPU tensor with the pool's map of exp_avg (is_signed) or
+  // exp_avg_sq: (uint8 codes of x's shape, float32 absmax per block of the flattened x).
+  std::tuple<at::Tensor, at::Tensor> quantize8(const at::Tensor& x, bool is_signed) {
+    const std::shared_ptr<const Quant8Maps> maps = pool_->quant_maps();
+    TORCH_CHECK(maps != nullptr, "peftreg paged: quantize8: the pool has no quantization "
+                "maps (set_quant_maps was not called)");
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                "peftreg paged: quantize8: expected a float32 CPU tensor, got ",
+                x.scalar_type(), " on ", x.device());
+    const at::Tensor c = x.contiguous();
+    const int64_t n = c.numel();
+    at::Tensor codes = at::empty(c.sizes(), at::TensorOptions().dtype(at::kByte));
+    at::Tensor absmax = at::empty({(n + kQuantBlock - 1) / kQuantBlock},
+                                  at::TensorOptions().dtype(at::kFloat));
+    quantize_blockwise(c.const_data_ptr<float>(), n, is_signed ? maps->m : maps->v,
+                       codes.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+    return {codes, absmax};
   }
 
   at::Tensor read_page(int64_t page) {
@@ -137,6 +155,41 @@ class PagePoolHolder : public torch::CustomClassHolder {
   }
 
  private:
+  std::vector<AdamWParam> describe_params(const std::vector<at::Tensor>& params,
+                                          const std::vector<at::Tensor>& grads,
+                                          const std::vector<int64_t>& offsets,
+                                          const std::vector<double>& steps,
+                                          std::vector<at::Tensor>* keep) {
+    const size_t n = params.size();
+    TORCH_CHECK(grads.size() == n && offsets.size() == n && steps.size() == n,
+                "peftreg paged: adamw_step: params, grads, offsets and steps must have one "
+                "entry per parameter, got ", n, ", ", grads.size(), ", ", offsets.size(),
+                " and ", steps.size());
+    std::vector<AdamWParam> items;
+    items.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& p = params[i];
+      const at::Tensor& g = grads[i];
+      TORCH_CHECK(p.device() == device_, "peftreg paged: adamw_step: parameter ", i,
+                  " is on ", p.device(), " but the page pool is on ", device_);
+      TORCH_CHECK(p.is_contiguous(), "peftreg paged: adamw_step: parameter ", i,
+                  " is not contiguous (the update writes it in place)");
+      TORCH_CHECK(g.device() == p.device() && g.scalar_type() == p.scalar_type() &&
+                      g.sizes() == p.sizes(),
+                  "peftreg paged: adamw_step: the gradient of parameter ", i, " (",
+                  g.scalar_type(), " ", g.sizes(), " on ", g.device(),
+                  ") does not match the parameter (", p.scalar_type(), " ", p.sizes(), " on ",
+                  p.device(), ")");
+      TORCH_CHECK(steps[i] >= 1, "peftreg paged: adamw_step: step of parameter ", i,
+                  " must be >= 1, got ", steps[i]);
+      const at::Tensor gc = g.contiguous();
+      keep->push_back(gc);
+      items.push_back(AdamWParam{p.data_ptr(), gc.const_data_ptr(), param_dtype(p, i),
+                                 p.numel(), offsets[i], steps[i]});
+    }
+    return items;
+  }
+
   c10::Device device_;
   std::unique_ptr<PagePool> pool_;
 };
@@ -148,6 +201,9 @@ void register_page_pool(torch::Library& m) {
       .def(torch::init<std::string, int64_t, int64_t, std::string>())
       .def("add_pages", &PagePoolHolder::add_pages)
       .def("adamw_step", &PagePoolHolder::adamw_step)
+      .def("adamw8_step", &PagePoolHolder::adamw8_step)
+      .def("set_quant_maps", &PagePoolHolder::set_quant_maps)
+      .def("quantize8", &PagePoolHolder::quantize8)
       .def("read_page", &PagePoolHolder::read_page)
       .def("write_page", &PagePoolHolder::write_page)
       .def("counters", &PagePoolHolder::counters)

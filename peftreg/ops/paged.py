@@ -13,6 +13,9 @@ Page layout used by :meth:`PagePool.adamw_step`: page ``k`` holds elements
 ``exp_avg`` followed by the same elements of ``exp_avg_sq``. Parameters occupy consecutive
 ranges of that array, so small parameters share pages and only the last page has slack.
 
+:meth:`PagePool.adamw8_step` reads the same pages as blockwise 8-bit state instead (codes of
+both moments and one float32 absmax per 256 elements; layout in ``csrc/paged/page_pool.h``).
+
 There is no plain-PyTorch fallback: without the compiled extension the pool raises
 :class:`~peftreg.ops.ExtensionUnavailableError` saying how to build it.
 """
@@ -170,6 +173,41 @@ class PagePool:
                                   float(beta2), float(eps), float(weight_decay), bool(maximize))
         except RuntimeError as exc:
             raise _translated(exc) from None
+
+    def adamw8_step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                    offsets: Sequence[int], steps: Sequence[float], *, lr: float, beta1: float,
+                    beta2: float, eps: float, weight_decay: float, maximize: bool) -> None:
+        """:meth:`adamw_step` over 8-bit pages (blockwise codes and absmax; the layout is in
+        ``csrc/paged/page_pool.h``). Needs :meth:`set_quant_maps`; every offset must be a
+        multiple of the block size, 256.
+
+        Raises:
+            PagingError: a page-out failed; the step completed with the pages kept resident.
+        """
+        try:
+            self._pool.adamw8_step(list(params), list(grads), [int(o) for o in offsets],
+                                   [float(s) for s in steps], float(lr), float(beta1),
+                                   float(beta2), float(eps), float(weight_decay), bool(maximize))
+        except RuntimeError as exc:
+            raise _translated(exc) from None
+
+    def set_quant_maps(self, signed_map: torch.Tensor, unsigned_map: torch.Tensor) -> None:
+        """The sorted 256-value maps of ``exp_avg`` (signed) and ``exp_avg_sq`` (unsigned)."""
+        try:
+            self._pool.set_quant_maps(signed_map.detach().to("cpu", torch.float32),
+                                      unsigned_map.detach().to("cpu", torch.float32))
+        except RuntimeError as exc:
+            raise ValueError(str(exc).split("\nException raised from", 1)[0]) from None
+
+    def quantize8(self, x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blockwise encoding of ``x`` with the signed or unsigned map, by the same encoder as
+        the step: (uint8 codes shaped like ``x``, float32 absmax per 256 elements of the
+        flattened ``x``), on the CPU."""
+        try:
+            codes, absmax = self._pool.quantize8(x.detach().to("cpu", torch.float32), bool(signed))
+        except RuntimeError as exc:
+            raise _translated(exc) from None
+        return codes, absmax
 
     def read_page(self, page: int) -> torch.Tensor:
         """A float32 copy of page ``page`` (``page_bytes // 4`` values) on the pool's device."""

@@ -133,8 +133,13 @@ def read_optimizer_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> Path:
-    """Checkpoint ``optimizer.state_dict()`` to ``path`` atomically (see the module doc)."""
-    return write_optimizer_state(path, optimizer.state_dict())
+    """Checkpoint ``optimizer.state_dict()`` to ``path`` atomically (see the module doc).
+
+    An optimizer with a ``checkpoint_state_dict()`` method (``PagedAdamW``: its quantized
+    layout when ``state_bits=8``) is saved through that instead, so the file resumes exactly.
+    """
+    state = getattr(optimizer, "checkpoint_state_dict", optimizer.state_dict)()
+    return write_optimizer_state(path, state)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
