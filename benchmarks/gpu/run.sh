@@ -200,7 +200,7 @@ TIMEOUT_OPT=()
 if [[ $MODE == gpu && $LIST == 0 ]] && "$PY" -c "import pytest_timeout" 2>/dev/null; then
   TIMEOUT_OPT=(--timeout=120)
 fi
-PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider --continue-on-collection-errors)
+PYTEST=("$PY" -m pytest -rfE -p no:cacheprovider --continue-on-collection-errors)
 B=benchmarks
 
 [[ $LIST == 0 ]] && log "peftreg GPU run: mode=$MODE budget=${BUDGET}s out=$OUT work=$WORK $(date -u +%FT%TZ)"
@@ -210,15 +210,26 @@ step env 45 "$PY" $B/gpu/gpurun.py env --out "$WORK/env.json"
 if [[ $MODE == smoke ]]; then
   skip_step build "--cpu-smoke uses the extension already built here"
   skip_step install "--cpu-smoke uses the installed peftreg"
-  # The CUDA selection must collect (wiring), without running anything on a device.
-  step cuda-tests 120 env PEFTREG_TEST_DEVICE=cuda "${PYTEST[@]}" --collect-only \
-      tests/ops tests/optim -k cuda --junitxml="$WORK/cuda-tests.xml"
+  # The CUDA selections must collect (wiring), without running anything on a device.
+  TEST_RUN=(--collect-only)
 else
   step build 300 bash "$SELF" --internal build
   step install 90 bash "$SELF" --internal install
-  step cuda-tests 180 env PEFTREG_TEST_DEVICE=cuda "${PYTEST[@]}" "${TIMEOUT_OPT[@]}" \
-      tests/ops tests/optim -k cuda --junitxml="$WORK/cuda-tests.xml"
+  # -v names each test as it starts, so a hung kernel's test is the log's last line.
+  TEST_RUN=(-v --durations=10 "${TIMEOUT_OPT[@]}")
 fi
+# One process per op family: a CUDA error that poisons the context (an illegal address, say)
+# fails that family's remaining tests, not every later test.
+for group in lora nf4 adapters ops optim; do
+  case $group in
+    ops) paths=(tests/ops --ignore=tests/ops/lora --ignore=tests/ops/nf4
+                --ignore=tests/ops/adapters) ;;
+    optim) paths=(tests/optim) ;;
+    *) paths=("tests/ops/$group") ;;
+  esac
+  step "cuda-tests-$group" 90 env PEFTREG_TEST_DEVICE=cuda "${PYTEST[@]}" "${TEST_RUN[@]}" \
+      "${paths[@]}" -k cuda --junitxml="$WORK/cuda-tests-$group.xml"
+done
 
 if [[ $MODE == smoke ]]; then
   NF4_BW=(--shapes 64x128); NF4_ALL=(--shapes 64x128 --tasks "fwd b=1 eval" "fwd+bwd b=256")
@@ -246,7 +257,7 @@ if [[ $MODE == smoke ]]; then
   skip_step cpu-tests "the CPU tests run in the ordinary suite"
 else
   # Last, with whatever time is left: the CPU tests against the CUDA build of the extension.
-  step cpu-tests 240 env PEFTREG_TEST_DEVICE=cpu "${PYTEST[@]}" "${TIMEOUT_OPT[@]}" \
+  step cpu-tests 240 env PEFTREG_TEST_DEVICE=cpu "${PYTEST[@]}" -q "${TIMEOUT_OPT[@]}" \
       tests/ops tests/optim -k "not cuda" --junitxml="$WORK/cpu-tests.xml"
 fi
 

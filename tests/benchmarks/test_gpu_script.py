@@ -20,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
-GPU_STEPS = ["env", "build", "install", "cuda-tests", "nf4-bandwidth", "qlora", "lora", "nf4",
+CUDA_TESTS = [f"cuda-tests-{g}" for g in ("lora", "nf4", "adapters", "ops", "optim")]
+GPU_STEPS = ["env", "build", "install", *CUDA_TESTS, "nf4-bandwidth", "qlora", "lora", "nf4",
              "paged", "adapters", "cpu-tests"]
 
 
@@ -55,8 +56,11 @@ def test_dry_run_plans_the_gpu_run_and_writes_the_three_files(tmp_path):
     commands = {s["name"]: s["command"] for s in summary["steps"]}
     # The GPU plan: CUDA devices, the CUDA test selection, big weights for the bandwidth.
     assert "--device cuda" in commands["qlora"] and "--base nf4" in commands["qlora"]
-    assert "PEFTREG_TEST_DEVICE=cuda" in commands["cuda-tests"]
-    assert "-k cuda" in commands["cuda-tests"]
+    for name in CUDA_TESTS:
+        assert "PEFTREG_TEST_DEVICE=cuda" in commands[name] and "-k cuda" in commands[name]
+    # Together the groups cover tests/ops and tests/optim.
+    assert "--ignore=tests/ops/nf4" in commands["cuda-tests-ops"]
+    assert "tests/optim" in commands["cuda-tests-optim"]
     assert "16384x16384" in commands["nf4-bandwidth"]
     assert "--internal build" in commands["build"]
     assert summary["ok"] is True
