@@ -23,6 +23,8 @@ def test_tiny_run_writes_ratios_and_cpu_capabilities(tmp_path):
     assert {(e["rows"], e["mode"]) for e in data["summary"]} == {
         (1, "fwd"), (1, "fwd+bwd"), (40, "fwd"), (40, "fwd+bwd")}
     for entry in data["summary"]:
-        for path in ("bf16 reference", "bf16 native", "bf16 widened", "bf16 default"):
+        for path in ("bf16 reference", "bf16 native", "bf16 widened", "bf16 row kernel",
+                     "bf16 default"):
             assert entry[path]["ratio_low"] > 0
-        assert entry["faster_fused_path"] in ("bf16 native", "bf16 widened")
+        assert entry["faster_fused_path"] in ("bf16 native", "bf16 widened", "bf16 row kernel")
+        assert entry["row_kernel_over_widened"] > 0
