@@ -3,7 +3,8 @@
 
 Usage::
 
-    python benchmarks/bench_fused_lora.py [--quick] [--device cpu|cuda] [--out PATH]
+    python benchmarks/bench_fused_lora.py [--quick] [--device cpu|cuda] [--base dense|nf4]
+                                          [--out PATH]
 
 For each shape (rows x in -> out, rank r), dtype (fp32, bf16) and mode (``fwd`` under no_grad;
 ``fwd+bwd`` as in LoRA training: frozen weight and bias, gradients for x, A and B) it times
@@ -17,6 +18,14 @@ For each shape (rows x in -> out, rank r), dtype (fp32, bf16) and mode (``fwd`` 
 
 and prints medians with ratios (``> 1x`` means fused is faster) and writes JSON to ``--out``
 (default ``benchmarks/results/fused_lora.json``). ``--quick`` runs two shapes briefly (< 1 min).
+
+``--base nf4`` times QLoRA's layer instead (``peftreg::nf4_lora_linear``: an NF4 base with double
+quantization, block 64, frozen, plus the LoRA update): ``fused`` is the op, ``reference`` its
+plain-PyTorch maths, ``default`` the kernel mode's choice, and ``dequant+matmul`` what a QLoRA
+layer does without a fused kernel (bitsandbytes' way): the compiled dequantize into a dense
+buffer, then the dense product and the LoRA update in PyTorch. The goal (issue 17) is
+``fused`` faster than ``dequant+matmul`` in ``fwd+bwd``; the JSON's ``goals`` says where it
+is met. PEFT's QLoRA needs bitsandbytes, so there is no ``peft`` column for this base.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from _harness import environment, fmt_ms, fmt_ratio, print_table, time_side_by_s
 
 from peftreg import ops
 from peftreg.ops import lora as lora_ops
+from peftreg.ops import nf4 as nf4_ops
 from peftreg.ops import reference
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fused_lora.json"
@@ -101,6 +111,53 @@ def functional_impl(fn: Callable[..., torch.Tensor], p: Problem
         return fn(x, p.weight, p.bias, a, b, p.scaling)
 
     return forward, [a, b]
+
+
+class Nf4Base:
+    """``p.weight`` quantized to NF4 (block 64, double quantization) as the NF4 ops take it."""
+
+    def __init__(self, p: Problem) -> None:
+        from peftreg.quant import NF4Tensor
+
+        self.storage = NF4Tensor.quantize(p.weight.float(), 64, True)
+        s = self.storage
+        out_f, in_f = p.weight.shape
+        self.args = (s.codes, s.absmax, s.nested_absmax, s.offset, s.blocksize,
+                     s.nested_blocksize, out_f, in_f)
+        self.dense = torch.empty(out_f, in_f, dtype=p.weight.dtype, device=p.weight.device)
+
+
+def nf4_impls(p: Problem, with_fused: bool) -> dict[str, tuple[Forward, list[torch.Tensor]]]:
+    """QLoRA's layer four ways (module doc); each gets its own trainable A and B."""
+    base = Nf4Base(p)
+    args = base.args
+
+    def fused(x: torch.Tensor, _w: torch.Tensor, bias: torch.Tensor, a: torch.Tensor,
+              b: torch.Tensor, s: float) -> torch.Tensor:
+        return nf4_ops.LORA_LINEAR(x, *args, bias, a, b, s, None, 0.0, None)
+
+    def default(x: torch.Tensor, _w: torch.Tensor, bias: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, s: float) -> torch.Tensor:
+        return nf4_ops.LORA_LINEAR.run(x, *args, bias, a, b, s, None, 0.0, None)
+
+    def plain(x: torch.Tensor, _w: torch.Tensor, bias: torch.Tensor, a: torch.Tensor,
+              b: torch.Tensor, s: float) -> torch.Tensor:
+        return reference.nf4_lora_linear(x, *args, bias, a, b, s)
+
+    def dequant_matmul(x: torch.Tensor, _w: torch.Tensor, bias: torch.Tensor, a: torch.Tensor,
+                       b: torch.Tensor, s: float) -> torch.Tensor:
+        # Decoded afresh on every call, as a QLoRA layer without a fused kernel must (the
+        # dense weight is never kept: that would undo the 4-bit storage).
+        weight = base.storage.dequantize(out=base.dense)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+        return torch.nn.functional.linear(x, weight, bias) + s * update
+
+    impls = {"reference": functional_impl(plain, p)}
+    if with_fused:
+        impls["fused"] = functional_impl(fused, p)
+        impls["default"] = functional_impl(default, p)
+        impls["dequant+matmul"] = functional_impl(dequant_matmul, p)
+    return impls
 
 
 def peft_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
@@ -171,25 +228,33 @@ def step_fn(forward: Forward, trainable: list[torch.Tensor], p: Problem, mode: s
 
 
 def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.device,
-        min_run_time: float) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        min_run_time: float, base: str = "dense"
+        ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     skipped: dict[str, str] = {}
+    op_name = "lora_linear" if base == "dense" else "nf4_lora_linear"
     if not ops.has_extension():
         skipped["fused"] = ops.extension_error() or "extension unavailable"
-    elif not ops.kernel_available("lora_linear", device.type):
-        skipped["fused"] = f"the extension has no {device.type} kernel"
-    try:
-        import peft  # noqa: F401
-    except ImportError as exc:
-        skipped["peft"] = f"peft is not installed ({exc})"
+    elif not ops.kernel_available(op_name, device.type):
+        skipped["fused"] = f"the extension has no {device.type} kernel for {op_name}"
+    if base == "nf4":
+        skipped["peft"] = "PEFT's QLoRA layer needs bitsandbytes; no peft column for --base nf4"
+    else:
+        try:
+            import peft  # noqa: F401
+        except ImportError as exc:
+            skipped["peft"] = f"peft is not installed ({exc})"
     results: list[dict[str, Any]] = []
     for shape in shapes:
         for dtype_name in dtypes:
             p = make_problem(shape, DTYPES[dtype_name], device)
-            impls: dict[str, tuple[Forward, list[torch.Tensor]]] = {
-                "reference": functional_impl(reference.lora_linear, p)}
-            if "fused" not in skipped:
-                impls["fused"] = functional_impl(lora_ops.lora_linear, p)
-                impls["default"] = functional_impl(_default_path, p)
+            impls: dict[str, tuple[Forward, list[torch.Tensor]]]
+            if base == "nf4":
+                impls = nf4_impls(p, "fused" not in skipped)
+            else:
+                impls = {"reference": functional_impl(reference.lora_linear, p)}
+                if "fused" not in skipped:
+                    impls["fused"] = functional_impl(lora_ops.lora_linear, p)
+                    impls["default"] = functional_impl(_default_path, p)
             if "peft" not in skipped:
                 try:
                     impls["peft"] = peft_impl(p)
@@ -204,9 +269,11 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
                 steps = {impl: step_fn(forward, trainable, p, mode)
                          for impl, (forward, trainable) in impls.items()}
                 timings = time_side_by_side(steps, device, min_run_time=min_run_time)
-                chosen = _default_choice(p, mode) if "default" in impls else None
+                chosen = (_default_choice(p, mode) if "default" in impls and base == "dense"
+                          else None)
                 for impl, timing in timings.items():
-                    results.append({"shape": str(shape), **vars(shape), "dtype": dtype_name,
+                    results.append({"shape": str(shape), **vars(shape), "base": base,
+                                    "dtype": dtype_name,
                                     "mode": mode, "impl": impl, "default_is": chosen,
                                     "max_abs_diff_vs_reference": max_diff, **timing.to_dict()})
                     print(f"  {shape!s:28} {dtype_name:5} {mode:8} {impl:10} "
@@ -214,7 +281,8 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
     return results, skipped
 
 
-def summarise(results: list[dict[str, Any]], device: torch.device) -> None:
+def summarise(results: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    """Print the table; return the goal verdicts (QLoRA base: fused vs dequant+matmul)."""
     def median(shape: str, dtype: str, mode: str, impl: str) -> float | None:
         for r in results:
             if (r["shape"], r["dtype"], r["mode"], r["impl"]) == (shape, dtype, mode, impl):
@@ -223,20 +291,50 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> None:
 
     keys = list(dict.fromkeys((r["shape"], r["dtype"], r["mode"]) for r in results))
     with_peft = any(r["impl"] == "peft" for r in results)
-    rows = []
+    with_dequant = any(r["impl"] == "dequant+matmul" for r in results)
+    base = next((r.get("base", "dense") for r in results), "dense")
+    rows, goals = [], []
     for shape, dtype, mode in keys:
-        ref, fus, dfl, hf = (median(shape, dtype, mode, i)
-                             for i in ("reference", "fused", "default", "peft"))
+        ref, fus, dfl, hf, dqm = (median(shape, dtype, mode, i) for i in
+                                  ("reference", "fused", "default", "peft", "dequant+matmul"))
         chosen = next((r.get("default_is") for r in results
                        if (r["shape"], r["dtype"], r["mode"]) == (shape, dtype, mode)), None)
         row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus), fmt_ms(dfl),
                fmt_ratio(ref, dfl), chosen or "-"]
-        rows.append(row + ([fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []))
+        row += [fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []
+        row += [fmt_ms(dqm), fmt_ratio(dqm, fus)] if with_dequant else []
+        rows.append(row)
+        if with_dequant and mode == "fwd+bwd":
+            met = None if fus is None or dqm is None else fus < dqm
+            goals.append({"goal": "fused QLoRA fwd+bwd faster than dequantize-then-matmul",
+                          "shape": shape, "dtype": dtype, "fused_ms": fus,
+                          "dequant_matmul_ms": dqm,
+                          "ratio": None if met is None else dqm / fus, "met": met})
     columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused",
                "default ms", "reference/default", "default is"]
     columns += ["peft ms", "peft/fused"] if with_peft else []
-    print_table(f"peftreg fused LoRA linear on {device} (median; ratio > 1x: fused faster)",
+    columns += ["dequant+matmul ms", "dequant+matmul/fused"] if with_dequant else []
+    layer = "LoRA linear" if base == "dense" else "QLoRA linear (NF4 base)"
+    print_table(f"peftreg fused {layer} on {device} (median; ratio > 1x: fused faster)",
                 columns, rows)
+    if goals:
+        print_table("goal: fused QLoRA fwd+bwd faster than dequantize-then-matmul",
+                    ["shape", "dtype", "dequant+matmul/fused", "verdict"],
+                    [[g["shape"], g["dtype"], "-" if g["ratio"] is None else f"{g['ratio']:.2f}x",
+                      {True: "met", False: "NOT met", None: "not measured"}[g["met"]]]
+                     for g in goals])
+    return goals
+
+
+def parse_shape(text: str) -> Shape:
+    """``ROWSxINxOUTxR`` (e.g. ``128x4096x4096x16``) as a :class:`Shape`."""
+    try:
+        rows, in_f, out_f, rank = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"shape {text!r} is not ROWSxINxOUTxR (four integers, e.g. 128x4096x4096x16)"
+        ) from None
+    return Shape(rows, in_f, out_f, rank)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,22 +347,33 @@ def main(argv: list[str] | None = None) -> int:
                         default=["fwd", "fwd+bwd"])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 is steadier on a busy machine")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser.add_argument("--base", choices=["dense", "nf4"], default="dense",
+                        help="the frozen base: a dense weight (LoRA) or NF4 (QLoRA)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                        help="ROWSxINxOUTxR shapes instead of the built-in list")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per candidate (default 0.2 quick, 1.0 full)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output path (default benchmarks/results/fused_lora.json, "
+                             "fused_qlora.json for --base nf4)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    shapes = SHAPES[(device.type, args.quick)]
-    min_run_time = 0.2 if args.quick else 1.0
-    results, skipped = run(shapes, args.dtypes, args.modes, device, min_run_time)
-    summarise(results, device)
+    shapes = args.shapes or SHAPES[(device.type, args.quick)]
+    min_run_time = args.min_run_time or (0.2 if args.quick else 1.0)
+    out = args.out or (DEFAULT_OUT if args.base == "dense"
+                       else DEFAULT_OUT.with_name("fused_qlora.json"))
+    results, skipped = run(shapes, args.dtypes, args.modes, device, min_run_time, args.base)
+    goals = summarise(results, device)
     for impl, reason in skipped.items():
         print(f"{impl}: skipped ({reason})")
-    write_json(args.out, {"benchmark": "fused_lora", "quick": args.quick,
-                          "environment": environment(device), "skipped": skipped,
-                          "results": results})
-    print(f"wrote {args.out}")
+    write_json(out, {"benchmark": "fused_lora" if args.base == "dense" else "fused_qlora",
+                     "base": args.base, "quick": args.quick,
+                     "environment": environment(device), "skipped": skipped,
+                     "goals": goals, "results": results})
+    print(f"wrote {out}")
     return 0
 
 

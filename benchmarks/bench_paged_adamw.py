@@ -12,7 +12,12 @@ Part 2, peak process memory of a QLoRA training run (NF4 base, LoRA r=64 on ever
 each configuration runs in a fresh process, and the figure is the rise of its resident memory
 from just before the optimizer is made to the end of training.
 
-    python benchmarks/bench_paged_adamw.py [--quick] [--device cpu|cuda] [--out PATH]
+On CUDA the two paged rows are the two tiers: all resident keeps every page in device memory;
+at the 10% budget most pages live in pinned host memory and cross PCIe each step (each row's
+``tier`` says which). ``--smoke`` shrinks both parts to seconds (a wiring check, not a
+measurement).
+
+    python benchmarks/bench_paged_adamw.py [--quick] [--smoke] [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
@@ -35,18 +40,28 @@ HIDDEN, RANK, ADAPTERS = 1024, 16, 96
 BUDGET = 0.10
 
 
-def lora_params(device: torch.device) -> list[torch.nn.Parameter]:
+def lora_params(device: torch.device, adapters: int = ADAPTERS, hidden: int = HIDDEN
+                ) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(0)
     params = []
-    for _ in range(ADAPTERS):
-        for shape in ((RANK, HIDDEN), (HIDDEN, RANK)):
+    for _ in range(adapters):
+        for shape in ((RANK, hidden), (hidden, RANK)):
             p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.02)
             p.grad = torch.randn(shape, generator=gen).to(device) * 1e-3
             params.append(p)
     return params
 
 
-def step_rows(device: torch.device, min_run_time: float) -> tuple[list[dict], dict]:
+def tier(device: torch.device, budget: float | None) -> str:
+    """Where the paged state lives for this device and budget."""
+    fast, backing = ("device memory", "pinned host memory") if device.type == "cuda" else (
+        "process memory", "a backing file")
+    return f"{fast} (all resident)" if budget is None else (
+        f"{fast} ({budget:.0%} budget) + {backing}")
+
+
+def step_rows(device: torch.device, min_run_time: float, adapters: int = ADAPTERS,
+              hidden: int = HIDDEN) -> tuple[list[dict], dict]:
     variants: list[tuple[str, dict]] = [
         ("torch AdamW (single-tensor)", {"foreach": False}),
         ("torch AdamW (foreach)", {"foreach": True}),
@@ -58,7 +73,7 @@ def step_rows(device: torch.device, min_run_time: float) -> tuple[list[dict], di
     ]
     rows = []
     for name, kwargs in variants:
-        params = lora_params(device)
+        params = lora_params(device, adapters, hidden)
         if "paged" in kwargs:
             opt = PagedAdamW(params, lr=1e-4, budget_fraction=kwargs["paged"],
                              state_bits=kwargs.get("state_bits", 32))
@@ -73,6 +88,7 @@ def step_rows(device: torch.device, min_run_time: float) -> tuple[list[dict], di
         timing = time_callable(opt.step, device, min_run_time=min_run_time)
         row = {"name": name, **timing.to_dict()}
         if isinstance(opt, PagedAdamW):
+            row["tier"] = tier(device, kwargs["paged"])
             # Bytes per step from one more counted step (the timer does not report its calls).
             before = opt.counters()
             opt.step()
@@ -86,7 +102,8 @@ def step_rows(device: torch.device, min_run_time: float) -> tuple[list[dict], di
             row["state_bytes_per_param"] = row["state_bytes"] / sum(p.numel() for p in params)
             opt.close()
         rows.append(row)
-    return rows, {"trainable_params": sum(p.numel() for p in lora_params(torch.device("cpu")))}
+    count = sum(p.numel() for p in lora_params(torch.device("cpu"), adapters, hidden))
+    return rows, {"trainable_params": count}
 
 
 QLORA_RUN = textwrap.dedent("""
@@ -96,10 +113,10 @@ QLORA_RUN = textwrap.dedent("""
     from peftreg.optim import PagedAdamW
     from peftreg.reference_model import ReferenceConfig, ReferenceTransformer
     from peftreg_plugins.qlora import QLoraConfig
-    kind, steps, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    kind, steps, device, hidden = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     torch.manual_seed(0)
-    cfg = ReferenceConfig(vocab_size=2048, hidden_size=1024, num_layers=4, num_heads=8,
-                          num_kv_heads=8, intermediate_size=2816, max_positions=128)
+    cfg = ReferenceConfig(vocab_size=2048, hidden_size=hidden, num_layers=4, num_heads=8,
+                          num_kv_heads=8, intermediate_size=hidden * 11 // 4, max_positions=128)
     model = peftreg.adapt(ReferenceTransformer(cfg).to(device),
                           QLoraConfig(r=64, compute_dtype="float32"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,11 +143,11 @@ QLORA_RUN = textwrap.dedent("""
 """)
 
 
-def qlora_rows(device: torch.device, steps: int) -> list[dict]:
+def qlora_rows(device: torch.device, steps: int, hidden: int = HIDDEN) -> list[dict]:
     rows = []
     for kind in ("torch", "paged-all", f"paged-{BUDGET}", "paged8-all", f"paged8-{BUDGET}"):
-        proc = subprocess.run([sys.executable, "-c", QLORA_RUN, kind, str(steps), str(device)],
-                              capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run([sys.executable, "-c", QLORA_RUN, kind, str(steps), str(device),
+                               str(hidden)], capture_output=True, text=True, timeout=1800)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             rows.append({"kind": kind, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -139,16 +156,20 @@ def qlora_rows(device: torch.device, steps: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing, fewer steps")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and one step: checks the wiring in seconds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "paged_adamw.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
+    adapters, hidden = (4, 64) if args.smoke else (ADAPTERS, HIDDEN)
+    min_run_time = 0.01 if args.smoke else 0.3 if args.quick else 1.0
 
-    rows, info = step_rows(device, min_run_time=0.3 if args.quick else 1.0)
+    rows, info = step_rows(device, min_run_time, adapters, hidden)
     base = {r["name"]: r.get("median_ms") for r in rows}
     single = base["torch AdamW (single-tensor)"]
     foreach = base["torch AdamW (foreach)"]
@@ -169,8 +190,11 @@ def main() -> None:
                 f"{device} ({torch.get_num_threads()} threads)",
                 ["optimizer", "median ms", "vs single", "vs foreach", "vs fused",
                  "state B/param", "MiB moved/step", "peak resident MiB"], table)
+    for r in rows:
+        if "tier" in r:
+            print(f"  {r['name']}: {r['tier']}")
 
-    qrows = qlora_rows(device, steps=3 if args.quick else 5)
+    qrows = qlora_rows(device, 1 if args.smoke else 3 if args.quick else 5, hidden)
     torch_rss = next((r.get("rss_increase") for r in qrows if r["kind"] == "torch"), None)
     qtable = []
     for r in qrows:
@@ -187,7 +211,8 @@ def main() -> None:
     print_table(f"QLoRA training run ({trainable / 1e6:.1f}M trainable), peak RSS rise",
                 ["optimizer", "RSS rise MiB", "vs torch AdamW", "state resident MiB",
                  "MiB moved"], qtable)
-    write_json(args.out, {"environment": environment(device), "step": rows, **info,
+    write_json(args.out, {"benchmark": "paged_adamw", "smoke": args.smoke, "quick": args.quick,
+                          "environment": environment(device), "step": rows, **info,
                           "qlora": qrows, "budget_fraction": BUDGET})
     print(f"wrote {args.out}")
 

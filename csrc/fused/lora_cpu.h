@@ -22,6 +22,18 @@ namespace peftreg::fused {
 // lora_math.h and lora_cpu.cpp).
 bool cpu_widens_16bit(at::ScalarType t, int64_t rows);
 
+// From this many rows a 16-bit product on a processor without 16-bit arithmetic is widened.
+inline constexpr int64_t kCpuWidenMinRows = 32;
+
+// Below this many rows the bf16 row kernel also runs where the processor has bf16 arithmetic.
+inline constexpr int64_t kNativeBf16RowsKernelMax = 2;
+
+// Whether the backward computes g @ W for bf16 by the row kernel of lora_cpu.cpp (W read once,
+// widened in registers): below kCpuWidenMinRows rows on processors without bf16 arithmetic,
+// below kNativeBf16RowsKernelMax with it (measured crossovers, lora_cpu.cpp);
+// PEFTREG_CPU_BF16_ROWS=0/1 forces it off/on.
+bool cpu_bf16_rows_kernel(at::ScalarType t, int64_t rows);
+
 // For a bf16/fp16 output y rounded from the float32 result y_acc: raises a clear error when y
 // holds inf/NaN although every tensor in `inputs` (null entries skipped) is finite.
 void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,

@@ -45,6 +45,9 @@ _NUM_INPUTS = 9  # x, weight, bias, lora_a, lora_b, scaling, x_lora, dropout_p, 
 # From this many rows a 16-bit CPU call widens to float32 inside the kernel (csrc/fused/
 # lora_cpu.cpp); below it the kernel keeps ATen's 16-bit GEMV, the same work as plain PyTorch.
 _CPU_WIDEN_ROWS = 32
+# Below this many rows the backward's bf16 row kernel runs also on processors with bf16
+# arithmetic (measured crossover, csrc/fused/lora_cpu.cpp).
+_NATIVE_BF16_ROW_KERNEL_ROWS = 2
 
 
 def new_dropout_seed() -> torch.Tensor:
@@ -89,16 +92,35 @@ def cpu_widens_16bit(dtype: torch.dtype) -> bool:
     return dtype not in _NATIVE_16BIT
 
 
+def cpu_bf16_rows_kernel(dtype: torch.dtype, rows: int) -> bool:
+    """Whether the CPU backward computes ``g @ W`` for bf16 with its row kernel (W read once,
+    widened in registers) rather than ATen: below ``_CPU_WIDEN_ROWS`` rows on processors
+    without bf16 arithmetic, below ``_NATIVE_BF16_ROW_KERNEL_ROWS`` with it. Mirrors
+    ``cpu_bf16_rows_kernel`` in csrc/fused/lora_cpu.cpp, with its ``PEFTREG_CPU_BF16_ROWS``
+    override (and no row kernel when ``PEFTREG_CPU_WIDEN_16BIT`` forces a path)."""
+    if dtype != torch.bfloat16:
+        return False
+    forced = os.environ.get("PEFTREG_CPU_BF16_ROWS", "")
+    if forced:
+        return forced != "0"
+    if os.environ.get("PEFTREG_CPU_WIDEN_16BIT", ""):
+        return False
+    native = dtype in _NATIVE_16BIT
+    return rows < (_NATIVE_BF16_ROW_KERNEL_ROWS if native else _CPU_WIDEN_ROWS)
+
+
 def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float = 1.0,
                      x_lora: torch.Tensor | None = None, dropout_p: float = 0.0,
                      *_: Any) -> bool:
     """The measured crossover of lora_linear against plain PyTorch (docs/ops.md).
 
-    CUDA: always the kernel. CPU, from ``_CPU_WIDEN_ROWS`` rows: the kernel when it widens
-    16-bit inputs to float32 (no native 16-bit arithmetic: fp16 4x faster at 128 x 1024 here)
-    or applies dropout (its mask is a few integer operations per element in C++, where plain
-    PyTorch runs them as int64 tensor passes and keeps dropout(x) and the mask: 1.12x).
+    CUDA: always the kernel. CPU, below ``_CPU_WIDEN_ROWS`` rows: the kernel only for a bf16
+    input gradient where :func:`cpu_bf16_rows_kernel` holds. From ``_CPU_WIDEN_ROWS`` rows:
+    the kernel when it widens 16-bit inputs to float32 (no native 16-bit arithmetic: fp16 4x
+    faster at 128 x 1024 here) or applies dropout (its mask is a few integer operations per
+    element in C++, where plain PyTorch runs them as int64 tensor passes and keeps dropout(x)
+    and the mask: 1.12x).
     Otherwise both paths run the same BLAS calls and the op's own overhead decides: plain
     PyTorch (fused/plain measured 0.92-1.00x side by side, issue 14: 0.84x).
     """
@@ -106,7 +128,11 @@ def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return True
     rows = x.numel() // max(x.shape[-1], 1)
     if rows < _CPU_WIDEN_ROWS:
-        return False
+        # A bf16 input gradient: without bf16 arithmetic ATen's g @ W is a slow generic loop
+        # (120 ms against 7 ms in fp32 at 1 x 4096 x 4096); the op's row kernel is not
+        # (docs/ops.md "When the fused ops run").
+        return (x.requires_grad and torch.is_grad_enabled()
+                and cpu_bf16_rows_kernel(x.dtype, rows))
     return cpu_widens_16bit(x.dtype) or dropout_p > 0
 
 

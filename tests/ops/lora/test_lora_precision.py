@@ -99,3 +99,66 @@ def test_fp32_is_never_widened_or_guarded():
     m = _inputs(torch.float32)
     y = lora_ops.lora_linear(m["x"], m["weight"], m["bias"], m["lora_a"], m["lora_b"], 1.5)
     scaled_close(y, _reference(m, 1.5), "lora_linear.forward", torch.float32)
+
+
+@pytest.mark.parametrize("rows", [(1,), (3, 7)], ids=["batch1", "3x7"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
+def test_bf16_row_kernel_backward_matches_float64(monkeypatch, rows, layout, with_x_lora):
+    """The few-rows bf16 backward (g @ W with W widened in registers, forced on here: this
+    processor may have bf16 arithmetic) against float64; a transposed weight takes ATen's path."""
+    monkeypatch.setenv("PEFTREG_CPU_BF16_ROWS", "1")
+    g = torch.Generator().manual_seed(3)
+    inn, out, r = 37, 29, 5
+
+    def t(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(torch.bfloat16)
+
+    weight = t(out, inn, s=inn**-0.5)
+    if layout == "transposed":
+        weight = t(inn, out, s=inn**-0.5).T
+    m = {"x": t(*rows, inn), "weight": weight, "bias": t(out), "lora_a": t(r, inn, s=inn**-0.5),
+         "lora_b": t(out, r, s=0.5)}
+    if with_x_lora:
+        m["x_lora"] = t(*rows, inn)
+    trainable = ("x", "lora_a", "lora_b", "x_lora")
+    leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in m.items()}
+    y = lora_ops.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"],
+                             leaves["lora_b"], 1.5, leaves.get("x_lora"))
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y.backward(upstream)
+
+    d = {k: v.double().requires_grad_(k in trainable) for k, v in m.items()}
+    xl = d.get("x_lora", d["x"])
+    ref = d["x"] @ d["weight"].T + d["bias"] + 1.5 * (xl @ d["lora_a"].T) @ d["lora_b"].T
+    ref.backward(upstream.double())
+    for name in [k for k in trainable if k in m]:
+        assert leaves[name].grad.dtype == torch.bfloat16
+        scaled_close(leaves[name].grad, d[name].grad, "lora_linear.backward", torch.bfloat16)
+
+
+def test_bf16_row_kernel_choice(monkeypatch):
+    """Few rows of bf16 with an input gradient go to the op where the processor has no bf16
+    arithmetic (ATen's g @ W is slow there); with it, or without grad, plain PyTorch stays."""
+    monkeypatch.delenv("PEFTREG_CPU_BF16_ROWS", raising=False)
+    monkeypatch.delenv("PEFTREG_CPU_WIDEN_16BIT", raising=False)
+    w, a, b = torch.zeros(8, 16), torch.zeros(4, 16), torch.zeros(8, 4)
+    x = torch.zeros(2, 16, dtype=torch.bfloat16, requires_grad=True)
+    args = (w.bfloat16(), None, a.bfloat16(), b.bfloat16(), 1.0)
+    monkeypatch.setattr(lora_ops, "_NATIVE_16BIT", frozenset())
+    assert lora_ops.cpu_bf16_rows_kernel(torch.bfloat16, 2)
+    assert not lora_ops.cpu_bf16_rows_kernel(torch.bfloat16, 32)
+    assert not lora_ops.cpu_bf16_rows_kernel(torch.float16, 2)
+    assert lora_ops._fused_is_faster(x, *args)
+    assert not lora_ops._fused_is_faster(x.detach(), *args)
+    with torch.no_grad():
+        assert not lora_ops._fused_is_faster(x, *args)
+    monkeypatch.setattr(lora_ops, "_NATIVE_16BIT", frozenset({torch.bfloat16}))
+    assert not lora_ops._fused_is_faster(x, *args)  # 2 rows: ATen's native bf16 is as fast
+    one_row = x.detach()[:1].requires_grad_()
+    assert lora_ops._fused_is_faster(one_row, *args)  # 1 row: the row kernel, measured faster
+    monkeypatch.setenv("PEFTREG_CPU_BF16_ROWS", "1")
+    assert lora_ops._fused_is_faster(x, *args)
+    monkeypatch.setenv("PEFTREG_CPU_BF16_ROWS", "0")
+    monkeypatch.setattr(lora_ops, "_NATIVE_16BIT", frozenset())
+    assert not lora_ops._fused_is_faster(x, *args)
