@@ -143,7 +143,44 @@ def kaiming_(p: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
 
-class LohaLinear(LayerAdapter):
+class DenseUpdateLayer(LayerAdapter):
+    """What LoHa and LoKr layers share: both build their dense update ``delta_weight()`` (with
+    rank and module dropout while training), add ``x delta^T`` to the base output, and merge
+    by adding it to the weight. Subclasses set ``rank_dropout``, ``module_dropout`` and
+    ``rank_dropout_scale`` (whether rank dropout rescales the kept rows)."""
+
+    rank_dropout: float
+    module_dropout: float
+    rank_dropout_scale: bool
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update(self) -> torch.Tensor | None:
+        # The update for this call (None: module dropout skips the adapter).
+        if skip_module(self.training, self.module_dropout):
+            return None
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout > 0:
+            delta = row_dropout(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
+        return delta
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self._update()
+        if delta is None:
+            return y
+        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        w.copy_((w.float() + self.delta_weight().float().reshape(w.shape)).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        w.copy_((w.float() - self.delta_weight().float().reshape(w.shape)).to(w.dtype))
+
+
+class LohaLinear(DenseUpdateLayer):
     """LoHa factors for one ``nn.Linear``: ``y = base(x) + x ((w1a w1b) * (w2a w2b))^T s``."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, rank_dropout: float,
@@ -161,6 +198,7 @@ class LohaLinear(LayerAdapter):
         self.hada_w2_b = new_factor(r, in_f, like)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
+        self.rank_dropout_scale = True  # PEFT's LoHa always rescales
         with torch.no_grad():
             for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b):
                 kaiming_(p)
@@ -173,29 +211,6 @@ class LohaLinear(LayerAdapter):
         """The dense update ``scaling * (w1a @ w1b) * (w2a @ w2b)``, shape (out, in)."""
         return ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
                 * self.scaling)
-
-    def _update(self) -> torch.Tensor | None:
-        # The update for this call (None: module dropout skips the adapter).
-        if skip_module(self.training, self.module_dropout):
-            return None
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout > 0:
-            delta = row_dropout(delta, self.rank_dropout, rescale=True)
-        return delta
-
-    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        delta = self._update()
-        if delta is None:
-            return y
-        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
-
-    def merge_into(self, base: nn.Module) -> None:
-        w = merge_weight(base)
-        w.copy_((w.float() + self.delta_weight().float().reshape(w.shape)).to(w.dtype))
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        w = merge_weight(base)
-        w.copy_((w.float() - self.delta_weight().float().reshape(w.shape)).to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"

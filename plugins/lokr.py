@@ -31,7 +31,6 @@ from torch import nn
 from peftreg.plugin import (
     Capabilities,
     ConfigError,
-    LayerAdapter,
     Linear4bit,
     ModelFamily,
     ModuleTensors,
@@ -44,13 +43,13 @@ from peftreg.plugin import (
     base_access,
     hookimpl,
     host_for,
-    merge_weight,
     select_targets,
 )
 from peftreg_plugins.loha import (
     LYCORIS_EXPORTED,
     LYCORIS_IGNORED,
     LYCORIS_MAPPED,
+    DenseUpdateLayer,
     LycorisConfig,
     default_targets,
     kaiming_,
@@ -58,8 +57,6 @@ from peftreg_plugins.loha import (
     lycoris_fields,
     new_factor,
     peft_rank,
-    row_dropout,
-    skip_module,
 )
 
 
@@ -162,7 +159,7 @@ class LokrConfig(LycorisConfig):
                              self.decompose_factor, kernel)
 
 
-class LokrLinear(LayerAdapter):
+class LokrLinear(DenseUpdateLayer):
     """LoKr factors for one ``nn.Linear``: ``y = base(x) + x (s kron(W1, W2))^T``."""
 
     def __init__(self, base: nn.Module, shapes: KronShapes, alpha: float, config: LokrConfig
@@ -210,29 +207,6 @@ class LokrLinear(LayerAdapter):
             w1 = w1[:, :, None, None]
         delta = torch.kron(w1, w2) * self.scaling
         return delta.reshape(delta.shape[0], -1)
-
-    def _update(self) -> torch.Tensor | None:
-        # The update for this call (None: module dropout skips the adapter).
-        if skip_module(self.training, self.module_dropout):
-            return None
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout > 0:
-            delta = row_dropout(delta, self.rank_dropout, rescale=self.rank_dropout_scale)
-        return delta
-
-    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        delta = self._update()
-        if delta is None:
-            return y
-        return y + F.linear(x.to(delta.dtype), delta).to(y.dtype)
-
-    def merge_into(self, base: nn.Module) -> None:
-        w = merge_weight(base)
-        w.copy_((w.float() + self.delta_weight().float().reshape(w.shape)).to(w.dtype))
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        w = merge_weight(base)
-        w.copy_((w.float() - self.delta_weight().float().reshape(w.shape)).to(w.dtype))
 
     def extra_repr(self) -> str:
         s = self.shapes
