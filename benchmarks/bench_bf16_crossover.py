@@ -46,16 +46,8 @@ FEATURES, RANK = 4096, 16
 FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16", "avx2", "avx512f")
 
 
-def cpu_flags() -> dict[str, Any]:
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+def cpu_features() -> dict[str, Any]:
+    flags = lora_ops.cpu_flags()
     return {"capability": torch.backends.cpu.get_cpu_capability(),
             **{flag: flag in flags for flag in FLAGS}}
 
@@ -160,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             row += [faster.removeprefix("bf16 "), f"{rowk / wide:.2f}x"]
             table.append(row)
             summary.append(entry)
-    flags = cpu_flags()
+    flags = cpu_features()
     f = args.features
     print_table(f"bf16 / fp32 twin, {f}->{f} r={RANK}, {torch.get_num_threads()} "
                 f"threads, CPU {flags['capability']}, avx512_bf16={flags['avx512_bf16']} "

@@ -59,20 +59,24 @@ def new_dropout_seed() -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
+def cpu_flags() -> frozenset[str]:
+    """The feature flags Linux reports for this CPU (empty where ``/proc/cpuinfo`` is absent)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def _native_16bit() -> frozenset[torch.dtype]:
     """The 16-bit dtypes this x86 CPU multiplies natively (read once, at import: the crossover
     runs inside traced forwards, where file reads would break the graph)."""
     if platform.machine() not in ("x86_64", "AMD64", "i386", "i686"):
         return frozenset((torch.bfloat16, torch.float16))  # the kernel trusts ATen's GEMM there
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     return frozenset(dtype for dtype, flag in ((torch.bfloat16, "avx512_bf16"),
                                                (torch.float16, "avx512_fp16")) if flag in flags)
 
