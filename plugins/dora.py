@@ -291,6 +291,17 @@ def _count(model: nn.Module, config: LoraConfig, paths: list[str]) -> int:
     return total
 
 
+def _add_layers(model: nn.Module, adapter_name: str, config: DoraConfig | QDoraConfig,
+                paths: list[str], dtype: torch.dtype | None) -> list[str]:
+    """A DoRA layer on each of ``paths`` (dense or 4-bit bases alike)."""
+    for path in paths:
+        host = host_for(model, path)
+        r, scaling = config.rank_and_scale(path)
+        host.adapters[adapter_name] = DoraLinear(
+            base_access(host), r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
+    return paths
+
+
 class DoraMethod(PEFTMethod[DoraConfig]):
     """Weight-decomposed low-rank updates (magnitude and direction); mergeable."""
 
@@ -312,13 +323,7 @@ class DoraMethod(PEFTMethod[DoraConfig]):
                family: ModelFamily | None) -> list[str]:
         paths = self._targets(model, config, family)
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
-        for path in paths:
-            host = host_for(model, path)
-            r, scaling = config.rank_and_scale(path)
-            host.adapters[adapter_name] = DoraLinear(
-                base_access(host), r, scaling, config.lora_dropout, config.init_lora_weights,
-                dtype)
-        return paths
+        return _add_layers(model, adapter_name, config, paths, dtype)
 
     def parameter_count(self, model: nn.Module, config: DoraConfig,
                         family: ModelFamily | None) -> int:
@@ -345,13 +350,7 @@ class QDoraMethod(PEFTMethod[QDoraConfig]):
         quantize_base(model, config, family)
         compute = _DTYPES[config.compute_dtype]
         dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else compute
-        for path in paths:
-            host = host_for(model, path)
-            r, scaling = config.rank_and_scale(path)
-            host.adapters[adapter_name] = DoraLinear(
-                base_access(host), r, scaling, config.lora_dropout, config.init_lora_weights,
-                dtype)
-        return paths
+        return _add_layers(model, adapter_name, config, paths, dtype)
 
     def parameter_count(self, model: nn.Module, config: QDoraConfig,
                         family: ModelFamily | None) -> int:
