@@ -181,18 +181,17 @@ class PEFTMethod(abc.ABC, Generic[C]):
             UnsupportedOperationError: the saved adapter does not fit in place (other targets,
                 keys or shapes); nothing is changed then.
         """
-        own = current
-        problems = [f"{k}: missing from the saved adapter" for k in own if k not in tensors]
-        problems += [f"{k}: not a tensor of this adapter" for k in tensors if k not in own]
+        problems = [f"{k}: missing from the saved adapter" for k in current if k not in tensors]
+        problems += [f"{k}: not a tensor of this adapter" for k in tensors if k not in current]
         problems += [f"{k}: shape {tuple(tensors[k].shape)} where the adapter has "
-                     f"{tuple(v.shape)}" for k, v in own.items()
+                     f"{tuple(v.shape)}" for k, v in current.items()
                      if k in tensors and tensors[k].shape != v.shape]
         if problems:
             raise UnsupportedOperationError(
                 f"the saved adapter does not fit adapter {adapter_name!r} in place: "
                 + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
         with torch.no_grad():
-            for key, target in own.items():
+            for key, target in current.items():
                 target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
 
     def fit_updates(self, updates: Mapping[str, LayerUpdate], rank: int,

@@ -79,7 +79,7 @@ def layer_updates(model: AdaptedModel, name: str) -> dict[str, LayerUpdate]:
             continue
         base = slot.base
         before = _dense_copy(base, path)
-        after = _dense_copy(base, path)
+        after = copy.deepcopy(before)
         adapter = slot.adapters[name]
         if not isinstance(adapter, LayerAdapter):
             raise UnsupportedOperationError(f"{path}: adapter {name!r} is not a layer adapter")

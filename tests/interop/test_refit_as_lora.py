@@ -49,6 +49,9 @@ SOURCES = {
     "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                              feedforward_modules=["down_proj"]),
     "lora-r4": lambda: LoraConfig(r=4, target_modules=["q_proj", "o_proj"]),
+    "dora": lambda: peftreg.config_for("dora", r=4, target_modules=["q_proj", "down_proj"]),
+    "loha": lambda: peftreg.config_for("loha", r=4, target_modules=["v_proj", "up_proj"]),
+    "oft": lambda: peftreg.config_for("oft", oft_block_size=8, target_modules=["o_proj"]),
 }
 
 
