@@ -32,26 +32,13 @@ inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
 }
 
-// Calls f.template operator()<T>() with T the storage type of `dtype`.
+// Calls f(T{}) with T the storage type of `dtype`, then reports the launch's error.
 template <typename F>
 cudaError_t dispatch(ScalarKind dtype, F&& f) {
-  switch (dtype) {
-    case ScalarKind::kFloat32:
-      f(float{});
-      break;
-    case ScalarKind::kFloat64:
-      f(double{});
-      break;
-    case ScalarKind::kFloat16:
-      f(__half{});
-      break;
-    case ScalarKind::kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return cuda_common::with_storage_type(dtype, [&](auto tag) {
+    f(tag);
+    return cudaGetLastError();
+  });
 }
 
 // ---- IA3 --------------------------------------------------------------------------------------

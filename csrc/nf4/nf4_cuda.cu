@@ -20,6 +20,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cuda_elem.cuh"
 #include "nf4/nf4_cuda.h"
@@ -34,6 +35,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = 65535;
 
 using cuda_common::Elem;  // common/cuda_elem.cuh, shared with the LoRA and adapter kernels
+using cuda_common::with_storage_type;
 
 __device__ __forceinline__ void nf4_midpoints(float* mid) {
   for (int i = 0; i < kCodes - 1; ++i) {
@@ -238,23 +240,17 @@ cudaError_t quantize(ScalarKind dtype, const void* x, int64_t n, int64_t blocksi
   if (!valid_blocksize(blocksize) || n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   const unsigned grid = grid_for(num_blocks(n, blocksize), 1);
-  switch (dtype) {
-    case ScalarKind::kFloat32:
-      quantize_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(x), n,
-                                                            blocksize, codes, absmax, bad_block);
-      break;
-    case ScalarKind::kFloat16:
-      quantize_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), n,
-                                                             blocksize, codes, absmax, bad_block);
-      break;
-    case ScalarKind::kBFloat16:
-      quantize_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(x), n, blocksize, codes, absmax, bad_block);
-      break;
-    default:
+  return with_storage_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // nf4_quantize's checks refuse float64 (nf4_args.h), so no kernel is built for it.
+    if constexpr (std::is_same_v<T, double>) {
       return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+    } else {
+      quantize_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), n, blocksize,
+                                                        codes, absmax, bad_block);
+      return cudaGetLastError();
+    }
+  });
 }
 
 cudaError_t double_quantize(const float* absmax, int64_t n, const float* offset,
@@ -277,25 +273,12 @@ cudaError_t dequantize(const WeightArgs& w, int64_t first, int64_t count, Scalar
   const unsigned grid = grid_for(count, kThreads);
   const int bs = log2_pow2(w.blocksize);
   const int ns = nested_shift_of(w);
-  switch (dtype) {
-    case ScalarKind::kFloat32:
-      dequantize_kernel<float><<<grid, kThreads, 0, stream>>>(w, first, count, bs, ns,
-                                                              static_cast<float*>(out));
-      break;
-    case ScalarKind::kFloat64:
-      dequantize_kernel<double><<<grid, kThreads, 0, stream>>>(w, first, count, bs, ns,
-                                                               static_cast<double*>(out));
-      break;
-    case ScalarKind::kFloat16:
-      dequantize_kernel<__half><<<grid, kThreads, 0, stream>>>(w, first, count, bs, ns,
-                                                               static_cast<__half*>(out));
-      break;
-    case ScalarKind::kBFloat16:
-      dequantize_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          w, first, count, bs, ns, static_cast<__nv_bfloat16*>(out));
-      break;
-  }
-  return cudaGetLastError();
+  return with_storage_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_kernel<T><<<grid, kThreads, 0, stream>>>(w, first, count, bs, ns,
+                                                        static_cast<T*>(out));
+    return cudaGetLastError();
+  });
 }
 
 namespace {
@@ -329,18 +312,10 @@ cudaError_t gemv(bool forward, const WeightArgs& w, ScalarKind dtype, const void
     return cudaErrorInvalidValue;
   }
   if (rows == 0 || out_features == 0 || in_features == 0) return cudaSuccess;
-  switch (dtype) {
-    case ScalarKind::kFloat32:
-      return launch_gemv<float>(forward, w, input, rows, out_features, in_features, acc, stream);
-    case ScalarKind::kFloat64:
-      return launch_gemv<double>(forward, w, input, rows, out_features, in_features, acc, stream);
-    case ScalarKind::kFloat16:
-      return launch_gemv<__half>(forward, w, input, rows, out_features, in_features, acc, stream);
-    case ScalarKind::kBFloat16:
-      return launch_gemv<__nv_bfloat16>(forward, w, input, rows, out_features, in_features, acc,
-                                        stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_storage_type(dtype, [&](auto tag) {
+    return launch_gemv<decltype(tag)>(forward, w, input, rows, out_features, in_features, acc,
+                                      stream);
+  });
 }
 
 }  // namespace
