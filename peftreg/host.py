@@ -27,20 +27,38 @@ if TYPE_CHECKING:
     from peftreg.row_adapters import RowPlan
 
 
+def _child(module: nn.Module, name: str) -> nn.Module | None:
+    """``module``'s child ``name``, looking through an adapter slot into the module it wraps:
+    a module's path stays the same whether or not an enclosing module holds adapters."""
+    child = module._modules.get(name)
+    if child is None and isinstance(module, AdapterSlot):
+        inner = module.wrapped()
+        if inner is not None:
+            child = inner._modules.get(name)
+    return child
+
+
 def get_module(model: nn.Module, path: str) -> nn.Module:
-    """The submodule at dotted ``path`` (``""`` is the model itself)."""
-    if not path:
-        return model
-    try:
-        return model.get_submodule(path)
-    except AttributeError as exc:
-        raise TargetNotFoundError(f"model has no module {path!r}") from exc
+    """The submodule at dotted ``path`` (``""`` is the model itself), seeing through slots."""
+    module = model
+    for name in path.split(".") if path else ():
+        child = _child(module, name)
+        if child is None:
+            raise TargetNotFoundError(f"model has no module {path!r}")
+        module = child
+    return module
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at dotted ``path`` in ``model``."""
+    """Put ``new`` at dotted ``path`` in ``model`` (inside a slot's wrapped module if that is
+    where the path leads)."""
     parent_path, _, leaf = path.rpartition(".")
-    setattr(get_module(model, parent_path), leaf, new)
+    parent = get_module(model, parent_path)
+    if isinstance(parent, AdapterSlot) and leaf not in parent._modules:
+        inner = parent.wrapped()
+        if inner is not None:
+            parent = inner
+    setattr(parent, leaf, new)
 
 
 class LayerAdapter(nn.Module):
@@ -445,7 +463,34 @@ def _as_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
 
 
 def iter_slots(model: nn.Module) -> Iterator[tuple[str, AdapterSlot]]:
-    """Yield ``(path, slot)`` for every adapter slot in ``model``, outermost first."""
-    for path, module in model.named_modules():
-        if isinstance(module, AdapterSlot):
-            yield path, module
+    """Yield ``(path, slot)`` for every adapter slot in ``model``, outermost first.
+
+    Paths are the model's own (as :func:`get_module` reads them): a slot inside the module that
+    another slot wraps is named as if the outer slot were not there, so paths, and the tensor
+    names of saved adapters, do not depend on the order in which adapters were added.
+    """
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, AdapterSlot]]:
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            path = prefix + name
+            if not isinstance(child, AdapterSlot):
+                yield from walk(child, path + ".")
+                continue
+            if id(child) not in seen:
+                seen.add(id(child))
+                yield path, child
+            inner = child.wrapped()
+            if inner is not None:
+                yield from walk(inner, path + ".")
+
+    if isinstance(model, AdapterSlot):
+        seen.add(id(model))
+        yield "", model
+        inner = model.wrapped()
+        if inner is not None:
+            yield from walk(inner, "")
+        return
+    yield from walk(model, "")

@@ -27,7 +27,10 @@ from peftreg.updates import FittedAdapter, LayerUpdate
 #: The plugin API level this peftreg provides. It rises by one whenever something a plugin may
 #: rely on (the names in :mod:`peftreg.plugin` and what they promise) is added; a plugin built
 #: for a higher level than the running peftreg is refused by name when the registry loads it.
-API_LEVEL: Final = 2
+#: Level 2 added ``PEFTMethod.peft_codec``; level 3 made module paths see through adapter slots
+#: (``get_module``, ``replace_module``, ``iter_slots``), so a method may adapt modules inside
+#: one another method already wraps.
+API_LEVEL: Final = 3
 
 C = TypeVar("C", bound=MethodConfig)
 

@@ -140,18 +140,30 @@ def test_conformance_on_hf_llama():
     assert report.loss_after < report.loss_before
 
 
-def test_stacks_with_lora_inside_the_block():
-    # LoRA first: the block host then wraps a block that holds LoRA's hosts. (The other order,
-    # LoRA added inside an already wrapped block, is refused by the core: select_targets gives
-    # the path without the host's "base." and host_for cannot find it.)
-    model = peftreg.adapt(tiny_hf.llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
-                          "lora")
-    model.add_adapter("reft", LoreftConfig(r=2, positions="all"))
-    for name in ("reft", "lora"):
-        gen = torch.Generator().manual_seed(len(name))
-        with torch.no_grad():
-            for p in model.adapter_parameters(name):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+_LORA = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+_REFT = LoreftConfig(r=2, positions="all")
+
+
+def _stacked(order):
+    """Tiny Llama with LoRA inside the blocks and LoReFT on them, added in ``order``, with the
+    adapters' tensors perturbed away from their init."""
+    configs = {"lora": _LORA, "reft": _REFT}
+    model = peftreg.adapt(tiny_hf.llama(), configs[order[0]], order[0])
+    model.add_adapter(order[1], configs[order[1]])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("reft", "lora"):
+            # state_dict tensors share the parameters' storage.
+            for _, tensor in sorted(model.adapter_state_dict(name).items()):
+                tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.2)
+    model.set_active(["lora", "reft"])
+    return model
+
+
+@pytest.mark.parametrize("order", [("lora", "reft"), ("reft", "lora")],
+                         ids=["lora-first", "reft-first"])
+def test_stacks_with_lora_inside_the_block(order):
+    model = _stacked(order)
     model.set_active(["lora"])
     lora_only = tiny_hf.logits(model, tiny_hf.IDS)
     model.set_active(["lora", "reft"])
@@ -164,6 +176,31 @@ def test_stacks_with_lora_inside_the_block():
         model.merge(["reft"])
     model.unmerge()
     torch.testing.assert_close(tiny_hf.logits(model, tiny_hf.IDS), both, atol=1e-5, rtol=0)
+
+
+def test_stacking_order_changes_neither_outputs_nor_saved_names(tmp_path):
+    # LoRA added inside a block LoReFT already wraps: the paths (and so the saved tensor names)
+    # are the model's own, as if the block were not wrapped.
+    lora_first, reft_first = _stacked(("lora", "reft")), _stacked(("reft", "lora"))
+    for name in ("lora", "reft"):
+        source, target = lora_first.adapter_state_dict(name), reft_first.adapter_state_dict(name)
+        assert sorted(source) == sorted(target)
+        assert not any(".base." in k for k in target)
+        with torch.no_grad():
+            for key, tensor in target.items():
+                tensor.copy_(source[key])
+    expected = tiny_hf.logits(lora_first, tiny_hf.IDS)
+    torch.testing.assert_close(tiny_hf.logits(reft_first, tiny_hf.IDS), expected, atol=0, rtol=0)
+    reft_first.save_adapter(tmp_path / "lora", "lora")
+    reft_first.save_adapter(tmp_path / "reft", "reft")
+    loaded = peftreg.load(tiny_hf.llama(), tmp_path / "lora", "lora")
+    loaded.load_adapter(tmp_path / "reft", "reft")
+    loaded.set_active(["lora", "reft"])
+    torch.testing.assert_close(tiny_hf.logits(loaded, tiny_hf.IDS), expected, atol=0, rtol=0)
+    reft_first.delete_adapter("reft")  # the outer host goes; LoRA's hosts inside stay and run
+    lora_first.set_active(["lora"])
+    torch.testing.assert_close(tiny_hf.logits(reft_first, tiny_hf.IDS),
+                               tiny_hf.logits(lora_first, tiny_hf.IDS), atol=0, rtol=0)
 
 
 def test_save_and_load_round_trip(tmp_path):
