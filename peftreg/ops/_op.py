@@ -205,6 +205,18 @@ class Op:
         return self.reference(*args)
 
 
+def saved(tensor: torch.Tensor | None, op: str, what: str) -> torch.Tensor:
+    """A tensor an autograd backward saved only when a gradient needs it, now that one does.
+
+    The setup context saves ``None`` for tensors no requested gradient reads; a backward that
+    finds ``None`` where a gradient needs the tensor has a bug in that bookkeeping, reported by
+    name rather than as an arithmetic error on ``None``.
+    """
+    if tensor is None:
+        raise RuntimeError(f"{op} backward: {what} was not saved for a gradient that needs it")
+    return tensor
+
+
 def registered() -> dict[str, Op]:
     """Every op created so far, by schema name, in definition order."""
     return dict(_REGISTRY)

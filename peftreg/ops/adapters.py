@@ -40,7 +40,7 @@ import torch
 
 from peftreg.ops import _checks as ck
 from peftreg.ops import reference
-from peftreg.ops._op import Op
+from peftreg.ops._op import Op, saved
 from peftreg.ops.lora import padded_needs
 
 __all__ = ["HOULSBY_ADAPTER", "IA3_LINEAR", "LORA_MULTI_ADD", "houlsby_adapter", "ia3_linear",
@@ -311,29 +311,30 @@ def _ia3_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) 
 def _ia3_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight, scale, out, bias = ctx.saved_tensors
     need_x, need_w, need_b, need_l, _ = padded_needs(ctx, _IA3_NUM_INPUTS)
+    op = IA3_LINEAR.qualname
     in_features = ctx.x_shape[-1]
     g = grad.reshape(-1, grad.shape[-1])
-    x2d = x.reshape(-1, in_features) if x is not None else None
     grad_x = grad_w = grad_b = grad_l = None
     if ctx.scale_input:
         if need_x or need_l:
-            g_w = torch.mm(g, weight)  # (rows, in): shared by grad_x and grad_l
+            g_w = torch.mm(g, saved(weight, op, "weight"))  # (rows, in): grad_x and grad_l
             if need_x:
                 grad_x = (g_w * scale).reshape(ctx.x_shape)
             if need_l:
-                grad_l = (x2d * g_w).sum(0)
+                grad_l = (saved(x, op, "x").reshape(-1, in_features) * g_w).sum(0)
         if need_w:
-            grad_w = torch.mm(g.t(), x2d * scale)
+            grad_w = torch.mm(g.t(), saved(x, op, "x").reshape(-1, in_features) * scale)
         if need_b:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, grad_l, None
-    g_l = g * scale if (need_x or need_w or need_b) else None
-    if need_x:
-        grad_x = torch.mm(g_l, weight).reshape(ctx.x_shape)
-    if need_w:
-        grad_w = torch.mm(g_l.t(), x2d)
-    if need_b:
-        grad_b = g_l.sum(0)
+    if need_x or need_w or need_b:
+        g_l = g * scale
+        if need_x:
+            grad_x = torch.mm(g_l, saved(weight, op, "weight")).reshape(ctx.x_shape)
+        if need_w:
+            grad_w = torch.mm(g_l.t(), saved(x, op, "x").reshape(-1, in_features))
+        if need_b:
+            grad_b = g_l.sum(0)
     if need_l:
         grad_l = IA3_SCALE_GRAD.overload(grad, out, x, weight, bias, scale)
     return grad_x, grad_w, grad_b, grad_l, None
@@ -373,16 +374,20 @@ def _houlsby_backward(ctx: Any, grad: torch.Tensor, _grad_z: torch.Tensor | None
                       ) -> tuple[torch.Tensor | None, ...]:
     h, w_down, w_up, z = ctx.saved_tensors
     need_h, need_wd, need_bd, need_wu, need_bu, _ = padded_needs(ctx, _HOULSBY_NUM_INPUTS)
+    op = HOULSBY_ADAPTER.qualname
     hidden = ctx.h_shape[-1]
     g = grad.reshape(-1, hidden)
-    z2d = z.reshape(-1, z.shape[-1]) if z is not None else None
     grad_h = grad_wd = grad_bd = grad_wu = grad_bu = None
+    if need_h or need_wd or need_bd or need_wu:
+        z2d = saved(z, op, "z").reshape(-1, z.shape[-1])
     if need_h or need_wd or need_bd:
-        grad_z = _houlsby_act_backward(torch.mm(g, w_up), z2d, ctx.activation)
+        grad_z = _houlsby_act_backward(torch.mm(g, saved(w_up, op, "w_up")), z2d,
+                                       ctx.activation)
         if need_h:
-            grad_h = grad.reshape(ctx.h_shape) + torch.mm(grad_z, w_down).reshape(ctx.h_shape)
+            grad_h = grad.reshape(ctx.h_shape) + torch.mm(
+                grad_z, saved(w_down, op, "w_down")).reshape(ctx.h_shape)
         if need_wd:
-            grad_wd = torch.mm(grad_z.t(), h.reshape(-1, hidden))
+            grad_wd = torch.mm(grad_z.t(), saved(h, op, "h").reshape(-1, hidden))
         if need_bd:
             grad_bd = grad_z.sum(0)
     if need_wu:
