@@ -15,6 +15,9 @@ For each shape (rows x in -> out, rank r), dtype (fp32, bf16) and mode (``fwd`` 
   ``LORA_LINEAR.run``, the fused op or the reference by the measured crossover (docs/ops.md);
   ``reference/default`` must stay >= 0.97 on every shape;
 * ``peft``: HF peft's LoRA ``Linear`` around an ``nn.Linear``, when ``peft`` imports;
+* ``reference again``: the reference a second time, as its own candidate: ``reference/again``
+  is this run's noise floor (the same code measured against itself), the yardstick for
+  reading a ratio near 1;
 
 and prints medians with ratios (``> 1x`` means fused is faster) and writes JSON to ``--out``
 (default ``benchmarks/results/fused_lora.json``). ``--quick`` runs two shapes briefly (< 1 min).
@@ -251,7 +254,8 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
             if base == "nf4":
                 impls = nf4_impls(p, "fused" not in skipped)
             else:
-                impls = {"reference": functional_impl(reference.lora_linear, p)}
+                impls = {"reference": functional_impl(reference.lora_linear, p),
+                         "reference again": functional_impl(reference.lora_linear, p)}
                 if "fused" not in skipped:
                     impls["fused"] = functional_impl(lora_ops.lora_linear, p)
                     impls["default"] = functional_impl(_default_path, p)
@@ -295,12 +299,14 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> list[dict[
     base = next((r.get("base", "dense") for r in results), "dense")
     rows, goals = [], []
     for shape, dtype, mode in keys:
-        ref, fus, dfl, hf, dqm = (median(shape, dtype, mode, i) for i in
-                                  ("reference", "fused", "default", "peft", "dequant+matmul"))
+        ref, fus, dfl, hf, dqm, again = (
+            median(shape, dtype, mode, i) for i in
+            ("reference", "fused", "default", "peft", "dequant+matmul", "reference again"))
         chosen = next((r.get("default_is") for r in results
                        if (r["shape"], r["dtype"], r["mode"]) == (shape, dtype, mode)), None)
         row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus), fmt_ms(dfl),
                fmt_ratio(ref, dfl), chosen or "-"]
+        row += [fmt_ratio(ref, again)] if again is not None else []
         row += [fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []
         row += [fmt_ms(dqm), fmt_ratio(dqm, fus)] if with_dequant else []
         rows.append(row)
@@ -312,6 +318,7 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> list[dict[
                           "ratio": None if met is None else dqm / fus, "met": met})
     columns = ["shape", "dtype", "mode", "reference ms", "fused ms", "reference/fused",
                "default ms", "reference/default", "default is"]
+    columns += ["reference/again"] if base == "dense" else []
     columns += ["peft ms", "peft/fused"] if with_peft else []
     columns += ["dequant+matmul ms", "dequant+matmul/fused"] if with_dequant else []
     layer = "LoRA linear" if base == "dense" else "QLoRA linear (NF4 base)"
