@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     console.print(f"preparing task {args.model!r} for methods: {', '.join(methods)}; "
                   f"{settings.seeds} seed(s)" + ("" if args.no_baselines else
                                                  ", with full fine-tuning and head-only rows"),
-                  highlight=False)
+                  highlight=False, markup=False)
     sweep = parse_sweep(args.sweep) if args.sweep else None
     values = sweep.values if sweep is not None else (None,)
     # One task, or one per training-set size; the held-out set is the same in all of them.
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     if args.resume and json_path.is_file():
         done = report.read_runs(json_path, task.name, settings, sweep)
         console.print(f"resuming: {sum(r.error is None for r in done)} finished runs kept from "
-                      f"{json_path}", highlight=False)
+                      f"{json_path}", highlight=False, markup=False)
     total = sum(len(plan(methods, tasks[v], settings, sweep is None or sweep.changes_data
                          or v == values[0])) for v in values)
     started = time.perf_counter()
@@ -173,19 +173,19 @@ def run(args: argparse.Namespace, console: Console, registry: Registry | None = 
     base = interval(list(base_metric.values()))
     if args.format == "markdown":
         console.print(report.markdown_table(task.metric, base, rows), highlight=False,
-                      soft_wrap=True)
+                      markup=False, soft_wrap=True)
     else:
         console.print(report.results_table(task.name, task.metric, base, rows, settings.seeds))
     if sweep is not None:
         console.print(report.sweep_table(sweep, task.metric, rows))
     for line in report.summary_lines(rows, task.metric):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     report.write_json(json_path, task.name, task.metric, base_metric, settings, methods, results,
                       sweep)
     plotted = report.write_plot(png_path, task.metric, results)
     if sweep is not None:
         report.write_sweep_plot(args.out / "sweep.png", sweep, task.metric, rows)
     console.print(f"wrote {json_path}" + (f" and {png_path}" if plotted else
-                                          " (install matplotlib for the plot)"))
+                                          " (install matplotlib for the plot)"), markup=False)
     console.print(f"total time {clock(time.perf_counter() - started)}")
     return 0 if any(r.error is None for r in results) else 1

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -49,7 +50,7 @@ class LineProgress:
         self._run_started = self._now()
         self.console.print(f"[{index}/{total}] {row} seed {seed}: started "
                            f"(elapsed {clock(self._run_started - self._begin)})",
-                           highlight=False, soft_wrap=True)
+                           highlight=False, markup=False, soft_wrap=True)
 
     def step(self, row: str, seed: int, step: int, loss: float) -> None:
         return None
@@ -60,10 +61,10 @@ class LineProgress:
         left = (total - index) * sum(self._durations) / len(self._durations)
         outcome = (f"failed: {result.error}" if result.error else
                    f"metric {result.metric:.3f}, final loss {result.final_loss:.3f}")
-        self.console.print(f"[{index}/{total}] {result.method} seed {result.seed}: done in "
+        self.console.print(f"[{index}/{total}] {_label(result)} seed {result.seed}: done in "
                            f"{clock(now - self._run_started)}, {outcome}; elapsed "
                            f"{clock(now - self._begin)}, about {clock(left)} left",
-                           highlight=False, soft_wrap=True)
+                           highlight=False, markup=False, soft_wrap=True)
 
 
 class TerminalProgress:
@@ -90,7 +91,8 @@ class TerminalProgress:
         self.bars.update(self._overall, completed=index - 1)
         if self._current is not None:
             self.bars.remove_task(self._current)
-        self._current = self.bars.add_task(f"{row} seed {seed}", total=self.steps, info="")
+        self._current = self.bars.add_task(escape(f"{row} seed {seed}"), total=self.steps,
+                                           info="")
 
     def step(self, row: str, seed: int, step: int, loss: float) -> None:
         if self._current is not None:
@@ -103,8 +105,13 @@ class TerminalProgress:
             self.bars.remove_task(self._current)
             self._current = None
         outcome = result.error or f"{result.metric:.3f}"
-        self.bars.console.print(f"{result.method} seed {result.seed}: {outcome}",
-                                highlight=False)
+        self.bars.console.print(f"{_label(result)} seed {result.seed}: {outcome}",
+                                highlight=False, markup=False)
+
+
+def _label(result: MethodResult) -> str:
+    """The run's row as the tables name it: with its sweep value, if any."""
+    return f"{result.method} [{result.sweep}]" if result.sweep else result.method
 
 
 def observer_for(console: Console, steps: int) -> LineProgress | TerminalProgress:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from peftreg.compare.baselines import FULL_FINE_TUNING
@@ -172,7 +173,8 @@ def results_table(task_name: str, metric: str, base: Interval, rows: Sequence[Ro
         table.add_column(col.format(metric=_metric_label(metric)),
                          justify="left" if col in ("method", "notes") else "right")
     for r in rows:
-        table.add_row(*_cells(r, _FORGETTING in columns))
+        # Rich reads "[...]" in a cell as markup: a sweep label ("lora [r=4]") would vanish.
+        table.add_row(*(escape(cell) for cell in _cells(r, _FORGETTING in columns)))
     return table
 
 
@@ -219,7 +221,7 @@ def sweep_table(sweep: Sweep, metric: str, rows: Sequence[RowSummary]) -> Table:
         table.add_column(str(value), justify="right")
     cells = {(r.row, r.sweep): r for r in rows}
     for name in dict.fromkeys(r.row for r in rows if r.kind == "method"):
-        table.add_row(name, *[cells[(name, label)].metric.format() if (name, label) in cells
+        table.add_row(escape(name), *[cells[(name, label)].metric.format() if (name, label) in cells
                               and cells[(name, label)].runs else "-" for label in labels])
     return table
 

@@ -193,7 +193,7 @@ def run_comparison(task: Task, methods: Sequence[str], settings: RunSettings,
             results.append(kept[(row, seed)])
             continue
         if observer is not None:
-            observer.started(index, len(todo), row, seed)
+            observer.started(index, len(todo), f"{row} [{label}]" if label else row, seed)
         if row in methods:
             result = run_method(row, task, settings, registry, seed, on_step, sweep, value)
         else:

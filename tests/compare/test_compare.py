@@ -228,6 +228,11 @@ def test_sweep_of_a_config_field(tmp_path, tiny_bert_dir, tweets_file, monkeypat
     assert not math.isnan(rows[("lora", "r=4")]["gap_to_full"])
     assert "against r" in log and (tmp_path / "sweep.png").stat().st_size > 1000
     assert "[12/12]" in log   # one numbering across the sweep: 2 x 2 lora + 2 x 2 ia3 + 2 x 2
+    # Every line names the sweep value: progress, table rows and the tied summary (rich must
+    # not read "[r=4]" as markup and drop it).
+    assert "lora [r=4] seed 1: started" in log and "lora [r=4] seed 1: done" in log
+    assert "│ lora [r=2]" in log and "│ lora [r=4]" in log
+    assert "lora [r=2]" in log.split("against r")[-1]
 
 
 def test_sweep_of_targets_and_train_size(tmp_path, tiny_bert_dir, tweets_file, monkeypatch):
