@@ -24,7 +24,7 @@ from peftreg.integrations.distributed import (
     save_on_main_process,
 )
 from peftreg.nn import Linear4bit
-from peftreg.quant import nf4_shard
+from peftreg.quant import NF4FormatError, NF4Tensor, nf4_shard
 from peftreg.reference_model import ReferenceConfig, ReferenceTransformer
 from peftreg_plugins.qlora import QLoraConfig
 
@@ -157,6 +157,72 @@ def worker(rank, port, out):
 
 
 # -- the pytest side --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(64, 48), (33, 31), (5,)])
+def test_grouped_layout_round_trips_and_every_chunk_decodes(double_quant, shape):
+    torch.manual_seed(0)
+    storage = NF4Tensor.quantize(torch.randn(shape), 32, double_quant, nested_blocksize=32)
+    groups = nf4_shard.to_groups(storage)
+    rows = groups["codes"].shape[0]
+    assert all(t.dtype == torch.uint8 and t.shape[0] == rows for t in groups.values())
+    back = nf4_shard.from_groups(groups, storage.shape, storage.dtype, 32, 32, storage.offset)
+    for name in nf4_shard.GROUP_FIELDS:
+        ours, original = getattr(back, name), getattr(storage, name)
+        assert (ours is None) == (original is None), name
+        if original is not None:
+            assert torch.equal(ours, original), name
+            assert ours.untyped_storage().data_ptr() == groups[name].untyped_storage(
+                ).data_ptr(), f"{name} is a copy"
+    dense = storage.dequantize().reshape(-1)
+    for world in (2, 3):
+        parts = []
+        for rank in range(world):
+            start, stop = nf4_shard.rows_of_rank(rows, world, rank)
+            chunk = {k: v[start:stop] for k, v in groups.items()}
+            parts.append(nf4_shard.decode_rows(chunk, start, storage.numel, 32, 32,
+                                               storage.offset))
+        assert torch.equal(torch.cat(parts), dense), world
+
+
+def test_grouped_layout_names_a_wrong_matrix():
+    storage = NF4Tensor.quantize(torch.randn(64, 64), 64)
+    groups = nf4_shard.to_groups(storage)
+    with pytest.raises(NF4FormatError, match="'absmax' must be contiguous uint8"):
+        nf4_shard.from_groups({**groups, "absmax": groups["absmax"].float()}, storage.shape,
+                              storage.dtype, 64, 256, storage.offset)
+    with pytest.raises(NF4FormatError, match="'codes' holds 8 bytes"):
+        nf4_shard.from_groups({**groups, "codes": groups["codes"][:, :8]}, storage.shape,
+                              storage.dtype, 64, 256, storage.offset)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_make_shardable_keeps_outputs_and_the_bitsandbytes_state_dict(double_quant):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 64)
+    plain = Linear4bit.from_linear(linear, 32, double_quant, compute_dtype=torch.float32)
+    sharded = Linear4bit.from_linear(linear, 32, double_quant, compute_dtype=torch.float32)
+    assert make_nf4_shardable(torch.nn.Sequential(sharded)) == ["0"]
+    frozen = dict(sharded.named_parameters())
+    assert {n for n, p in frozen.items() if p.dtype == torch.uint8} == {
+        "weight", "weight_absmax"} | ({"weight_nested_absmax"} if double_quant else set())
+    assert not any(p.requires_grad for n, p in frozen.items() if n != "bias")
+    x = torch.randn(3, 48, requires_grad=True)
+    y = sharded(x)
+    assert torch.equal(y, plain(x))
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    ours, theirs = sharded.state_dict(), plain.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    sharded.half()  # casts floating tensors only: the NF4 bytes survive
+    assert torch.equal(sharded.dequantize(), plain.dequantize())
+    loaded = Linear4bit(48, 64, double_quant=double_quant,
+                        compute_dtype=torch.float32).make_shardable()
+    loaded.load_state_dict(theirs)
+    assert loaded.shardable and torch.equal(loaded(x), plain(x))
+
 
 
 @pytest.fixture(scope="module")
