@@ -186,9 +186,14 @@ class Linear4bit(nn.Module):
 
     def _weight_args(self) -> tuple[Any, ...]:
         """The quantized weight's fields in the NF4 schemas' order (codes .. in_features)."""
-        w = self.nf4
-        return (w.codes, w.absmax, w.nested_absmax, w.offset, self.blocksize,
-                self.nested_blocksize, self.out_features, self.in_features)
+        if self.shardable:
+            w = self.nf4  # views of the rows FSDP2 gathered (or of the unsharded parameters)
+            fields = (w.codes, w.absmax, w.nested_absmax, w.offset)
+        else:
+            fields = (self.weight, self.weight_absmax, self.weight_nested_absmax,
+                      self.weight_offset)
+        return (*fields, self.blocksize, self.nested_blocksize, self.out_features,
+                self.in_features)
 
     def _compute_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(self.compute_dtype)
