@@ -304,7 +304,12 @@ class Linear4bit(nn.Module):
 
 
 def _is_dtensor(tensor: torch.Tensor | None) -> bool:
-    return hasattr(tensor, "full_tensor") and hasattr(tensor, "to_local")
+    """Whether ``tensor`` is a ``DTensor`` (what FSDP2 leaves in a sharded module)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor cannot have FSDP2-sharded parameters
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def _full(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -132,13 +132,20 @@ def fsdp_case(rank, out):
     parameters = adapter_parameters_for_ddp(model)
     losses = train(model, shard(global_batch(), rank), parameters, WORLD)
     after = {p: m.state_dict() for p, m in layers.items()}
+    some_path = next(iter(layers))
+    try:
+        layers[some_path].load_state_dict(after[some_path])
+        load_error = None
+    except Exception as exc:
+        load_error = f"{type(exc).__name__}: {exc}"
     local_adapter = {k: (v.to_local().clone() if hasattr(v, "to_local") else v.clone())
                      for k, v in model.adapter_state_dict("default").items()}
     path = save_on_main_process(model, out / "adapter")
     return {"paths": paths, "local": local, "offsets": offsets, "held_bytes": held,
             "state_before": before, "state_after": after, "losses": losses,
             "adapter": full_adapter_state(model), "local_adapter": local_adapter,
-            "saved": str(path), "param_type": type(parameters[0]).__name__}
+            "saved": str(path), "param_type": type(parameters[0]).__name__,
+            "load_error": load_error}
 
 
 def worker(rank, port, out):
@@ -301,6 +308,14 @@ def test_each_rank_holds_its_share_of_the_4bit_base(ranks, reference):
         assert exact <= sum(held) == padded < exact + padded / groups, path
         if groups == WORLD:  # the MLP weights: exactly half each
             assert held[0] == held[1] == padded // 2, path
+
+
+def test_loading_into_a_sharded_layer_is_refused_by_name(ranks):
+    for result in ranks[0]:
+        error = result["load_error"]
+        assert error is not None
+        assert error.startswith("UnsupportedOperationError: 'weight': "), error  # the key
+        assert "before fully_shard" in error
 
 
 def test_sharded_training_equals_one_process(ranks, reference):
