@@ -13,7 +13,8 @@ to the input (and to the bias if it requires grad); the weight is frozen.
 
 For FSDP2, :meth:`Linear4bit.make_shardable` moves the storage into frozen uint8 parameters cut
 into whole quantization groups (:mod:`peftreg.quant.nf4_shard`), which ``fully_shard`` shards
-and all-gathers like any other parameter; the state dict keeps bitsandbytes' layout.
+and all-gathers like any other parameter; the state dict keeps bitsandbytes' layout until
+FSDP2 shards the layer (then it holds the rank's rows, as FSDP2's state dicts do).
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ class Linear4bit(nn.Module):
         (:mod:`peftreg.quant.nf4_shard`; same bytes plus the padding of the last group), so a
         rank holds about ``1 / world`` of the 4-bit weight between forwards and ``fully_shard``
         gathers it for the forward and the backward. Outputs, ``state_dict()`` (bitsandbytes'
-        layout) and :meth:`dequantize` are unchanged. Call it before ``fully_shard``.
+        layout) and :meth:`dequantize` are unchanged. Call it before ``fully_shard``; once
+        sharded, ``state_dict()`` holds this rank's rows as ``DTensor``s (no communication) and
+        ``self.nf4.to_state_dict()`` gathers bitsandbytes' layout.
         """
         if not self.shardable:
             storage = self.nf4
@@ -253,6 +256,13 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
+        if self.shardable and _is_dtensor(self.weight):
+            # Sharded by FSDP2: this rank's rows as DTensors under the attribute names, as FSDP2
+            # gives every sharded parameter. Gathering here would be a hidden collective, and
+            # callers that state_dict() on one rank (or drop the base keys, as AdaptedModel
+            # does) would hang; self.nf4.to_state_dict() gathers bitsandbytes' layout.
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
         # bitsandbytes' order: weight, bias, then the quant state of the weight.
         weight_state = self.nf4.to_state_dict(prefix + "weight")
         destination[prefix + "weight"] = weight_state.pop(prefix + "weight")

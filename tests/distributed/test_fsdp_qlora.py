@@ -127,11 +127,15 @@ def fsdp_case(rank, out):
                   ("nested_absmax", "weight_nested_absmax"))} for p, m in layers.items()}
     offsets = {p: m.weight_offset.clone() for p, m in layers.items()}
     held = {p: sum(t.numel() for t in rows.values()) for p, rows in local.items()}
-    before = {p: m.state_dict() for p, m in layers.items()}  # gathers: every rank, same order
+    # nf4 gathers the rows (a collective: every rank, in the same order).
+    before = {p: m.nf4.to_state_dict() for p, m in layers.items()}
+    sharded_state = {p: m.state_dict() for p, m in layers.items()}  # no collective
 
     parameters = adapter_parameters_for_ddp(model)
     losses = train(model, shard(global_batch(), rank), parameters, WORLD)
-    after = {p: m.state_dict() for p, m in layers.items()}
+    after = {p: m.nf4.to_state_dict() for p, m in layers.items()}
+    # On one rank only: a collective inside would hang here (gloo times out after 60 s).
+    adapter_keys = sorted(model.state_dict()) if rank == 0 else None
     some_path = next(iter(layers))
     try:
         layers[some_path].load_state_dict(after[some_path])
@@ -145,7 +149,10 @@ def fsdp_case(rank, out):
             "state_before": before, "state_after": after, "losses": losses,
             "adapter": full_adapter_state(model), "local_adapter": local_adapter,
             "saved": str(path), "param_type": type(parameters[0]).__name__,
-            "load_error": load_error}
+            "load_error": load_error, "adapter_keys": adapter_keys,
+            "sharded_state": {p: {k: (type(v).__name__, v.to_local().clone()
+                                      if hasattr(v, "to_local") else v.clone())
+                                  for k, v in st.items()} for p, st in sharded_state.items()}}
 
 
 def worker(rank, port, out):
@@ -294,6 +301,21 @@ def test_gathered_storage_is_byte_identical_and_unchanged_by_training(ranks, ref
                 assert list(actual) == list(expected), path  # bitsandbytes' keys and order
                 for key, tensor in expected.items():
                     assert torch.equal(actual[key], tensor), f"{when} {path} {key}"
+
+
+def test_state_dict_under_fsdp2_keeps_the_shards_and_needs_no_collective(ranks, reference):
+    results, _ = ranks
+    # AdaptedModel.state_dict() ran on rank 0 alone (the Trainer's checkpoint) and returned.
+    assert results[0]["adapter_keys"] == sorted(reference["model"].state_dict())
+    for result in results:
+        for path, state in result["sharded_state"].items():
+            assert set(state) - {"bias"} == {"weight", "weight_absmax", "weight_nested_absmax",
+                                             "weight_offset"}, path
+            rows = result["local"][path]
+            for key, field in (("weight", "codes"), ("weight_absmax", "absmax"),
+                               ("weight_nested_absmax", "nested_absmax")):
+                kind, local = state[key]
+                assert kind == "DTensor" and torch.equal(local, rows[field]), f"{path} {key}"
 
 
 def test_each_rank_holds_its_share_of_the_4bit_base(ranks, reference):
