@@ -7,7 +7,7 @@ Each submodule covers one framework and imports it only when used, so
 - :mod:`peftreg.integrations.transformers`: Hugging Face ``Trainer`` support
   (``SaveAdapterCallback``, saving a loadable adapter directory into each checkpoint).
 - :mod:`peftreg.integrations.distributed`: ``torch.distributed`` helpers (saving once from
-  the main process, the parameters DDP synchronises).
+  the main process, the parameters DDP synchronises, a 4-bit base FSDP2 can shard).
 
 This module holds what both need: finding the adapted model inside training wrappers.
 See docs/integrations.md.

@@ -11,6 +11,9 @@ only their gradients, and FSDP2 reduce-scatters only theirs. Two things still ne
 - Save from one process. :func:`save_on_main_process` writes on rank 0 while the others wait,
   and under FSDP2 first gathers the sharded adapter tensors (a collective, so every rank
   calls it).
+
+A 4-bit (QLoRA) base keeps its NF4 storage in buffers, which FSDP2 does not shard; call
+:func:`make_nf4_shardable` before ``fully_shard`` so that it does.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from torch import nn
 from peftreg.errors import AdapterError, PeftregError
 from peftreg.integrations import find_adapted_model
 from peftreg.io.adapter_dir import write_adapter_dir
+from peftreg.nn.linear4bit import Linear4bit
 
-__all__ = ["adapter_parameters_for_ddp", "is_main_process", "save_on_main_process"]
+__all__ = ["adapter_parameters_for_ddp", "is_main_process", "make_nf4_shardable",
+           "save_on_main_process"]
 
 
 def is_main_process(group: dist.ProcessGroup | None = None) -> bool:
@@ -140,3 +145,28 @@ def save_on_main_process(
     if outcome[0] is not None:
         raise PeftregError(f"saving adapter {name!r} on the main process failed: {outcome[0]}")
     return Path(directory)
+
+
+def make_nf4_shardable(model: nn.Module) -> list[str]:
+    """Put every 4-bit base layer of ``model`` in the layout FSDP2 shards; call before
+    ``fully_shard``.
+
+    :class:`~peftreg.nn.Linear4bit` keeps its NF4 storage in buffers, which ``fully_shard``
+    leaves whole on every rank. :meth:`Linear4bit.make_shardable` moves it into frozen uint8
+    parameters of whole quantization groups, so each rank keeps about ``1 / world`` of the
+    4-bit base and FSDP2 gathers a layer group's weights only while it runs (forward and
+    backward). Outputs and saved files are unchanged. Layers already shardable are counted
+    too; calling it twice is harmless.
+
+    Args:
+        model: an adapted or plain model, not yet sharded.
+
+    Returns:
+        The paths of the 4-bit layers, in ``named_modules()`` order.
+    """
+    paths = []
+    for path, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            module.make_shardable()
+            paths.append(path)
+    return paths

@@ -10,6 +10,11 @@ the fused ``peftreg::nf4_linear`` op (the weight is decoded tile by tile inside 
 never materialised) or, when no compiled kernel exists for the device, dequantize-then-matmul
 in plain PyTorch after one warning (the kernel mode of :mod:`peftreg.ops._op`). Gradients flow
 to the input (and to the bias if it requires grad); the weight is frozen.
+
+For FSDP2, :meth:`Linear4bit.make_shardable` moves the storage into frozen uint8 parameters cut
+into whole quantization groups (:mod:`peftreg.quant.nf4_shard`), which ``fully_shard`` shards
+and all-gathers like any other parameter; the state dict keeps bitsandbytes' layout until
+FSDP2 shards the layer (then it holds the rank's rows, as FSDP2's state dicts do).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftreg.errors import UnsupportedOperationError
 from peftreg.ops import nf4 as nf4_ops
 from peftreg.ops.lora import new_dropout_seed
+from peftreg.quant import nf4_shard
 from peftreg.quant.nf4_tensor import QUANT_STATE_SUFFIX, NF4FormatError, NF4Tensor
 
 __all__ = ["Linear4bit"]
@@ -54,6 +61,8 @@ class Linear4bit(nn.Module):
 
     Attributes:
         peftreg_linear: True, so ``target_modules="all-linear"`` counts this layer.
+        shardable: whether the storage is in FSDP2's shardable layout (see
+            :meth:`make_shardable`).
     """
 
     peftreg_linear: ClassVar[bool] = True
@@ -72,6 +81,7 @@ class Linear4bit(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.compute_dtype = compute_dtype
+        self.shardable = False
         storage = NF4Tensor.zeros((self.out_features, self.in_features), weight_dtype, blocksize,
                                   double_quant, device=device)
         self._set_storage(storage)
@@ -102,18 +112,58 @@ class Linear4bit(nn.Module):
     # --- the NF4 storage ------------------------------------------------------------------------
 
     def _set_storage(self, storage: NF4Tensor) -> None:
-        for field, tensor in storage.tensors().items():
-            self.register_buffer(_BUFFERS[field], tensor)
+        if self.shardable:
+            tensors: dict[str, torch.Tensor | None] = dict(nf4_shard.to_groups(storage))
+            tensors.setdefault("nested_absmax", None)
+            tensors["offset"] = storage.offset
+        else:
+            tensors = storage.tensors()
+        for field, tensor in tensors.items():
+            name = _BUFFERS[field]
+            self._buffers.pop(name, None)
+            self._parameters.pop(name, None)
+            if self.shardable and field in nf4_shard.GROUP_FIELDS:
+                # Frozen parameters, not buffers: FSDP2 shards and gathers parameters only.
+                self.register_parameter(
+                    name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.register_buffer(name, tensor)
         self.weight_dtype = storage.dtype
         self.blocksize = storage.blocksize
         self.nested_blocksize = storage.nested_blocksize
 
+    def make_shardable(self) -> Linear4bit:
+        """Keep the NF4 storage in a layout FSDP2 (``fully_shard``) can shard; returns self.
+
+        The codes and scales become frozen uint8 parameters of whole quantization groups
+        (:mod:`peftreg.quant.nf4_shard`; same bytes plus the padding of the last group), so a
+        rank holds about ``1 / world`` of the 4-bit weight between forwards and ``fully_shard``
+        gathers it for the forward and the backward. Outputs, ``state_dict()`` (bitsandbytes'
+        layout) and :meth:`dequantize` are unchanged. Call it before ``fully_shard``; once
+        sharded, ``state_dict()`` holds this rank's rows as ``DTensor``s (no communication) and
+        ``self.nf4.to_state_dict()`` gathers bitsandbytes' layout.
+        """
+        if not self.shardable:
+            storage = self.nf4
+            self.shardable = True
+            self._set_storage(storage)
+        return self
+
     @property
     def nf4(self) -> NF4Tensor:
-        """The weight's storage record (sharing this module's buffers)."""
+        """The weight's storage record (sharing this module's tensors).
+
+        With :meth:`make_shardable` under FSDP2, outside the forward the tensors are sharded
+        ``DTensor``s: this gathers them (a collective, so every rank must call it together).
+        """
+        shape = torch.Size((self.out_features, self.in_features))
+        if self.shardable:
+            groups = {field: _full(getattr(self, _BUFFERS[field]))
+                      for field in nf4_shard.GROUP_FIELDS}
+            return nf4_shard.from_groups(groups, shape, self.weight_dtype, self.blocksize,
+                                         self.nested_blocksize, self.weight_offset)
         return NF4Tensor(codes=self.weight, absmax=self.weight_absmax,
-                         shape=torch.Size((self.out_features, self.in_features)),
-                         dtype=self.weight_dtype, blocksize=self.blocksize,
+                         shape=shape, dtype=self.weight_dtype, blocksize=self.blocksize,
                          nested_absmax=self.weight_nested_absmax, offset=self.weight_offset,
                          nested_blocksize=self.nested_blocksize)
 
@@ -127,17 +177,26 @@ class Linear4bit(nn.Module):
 
     def memory_bytes(self) -> int:
         """Bytes held by the layer: NF4 storage, the two code tables (serialized with the
-        weight) and the bias."""
+        weight) and the bias. Under FSDP2 with :meth:`make_shardable`, this rank's shard of the
+        storage (with the padding of the last group)."""
         tables = 16 * 4 + (256 * 4 if self.double_quant else 0)
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return self.nf4.nbytes + tables + bias
+        bias = 0 if self.bias is None else _local_bytes(self.bias)
+        storage = sum(_local_bytes(getattr(self, name)) for name in _BUFFERS.values()
+                      if getattr(self, name) is not None)
+        return storage + tables + bias
 
     # --- forward --------------------------------------------------------------------------------
 
     def _weight_args(self) -> tuple[Any, ...]:
         """The quantized weight's fields in the NF4 schemas' order (codes .. in_features)."""
-        return (self.weight, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
-                self.blocksize, self.nested_blocksize, self.out_features, self.in_features)
+        if self.shardable:
+            w = self.nf4  # views of the rows FSDP2 gathered (or of the unsharded parameters)
+            fields = (w.codes, w.absmax, w.nested_absmax, w.offset)
+        else:
+            fields = (self.weight, self.weight_absmax, self.weight_nested_absmax,
+                      self.weight_offset)
+        return (*fields, self.blocksize, self.nested_blocksize, self.out_features,
+                self.in_features)
 
     def _compute_bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -181,7 +240,8 @@ class Linear4bit(nn.Module):
                ) -> Linear4bit:
         # Module.to(dtype) / .half() would cast the float32 scales: keep the NF4 buffers'
         # dtypes and apply only the device part of the change.
-        saved = {name: self._buffers.pop(name) for name in _BUFFERS.values()}
+        saved = {name: self._buffers.pop(name) for name in _BUFFERS.values()
+                 if name in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -196,6 +256,13 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
+        if self.shardable and _is_dtensor(self.weight):
+            # Sharded by FSDP2: this rank's rows as DTensors under the attribute names, as FSDP2
+            # gives every sharded parameter. Gathering here would be a hidden collective, and
+            # callers that state_dict() on one rank (or drop the base keys, as AdaptedModel
+            # does) would hang; self.nf4.to_state_dict() gathers bitsandbytes' layout.
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
         # bitsandbytes' order: weight, bias, then the quant state of the weight.
         weight_state = self.nf4.to_state_dict(prefix + "weight")
         destination[prefix + "weight"] = weight_state.pop(prefix + "weight")
@@ -210,10 +277,15 @@ class Linear4bit(nn.Module):
                               error_msgs: list[str]) -> None:
         weight_key = prefix + "weight"
         ours = [k for k in state_dict if k == weight_key or k.startswith(weight_key + ".")]
+        if ours and self.shardable and _is_dtensor(self.weight):
+            raise UnsupportedOperationError(
+                f"'{weight_key}': loading an NF4 state dict into a layer FSDP2 has sharded; "
+                "load it before fully_shard")
         if not ours:
             missing_keys.extend([weight_key, f"{weight_key}.{QUANT_STATE_SUFFIX}"])
         else:
-            storage = NF4Tensor.from_state_dict(state_dict, weight_key, device=self.weight.device)
+            storage = NF4Tensor.from_state_dict(state_dict, weight_key,
+                                                device=self.weight_absmax.device)
             if tuple(storage.shape) != (self.out_features, self.in_features):
                 raise NF4FormatError(
                     f"NF4 state dict: key '{weight_key}.{QUANT_STATE_SUFFIX}': shape "
@@ -239,3 +311,26 @@ class Linear4bit(nn.Module):
         for key in state_dict:
             if key.startswith(prefix) and key not in known and "." not in key[len(prefix):]:
                 unexpected_keys.append(key)
+
+
+def _is_dtensor(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (what FSDP2 leaves in a sharded module)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor cannot have FSDP2-sharded parameters
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _full(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A sharded FSDP2 parameter gathered (a collective); any other tensor as it is."""
+    if tensor is None:
+        return None
+    if _is_dtensor(tensor):
+        return tensor.full_tensor()  # type: ignore[attr-defined]
+    return tensor.detach() if isinstance(tensor, nn.Parameter) else tensor
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+    return local.numel() * local.element_size()

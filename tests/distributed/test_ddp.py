@@ -7,11 +7,7 @@ Both wrappers run in the same two processes, one after the other, to pay the sta
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -176,36 +172,13 @@ def worker(rank, port, out):
 # -- the pytest side --------------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run both ranks once; return (what each rank reported, the output folder)."""
+    from gloo_ranks import run_ranks  # here: the ranks run this file without tests/ on the path
+
     out = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "MASTER_ADDR": "127.0.0.1"}
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(WORLD)]
-    logs = []
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-    for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    run_ranks(__file__, WORLD, out, TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
 
 
