@@ -23,7 +23,8 @@ at the 10% budget most pages live in pinned host memory and cross PCIe each step
 ``tier`` says which). ``--smoke`` shrinks both parts to seconds (a wiring check, not a
 measurement).
 
-    python benchmarks/bench_paged_adamw.py [--quick] [--smoke] [--device cpu|cuda] [--out PATH]
+    python benchmarks/bench_paged_adamw.py [--quick] [--smoke] [--device cpu|cuda] [--threads N]
+                                           [--out PATH]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from _harness import (
 )
 
 from peftreg.optim import PagedAdamW
+from peftreg.optim.quant8 import dynamic_map
 
 HIDDEN, RANK, ADAPTERS = 1024, 16, 96
 BUDGET = 0.10
@@ -143,7 +145,7 @@ def kernel_rows(device: torch.device, min_run_time: float, adapters: int = ADAPT
     for kernel in kernels:
         opt8 = PagedAdamW(lora_params(device, adapters, hidden), lr=1e-4, state_bits=8)
         if kernel is not None:
-            opt8.pool.set_quant_maps(*opt8._qmaps, kernel=kernel)
+            opt8.pool.set_quant_maps(dynamic_map(True), dynamic_map(False), kernel=kernel)
         keep.append(opt8)
         label = "" if kernel is None else f" {kernel}" + (" (auto)" if kernel == auto else "")
         fns[f"PagedAdamW 8-bit{label}"] = opt8.step
@@ -211,9 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes and one step: checks the wiring in seconds")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); on a loaded machine 1 keeps "
+                             "fused AdamW's per-parameter parallel regions from waiting on "
+                             "descheduled threads")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "paged_adamw.json")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     adapters, hidden = (4, 64) if args.smoke else (ADAPTERS, HIDDEN)
     min_run_time = 0.01 if args.smoke else 0.3 if args.quick else 1.0
