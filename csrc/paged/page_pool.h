@@ -112,6 +112,13 @@ inline int64_t blocks_per_page8(int64_t page_bytes) { return page_bytes / kQuant
 // are cut into buckets of 2^kBucketShift patterns; start[b] is the code at the bottom of
 // bucket b and `refine` the most midpoints inside any bucket, so at most `refine` compares
 // finish the count.
+//
+// When refine is 1 (both dynamic maps) a bucket holds at most one midpoint, and its compare
+// can be made on the low 16 bits of the order-preserving key instead of on a gathered float:
+// entry[c] = start | (low key bits of the bucket's midpoint, or 0xFFFF for none) << 16, and
+// the code is start + (those bits < the value's). The run of identical buckets around zero
+// (tiny magnitudes, all of one code) is folded into one entry, so the table is about 24 KiB,
+// not 128: bucket r = b - first_bucket maps to entry r - clamp(r - fold_at, 0, fold_len).
 struct Quantizer {
   // 2^16 bit patterns: 7 mantissa bits, so one compare finishes both dynamic maps' codes.
   static constexpr int kBucketShift = 16;
@@ -121,20 +128,41 @@ struct Quantizer {
   uint32_t first_bucket = 0;
   uint32_t last_bucket = 0;
   int refine = 0;
+  std::vector<uint32_t> entry;  // the one-compare table above; empty when refine > 1
+  int32_t fold_at = 0;
+  int32_t fold_len = 0;
+  // code[] as four byte planes (least significant first), for decoders that look codes up
+  // with byte permutes instead of gathers.
+  uint8_t planes[4][256];
   explicit Quantizer(const float* map);  // throws unless sorted, within [-1, 1], with 0
   uint8_t encode(float q) const;
 };
 
+// The CPU kernels of the 8-bit step, slowest first. All give bit-identical results (tests);
+// kAuto picks the fastest the CPU supports, at run time.
+//   kScalar      plain C++ loops.
+//   kAvx2Gather  AVX2; decode by gathers, encode by a bucket gather plus a midpoint gather.
+//   kAvx2        AVX2; encode by one gather from the one-compare table (when refine <= 1).
+//   kAvx512      AVX-512 F/BW/VBMI; decode by byte permutes over the code planes, update
+//                16 lanes at a time, encode as kAvx2 but 16 lanes wide.
+enum class Kernel8 : int { kAuto = 0, kScalar = 1, kAvx2Gather = 2, kAvx2 = 3, kAvx512 = 4 };
+// Whether this CPU (and build) can run `k`; kAuto and kScalar always can.
+bool kernel8_supported(Kernel8 k);
+// kAuto resolved to the fastest supported kernel; throws for an unsupported one.
+Kernel8 resolve_kernel8(Kernel8 k);
+const char* kernel8_name(Kernel8 k);
+
 struct Quant8Maps {
-  Quant8Maps(const float* signed_map, const float* unsigned_map)
-      : m(signed_map), v(unsigned_map) {}
+  Quant8Maps(const float* signed_map, const float* unsigned_map, Kernel8 k = Kernel8::kAuto)
+      : m(signed_map), v(unsigned_map), kernel(resolve_kernel8(k)) {}
   Quantizer m;  // exp_avg: the signed dynamic map
   Quantizer v;  // exp_avg_sq: the unsigned dynamic map
+  Kernel8 kernel;  // the CPU kernel of the step and of quantize_blockwise; never kAuto
 };
 
 // Encodes x[0, n) as codes[0, n) and absmax[0, ceil(n / kQuantBlock)) (CPU memory).
 void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* codes,
-                        float* absmax);
+                        float* absmax, Kernel8 kernel);
 
 // One resident, pinned page and the segments to update in it.
 struct PageWork {

@@ -156,6 +156,10 @@ __attribute__((target("avx2"))) void adamw_range_avx2(const AdamWSegment& seg, f
   adamw_body<T, kSmallWeight>(seg, m, v, i, end);  // the tail
 }
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+// The 8-bit step's fastest kernel needs byte permutes over two registers (VBMI's vpermi2b).
+const bool kHasAvx512Vbmi = __builtin_cpu_supports("avx512f") &&
+                            __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vbmi");
 #endif
 
 template <typename T, bool kSmallWeight>
@@ -335,7 +339,209 @@ __attribute__((target("avx2"))) int64_t encode_avx2(const Quantizer& q, const fl
   }
   return i;
 }
+
+// The one-compare encoder (Quantizer::entry): one gather per 8 values instead of two. The
+// compare is skipped for NaN, whose code is then the bucket's start, as refine's float
+// compare gives.
+__attribute__((target("avx2"))) int64_t encode_entry_avx2(const Quantizer& q, const float* x,
+                                                          float div, uint8_t* codes,
+                                                          int64_t end) {
+  const __m256 divisor = _mm256_set1_ps(div);
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i first = _mm256_set1_epi32(static_cast<int>(q.first_bucket));
+  const __m256i last = _mm256_set1_epi32(static_cast<int>(q.last_bucket));
+  const __m256i fold_at = _mm256_set1_epi32(q.fold_at);
+  const __m256i fold_len = _mm256_set1_epi32(q.fold_len);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  const __m256i low_byte = _mm256_set1_epi32(0xFF);
+  const int* entry = reinterpret_cast<const int*>(q.entry.data());
+  int64_t i = 0;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 value = _mm256_div_ps(_mm256_loadu_ps(x + i), divisor);
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i key = _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), top));
+    __m256i r = _mm256_srli_epi32(key, Quantizer::kBucketShift);
+    r = _mm256_sub_epi32(_mm256_min_epu32(_mm256_max_epu32(r, first), last), first);
+    r = _mm256_sub_epi32(
+        r, _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(r, fold_at), zero), fold_len));
+    const __m256i e = _mm256_i32gather_epi32(entry, r, 4);
+    const __m256i above = _mm256_and_si256(
+        _mm256_cmpgt_epi32(_mm256_and_si256(key, low16), _mm256_srli_epi32(e, 16)),
+        _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_ORD_Q)));
+    const __m256i idx = _mm256_sub_epi32(_mm256_and_si256(e, low_byte), above);
+    const __m256i w16 = _mm256_packus_epi32(idx, idx);
+    const __m256i w8 = _mm256_packus_epi16(w16, w16);
+    const uint32_t lo = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(w8)));
+    const uint32_t hi = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_extracti128_si256(w8, 1)));
+    std::memcpy(codes + i, &lo, 4);
+    std::memcpy(codes + i + 4, &hi, 4);
+  }
+  return i;
+}
+
+#define PEFTREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+
+PEFTREG_AVX512 int64_t encode_entry_avx512(const Quantizer& q, const float* x, float div,
+                                           uint8_t* codes, int64_t end) {
+  const __m512 divisor = _mm512_set1_ps(div);
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512i first = _mm512_set1_epi32(static_cast<int>(q.first_bucket));
+  const __m512i last = _mm512_set1_epi32(static_cast<int>(q.last_bucket));
+  const __m512i fold_at = _mm512_set1_epi32(q.fold_at);
+  const __m512i fold_len = _mm512_set1_epi32(q.fold_len);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i low_byte = _mm512_set1_epi32(0xFF);
+  const __m512i one = _mm512_set1_epi32(1);
+  const int* entry = reinterpret_cast<const int*>(q.entry.data());
+  int64_t i = 0;
+  for (; i + 16 <= end; i += 16) {
+    const __m512 value = _mm512_div_ps(_mm512_loadu_ps(x + i), divisor);
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), top));
+    __m512i r = _mm512_srli_epi32(key, Quantizer::kBucketShift);
+    r = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(r, first), last), first);
+    r = _mm512_sub_epi32(
+        r, _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(r, fold_at), zero), fold_len));
+    const __m512i e = _mm512_i32gather_epi32(r, entry, 4);
+    const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
+    const __mmask16 above = _mm512_mask_cmplt_epi32_mask(
+        ordered, _mm512_srli_epi32(e, 16), _mm512_and_si512(key, low16));
+    const __m512i base = _mm512_and_si512(e, low_byte);
+    const __m512i idx = _mm512_mask_add_epi32(base, above, base, one);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(idx));
+  }
+  return i;
+}
+
+// Byte k of the 64 codes goes to position kPlaneOrder[k] before the plane lookups, so that
+// the two rounds of in-lane unpacking that assemble the four bytes of each float put the
+// 64 floats back in the codes' order.
+constexpr uint8_t kPlaneOrder[64] = {
+    0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+    4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+    8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+    12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+
+// out[0, n) = code[codes[0, n)] for n a multiple of 64: per plane two 128-entry byte
+// permutes and a blend on the code's top bit replace 64 gathered loads.
+PEFTREG_AVX512 void decode_planes_avx512(const Quantizer& q, const uint8_t* codes, float* out,
+                                         int64_t n) {
+  __m512i table[4][4];
+  for (int b = 0; b < 4; ++b) {
+    for (int k = 0; k < 4; ++k) {
+      table[b][k] = _mm512_loadu_si512(q.planes[b] + 64 * k);
+    }
+  }
+  const __m512i order = _mm512_loadu_si512(kPlaneOrder);
+  for (int64_t i = 0; i < n; i += 64) {
+    const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + i));
+    const __mmask64 high = _mm512_movepi8_mask(c);
+    __m512i byte[4];
+    for (int b = 0; b < 4; ++b) {
+      byte[b] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table[b][0], c, table[b][1]),
+                                       _mm512_permutex2var_epi8(table[b][2], c, table[b][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(byte[0], byte[1]);
+    const __m512i hi01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(byte[2], byte[3]);
+    const __m512i hi23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+    _mm512_storeu_si512(out + i, _mm512_unpacklo_epi16(lo01, lo23));
+    _mm512_storeu_si512(out + i + 16, _mm512_unpackhi_epi16(lo01, lo23));
+    _mm512_storeu_si512(out + i + 32, _mm512_unpacklo_epi16(hi01, hi23));
+    _mm512_storeu_si512(out + i + 48, _mm512_unpackhi_epi16(hi01, hi23));
+  }
+}
+
+PEFTREG_AVX512 inline __m512 avx512_load(const float* p) { return _mm512_loadu_ps(p); }
+PEFTREG_AVX512 inline void avx512_store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+PEFTREG_AVX512 inline __m512 avx512_load(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// Rounds as store() above: to nearest even, NaN as the quiet 0x7FC0.
+PEFTREG_AVX512 inline void avx512_store(c10::BFloat16* p, __m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                                  _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+
+// adamw8_update_avx2 on a full block whose codes are already looked up (d1, d2: map values),
+// 16 lanes at a time; the same operations in the same order, so the same roundings.
+template <typename T, bool kSmallWeight>
+PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T* param,
+                                         const float* d1, const float* d2, float a1, float a2,
+                                         float* m, float* v, float* max1, float* max2) {
+  const __m512 w = _mm512_set1_ps(s.one_minus_beta1);
+  const __m512 one_minus_w = _mm512_set1_ps(1.0f - s.one_minus_beta1);
+  const __m512 sign = _mm512_set1_ps(s.maximize ? -1.0f : 1.0f);
+  const __m512 decay = _mm512_set1_ps(s.decay);
+  const __m512 beta2 = _mm512_set1_ps(s.beta2);
+  const __m512 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2);
+  const __m512 bc2_sqrt = _mm512_set1_ps(s.bc2_sqrt);
+  const __m512 eps = _mm512_set1_ps(s.eps);
+  const __m512 neg_step = _mm512_set1_ps(s.neg_step_size);
+  const __m512 scale1 = _mm512_set1_ps(a1);
+  const __m512 scale2 = _mm512_set1_ps(a2);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512 acc1 = _mm512_setzero_ps();
+  __m512 acc2 = _mm512_setzero_ps();
+  for (int64_t i = 0; i < kQuantBlock; i += 16) {
+    const __m512 m0 = _mm512_mul_ps(_mm512_loadu_ps(d1 + i), scale1);
+    const __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(d2 + i), scale2);
+    const __m512 g = _mm512_mul_ps(avx512_load(grad + i), sign);
+    const __m512 p = _mm512_mul_ps(avx512_load(param + i), decay);
+    const __m512 diff = _mm512_sub_ps(g, m0);
+    const __m512 mi = kSmallWeight ? _mm512_add_ps(m0, _mm512_mul_ps(w, diff))
+                                   : _mm512_sub_ps(g, _mm512_mul_ps(diff, one_minus_w));
+    const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0, beta2),
+                                    _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g));
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2_sqrt), eps);
+    _mm512_storeu_ps(m + i, mi);
+    _mm512_storeu_ps(v + i, vi);
+    // max_ps(x, acc) keeps acc when x is NaN, as std::max(acc, x) does.
+    acc1 = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(mi), abs_mask)),
+                         acc1);
+    acc2 = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(vi), abs_mask)),
+                         acc2);
+    avx512_store(param + i, _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom)));
+  }
+  alignas(64) float lanes1[16];
+  alignas(64) float lanes2[16];
+  _mm512_store_ps(lanes1, acc1);
+  _mm512_store_ps(lanes2, acc2);
+  for (int k = 0; k < 16; ++k) {
+    *max1 = std::max(*max1, lanes1[k]);
+    *max2 = std::max(*max2, lanes2[k]);
+  }
+}
 #endif
+
+// The vector part of encoding x[0, n) / div with kernel k; returns how many were encoded (the
+// caller's scalar loop does the rest).
+int64_t encode_vector(const Quantizer& q, const float* x, float div, uint8_t* codes, int64_t n,
+                      Kernel8 k) {
+#if PEFTREG_X86_DISPATCH
+  const bool one_compare = !q.entry.empty();
+  if (k == Kernel8::kAvx512 && one_compare) {
+    return encode_entry_avx512(q, x, div, codes, n);
+  }
+  if ((k == Kernel8::kAvx2 || k == Kernel8::kAvx512) && one_compare) {
+    return encode_entry_avx2(q, x, div, codes, n);
+  }
+  if (k != Kernel8::kScalar) {
+    return encode_avx2(q, x, div, codes, n);
+  }
+#else
+  (void)q, (void)x, (void)div, (void)codes, (void)n, (void)k;
+#endif
+  return 0;
+}
 
 // Elements [0, n) of one block: decode, update (parameter written), find the new absmax of
 // each moment and encode against it. The parameter update uses the float32 moments before
@@ -347,13 +553,19 @@ void adamw8_block(const AdamWScalars& s, const T* grad, T* param, int64_t n, uin
   alignas(64) float m[kQuantBlock];
   alignas(64) float v[kQuantBlock];
   int64_t done = 0;
-  bool avx2 = false;
   float max1 = 0.0f;
   float max2 = 0.0f;
+  const Kernel8 k = q.kernel;
 #if PEFTREG_X86_DISPATCH
-  avx2 = kHasAvx2;
   if constexpr (!std::is_same_v<T, c10::Half>) {
-    if (avx2) {
+    if (k == Kernel8::kAvx512 && n == kQuantBlock) {
+      // Decoded into m and v first, then updated in place: both fit L1 with the block.
+      decode_planes_avx512(q.m, c1, m, kQuantBlock);
+      decode_planes_avx512(q.v, c2, v, kQuantBlock);
+      adamw8_update_avx512<T, kSmallWeight>(s, grad, param, m, v, *a1, *a2, m, v, &max1,
+                                            &max2);
+      done = n;
+    } else if (k != Kernel8::kScalar) {
       done = adamw8_update_avx2<T, kSmallWeight>(s, grad, param, c1, c2, *a1, *a2, q, m, v, n,
                                                  &max1, &max2);
     }
@@ -370,15 +582,8 @@ void adamw8_block(const AdamWScalars& s, const T* grad, T* param, int64_t n, uin
   // out of the encoder).
   const float div1 = max1 > 0.0f ? max1 : 1.0f;
   const float div2 = max2 > 0.0f ? max2 : 1.0f;
-  int64_t e1 = 0;
-  int64_t e2 = 0;
-#if PEFTREG_X86_DISPATCH
-  if (avx2) {
-    e1 = encode_avx2(q.m, m, div1, c1, n);
-    e2 = encode_avx2(q.v, v, div2, c2, n);
-  }
-#endif
-  (void)avx2;
+  const int64_t e1 = encode_vector(q.m, m, div1, c1, n, k);
+  const int64_t e2 = encode_vector(q.v, v, div2, c2, n, k);
   encode_scalar(q.m, m, div1, c1, e1, n);
   encode_scalar(q.v, v, div2, c2, e2, n);
   *a1 = max1;
@@ -643,6 +848,84 @@ Quantizer::Quantizer(const float* map) {
     start[b - first_bucket] = static_cast<uint8_t>(lo);
     refine = std::max(refine, hi - lo);
   }
+  for (int j = 0; j < 256; ++j) {
+    const uint32_t bits = float_bits(code[j]);
+    for (int b = 0; b < 4; ++b) {
+      planes[b][j] = static_cast<uint8_t>(bits >> (8 * b));
+    }
+  }
+  if (refine > 1) {
+    return;  // the one-compare table needs at most one midpoint per bucket
+  }
+  const int32_t buckets = static_cast<int32_t>(last_bucket - first_bucket + 1);
+  std::vector<uint32_t> full(static_cast<size_t>(buckets));
+  for (int32_t r = 0; r < buckets; ++r) {
+    const uint32_t s = start[static_cast<size_t>(r)];
+    // mid[255] is +inf, above every bucket; a midpoint key in another bucket never decides.
+    const uint32_t key = order_key(float_bits(mid[s]));
+    const uint32_t low = (key >> kBucketShift) == first_bucket + static_cast<uint32_t>(r)
+                             ? key & 0xFFFFu : 0xFFFFu;
+    full[static_cast<size_t>(r)] = s | (low << 16);
+  }
+  // Fold the run of identical, midpoint-free buckets around the one of +0.
+  const int32_t zero = static_cast<int32_t>((order_key(float_bits(0.0f)) >> kBucketShift) -
+                                            first_bucket);
+  int32_t lo = zero;
+  int32_t hi = zero;
+  if ((full[static_cast<size_t>(zero)] >> 16) == 0xFFFFu) {
+    while (lo > 0 && full[static_cast<size_t>(lo - 1)] == full[static_cast<size_t>(zero)]) --lo;
+    while (hi + 1 < buckets && full[static_cast<size_t>(hi + 1)] == full[static_cast<size_t>(zero)]) ++hi;
+  }
+  fold_at = lo;
+  fold_len = hi - lo;
+  entry.reserve(static_cast<size_t>(buckets - fold_len));
+  for (int32_t r = 0; r < buckets; ++r) {
+    if (r <= lo || r > hi) {
+      entry.push_back(full[static_cast<size_t>(r)]);
+    }
+  }
+}
+
+bool kernel8_supported(Kernel8 k) {
+  switch (k) {
+    case Kernel8::kAuto:
+    case Kernel8::kScalar:
+      return true;
+#if PEFTREG_X86_DISPATCH
+    case Kernel8::kAvx2Gather:
+    case Kernel8::kAvx2:
+      return kHasAvx2;
+    case Kernel8::kAvx512:
+      return kHasAvx2 && kHasAvx512Vbmi;
+#endif
+    default:
+      return false;
+  }
+}
+
+Kernel8 resolve_kernel8(Kernel8 k) {
+  if (k == Kernel8::kAuto) {
+    for (Kernel8 best : {Kernel8::kAvx512, Kernel8::kAvx2}) {
+      if (kernel8_supported(best)) {
+        return best;
+      }
+    }
+    return Kernel8::kScalar;
+  }
+  TORCH_CHECK(kernel8_supported(k), "peftreg paged: the 8-bit kernel '", kernel8_name(k),
+              "' is not supported by this CPU or build");
+  return k;
+}
+
+const char* kernel8_name(Kernel8 k) {
+  switch (k) {
+    case Kernel8::kAuto: return "auto";
+    case Kernel8::kScalar: return "scalar";
+    case Kernel8::kAvx2Gather: return "avx2-gather";
+    case Kernel8::kAvx2: return "avx2";
+    case Kernel8::kAvx512: return "avx512";
+  }
+  return "unknown";
 }
 
 uint8_t Quantizer::encode(float q) const {
@@ -656,7 +939,8 @@ uint8_t Quantizer::encode(float q) const {
 }
 
 void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* codes,
-                        float* absmax) {
+                        float* absmax, Kernel8 kernel) {
+  const Kernel8 k = resolve_kernel8(kernel);
   for (int64_t first = 0, b = 0; first < n; first += kQuantBlock, ++b) {
     const int64_t count = std::min(kQuantBlock, n - first);
     float a = 0.0f;
@@ -664,12 +948,7 @@ void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* 
       a = std::max(a, std::fabs(x[first + i]));
     }
     const float div = a > 0.0f ? a : 1.0f;
-    int64_t done = 0;
-#if PEFTREG_X86_DISPATCH
-    if (kHasAvx2) {
-      done = encode_avx2(q, x + first, div, codes + first, count);
-    }
-#endif
+    const int64_t done = encode_vector(q, x + first, div, codes + first, count, k);
     encode_scalar(q, x + first, div, codes + first, done, count);
     absmax[b] = a;
   }

@@ -79,8 +79,20 @@ class PagePoolHolder : public torch::CustomClassHolder {
     pool_->adamw8_step(items, AdamWHyper{lr, beta1, beta2, eps, weight_decay, maximize});
   }
 
-  // The 256-entry maps of exp_avg (signed) and exp_avg_sq (unsigned), float32 on the CPU.
-  void set_quant_maps(const at::Tensor& signed_map, const at::Tensor& unsigned_map) {
+  // The 256-entry maps of exp_avg (signed) and exp_avg_sq (unsigned), float32 on the CPU, and
+  // the CPU kernel of the 8-bit step by name (kernel8_name; "auto": the fastest supported).
+  void set_quant_maps(const at::Tensor& signed_map, const at::Tensor& unsigned_map,
+                      const std::string& kernel) {
+    Kernel8 k = Kernel8::kAuto;
+    bool known = false;
+    for (Kernel8 c : kAllKernels) {
+      if (kernel == kernel8_name(c)) {
+        k = c;
+        known = true;
+      }
+    }
+    TORCH_CHECK(known, "peftreg paged: set_quant_maps: unknown kernel '", kernel,
+                "'; expected one of ", kernel_names(false));
     for (const at::Tensor* t : {&signed_map, &unsigned_map}) {
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 &&
                       t->numel() == 256,
@@ -90,7 +102,23 @@ class PagePoolHolder : public torch::CustomClassHolder {
     const at::Tensor a = signed_map.contiguous();
     const at::Tensor b = unsigned_map.contiguous();
     pool_->set_quant_maps(std::make_shared<const Quant8Maps>(a.const_data_ptr<float>(),
-                                                             b.const_data_ptr<float>()));
+                                                             b.const_data_ptr<float>(), k));
+  }
+
+  // The kernels this CPU runs, slowest first, and the one the pool's maps use ("" if none).
+  std::vector<std::string> quant8_kernels() {
+    std::vector<std::string> out;
+    for (Kernel8 c : kAllKernels) {
+      if (c != Kernel8::kAuto && kernel8_supported(c)) {
+        out.emplace_back(kernel8_name(c));
+      }
+    }
+    return out;
+  }
+
+  std::string quant8_kernel() {
+    const std::shared_ptr<const Quant8Maps> maps = pool_->quant_maps();
+    return maps == nullptr ? "" : kernel8_name(maps->kernel);
   }
 
   // Blockwise encoding of a float32 CPU tensor with the pool's map of exp_avg (is_signed) or
@@ -108,7 +136,7 @@ class PagePoolHolder : public torch::CustomClassHolder {
     at::Tensor absmax = at::empty({(n + kQuantBlock - 1) / kQuantBlock},
                                   at::TensorOptions().dtype(at::kFloat));
     quantize_blockwise(c.const_data_ptr<float>(), n, is_signed ? maps->m : maps->v,
-                       codes.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+                       codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), maps->kernel);
     return {codes, absmax};
   }
 
@@ -155,6 +183,20 @@ class PagePoolHolder : public torch::CustomClassHolder {
   }
 
  private:
+  static constexpr Kernel8 kAllKernels[] = {Kernel8::kAuto, Kernel8::kScalar,
+                                            Kernel8::kAvx2Gather, Kernel8::kAvx2,
+                                            Kernel8::kAvx512};
+
+  static std::string kernel_names(bool supported_only) {
+    std::string out;
+    for (Kernel8 c : kAllKernels) {
+      if (!supported_only || kernel8_supported(c)) {
+        out += std::string(out.empty() ? "" : ", ") + kernel8_name(c);
+      }
+    }
+    return out;
+  }
+
   std::vector<AdamWParam> describe_params(const std::vector<at::Tensor>& params,
                                           const std::vector<at::Tensor>& grads,
                                           const std::vector<int64_t>& offsets,
@@ -203,6 +245,8 @@ void register_page_pool(torch::Library& m) {
       .def("adamw_step", &PagePoolHolder::adamw_step)
       .def("adamw8_step", &PagePoolHolder::adamw8_step)
       .def("set_quant_maps", &PagePoolHolder::set_quant_maps)
+      .def("quant8_kernels", &PagePoolHolder::quant8_kernels)
+      .def("quant8_kernel", &PagePoolHolder::quant8_kernel)
       .def("quantize8", &PagePoolHolder::quantize8)
       .def("read_page", &PagePoolHolder::read_page)
       .def("write_page", &PagePoolHolder::write_page)

@@ -191,13 +191,27 @@ class PagePool:
         except RuntimeError as exc:
             raise _translated(exc) from None
 
-    def set_quant_maps(self, signed_map: torch.Tensor, unsigned_map: torch.Tensor) -> None:
-        """The sorted 256-value maps of ``exp_avg`` (signed) and ``exp_avg_sq`` (unsigned)."""
+    def set_quant_maps(self, signed_map: torch.Tensor, unsigned_map: torch.Tensor,
+                       kernel: str = "auto") -> None:
+        """The sorted 256-value maps of ``exp_avg`` (signed) and ``exp_avg_sq`` (unsigned), and
+        the CPU kernel of the 8-bit step: ``"auto"`` (the fastest this CPU runs) or one of
+        :meth:`quant8_kernels`. Every kernel gives bit-identical results; naming one is for
+        tests and benchmarks."""
         try:
             self._pool.set_quant_maps(signed_map.detach().to("cpu", torch.float32),
-                                      unsigned_map.detach().to("cpu", torch.float32))
+                                      unsigned_map.detach().to("cpu", torch.float32),
+                                      str(kernel))
         except RuntimeError as exc:
             raise ValueError(str(exc).split("\nException raised from", 1)[0]) from None
+
+    def quant8_kernels(self) -> list[str]:
+        """The CPU kernels of the 8-bit step this CPU and build run, slowest first
+        (``scalar``, ``avx2-gather``, ``avx2``, ``avx512``; chosen by run-time detection)."""
+        return list(self._pool.quant8_kernels())
+
+    def quant8_kernel(self) -> str:
+        """The kernel the maps set by :meth:`set_quant_maps` use (``""`` before any)."""
+        return str(self._pool.quant8_kernel())
 
     def quantize8(self, x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Blockwise encoding of ``x`` with the signed or unsigned map, by the same encoder as

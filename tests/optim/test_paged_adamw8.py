@@ -498,3 +498,98 @@ def test_maximize_equals_negated_gradients_and_groups_keep_their_lr(paged_device
     assert not torch.equal(c[0], b[0]) and torch.equal(c[4], b[4])
     for o in (opt_a, opt_b, opt_c):
         o.close()
+
+
+# -- the CPU kernels of the step (chosen at run time; all bit-identical) ---------------------
+
+def _hard_values() -> torch.Tensor:
+    """Values where an encoder can go wrong: every midpoint of both maps and its float32
+    neighbours (ties go to the lower code), the map values, +-0, NaN, tiny and extreme
+    magnitudes, and random values over many decades; a partial last block."""
+    parts = []
+    for signed in (True, False):
+        qmap = dynamic_map(signed)
+        mids = (qmap[:-1] + qmap[1:]) / 2
+        parts += [mids, torch.nextafter(mids, torch.tensor(2.0)),
+                  torch.nextafter(mids, torch.tensor(-2.0)), qmap]
+    parts.append(torch.tensor([0.0, -0.0, float("nan"), 1e-30, -1e-30, 1e-45, 1.0, -1.0]))
+    gen = torch.Generator().manual_seed(7)
+    parts.append(torch.randn(4000, generator=gen) * torch.exp(torch.randn(4000, generator=gen) * 6))
+    x = torch.cat(parts)
+    # A 1.0 opens every block, so the block's absmax is 1 and the midpoints stay ties.
+    x = torch.cat([torch.cat([torch.ones(1), c]) for c in x.split(BLOCK - 1)])
+    x = x[: (x.numel() // BLOCK) * BLOCK + 77]
+    x[-77 - BLOCK::37] = float("nan")  # NaN inside a block, not only at its start
+    return x
+
+
+def _kernels(opt) -> list[str]:
+    kernels = opt.pool.quant8_kernels()
+    assert kernels[0] == "scalar" and opt.pool.quant8_kernel() == kernels[-1]  # auto: fastest
+    return kernels
+
+
+def test_every_kernel_encodes_bit_identically(require_pool):
+    opt = _quantizer(require_pool)
+    maps = (dynamic_map(True), dynamic_map(False))
+    x = _hard_values()
+    results = {}
+    for kernel in _kernels(opt):
+        opt.pool.set_quant_maps(*maps, kernel=kernel)
+        assert opt.pool.quant8_kernel() == kernel
+        results[kernel] = [opt.pool.quantize8(x, signed=s) for s in (True, False)]
+    for i, signed in enumerate((True, False)):
+        finite = ~torch.isnan(x)  # bucketize sorts NaN above every midpoint; the encoders do not
+        ref_codes, _ = ref_quantize(torch.where(finite, x, 0.0), maps[i])
+        for kernel, out in results.items():
+            codes, absmax = out[i]
+            assert torch.equal(codes, results["scalar"][i][0]), kernel
+            assert torch.equal(absmax, results["scalar"][i][1]), kernel
+            # The oracle on the NaN-free blocks (a NaN leaves its block's absmax finite).
+            clean = torch.tensor([bool(finite[b:b + BLOCK].all())
+                                  for b in range(0, x.numel(), BLOCK)])
+            keep = clean.repeat_interleave(BLOCK)[: x.numel()]
+            assert keep.sum() > x.numel() // 2
+            assert torch.equal(codes[keep], ref_codes[keep]), (kernel, signed)
+    opt.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_every_kernel_steps_bit_identically(require_pool, dtype):
+    maps = (dynamic_map(True), dynamic_map(False))
+
+    def run(kernel):
+        params = _params("cpu", dtype)
+        opt = _paged8(params)
+        opt.pool.set_quant_maps(*maps, kernel=kernel)
+        _run(opt, params, 0, 4)
+        state = opt.state_dict(quantized=True)
+        out = [p.detach().clone() for p in params], state
+        opt.close()
+        return out
+
+    probe = _quantizer(require_pool)
+    kernels = _kernels(probe)
+    probe.close()
+    ref_params, ref_state = run("scalar")
+    for kernel in kernels[1:]:
+        params, state = run(kernel)
+        for a, b in zip(ref_params, params, strict=True):
+            assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               b.view(torch.int16 if dtype != torch.float32 else torch.int32)), \
+                kernel
+        for key, entry in ref_state["state"].items():
+            for name, value in entry.items():
+                other = state["state"][key][name]
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, other), (kernel, name)
+                else:
+                    assert value == other, (kernel, name)
+
+
+def test_unknown_kernel_is_refused(require_pool):
+    opt = _quantizer(require_pool)
+    with pytest.raises(ValueError, match="unknown kernel 'avx9'"):
+        opt.pool.set_quant_maps(dynamic_map(True), dynamic_map(False), kernel="avx9")
+    opt.close()
