@@ -491,11 +491,22 @@ def _grouped_grads_plain(grad: torch.Tensor, x: torch.Tensor, lora_a: torch.Tens
     return grad_x, grad_a, grad_b
 
 
-def _grouped_is_faster(*_: Any) -> bool:
-    """Crossover of lora_grouped_add against its plain path (docs/ops.md): the plain path runs
-    two products per adapter from Python and autograd records each, so it loses everywhere it
-    was measured (1 to 64 adapters, bench_multi_adapter.py)."""
-    return True
+# From this many adapters with rows in one layer the CPU op beats its plain path in fp32
+# (set between the two measured points, docs/ops.md).
+_GROUPED_CPU_ADAPTERS = 16
+
+
+def _grouped_is_faster(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                       *_: Any) -> bool:
+    """Crossover of lora_grouped_add against its plain path (docs/ops.md). The plain path runs
+    two products per adapter from Python, each recorded by autograd: on the CPU in fp32 it cost
+    1.54x the op at 64 adapters and 0.94x at 8 (bench_multi_adapter.py, one thread, loaded
+    machine), so the op runs from ``_GROUPED_CPU_ADAPTERS`` adapters, and always for 16-bit
+    inputs the kernel widens to float32 (no 16-bit arithmetic on this CPU). CUDA: always (one
+    call instead of two launches per adapter; not measured here)."""
+    if x.device.type != "cpu":
+        return True
+    return lora_a.shape[0] >= _GROUPED_CPU_ADAPTERS or cpu_widens_16bit(x.dtype)
 
 
 LORA_GROUPED_ADD = Op("lora_grouped_add", reference=_grouped_reference,

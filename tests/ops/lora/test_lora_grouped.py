@@ -73,11 +73,11 @@ def test_gradients_equal_training_each_adapter_alone(dtype, counts):
             assert leaves[2].grad[k].abs().max() == 0 and leaves[3].grad[k].abs().max() == 0
 
 
-def test_compiled_and_plain_paths_agree_and_auto_takes_the_kernel(op_calls):
+def test_compiled_and_plain_paths_agree(op_calls):
     counts = [3, 6, 2]
     x, base, a, b, scaling, rows, upstream = _batch(counts, torch.float32, seed=3)
     results = {}
-    for mode in ("reference", "auto"):
+    for mode in ("reference", "compiled"):
         op_calls.clear()
         leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
         with ops.kernels(mode):
@@ -87,8 +87,22 @@ def test_compiled_and_plain_paths_agree_and_auto_takes_the_kernel(op_calls):
         results[mode] = (out.detach(), *(t.grad for t in leaves))
         assert op_calls == ([] if mode == "reference" else
                             ["lora_grouped_add", "lora_grouped_add_backward"])
-    for got, want in zip(results["auto"], results["reference"], strict=True):
+    for got, want in zip(results["compiled"], results["reference"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("adapters", "dtype", "fused"),
+                         [(2, torch.float32, False), (16, torch.float32, True),
+                          (2, torch.bfloat16, None)],
+                         ids=["fp32-2", "fp32-16", "bf16-2"])
+def test_auto_follows_the_cpu_crossover(op_calls, adapters, dtype, fused):
+    """fp32 on the CPU: the op from 16 adapters; 16-bit: where the kernel widens (docs/ops.md)."""
+    if fused is None:
+        fused = lora_ops.cpu_widens_16bit(dtype)
+    x, base, a, b, scaling, rows, _ = _batch([1] * adapters, dtype)
+    with ops.kernels("auto"), torch.no_grad():
+        lora_ops.LORA_GROUPED_ADD.run(base, x, a, b, scaling, rows, [1] * adapters)
+    assert op_calls == (["lora_grouped_add"] if fused else [])
 
 
 def test_double_backward_runs_through_the_plain_formulas():
@@ -112,7 +126,7 @@ def test_rows_out_of_range_name_the_op_and_the_argument():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_model_trains_each_rows_adapter_through_the_op(make_tiny, op_calls, dtype):
-    """Per-row training of a tiny model in auto mode runs the op, and each adapter's gradient
+    """Per-row training of a tiny model runs the op, and each adapter's gradient
     equals that of training it alone on its rows (summed per-row losses on both sides): in
     fp32 to the table's tolerance, in bf16 at most twice as far from float64 as training alone
     in bf16 is (plus the table's slack)."""
@@ -136,7 +150,7 @@ def test_a_model_trains_each_rows_adapter_through_the_op(make_tiny, op_calls, dt
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
             reduction="none").reshape(ids.shape[0], -1).mean(1)
 
-    with ops.kernels("auto"):
+    with ops.kernels("compiled"):
         row_losses(model(ids, adapter_names=rows)["logits"]).sum().backward()
     assert "lora_grouped_add" in op_calls and "lora_grouped_add_backward" in op_calls
     batched = {n: [p.grad.clone() for p in model.adapter_parameters(n)] for n in ("a", "b")}
