@@ -5,24 +5,26 @@ LoRA r=16 on every linear layer of the blocks, N adapters (8 and 64 by default),
 rows x 32 tokens whose rows are spread evenly over the adapters. One step = forward and backward
 of the batch (no optimizer, the same for all):
 
-* peftreg per row: ``model(ids, labels=ids, adapter_names=rows)``, every adapter trained at once;
+* peftreg per row: ``model(ids, labels=ids, adapter_names=rows)``, every adapter trained at once
+  (``peftreg::lora_grouped_add``: one GEMM per adapter slice in C++, and its mirrored backward);
+* peftreg per row, plain: the same with the op's plain-PyTorch path (kernel mode ``reference``:
+  two products per adapter from Python), what the op replaces;
 * peftreg one adapter: the same 64 rows through one adapter (the floor the per-row step is held
   against: the goal is at most 1.5x);
 * PEFT loop: PEFT cannot train different adapters in one batch (``adapter_names=`` is for
   inference), so for each adapter ``set_adapter`` and forward/backward its rows (the goal is
   that peftreg's step is at least 5x faster).
 
-The steps are timed in turn, round after round, so a shared machine's drift hits all alike.
+The steps are timed side by side (``_harness.time_side_by_side``: interleaved rounds, one torch
+thread by default), so a shared machine's drift hits all alike.
 
-    python benchmarks/bench_multi_adapter.py [--adapters 8,64] [--rounds N]
+    python benchmarks/bench_multi_adapter.py [--adapters 8,64] [--threads 1] [--no-peft]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, print_table, write_json
+from _harness import environment, fmt_ms, fmt_ratio, print_table, time_side_by_side, write_json
 from bench_training_step import TARGETS, make_base
 
 ROWS, TOKENS = 64, 32
@@ -44,7 +46,7 @@ def _rows(n: int) -> list[str]:
     return [f"a{i % n}" for i in range(ROWS)]
 
 
-def peftreg_steps(n: int) -> tuple[Callable[[], None], Callable[[], None]]:
+def peftreg_steps(n: int) -> dict[str, Callable[[], None]]:
     import peftreg
 
     config = peftreg.config_for("lora", r=16, lora_alpha=32, target_modules=TARGETS)
@@ -54,15 +56,21 @@ def peftreg_steps(n: int) -> tuple[Callable[[], None], Callable[[], None]]:
     model.train()
     ids, rows = _ids(), _rows(n)
 
-    def per_row() -> None:
-        model(input_ids=ids, labels=ids, adapter_names=rows).loss.backward()
-        model.zero_grad(set_to_none=True)
+    def step(names: list[str], mode: str) -> Callable[[], None]:
+        def run() -> None:
+            with peftreg.ops.kernels(mode):  # type: ignore[arg-type]
+                model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+            model.zero_grad(set_to_none=True)
 
-    def one_adapter() -> None:
-        model(input_ids=ids, labels=ids, adapter_names=["a0"] * ROWS).loss.backward()
-        model.zero_grad(set_to_none=True)
+        return run
 
-    return per_row, one_adapter
+    return {
+        # The kernel mode's choice: peftreg::lora_grouped_add on the CPU.
+        "peftreg per row": step(rows, "auto"),
+        # The op's plain-PyTorch path: two products per adapter from Python, recorded by autograd.
+        "peftreg per row, plain": step(rows, "reference"),
+        "peftreg one adapter": step(["a0"] * ROWS, "auto"),
+    }
 
 
 def peft_loop(n: int) -> Callable[[], None]:
@@ -92,35 +100,39 @@ def peft_loop(n: int) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", default="8,64")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: a shared machine's load falls on all alike)")
+    parser.add_argument("--min-run-time", type=float, default=2.0,
+                        help="seconds of timed rounds per candidate (at least 15 rounds)")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT's loop (slow)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "multi_adapter.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device("cpu")
     results = {}
     rows = []
     for n in (int(v) for v in args.adapters.split(",")):
-        per_row, one = peftreg_steps(n)
-        steps = {"peftreg per row": per_row, "peftreg one adapter": one, "PEFT loop": peft_loop(n)}
-        for step in steps.values():
-            step()  # warm-up
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(1000 * (time.perf_counter() - start))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        results[str(n)] = {"median_ms": med, "all_ms": times}
-        rows.append([str(n), f"{med['peftreg per row']:.0f}", f"{med['peftreg one adapter']:.0f}",
-                     f"{med['PEFT loop']:.0f}",
-                     f"{med['peftreg per row'] / med['peftreg one adapter']:.2f}x",
-                     f"{med['PEFT loop'] / med['peftreg per row']:.2f}x"])
+        steps = peftreg_steps(n)
+        if not args.no_peft:
+            steps["PEFT loop"] = peft_loop(n)
+        timed = time_side_by_side(steps, device, min_run_time=args.min_run_time, warmup=1)
+        med = {k: t.median_ms for k, t in timed.items()}
+        results[str(n)] = {k: t.to_dict() for k, t in timed.items()}
+        per_row = med["peftreg per row"]
+        rows.append([str(n), fmt_ms(per_row), fmt_ms(med["peftreg per row, plain"]),
+                     fmt_ms(med["peftreg one adapter"]), fmt_ms(med.get("PEFT loop")),
+                     fmt_ratio(per_row, med["peftreg one adapter"]),
+                     fmt_ratio(med["peftreg per row, plain"], per_row),
+                     fmt_ratio(med.get("PEFT loop"), per_row)])
     print_table(f"Forward + backward of {ROWS} x {TOKENS} tokens, LoRA r=16 on every linear "
-                f"layer, rows spread over N adapters (median of {args.rounds})",
-                ["N adapters", "peftreg per row ms", "peftreg one adapter ms", "PEFT loop ms",
-                 "per row / one adapter", "PEFT loop / per row"], rows)
-    write_json(args.out, {"environment": environment(torch.device("cpu")), "results": results})
+                f"layer, rows spread over N adapters ({args.threads} thread(s), median of "
+                "interleaved rounds)",
+                ["N adapters", "per row ms", "per row plain ms", "one adapter ms", "PEFT loop ms",
+                 "per row / one adapter", "plain / per row", "PEFT loop / per row"], rows)
+    write_json(args.out, {"environment": environment(device), "threads": args.threads,
+                          "results": results})
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ take part through the :class:`LowRankAdapter` protocol (LoRA on Linear layers im
 row whose adapter does not adapt a given layer gets the base output there, exactly as if that
 adapter ran alone.
 
-In training mode the same batch trains every row's adapter at once: each layer gathers the rows
-of each adapter (the row lists are built once per batch and shared), applies that adapter's
-factors to them and adds the result back, in plain PyTorch, so autograd gives each adapter the
-gradient of its own rows only: what training it alone on those rows would give, with the base
-computed once for the whole batch instead of once per adapter.
+In training mode the same batch trains every row's adapter at once: the plan sorts the rows by
+adapter once per batch, and each layer hands them with its adapters' stacked factors to
+``peftreg::lora_grouped_add`` (:mod:`peftreg.ops.lora`): one gather, one GEMM per adapter's
+contiguous slice, one scatter, and the mirrored GEMMs in its backward, all in C++. Each adapter
+gets the gradient of its own rows only: what training it alone on those rows would give, with
+the base computed once for the whole batch instead of once per adapter.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class RowPlan:
         self.names = names
         self._index: dict[tuple[Any, ...], torch.Tensor] = {}
         self._rows: dict[tuple[Any, ...], tuple[torch.Tensor, list[int]]] = {}
+        self._groups: dict[tuple[Any, ...], tuple[torch.Tensor, tuple[str, ...], list[int]]] = {}
 
     def adapters_on(self, host: AdapterHost) -> tuple[str, ...]:
         """The plan's adapters that ``host`` holds, in first-use order."""
@@ -154,31 +156,64 @@ class RowPlan:
             self._rows[key] = found
         return found
 
+    def trained_groups(self, on_host: tuple[str, ...], x: torch.Tensor
+                       ) -> tuple[torch.Tensor, tuple[str, ...], list[int]]:
+        """:meth:`grouped_rows` without the adapters that take no row: the rows, the names of
+        the adapters that take some, and their counts (built once per batch and shape)."""
+        key = ("trained", on_host, tuple(x.shape[:-1]), x.device)
+        found = self._groups.get(key)
+        if found is None:
+            rows, counts = self.grouped_rows(on_host, x)
+            kept = [(name, n) for name, n in zip(on_host, counts, strict=True) if n > 0]
+            found = (rows, tuple(name for name, _ in kept), [n for _, n in kept])
+            self._groups[key] = found
+        return found
 
-def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...],
-                      x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y`` plus each row's own LoRA update, differentiable in every adapter's factors.
 
-    The rows are gathered once, grouped by adapter; each adapter's contiguous group goes
-    through its factors; the updates are added back with one scatter (so the output is copied
-    once per layer, not once per adapter)."""
-    rows, counts = plan.grouped_rows(on_host, x)
-    if rows.numel() == 0:
-        return y
-    gathered = x.reshape(-1, x.shape[-1]).index_select(0, rows)
-    updates = []
-    for group, name, count in zip(gathered.split(counts), on_host, counts, strict=True):
-        if count == 0:
-            continue
+def _trainable_stacks(host: AdapterHost, names: tuple[str, ...], dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A (n, r_max, in), B (n, out, r_max), scaling (n,))`` of ``names``, stacked inside the
+    graph so that each adapter's slice of the op's gradient flows back to its own factors.
+    Lower ranks are zero-padded (exact zeros in the products; their gradient slice is dropped
+    by the padding's backward)."""
+    factors = []
+    for name in names:
         a, b, scaling = _factors(host, name)
         dropout = getattr(host.adapters[name], "dropout_p", 0.0)
         if dropout:
             raise UnsupportedOperationError(
                 f"adapter {name!r} has lora_dropout {dropout}: training per row runs without "
                 "dropout; train it with lora_dropout=0.0 or on its own")
-        updates.append(((group.to(a.dtype) @ a.t()) @ b.t() * scaling).to(y.dtype))
-    out = y.reshape(-1, y.shape[-1]).index_add(0, rows, torch.cat(updates))
-    return out.reshape(y.shape)
+        factors.append((a.to(dtype), b.to(dtype), scaling))
+    r_max = max(a.shape[0] for a, _, _ in factors)
+    pad = torch.nn.functional.pad
+    lora_a = torch.stack([a if a.shape[0] == r_max else pad(a, (0, 0, 0, r_max - a.shape[0]))
+                          for a, _, _ in factors])
+    lora_b = torch.stack([b if b.shape[1] == r_max else pad(b, (0, r_max - b.shape[1]))
+                          for _, b, _ in factors])
+    scaling = torch.tensor([float(s) for _, _, s in factors], dtype=torch.float32,
+                           device=lora_a.device)
+    return lora_a, lora_b, scaling
+
+
+def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...],
+                      x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus each row's own LoRA update, differentiable in every adapter's factors.
+
+    The plan's rows, sorted by adapter once per batch, go to ``peftreg::lora_grouped_add``
+    (one GEMM per adapter slice, and the mirrored GEMMs in its backward, in C++) with the
+    factors of the adapters that have rows here; adapters without rows in this batch take no
+    part, so they get no gradient at all (an optimizer's weight decay leaves them alone)."""
+    rows, names, counts = plan.trained_groups(on_host, x)
+    if rows.numel() == 0:
+        return y
+    dtype = _factors(host, names[0])[0].dtype
+    lora_a, lora_b, scaling = _trainable_stacks(host, names, dtype)
+    from peftreg.ops.lora import LORA_GROUPED_ADD
+
+    out, _u = LORA_GROUPED_ADD.run(y.to(dtype), x.to(dtype), lora_a, lora_b, scaling, rows,
+                                   counts)
+    return out.to(y.dtype)
 
 
 def per_row_forward(host: AdapterHost, plan: RowPlan, x: torch.Tensor, *args: Any,

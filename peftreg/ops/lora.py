@@ -39,7 +39,8 @@ from peftreg.ops import _checks as ck
 from peftreg.ops import reference
 from peftreg.ops._op import Op
 
-__all__ = ["LORA_LINEAR", "LORA_LINEAR_BACKWARD", "lora_linear", "new_dropout_seed"]
+__all__ = ["LORA_GROUPED_ADD", "LORA_GROUPED_ADD_BACKWARD", "LORA_LINEAR",
+           "LORA_LINEAR_BACKWARD", "lora_grouped_add", "lora_linear", "new_dropout_seed"]
 
 _NUM_INPUTS = 9  # x, weight, bias, lora_a, lora_b, scaling, x_lora, dropout_p, seed
 # From this many rows a 16-bit CPU call widens to float32 inside the kernel (csrc/fused/
@@ -417,3 +418,231 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
 LORA_LINEAR.register_autograd(_backward, _setup_context)
 LORA_LINEAR_BACKWARD.not_differentiable(
     "is not differentiable: it is lora_linear's first-order backward")
+
+
+# --- many adapters in one batch: peftreg::lora_grouped_add -----------------------------------
+#
+# Rows of one batch train different LoRA adapters (peftreg/row_adapters.py). With rows flattened,
+# ``rows`` grouped by adapter (adapter k owns the next ``counts[k]`` entries), X_k = x[rows_k],
+# G_k = grad[rows_k] and s_k = scaling[k]::
+#
+#     U_k = s_k X_k A_k^T                 out = base;  out[rows_k] += U_k B_k^T
+#     grad_U_k = s_k G_k B_k              grad_base = grad
+#     grad_A_k = grad_U_k^T X_k           grad_B_k = G_k^T U_k
+#     grad_x[rows_k] = grad_U_k A_k       (the low-rank path's share; the base adds its own)
+#
+# U is the op's second output, saved for grad_B instead of recomputed. The kernel
+# (csrc/fused/lora_grouped.cpp) runs one GEMM per adapter slice, or one batched GEMM when every
+# adapter holds the same number of rows.
+
+_GROUPED_NUM_INPUTS = 7  # base, x, lora_a, lora_b, scaling, rows, counts
+
+
+def _grouped_reference(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
+                       counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op in plain PyTorch (differentiable): one pair of products per adapter slice."""
+    x2d = x.reshape(-1, x.shape[-1])
+    gathered = x2d.index_select(0, rows)
+    us, updates = [], []
+    for k, part in enumerate(gathered.split(list(counts))):
+        u = torch.mm(part, lora_a[k].t()) * scaling[k].to(part.dtype)
+        us.append(u)
+        updates.append(torch.mm(u, lora_b[k].t()))
+    u = torch.cat(us) if us else x.new_zeros((0, lora_a.shape[1]))
+    update = torch.cat(updates) if updates else base.new_zeros((0, base.shape[-1]))
+    out = base.reshape(-1, base.shape[-1]).index_add(0, rows, update.to(base.dtype))
+    return out.reshape(base.shape), u
+
+
+def _grouped_grads_plain(grad: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
+                         counts: Sequence[int], _u: torch.Tensor, output_mask: Sequence[bool]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op's outputs from the formulas above as plain (differentiable) products.
+
+    U is recomputed from x and A rather than read from the saved output: the saved one is
+    detached, and a double backward needs grad_B's dependence on A."""
+    need_x, need_a, need_b = output_mask
+    in_features = x.shape[-1]
+    g = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
+    xs = x.reshape(-1, in_features).index_select(0, rows)
+    grad_a = torch.zeros_like(lora_a) if need_a else x.new_empty((0,))
+    grad_b = torch.zeros_like(lora_b) if need_b else x.new_empty((0,))
+    pieces_a, pieces_b, pieces_x = [], [], []
+    offset = 0
+    for k, n in enumerate(counts):
+        gk, xk = g[offset:offset + n], xs[offset:offset + n]
+        offset += n
+        uk = torch.mm(xk, lora_a[k].t()) * scaling[k].to(xk.dtype)
+        grad_u = torch.mm(gk, lora_b[k]) * scaling[k].to(gk.dtype)
+        pieces_a.append(torch.mm(grad_u.t(), xk))
+        pieces_b.append(torch.mm(gk.t(), uk))
+        pieces_x.append(torch.mm(grad_u, lora_a[k]))
+    if need_a and counts:
+        grad_a = torch.stack(pieces_a)
+    if need_b and counts:
+        grad_b = torch.stack(pieces_b)
+    grad_x = x.new_empty((0,))
+    if need_x:
+        low = torch.cat(pieces_x) if pieces_x else xs
+        grad_x = x.new_zeros((x.numel() // max(in_features, 1), in_features)).index_add(
+            0, rows, low).reshape(x.shape)
+    return grad_x, grad_a, grad_b
+
+
+# From this many adapters with rows in one layer the CPU op beats its plain path in fp32
+# (set between the two measured points, docs/ops.md).
+_GROUPED_CPU_ADAPTERS = 16
+
+
+def _grouped_is_faster(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                       *_: Any) -> bool:
+    """Crossover of lora_grouped_add against its plain path (docs/ops.md). The plain path runs
+    two products per adapter from Python, each recorded by autograd: on the CPU in fp32 it cost
+    1.54x the op at 64 adapters and 0.94x at 8 (bench_multi_adapter.py, one thread, loaded
+    machine), so the op runs from ``_GROUPED_CPU_ADAPTERS`` adapters, and always for 16-bit
+    inputs the kernel widens to float32 (no 16-bit arithmetic on this CPU). CUDA: always (one
+    call instead of two launches per adapter; not measured here)."""
+    if x.device.type != "cpu":
+        return True
+    return lora_a.shape[0] >= _GROUPED_CPU_ADAPTERS or cpu_widens_16bit(x.dtype)
+
+
+LORA_GROUPED_ADD = Op("lora_grouped_add", reference=_grouped_reference,
+                      faster=_grouped_is_faster)
+LORA_GROUPED_ADD_BACKWARD = Op("lora_grouped_add_backward")
+
+
+def lora_grouped_add(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
+                     counts: Sequence[int]) -> torch.Tensor:
+    """Add each row's own LoRA update to ``base``, differentiable in every adapter at once.
+
+    Row ``rows[j]`` of adapter ``k`` (of the flattened leading dimensions) gets
+    ``base + scaling[k] * (x @ lora_a[k]^T) @ lora_b[k]^T``; other rows keep ``base``. The
+    gradients of ``lora_a[k]`` and ``lora_b[k]`` are those of adapter ``k``'s rows alone.
+
+    Args:
+        base: base layer output ``(..., out_features)``.
+        x: layer input ``(..., in_features)``.
+        lora_a: stacked ``A``, ``(adapters, r, in_features)`` (lower ranks zero-padded).
+        lora_b: stacked ``B``, ``(adapters, out_features, r)``.
+        scaling: ``(adapters,)`` per-adapter ``alpha / r`` (not differentiable).
+        rows: int64 row indices grouped by adapter: adapter ``k`` owns the next ``counts[k]``.
+        counts: rows per adapter, summing to ``rows.numel()``.
+
+    Returns:
+        Tensor shaped like ``base``, with ``x``'s dtype.
+
+    Raises:
+        ExtensionUnavailableError: no compiled kernel for ``x``'s device.
+        RuntimeError: bad shapes, dtypes, devices, rows or counts (named in the message).
+    """
+    out, _u = LORA_GROUPED_ADD(base, x, lora_a, lora_b, scaling, rows, list(counts))
+    return out
+
+
+def _grouped_checks(op: str, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: torch.Tensor, rows: torch.Tensor, counts: Sequence[int]) -> None:
+    """check_grouped of csrc/fused/lora_grouped.cpp, in its order and words."""
+    ck.min_dim(op, x, "x", 1, "(..., in_features)")
+    ck.dim(op, lora_a, "lora_a", 3, "(adapters, r, in_features)")
+    ck.dim(op, lora_b, "lora_b", 3, "(adapters, out_features, r)")
+    ck.dim(op, scaling, "scaling", 1, "(adapters,)")
+    ck.dim(op, rows, "rows", 1, "(taken rows,)")
+    adapters, rank = lora_a.shape[0], lora_a.shape[1]
+    ck.size(op, lora_a, "lora_a", 2, x.shape[-1], "(adapters, r, in_features)",
+            "in_features = x.shape[-1]")
+    ck.size(op, lora_b, "lora_b", 0, adapters, "(adapters, out_features, r)",
+            "adapters = lora_a.shape[0]")
+    ck.size(op, lora_b, "lora_b", 2, rank, "(adapters, out_features, r)", "r = lora_a.shape[1]")
+    ck.size(op, scaling, "scaling", 0, adapters, "(adapters,)", "adapters = lora_a.shape[0]")
+    ck.check(op, len(counts) == adapters,
+             f"argument 'counts' must hold one row count per adapter ({adapters} = "
+             f"lora_a.shape[0]) but has {len(counts)}")
+    for k, c in enumerate(counts):
+        ck.check(op, c >= 0, f"argument 'counts' has a negative entry {c} at {k}")
+    total = sum(counts)
+    ck.check(op, total == rows.shape[0],
+             f"argument 'counts' sums to {total} but 'rows' holds {rows.shape[0]} rows")
+    ck.check(op, rows.dtype == torch.int64,
+             f"argument 'rows' has dtype {ck.scalar_name(rows.dtype)}; expected Long (int64)")
+    ck.supported_dtype(op, x, "x")
+    ck.same_dtype(op, [("lora_a", lora_a), ("lora_b", lora_b)], x, "x")
+    ck.check(op, scaling.dtype in ck.SUPPORTED_FLOATS,
+             f"argument 'scaling' has dtype {ck.scalar_name(scaling.dtype)}; expected a "
+             "floating dtype")
+    ck.same_device(op, [("lora_a", lora_a), ("lora_b", lora_b), ("scaling", scaling),
+                        ("rows", rows)], x, "x")
+
+
+def _leading_shape_check(op: str, t: torch.Tensor, name: str, x: torch.Tensor,
+                         out_features: int) -> None:
+    expected = [*x.shape[:-1], out_features]
+    ck.check(op, list(t.shape) == expected,
+             f"argument '{name}' must have shape (*x.shape[:-1], out_features) = {expected} but "
+             f"has shape {ck.shape(t)}")
+
+
+@LORA_GROUPED_ADD.register_fake
+def _lora_grouped_add_fake(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                           lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
+                           counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    op = LORA_GROUPED_ADD.qualname
+    _grouped_checks(op, x, lora_a, lora_b, scaling, rows, counts)
+    _leading_shape_check(op, base, "base", x, lora_b.shape[1])
+    ck.same_dtype(op, [("base", base)], x, "x")
+    ck.same_device(op, [("base", base)], x, "x")
+    return base.new_empty(base.shape), x.new_empty((rows.shape[0], lora_a.shape[1]))
+
+
+@LORA_GROUPED_ADD_BACKWARD.register_fake
+def _lora_grouped_add_backward_fake(grad: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                                    lora_b: torch.Tensor, scaling: torch.Tensor,
+                                    rows: torch.Tensor, counts: Sequence[int], u: torch.Tensor,
+                                    output_mask: Sequence[bool]
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = LORA_GROUPED_ADD_BACKWARD.qualname
+    _grouped_checks(op, x, lora_a, lora_b, scaling, rows, counts)
+    _leading_shape_check(op, grad, "grad", x, lora_b.shape[1])
+    taken, rank = rows.shape[0], lora_a.shape[1]
+    ck.check(op, u.dim() == 2 and u.shape[0] == taken and u.shape[1] == rank,
+             f"argument 'u' must have shape (rows.shape[0], r) = [{taken}, {rank}] (the "
+             f"forward's second output) but has shape {ck.shape(u)}")
+    ck.same_dtype(op, [("grad", grad), ("u", u)], x, "x")
+    ck.same_device(op, [("grad", grad), ("u", u)], x, "x")
+    need_x, need_a, need_b = output_mask
+    return (x.new_empty(x.shape if need_x else (0,)),
+            x.new_empty(lora_a.shape if need_a else (0,)),
+            x.new_empty(lora_b.shape if need_b else (0,)))
+
+
+def _grouped_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    _base, x, lora_a, lora_b, scaling, rows, counts = inputs
+    _out, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, lora_a, lora_b, scaling, rows, u)
+    ctx.counts = list(counts)
+
+
+def _grouped_backward(ctx: Any, grad: torch.Tensor, _grad_u: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, ...]:
+    x, lora_a, lora_b, scaling, rows, u = ctx.saved_tensors
+    need_base, need_x, need_a, need_b, *_ = padded_needs(ctx, _GROUPED_NUM_INPUTS)
+    mask = [need_x, need_a, need_b]
+    grads: tuple[torch.Tensor | None, ...] = (None, None, None)
+    if any(mask) and torch.is_grad_enabled():
+        # backward(create_graph=True): the kernel has no derivative of its own.
+        grads = _grouped_grads_plain(grad, x, lora_a, lora_b, scaling, rows, ctx.counts, u, mask)
+    elif any(mask):
+        grads = LORA_GROUPED_ADD_BACKWARD.overload(grad, x, lora_a, lora_b, scaling, rows,
+                                                   ctx.counts, u, mask)
+    grad_x, grad_a, grad_b = (g if wanted else None for g, wanted in zip(grads, mask,
+                                                                           strict=True))
+    return (grad if need_base else None, grad_x, grad_a, grad_b, None, None, None)
+
+
+LORA_GROUPED_ADD.register_autograd(_grouped_backward, _grouped_setup_context)
+LORA_GROUPED_ADD_BACKWARD.not_differentiable(
+    "is not differentiable: it is lora_grouped_add's first-order backward")

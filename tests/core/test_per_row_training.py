@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peftreg
+from peftreg import ops
 from peftreg_plugins.lora import LoraConfig
 
 NAMES = ["a", "b", "c"]
@@ -29,10 +30,19 @@ def _loss(model, ids, **kwargs):
     return model(ids, labels=ids, **kwargs)["loss"]
 
 
+@pytest.mark.parametrize("mode", ["compiled", "reference"])
 @pytest.mark.parametrize("rows", [["a", "b", "c", None, "a", "b"], ["c", "c", "a", "b", "b", "a"]])
-def test_each_adapter_gets_the_gradient_of_training_it_alone_on_its_rows(make_tiny, rows):
+def test_each_adapter_gets_the_gradient_of_training_it_alone_on_its_rows(make_tiny, rows, mode):
+    """``compiled`` takes peftreg::lora_grouped_add, ``reference`` its plain-PyTorch path."""
+    if mode == "compiled" and not ops.has_extension():
+        pytest.skip("compiled extension unavailable")
     ids = torch.randint(0, 61, (len(rows), 9), generator=torch.Generator().manual_seed(1))
     model = _model(make_tiny)
+    with ops.kernels(mode):
+        _check_each_adapter_alone(model, ids, rows)
+
+
+def _check_each_adapter_alone(model, ids, rows):
     # The batch loss is a mean over rows of per-row losses; sum per-row losses instead, so the
     # reference is a plain sum of each adapter's own rows' losses.
     total = sum(_loss(model, ids[i:i + 1], adapter_names=[rows[i]]) for i in range(len(rows)))

@@ -162,6 +162,32 @@ def _multi(d: torch.device, dt: torch.dtype) -> Args:
             torch.tensor([0.5, 1.0, 2.0], dtype=dt, device=d), index)
 
 
+def _grouped(d: torch.device, dt: torch.dtype, counts: tuple[int, ...] = (3, 0, 5, 2)) -> Args:
+    # 2 x 6 rows, 10 taken (two rows of no adapter), in an order unlike the rows' own.
+    rows = torch.tensor([7, 0, 11, 4, 2, 9, 1, 5, 3, 10][:sum(counts)], dtype=torch.int64,
+                        device=d)
+    n = len(counts)
+    return (_t(d, dt, 2, 6, 17), _t(d, dt, 2, 6, 33), _t(d, dt, n, 4, 33), _t(d, dt, n, 17, 4),
+            torch.tensor([0.5, 1.0, 2.0, 0.25][:n], dtype=torch.float32, device=d), rows,
+            list(counts))
+
+
+def _grouped_uniform(d: torch.device, dt: torch.dtype) -> Args:
+    return _grouped(d, dt, (2, 2, 2, 2))
+
+
+def _grouped_backward(d: torch.device, dt: torch.dtype) -> Args:
+    base, x, a, b, scaling, rows, counts = _grouped(d, dt)
+    _out, u = ops.lora._grouped_reference(base, x, a, b, scaling, rows, counts)
+    return (_t(d, dt, 2, 6, 17, seed=7), x, a, b, scaling, rows, counts, u, [True, True, True])
+
+
+def _grouped_backward_uniform(d: torch.device, dt: torch.dtype) -> Args:
+    base, x, a, b, scaling, rows, counts = _grouped_uniform(d, dt)
+    _out, u = ops.lora._grouped_reference(base, x, a, b, scaling, rows, counts)
+    return (_t(d, dt, 2, 6, 17, seed=7), x, a, b, scaling, rows, counts, u, [True, False, True])
+
+
 # --- references for the ops whose plain path is a gradient ----------------------------------
 
 
@@ -189,6 +215,15 @@ def _nf4_lora_backward_reference(grad, x, codes, absmax, nested, offset, bs, nbs
             grad.new_empty((0,)))
 
 
+def _grouped_backward_reference(grad, x, a, b, scaling, rows, counts, u, mask):
+    base = grad.new_zeros(grad.shape)
+
+    def forward(x_, a_, b_):
+        return ops.lora._grouped_reference(base, x_, a_, b_, scaling, rows, counts)[0]
+
+    return _autograd_reference(forward, (x, a, b), grad, (0, 1, 2), mask)
+
+
 def _ia3_scale_grad_reference(grad, out, x, weight, bias, scale):
     pre = torch.nn.functional.linear(x, weight, bias)
     return (grad * pre).reshape(-1, pre.shape[-1]).sum(0)
@@ -198,6 +233,7 @@ EXTRA_REFERENCES: dict[str, Callable[..., Any]] = {
     "lora_linear_backward": _lora_backward_reference,
     "nf4_lora_linear_backward": _nf4_lora_backward_reference,
     "ia3_scale_grad": _ia3_scale_grad_reference,
+    "lora_grouped_add_backward": _grouped_backward_reference,
 }
 
 GOOD: list[Good] = [
@@ -223,6 +259,10 @@ GOOD: list[Good] = [
     Good("ia3_scale_grad", "3d", _ia3_scale_grad),
     Good("houlsby_adapter", "gelu", _houlsby, grads=(0, 1, 2, 3, 4)),
     Good("lora_multi_add", "mixed_rows", _multi),
+    Good("lora_grouped_add", "ragged_groups", _grouped, grads=(0, 1, 2, 3)),
+    Good("lora_grouped_add", "uniform_groups", _grouped_uniform, grads=(0, 1, 2, 3)),
+    Good("lora_grouped_add_backward", "ragged_groups", _grouped_backward),
+    Good("lora_grouped_add_backward", "uniform_groups", _grouped_backward_uniform),
 ]
 
 BAD: list[Bad] = [
@@ -273,6 +313,14 @@ BAD: list[Bad] = [
     Bad("lora_multi_add", "index_dtype", _multi, lambda a: _replace(a, 5, a[5].int()), "index"),
     Bad("lora_multi_add", "lora_b_adapters", _multi, lambda a: _replace(a, 3, a[3][:2]),
         "lora_b"),
+    Bad("lora_grouped_add", "rows_dtype", _grouped, lambda a: _replace(a, 5, a[5].int()),
+        "rows"),
+    Bad("lora_grouped_add", "counts_sum", _grouped, lambda a: _replace(a, 6, [3, 0, 5, 1]),
+        "counts"),
+    Bad("lora_grouped_add", "base_shape", _grouped, lambda a: _replace(a, 0, a[0][:, :5]),
+        "base"),
+    Bad("lora_grouped_add_backward", "u_shape", _grouped_backward,
+        lambda a: _replace(a, 7, a[7][:, :3]), "u"),
 ]
 
 GOOD_CALLS = [(g, dt) for g in GOOD for dt in g.dtypes]
