@@ -35,6 +35,7 @@ from torch import nn
 
 from peftreg.plugin import (
     ALL_LINEAR,
+    LORA_LINEAR,
     BaseAccess,
     Capabilities,
     LayerAdapter,
@@ -106,6 +107,67 @@ def _weight_key(module: nn.Module) -> tuple[Any, ...]:
     return (id(module), id(weight), weight.data_ptr(), version, weight.dtype, weight.device)
 
 
+def _tensor_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """A tensor's identity and version counter (an optimizer step or a load bumps it)."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # an inference-mode tensor: it cannot be written in place either
+        version = -1
+    return (id(tensor), tensor.data_ptr(), version, tensor.dtype, tensor.device)
+
+
+class _Rescale(torch.autograd.Function):
+    """``out = c * t + (1 - c) * bias`` per output column, ``c = m / norm``, in place on ``t``.
+
+    ``t`` is the layer's ``x W^T + b + s B A x`` (rows, out); ``norm`` is a constant (the
+    paper's section 4.3). The backward needs ``z = t - b`` for ``dL/dm = sum_rows(g z) / norm``;
+    instead of keeping ``t`` it derives ``z = (out - b) / c`` from the output, which the
+    autograd graph usually holds anyway (the next layer reads it), so no (rows, out) tensor is
+    kept beyond LoRA's own. Where some ``c`` is zero that row of ``z`` is lost in ``out``, and
+    ``t`` is kept instead (out of place).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        scale = magnitude / norm
+        c = scale.to(t.dtype)
+        derive = bool((c != 0).all())
+        shift = None if bias is None else bias.to(t.dtype) * (1 - c)
+        if derive and t._base is None:
+            out = t.mul_(c)
+            if shift is not None:
+                out.add_(shift)
+            ctx.mark_dirty(t)
+        else:  # a view (some ops return their output reshaped) cannot be rescaled in place
+            out = t * c if shift is None else torch.addcmul(shift, t, c)
+        ctx.derive = derive
+        ctx.save_for_backward(out if derive else t, scale, norm, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        kept, scale, norm, bias = ctx.saved_tensors
+        need_t, need_m, _, need_bias = ctx.needs_input_grad
+        c = scale.to(grad.dtype)
+        grad_t = grad * c if need_t else None
+        grad_m = grad_bias = None
+        if need_m:
+            z = kept if bias is None else kept - bias.to(kept.dtype)
+            rows = (grad * z).reshape(-1, z.shape[-1]).sum(0, dtype=torch.float32)
+            # kept is the output c * z when derived: divide c out again (c * norm = m).
+            denom = (scale * norm if ctx.derive else norm).float()
+            grad_m = (rows / denom).to(scale.dtype)
+        if need_bias:
+            grad_bias = (grad * (1 - c)).reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+        return grad_t, grad_m, None, grad_bias
+
+
+def _rescale(t: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    return _Rescale.apply(t, magnitude, norm, bias)  # type: ignore[no-any-return]
+
+
 class DoraLinear(LayerAdapter):
     """DoRA for one linear layer (dense or 4-bit): LoRA factors plus a magnitude vector.
 
@@ -129,6 +191,7 @@ class DoraLinear(LayerAdapter):
         self.base_view = view  # registers nothing: the base stays the host's
         self.r, self.scaling, self.dropout_p = r, scaling, float(dropout)
         self._row_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._norm: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._merged_norm: torch.Tensor | None = None
         # B is zero, so this is ||W_i|| computed exactly as the forward computes it: the first
         # forward's m / ||.|| is exactly one and the model starts at the base.
@@ -180,28 +243,62 @@ class DoraLinear(LayerAdapter):
             squared = torch.maximum(squared, floor.clamp_min(torch.finfo(dtype).tiny))
             return squared.sqrt()
 
+    def cached_norm(self) -> torch.Tensor:
+        """:meth:`weight_norm`, recomputed only when ``A``, ``B`` or the stored base changed
+        (an optimizer step, a load, a merge below): once per step however many forward calls
+        the step makes (gradient accumulation, checkpointing, generation)."""
+        key = (*_weight_key(self.base_view.module), _tensor_key(self.lora_A.weight),
+               _tensor_key(self.lora_B.weight), float(self.scaling))
+        if self._norm is None or self._norm[0] != key:
+            self._norm = (key, self.weight_norm())
+        return self._norm[1]
+
     def delta_weight(self) -> torch.Tensor:
         """The dense ``s B A`` (merging only; the forward never builds it)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def _scale_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor | None]:
+        """``m``, the detached row norm in ``m``'s dtype and the base bias in ``dtype``."""
+        magnitude = self.lora_magnitude_vector
+        return magnitude, self.cached_norm().to(magnitude.dtype), self.base_view.bias(dtype)
+
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight
-        magnitude = self.lora_magnitude_vector
-        scale = magnitude / self.weight_norm().to(magnitude.dtype)
         x_lora = x.to(a.dtype)
         if self.training and self.dropout_p > 0:
-            # The rescaled base part then reads the dropped-out input too (PEFT's choice), so it
-            # is recomputed here rather than taken from y.
+            # PEFT rescales ``W dropout(x)``, not the base output: y - W d + c (W d + s B A d).
             x_lora = lora_dropout(x_lora, self.dropout_p, new_dropout_seed())
-            base_part = self._base_product(x_lora).to(a.dtype)
-        else:
-            bias = self.base_view.bias(y.dtype)
-            base_part = (y - bias if bias is not None else y).to(a.dtype)
+            dropped = self._base_product(x_lora).to(a.dtype)
+            magnitude, norm, _ = self._scale_inputs(a.dtype)
+            scale = magnitude / norm
+            low = self.lora_B(self.lora_A(x_lora))
+            update = (scale - 1) * dropped + scale * low * self.scaling
+            return y + update.to(y.dtype)
         low = self.lora_B(self.lora_A(x_lora))
-        update = (scale - 1) * base_part + scale * low * self.scaling
-        return y + update.to(y.dtype)
+        dtype = torch.promote_types(y.dtype, a.dtype)
+        combined = torch.add(y.to(dtype), low.to(dtype), alpha=float(self.scaling))
+        return _rescale(combined, *self._scale_inputs(dtype)).to(y.dtype)
+
+    def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``c * (x W^T + s B A x) + (1 - c) b`` with the base and LoRA products in LoRA's
+        kernel (plain PyTorch or the compiled op, as LoRA picks) and the rescale in place."""
+        if isinstance(self.scaling, torch.Tensor) or (self.training and self.dropout_p > 0):
+            return None
+        a, b = self.lora_A.weight, self.lora_B.weight
+        quantized = getattr(base, "supports_fused_lora", None)  # 4-bit bases (QDoRA)
+        if quantized is not None:
+            if not quantized(x, a, b):
+                return None
+            combined = base.forward_with_lora(x, a, b, float(self.scaling), 0.0)  # type: ignore[operator]
+        elif isinstance(base, nn.Linear) and base.weight.dtype == x.dtype == a.dtype:
+            combined = LORA_LINEAR.run(x, base.weight, base.bias, a, b, float(self.scaling),
+                                       None, 0.0, None)
+        else:
+            return None
+        return _rescale(combined, *self._scale_inputs(combined.dtype))
 
     # -- merging ---------------------------------------------------------------------------------
 
