@@ -129,10 +129,9 @@ class _Rescale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, derive: bool) -> torch.Tensor:
         scale = magnitude / norm
         c = scale.to(t.dtype)
-        derive = bool((c != 0).all())
         shift = None if bias is None else bias.to(t.dtype) * (1 - c)
         if derive and t._base is None:
             out = t.mul_(c)
@@ -148,7 +147,7 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kept, scale, norm, bias = ctx.saved_tensors
-        need_t, need_m, _, need_bias = ctx.needs_input_grad
+        need_t, need_m, _, need_bias, _ = ctx.needs_input_grad
         c = scale.to(grad.dtype)
         grad_t = grad * c if need_t else None
         grad_m = grad_bias = None
@@ -160,12 +159,21 @@ class _Rescale(torch.autograd.Function):
             grad_m = (rows / denom).to(scale.dtype)
         if need_bias:
             grad_bias = (grad * (1 - c)).reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
-        return grad_t, grad_m, None, grad_bias
+        return grad_t, grad_m, None, grad_bias, None
+
+
+def no_zero_scale(magnitude: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every ``c = m / norm`` is nonzero in ``dtype`` (the rescale can then derive its
+    backward's input from its output)."""
+    with torch.no_grad():
+        return bool(((magnitude / norm).to(dtype) != 0).all())
 
 
 def _rescale(t: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
-             bias: torch.Tensor | None) -> torch.Tensor:
-    return _Rescale.apply(t, magnitude, norm, bias)  # type: ignore[no-any-return]
+             bias: torch.Tensor | None, derive: bool | None = None) -> torch.Tensor:
+    if derive is None:
+        derive = no_zero_scale(magnitude, norm, t.dtype)
+    return _Rescale.apply(t, magnitude, norm, bias, derive)  # type: ignore[no-any-return]
 
 
 class DoraLinear(LayerAdapter):
@@ -192,6 +200,7 @@ class DoraLinear(LayerAdapter):
         self.r, self.scaling, self.dropout_p = r, scaling, float(dropout)
         self._row_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._norm: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._nonzero: tuple[tuple[Any, ...], bool] | None = None
         self._merged_norm: torch.Tensor | None = None
         # B is zero, so this is ||W_i|| computed exactly as the forward computes it: the first
         # forward's m / ||.|| is exactly one and the model starts at the base.
@@ -260,10 +269,16 @@ class DoraLinear(LayerAdapter):
     # -- forward ---------------------------------------------------------------------------------
 
     def _scale_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
-                                                         torch.Tensor | None]:
-        """``m``, the detached row norm in ``m``'s dtype and the base bias in ``dtype``."""
+                                                         torch.Tensor | None, bool]:
+        """``m``, the detached row norm in ``m``'s dtype, the base bias in ``dtype`` and whether
+        no ``m / norm`` is zero: looked at once per weight update, because reading a device
+        tensor's value waits for the device."""
         magnitude = self.lora_magnitude_vector
-        return magnitude, self.cached_norm().to(magnitude.dtype), self.base_view.bias(dtype)
+        norm = self.cached_norm().to(magnitude.dtype)
+        key = (self._norm[0] if self._norm else None, _tensor_key(magnitude), dtype)
+        if self._nonzero is None or self._nonzero[0] != key:
+            self._nonzero = (key, no_zero_scale(magnitude, norm, dtype))
+        return magnitude, norm, self.base_view.bias(dtype), self._nonzero[1]
 
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight
@@ -272,7 +287,7 @@ class DoraLinear(LayerAdapter):
             # PEFT rescales ``W dropout(x)``, not the base output: y - W d + c (W d + s B A d).
             x_lora = lora_dropout(x_lora, self.dropout_p, new_dropout_seed())
             dropped = self._base_product(x_lora).to(a.dtype)
-            magnitude, norm, _ = self._scale_inputs(a.dtype)
+            magnitude, norm, _, _ = self._scale_inputs(a.dtype)
             scale = magnitude / norm
             low = self.lora_B(self.lora_A(x_lora))
             update = (scale - 1) * dropped + scale * low * self.scaling
