@@ -387,6 +387,23 @@ class DoraPeftCodec(PeftCodec):
         return body, found.tensors
 
 
+class QDoraPeftCodec(DoraPeftCodec):
+    """QDoRA adapters written as PEFT writes them: DoRA's document (``use_dora: true``), the
+    quantization left out, as PEFT leaves it to the base model's own config.
+
+    It claims no document on load: DoRA's codec reads every ``use_dora`` directory, onto the
+    base the model has. A user who wants QDoRA's 4-bit base quantizes the model first
+    (:func:`peftreg_plugins.qlora.quantize_base` with a :class:`QDoraConfig`), and the loaded
+    DoRA layers then sit on the 4-bit layers with the same numbers as QDoRA's.
+    """
+
+    exported_fields = DoraPeftCodec.exported_fields | {
+        "blocksize", "double_quant", "compute_dtype", "quantize"}
+
+    def claims(self, doc: Mapping[str, Any]) -> bool:
+        return False
+
+
 
 def _default_targets(family: ModelFamily | None) -> list[str] | None:
     if family is None or "q" not in family.roles or "v" not in family.roles:
@@ -449,6 +466,8 @@ class QDoraMethod(PEFTMethod[QDoraConfig]):
     name: ClassVar[str] = "qdora"
     config_cls = QDoraConfig
     capabilities: ClassVar[Capabilities] = Capabilities(mergeable=True, quantized_base=True)
+    peft_codec: ClassVar[PeftCodec] = QDoraPeftCodec()
+    api_level: ClassVar[int] = 2
     suggested_learning_rate: ClassVar[float] = 2e-3
     size_field: ClassVar[str | None] = "r"
 

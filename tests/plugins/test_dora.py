@@ -445,3 +445,64 @@ def test_mixed_precision_trains(make_tiny, token_batch, case):
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+
+
+# -- QDoRA in PEFT's format ---------------------------------------------------------------------
+
+QDORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _quantized_llama(config):
+    model = tiny_hf.llama()
+    quantize_base(model, config, _family(model))
+    return model
+
+
+def _dequantized_llama(config):
+    """The float model PEFT checks against: every 4-bit layer replaced by its dense values."""
+    quantized, dense = _quantized_llama(config), tiny_hf.llama()
+    for path, module in list(quantized.named_modules()):
+        if isinstance(module, peftreg.plugin.Linear4bit):
+            parent, _, leaf = path.rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, dense_linear(module))
+    return dense
+
+
+def test_qdora_round_trip_through_peft(tmp_path):
+    # PEFT writes QDoRA as DoRA's document; the 4-bit base is the model's business. Out: QDoRA
+    # exports it, PEFT loads it on the dequantized base with equal logits. In: PEFT's directory
+    # loads onto a model quantized first, as DoRA on its 4-bit layers, with equal logits again.
+    config = QDoraConfig(r=4, lora_alpha=8, compute_dtype="float32", quantize="targets",
+                         target_modules=QDORA_TARGETS)
+    ours = peftreg.adapt(_quantized_llama(config), config).eval()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=gen)
+                p.add_(0.3 * noise * p if "magnitude" in name else 0.2 * noise)
+    ours.save_adapter(tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(_dequantized_llama(config), tmp_path / "ours").eval()
+    assert theirs.peft_config["default"].use_dora
+    with torch.no_grad():
+        expected = tiny_hf.logits(ours, tiny_hf.IDS)
+        torch.testing.assert_close(tiny_hf.logits(theirs, tiny_hf.IDS), expected, atol=1e-5,
+                                   rtol=0)
+        assert not torch.allclose(expected, tiny_hf.logits(_quantized_llama(config),
+                                                           tiny_hf.IDS), atol=1e-4)
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = peftreg.load(_quantized_llama(config), tmp_path / "theirs")
+    assert loaded.record("default").config.method == "dora"
+    layers = [m for m in loaded.modules() if isinstance(m, DoraLinear)]
+    assert len(layers) == 2 * len(QDORA_TARGETS)
+    assert all(layer.base_view.quantized for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(loaded, tiny_hf.IDS),
+                                   tiny_hf.logits(theirs, tiny_hf.IDS), atol=1e-5, rtol=0)
+
+
+def test_a_dora_document_is_read_by_dora_not_qdora():
+    doc = {"peft_type": "LORA", "use_dora": True}
+    assert dora.DoraPeftCodec().claims(doc)
+    assert not dora.QDoraPeftCodec().claims(doc)
