@@ -9,7 +9,7 @@ from torch import nn
 
 import peftreg
 from peftreg_plugins import dora
-from peftreg_plugins.dora import DoraConfig, DoraLinear
+from peftreg_plugins.dora import DoraConfig, DoraLinear, QDoraConfig
 
 
 def _rescale_case(bias: bool, zero: bool, view: bool):
@@ -123,3 +123,28 @@ def test_fused_and_hook_paths_agree():
     torch.testing.assert_close(hooked, fused, atol=1e-6, rtol=1e-6)
     for name, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_a_qdora_step_keeps_no_dense_weight(compute):
+    if not peftreg.plugin.has_extension():
+        pytest.skip("without the compiled NF4 kernels the 4-bit product itself dequantizes")
+    model = nn.Sequential(nn.Linear(64, 48, bias=True))
+    adapted = peftreg.adapt(model, QDoraConfig(r=4, compute_dtype=compute, target_modules=["0"]))
+    layer = next(m for m in adapted.modules() if isinstance(m, DoraLinear))
+    assert layer.base_view.quantized
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    x = torch.randn(3, 64, dtype=getattr(torch, compute))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        adapted(x).float().square().sum().backward()
+    dense = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= 48 * 64]
+    assert dense == []
+    held = [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    held += [entry[1] for entry in (layer._row_sq, layer._norm) if entry is not None]
+    assert held and all(t.numel() <= 48 for t in held)
+    assert layer.lora_magnitude_vector.grad is not None
