@@ -58,14 +58,15 @@ from peftreg.plugin import (
     select_targets,
 )
 from peftreg_plugins.lora import LoraConfig
-from peftreg_plugins.lora_peft import KEYS as LORA_KEYS
 from peftreg_plugins.lora_peft import (
+    EMBEDDING_PAIR,
     LINEAR_PAIR,
     LoraPeftCodec,
     check_pairs,
     lora_body,
     lora_fields,
 )
+from peftreg_plugins.lora_peft import KEYS as LORA_KEYS
 from peftreg_plugins.qlora import QLoraConfig, quantize_base
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +76,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class DoraConfig(LoraConfig):
     """Config of a DoRA adapter: the LoRA fields (rank, scale, dropout, init, patterns, dtype)
     with the magnitude vector added. See :class:`peftreg_plugins.lora.LoraConfig`; Linear layers
-    (dense or 4-bit) can be targeted, Embeddings cannot."""
+    (dense or 4-bit) and Embeddings can be targeted (an Embedding takes no dropout, as in
+    PEFT)."""
 
     method: ClassVar[str] = "dora"
 
@@ -176,7 +178,82 @@ def _rescale(t: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
     return _Rescale.apply(t, magnitude, norm, bias, derive)  # type: ignore[no-any-return]
 
 
-class DoraLinear(LayerAdapter):
+class _DoraLayer(LayerAdapter):
+    """What DoRA's linear and embedding layers share: the row norm of ``W + s B A`` from a
+    cached ``||W_i||^2`` and the cross terms, once per weight update, and the rescale inputs.
+
+    ``W`` here is the matrix DoRA normalises (out x in for a linear layer; the transposed table,
+    dim x vocabulary, for an embedding), ``A`` (r x in) and ``B`` (out x r) its factors.
+    """
+
+    base_view: BaseAccess
+    scaling: float
+    lora_magnitude_vector: nn.Parameter
+    _row_sq: tuple[tuple[Any, ...], torch.Tensor] | None
+    _norm: tuple[tuple[Any, ...], torch.Tensor] | None
+    _nonzero: tuple[tuple[Any, ...], bool] | None
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` in DoRA's orientation."""
+        raise NotImplementedError
+
+    def _base_row_sq(self) -> torch.Tensor:
+        """``||W_i||^2`` per row, cached until the stored base changes."""
+        raise NotImplementedError
+
+    def _base_cross(self, a: torch.Tensor) -> torch.Tensor:
+        """``W A^T`` (rows x r), computed without a dense copy of ``W``."""
+        raise NotImplementedError
+
+    def _norm_dtype(self) -> torch.dtype:
+        return torch.promote_types(self._factors()[0].dtype, torch.float32)
+
+    def weight_norm(self) -> torch.Tensor:
+        """``||W + s B A||`` per row of ``W`` (DoRA's orientation), detached, in float32
+        (float64 for float64 adapters), without building ``W + s B A``.
+
+        The expanded square can cancel when a row of ``W + s B A`` is nearly zero; it is clamped
+        at the size of its own rounding error so the norm stays positive and finite.
+        """
+        dtype = self._norm_dtype()
+        with torch.no_grad():
+            a, b = (t.detach() for t in self._factors())
+            b = b.to(dtype)
+            s = float(self.scaling)
+            w_sq = self._base_row_sq()
+            wa = self._base_cross(a).to(dtype)
+            af = a.to(dtype)
+            cross = (wa * b).sum(dim=1)
+            quad = ((b @ (af @ af.T)) * b).sum(dim=1)
+            squared = w_sq + (2 * s) * cross + (s * s) * quad
+            floor = torch.finfo(dtype).eps * (w_sq + (s * s) * quad)
+            squared = torch.maximum(squared, floor.clamp_min(torch.finfo(dtype).tiny))
+            return squared.sqrt()
+
+    def cached_norm(self) -> torch.Tensor:
+        """:meth:`weight_norm`, recomputed only when ``A``, ``B`` or the stored base changed
+        (an optimizer step, a load, a merge below): once per step however many forward calls
+        the step makes (gradient accumulation, checkpointing, generation)."""
+        key = (*_weight_key(self.base_view.module),
+               *(_tensor_key(t) for t in self._factors()), float(self.scaling))
+        if self._norm is None or self._norm[0] != key:
+            self._norm = (key, self.weight_norm())
+        return self._norm[1]
+
+    def _scale_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor | None, bool]:
+        """``m``, the detached row norm in ``m``'s dtype, the base bias in ``dtype`` and whether
+        no ``m / norm`` is zero: looked at once per weight update, because reading a device
+        tensor's value waits for the device."""
+        magnitude = self.lora_magnitude_vector
+        norm = self.cached_norm().to(magnitude.dtype)
+        key = (self._norm[0] if self._norm else None, _tensor_key(magnitude), dtype)
+        if self._nonzero is None or self._nonzero[0] != key:
+            self._nonzero = (key, no_zero_scale(magnitude, norm, dtype))
+        return magnitude, norm, self.base_view.bias(dtype), self._nonzero[1]
+
+
+class DoraLinear(_DoraLayer):
     """DoRA for one linear layer (dense or 4-bit): LoRA factors plus a magnitude vector.
 
     Saved tensors: ``lora_A.weight`` (r x in), ``lora_B.weight`` (out x r) and
@@ -208,9 +285,6 @@ class DoraLinear(LayerAdapter):
 
     # -- the row norm ----------------------------------------------------------------------------
 
-    def _norm_dtype(self) -> torch.dtype:
-        return torch.promote_types(self.lora_A.weight.dtype, torch.float32)
-
     def _base_row_sq(self) -> torch.Tensor:
         """``||W_i||^2`` per row, cached until the stored base changes."""
         module = self.base_view.module
@@ -219,6 +293,12 @@ class DoraLinear(LayerAdapter):
             w = self.base_view.weight(self._norm_dtype())
             self._row_sq = (key, (w * w).sum(dim=1))
         return self._row_sq[1]
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.weight, self.lora_B.weight
+
+    def _base_cross(self, a: torch.Tensor) -> torch.Tensor:
+        return self._base_product(a).T
 
     def _base_product(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ W^T`` without the bias, computed by the base itself (the 4-bit product on a
@@ -230,55 +310,11 @@ class DoraLinear(LayerAdapter):
         bias = self.base_view.bias(out.dtype)
         return out - bias if bias is not None else out
 
-    def weight_norm(self) -> torch.Tensor:
-        """``||W + s B A||`` per output row, detached, in float32 (float64 for float64
-        adapters), without building ``W + s B A``.
-
-        The expanded square can cancel when a row of ``W + s B A`` is nearly zero; it is clamped
-        at the size of its own rounding error so the norm stays positive and finite.
-        """
-        dtype = self._norm_dtype()
-        with torch.no_grad():
-            a = self.lora_A.weight.detach()
-            b = self.lora_B.weight.detach().to(dtype)
-            s = float(self.scaling)
-            w_sq = self._base_row_sq()
-            wa = self._base_product(a).to(dtype).T  # (out, r) = W A^T
-            af = a.to(dtype)
-            cross = (wa * b).sum(dim=1)
-            quad = ((b @ (af @ af.T)) * b).sum(dim=1)
-            squared = w_sq + (2 * s) * cross + (s * s) * quad
-            floor = torch.finfo(dtype).eps * (w_sq + (s * s) * quad)
-            squared = torch.maximum(squared, floor.clamp_min(torch.finfo(dtype).tiny))
-            return squared.sqrt()
-
-    def cached_norm(self) -> torch.Tensor:
-        """:meth:`weight_norm`, recomputed only when ``A``, ``B`` or the stored base changed
-        (an optimizer step, a load, a merge below): once per step however many forward calls
-        the step makes (gradient accumulation, checkpointing, generation)."""
-        key = (*_weight_key(self.base_view.module), _tensor_key(self.lora_A.weight),
-               _tensor_key(self.lora_B.weight), float(self.scaling))
-        if self._norm is None or self._norm[0] != key:
-            self._norm = (key, self.weight_norm())
-        return self._norm[1]
-
     def delta_weight(self) -> torch.Tensor:
         """The dense ``s B A`` (merging only; the forward never builds it)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     # -- forward ---------------------------------------------------------------------------------
-
-    def _scale_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
-                                                         torch.Tensor | None, bool]:
-        """``m``, the detached row norm in ``m``'s dtype, the base bias in ``dtype`` and whether
-        no ``m / norm`` is zero: looked at once per weight update, because reading a device
-        tensor's value waits for the device."""
-        magnitude = self.lora_magnitude_vector
-        norm = self.cached_norm().to(magnitude.dtype)
-        key = (self._norm[0] if self._norm else None, _tensor_key(magnitude), dtype)
-        if self._nonzero is None or self._nonzero[0] != key:
-            self._nonzero = (key, no_zero_scale(magnitude, norm, dtype))
-        return magnitude, norm, self.base_view.bias(dtype), self._nonzero[1]
 
     def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight
@@ -320,11 +356,7 @@ class DoraLinear(LayerAdapter):
     def merge_into(self, base: nn.Module) -> None:
         w = merge_weight(base)
         norm = self.weight_norm().float()
-        factor = self.lora_magnitude_vector.detach().float() / norm
-        if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
-            raise UnsupportedOperationError(
-                "dora: lora_magnitude_vector has zero or non-finite entries relative to the row "
-                "norm; merging could not be undone")
+        factor = _merge_factor(self.lora_magnitude_vector, norm)
         self._merged_norm = norm
         w.copy_((factor[:, None] * (w.float() + self.delta_weight())).to(w.dtype))
 
@@ -338,12 +370,88 @@ class DoraLinear(LayerAdapter):
         self._merged_norm = None
 
 
+class DoraEmbedding(_DoraLayer):
+    """DoRA for one embedding table ``E`` (vocabulary x dim), as PEFT applies it: the matrix DoRA
+    normalises is ``E^T`` (dim x vocabulary), so the magnitude has one entry per embedding
+    dimension and each norm runs over the vocabulary; the looked-up rows are scaled per column.
+
+    Saved tensors: LoRA's ``lora_embedding_A`` (r x vocabulary, zero) and ``lora_embedding_B``
+    (dim x r, normal), and ``lora_magnitude_vector`` (dim), PEFT's names and shapes.
+    """
+
+    def __init__(self, view: BaseAccess, r: int, scaling: float, dtype: torch.dtype | None
+                 ) -> None:
+        super().__init__()
+        num, dim = view.shape
+        kw: dict[str, Any] = {"device": view.device, "dtype": dtype or view.dtype}
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num, **kw))
+        self.lora_embedding_B = nn.Parameter(torch.randn(dim, r, **kw))
+        self.base_view = view
+        self.r, self.scaling = r, scaling
+        self.padding_idx = getattr(view.module, "padding_idx", None)
+        self._row_sq = self._norm = self._nonzero = None
+        self._merged_norm: torch.Tensor | None = None
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(kw["dtype"]))
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def _base_row_sq(self) -> torch.Tensor:
+        key = (*_weight_key(self.base_view.module), self._norm_dtype())
+        if self._row_sq is None or self._row_sq[0] != key:
+            table = self.base_view.weight(self._norm_dtype())
+            self._row_sq = (key, (table * table).sum(dim=0))
+        return self._row_sq[1]
+
+    def _base_cross(self, a: torch.Tensor) -> torch.Tensor:
+        table = self.base_view.weight()  # a view of the stored table, no copy
+        return (a.to(table.dtype) @ table).T
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense table update ``s (B A)^T``, (vocabulary, dim) (merging only)."""
+        b, a = self.lora_embedding_B.float(), self.lora_embedding_A.float()
+        return (b @ a).T * self.scaling
+
+    def adapt_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_embedding_A, self.lora_embedding_B
+        low = F.embedding(x, a.T, padding_idx=self.padding_idx) @ b.T
+        dtype = torch.promote_types(y.dtype, a.dtype)
+        combined = torch.add(y.to(dtype), low.to(dtype), alpha=float(self.scaling))
+        return _rescale(combined, *self._scale_inputs(dtype)).to(y.dtype)
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        norm = self.weight_norm().float()
+        factor = _merge_factor(self.lora_magnitude_vector, norm)
+        self._merged_norm = norm
+        w.copy_((factor[None, :] * (w.float() + self.delta_weight())).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        norm = self._merged_norm
+        if norm is None:
+            raise UnsupportedOperationError("dora: unmerge without a merge")
+        w = merge_weight(base)
+        factor = self.lora_magnitude_vector.detach().float() / norm.to(w.device)
+        w.copy_((w.float() / factor[None, :] - self.delta_weight()).to(w.dtype))
+        self._merged_norm = None
+
+
+def _merge_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    factor = magnitude.detach().float() / norm
+    if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
+        raise UnsupportedOperationError(
+            "dora: lora_magnitude_vector has zero or non-finite entries relative to the row "
+            "norm; merging could not be undone")
+    return factor
+
+
 _SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, Linear4bit)
+_DORA_SUPPORTED: tuple[type[nn.Module], ...] = (*_SUPPORTED, nn.Embedding)
 
 # -- PEFT's format: a LORA document with use_dora: true ------------------------------------------
 
 MAGNITUDE: Final = "lora_magnitude_vector"
-LEAVES: Final = (*LINEAR_PAIR, MAGNITUDE)
+LEAVES: Final = (*LINEAR_PAIR, *EMBEDDING_PAIR, MAGNITUDE)
 
 KEYS: Final = PeftKeys(
     mapped=LORA_KEYS.mapped | {"use_dora"},
@@ -369,13 +477,15 @@ class DoraPeftCodec(PeftCodec):
         check_pairs(ctx, found)
         for path, parts in found.adapted.items():
             key = f"base_model.model.{path}.{MAGNITUDE}"
-            magnitude, b = parts.get(MAGNITUDE), parts.get(LINEAR_PAIR[1])
+            magnitude = parts.get(MAGNITUDE)
+            b_name = LINEAR_PAIR[1] if LINEAR_PAIR[1] in parts else EMBEDDING_PAIR[1]
+            b = parts.get(b_name)
             if magnitude is None:
                 ctx.tensor_problem(key, "missing: a DoRA layer needs its magnitude vector")
             elif b is not None and tuple(magnitude.shape) != (b.shape[0],):
                 ctx.tensor_problem(key, f"shape {tuple(magnitude.shape)} does not fit "
-                                   f"lora_B.weight of shape {tuple(b.shape)} (it must be "
-                                   "(out_features,))")
+                                   f"{b_name} of shape {tuple(b.shape)} (it must be "
+                                   f"({b.shape[0]},), one entry per output row)")
         fields = ctx.target_fields(found)
         fields.update(lora_fields(ctx))
         return fields, found
@@ -414,20 +524,28 @@ def _default_targets(family: ModelFamily | None) -> list[str] | None:
 def _count(model: nn.Module, config: LoraConfig, paths: list[str]) -> int:
     total = 0
     for path in paths:
-        out_f, in_f = base_access(model.get_submodule(path)).shape
+        view = base_access(model.get_submodule(path))
+        out_f, in_f = view.shape
         r, _ = config.rank_and_scale(path)
-        total += r * (in_f + out_f) + out_f
+        # An embedding's magnitude has one entry per dimension (its second axis).
+        total += r * (in_f + out_f) + (in_f if isinstance(view.module, nn.Embedding) else out_f)
     return total
 
 
 def _add_layers(model: nn.Module, adapter_name: str, config: DoraConfig | QDoraConfig,
                 paths: list[str], dtype: torch.dtype | None) -> list[str]:
-    """A DoRA layer on each of ``paths`` (dense or 4-bit bases alike)."""
+    """A DoRA layer on each of ``paths`` (dense or 4-bit linear bases, embeddings)."""
     for path in paths:
         host = host_for(model, path)
         r, scaling = config.rank_and_scale(path)
-        host.adapters[adapter_name] = DoraLinear(
-            base_access(host), r, scaling, config.lora_dropout, config.init_lora_weights, dtype)
+        view = base_access(host)
+        layer: _DoraLayer
+        if isinstance(view.module, nn.Embedding):
+            layer = DoraEmbedding(view, r, scaling, dtype)  # PEFT has no dropout there either
+        else:
+            layer = DoraLinear(view, r, scaling, config.lora_dropout, config.init_lora_weights,
+                               dtype)
+        host.adapters[adapter_name] = layer
     return paths
 
 
@@ -446,7 +564,8 @@ class DoraMethod(PEFTMethod[DoraConfig]):
 
     def _targets(self, model: nn.Module, config: DoraConfig,
                  family: ModelFamily | None) -> list[str]:
-        return select_targets(model, config, _SUPPORTED, family, _default_targets(family))
+        return select_targets(model, config, _DORA_SUPPORTED, family,
+                              _default_targets(family))
 
     def inject(self, model: nn.Module, adapter_name: str, config: DoraConfig,
                family: ModelFamily | None) -> list[str]:
