@@ -15,8 +15,13 @@ The layer never builds the dense ``W + s B A``. Row ``i``'s squared norm is
 with ``||W_i||^2`` cached (``W`` is frozen; the cache follows a replaced, moved or rewritten
 base), ``W A^T`` computed by running the base layer on the ``r`` rows of ``A`` (on a 4-bit base
 that is the 4-bit product, no dense copy of the weight) and ``A A^T`` only ``r x r``; it is
-computed once per forward call. The bias is not rescaled, and with dropout the rescaled base
-part is ``W dropout(x)``, both as HF PEFT does (``LoraConfig(use_dora=True)``).
+computed once per weight update. The bias is not rescaled, and with dropout the rescaled base
+part is ``W dropout(x)``, both as HF PEFT does (``LoraConfig(use_dora=True)``). On an
+embedding table the normalised matrix is the transposed table (PEFT's orientation).
+
+Alone on a layer without dropout, the step is LoRA's kernel for ``x W^T + b + s B A x``
+followed by an in-place per-column rescale (:class:`_Rescale`) whose backward derives what it
+needs from the output, so the step keeps no (rows, out) tensor beyond the output itself.
 
 DoRA is not additive (it rescales what the base computed), so it holds a base view and the
 stacking contract keeps earlier adapters from merging under it (docs/plugins.md).
