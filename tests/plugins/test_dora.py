@@ -44,6 +44,10 @@ CASES = [
                  {"r": 3, "lora_alpha": 5, "use_rslora": True}, id="llama-rslora"),
     pytest.param(tiny_hf.bert, tiny_hf.bert_loss, ["query", "value", "output.dense"],
                  {"r": 4, "lora_alpha": 16}, id="bert-bias"),
+    pytest.param(tiny_hf.llama, tiny_hf.llama_loss, ["embed_tokens", "v_proj"],
+                 {"r": 3, "lora_alpha": 6}, id="llama-embedding"),
+    pytest.param(tiny_hf.bert, tiny_hf.bert_loss, ["word_embeddings", "query"],
+                 {"r": 2, "lora_alpha": 8}, id="bert-embedding"),
 ]
 
 
@@ -81,7 +85,8 @@ def _pair(make, targets, fields):
     theirs = _peft_dora(make, targets, fields)
     ours = peftreg.adapt(make(), DoraConfig(target_modules=targets, **fields)).eval()
     saved = {k.removeprefix(PEFT_PREFIX): v
-             for k, v in peft.get_peft_model_state_dict(theirs).items()}
+             for k, v in peft.get_peft_model_state_dict(
+                 theirs, save_embedding_layers=False).items()}
     state = ours.adapter_state_dict("default")
     assert {k: tuple(v.shape) for k, v in state.items()} == \
         {k: tuple(v.shape) for k, v in saved.items()}
@@ -210,29 +215,36 @@ def test_merge_equals_the_dense_formula_and_unmerge_restores():
 # -- the conformance kit ------------------------------------------------------------------------
 
 def _dense_reference(model, ids):
-    """The paper's DoRA with the dense ``||W + s B A||`` per row, detached (section 4.3)."""
-    layers = [m for m in model.modules() if isinstance(m, DoraLinear)]
+    """The paper's DoRA with the dense ``||W + s B A||`` per row, detached (section 4.3); for an
+    embedding table the norm runs over each column (PEFT's orientation)."""
+    layers = [m for m in model.modules() if isinstance(m, DoraLinear | dora.DoraEmbedding)]
 
     def dense_norm(layer):
         def norm():
+            if isinstance(layer, dora.DoraEmbedding):
+                a, b = layer.lora_embedding_A, layer.lora_embedding_B
+                w = layer.base_view.weight(a.dtype)
+                return (w + layer.scaling * (b @ a).T).norm(dim=0).detach()
             w = layer.base_view.weight(layer.lora_A.weight.dtype)
             delta = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
             return (w + delta).norm(dim=1).detach()
         return norm
 
+    # The forward reads the norm through its per-update cache: replace that.
     for layer in layers:
-        layer.weight_norm = dense_norm(layer)
+        layer.cached_norm = dense_norm(layer)
     try:
         return _loss(model, ids)
     finally:
         for layer in layers:
-            del layer.weight_norm
+            del layer.cached_norm
 
 
 @pytest.mark.parametrize("config", [
     DoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     DoraConfig(r=2, lora_alpha=6, target_modules="all-linear", init_lora_weights="gaussian"),
-], ids=["qv-down", "all-linear"])
+    DoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"]),
+], ids=["qv-down", "all-linear", "embedding"])
 def test_conformance(config, make_tiny, token_batch):
     report = check_method(config, make_tiny, token_batch, _forward, _loss, steps=4,
                           checks=ALL_CHECKS, reference_loss=_dense_reference)
@@ -339,9 +351,19 @@ def test_bad_configs(cls, fields, message):
         cls(**fields)
 
 
-def test_embedding_targets_are_refused(make_tiny):
-    with pytest.raises(peftreg.TargetNotFoundError, match="embed_tokens"):
-        peftreg.adapt(make_tiny(), DoraConfig(target_modules=["embed_tokens"]))
+def test_embedding_parameter_count_and_magnitude_shape():
+    # An embedding's magnitude has one entry per dimension: DoRA normalises the table's columns.
+    model = tiny_hf.llama()
+    config = DoraConfig(r=3, target_modules=["embed_tokens"])
+    vocab, dim = model.model.embed_tokens.weight.shape
+    assert DoraMethod().parameter_count(model, config, _family(model)) == \
+        3 * (vocab + dim) + dim
+    adapted = peftreg.adapt(model, config)
+    layer = adapted.model.model.embed_tokens.adapters["default"]
+    assert isinstance(layer, dora.DoraEmbedding)
+    table = layer.base_view.weight()
+    torch.testing.assert_close(layer.lora_magnitude_vector.detach(), table.norm(dim=0))
+    assert adapted.summary().rows[0].adapter_params == 3 * (vocab + dim) + dim
 
 
 # -- PEFT's directory format (the DoRA codec) ---------------------------------------------------
@@ -349,7 +371,8 @@ def test_embedding_targets_are_refused(make_tiny):
 @pytest.mark.parametrize(("make", "targets"), [
     (tiny_hf.llama, ["q_proj", "v_proj", "down_proj"]),
     (tiny_hf.bert, ["query", "value"]),
-], ids=["llama", "bert"])
+    (tiny_hf.llama, ["q_proj", "embed_tokens"]),
+], ids=["llama", "bert", "llama-embedding"])
 def test_a_peft_dora_directory_loads_as_dora(tmp_path, make, targets):
     theirs = _peft_dora(make, targets, {"r": 4, "lora_alpha": 8,
                                         "rank_pattern": {targets[1]: 2}})
@@ -363,7 +386,7 @@ def test_a_peft_dora_directory_loads_as_dora(tmp_path, make, targets):
 
 def test_a_dora_export_loads_in_peft(tmp_path):
     config = DoraConfig(r=3, lora_alpha=6, use_rslora=True,
-                        target_modules=["q_proj", "k_proj", "up_proj"])
+                        target_modules=["q_proj", "k_proj", "up_proj", "embed_tokens"])
     ours = peftreg.adapt(tiny_hf.llama(), config).eval()
     gen = torch.Generator().manual_seed(8)
     with torch.no_grad():
@@ -445,3 +468,64 @@ def test_mixed_precision_trains(make_tiny, token_batch, case):
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+
+
+# -- QDoRA in PEFT's format ---------------------------------------------------------------------
+
+QDORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _quantized_llama(config):
+    model = tiny_hf.llama()
+    quantize_base(model, config, _family(model))
+    return model
+
+
+def _dequantized_llama(config):
+    """The float model PEFT checks against: every 4-bit layer replaced by its dense values."""
+    quantized, dense = _quantized_llama(config), tiny_hf.llama()
+    for path, module in list(quantized.named_modules()):
+        if isinstance(module, peftreg.plugin.Linear4bit):
+            parent, _, leaf = path.rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, dense_linear(module))
+    return dense
+
+
+def test_qdora_round_trip_through_peft(tmp_path):
+    # PEFT writes QDoRA as DoRA's document; the 4-bit base is the model's business. Out: QDoRA
+    # exports it, PEFT loads it on the dequantized base with equal logits. In: PEFT's directory
+    # loads onto a model quantized first, as DoRA on its 4-bit layers, with equal logits again.
+    config = QDoraConfig(r=4, lora_alpha=8, compute_dtype="float32", quantize="targets",
+                         target_modules=QDORA_TARGETS)
+    ours = peftreg.adapt(_quantized_llama(config), config).eval()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=gen)
+                p.add_(0.3 * noise * p if "magnitude" in name else 0.2 * noise)
+    ours.save_adapter(tmp_path / "ours", format="peft")
+    theirs = peft.PeftModel.from_pretrained(_dequantized_llama(config), tmp_path / "ours").eval()
+    assert theirs.peft_config["default"].use_dora
+    with torch.no_grad():
+        expected = tiny_hf.logits(ours, tiny_hf.IDS)
+        torch.testing.assert_close(tiny_hf.logits(theirs, tiny_hf.IDS), expected, atol=1e-5,
+                                   rtol=0)
+        assert not torch.allclose(expected, tiny_hf.logits(_quantized_llama(config),
+                                                           tiny_hf.IDS), atol=1e-4)
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = peftreg.load(_quantized_llama(config), tmp_path / "theirs")
+    assert loaded.record("default").config.method == "dora"
+    layers = [m for m in loaded.modules() if isinstance(m, DoraLinear)]
+    assert len(layers) == 2 * len(QDORA_TARGETS)
+    assert all(layer.base_view.quantized for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(loaded, tiny_hf.IDS),
+                                   tiny_hf.logits(theirs, tiny_hf.IDS), atol=1e-5, rtol=0)
+
+
+def test_a_dora_document_is_read_by_dora_not_qdora():
+    doc = {"peft_type": "LORA", "use_dora": True}
+    assert dora.DoraPeftCodec().claims(doc)
+    assert not dora.QDoraPeftCodec().claims(doc)
