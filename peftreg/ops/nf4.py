@@ -236,9 +236,10 @@ def lora_linear(
     """A QLoRA layer in one fused op (``peftreg::nf4_lora_linear``): NF4 base plus LoRA update.
 
     Computes ``x @ dequant(W)^T + bias + scaling * ((x_lora or x) @ lora_a^T) @ lora_b^T`` with
-    ``W`` decoded tile by tile (as :func:`linear`, including where that rounds W to ``x.dtype``)
-    and every sum in float32, rounded once to ``x.dtype``. Differentiable in ``x``, ``bias``, ``lora_a``, ``lora_b`` and ``x_lora``
-    (first order); the quantized weight is frozen.
+    ``W`` decoded tile by tile (as :func:`linear`) and every sum in float32, rounded once to
+    ``x.dtype``; where :func:`cpu_rounds_weight` holds (and on CUDA) the layer runs in
+    ``x.dtype`` instead, as dequantize-then-matmul does. Differentiable in ``x``, ``bias``,
+    ``lora_a``, ``lora_b`` and ``x_lora`` (first order); the quantized weight is frozen.
 
     Args:
         x: ``(..., in_features)``, float32/bfloat16/float16 (float64 for gradient checks).
