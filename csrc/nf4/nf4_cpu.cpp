@@ -4,19 +4,31 @@
 // entries, one per op for every device, are nf4_ops.cpp. The format is csrc/nf4/nf4_format.h,
 // documented in docs/format.md "NF4 storage".
 //
-// Numerics (shared with the CUDA kernels and peftreg/ops/reference.py): a weight enters every
-// product as its float32 dequantized value fp32(code * absmax) (with double quantization the
+// Numerics (shared with the CUDA few-row kernels and peftreg/ops/reference.py): a weight enters
+// a product as its float32 dequantized value fp32(code * absmax) (with double quantization the
 // absmax itself is fp32(fp32(dyncode * nested_absmax) + offset)); activations are widened
 // exactly to float32 (float64 stays float64); sums accumulate in float32 (float64); the output
 // is rounded once to the input's dtype. So the result does not depend on the compute dtype's
 // rounding of W, and bf16 inputs get the accuracy of an fp32 GEMM.
+// One exception, for speed: bf16 (fp16) input of more than kGemvMaxRows rows on a CPU with
+// bf16 (fp16) arithmetic (AVX512-BF16 / AVX512-FP16, or PEFTREG_CPU_WIDEN_16BIT=0). There each
+// weight is rounded to the input's dtype exactly as nf4_dequantize rounds it
+// (16-bit(fp32(code * absmax)), nearest even), the tiles are multiplied by ATen's 16-bit GEMM
+// (products accumulated in float32 by oneDNN) and the result is rounded to the input's dtype
+// once per output element: the numbers of dequantize-to-x.dtype then matmul, as bitsandbytes
+// and PEFT compute them, and of the CUDA many-row path. ATen's fp32 GEMM runs at about half
+// the speed of its bf16 one on such CPUs, which made the float32 tiles 2x slower than
+// dequantize-then-matmul. float32, float64, few rows and CPUs without the instructions keep
+// the float32 tiles.
 //
-// The products decode W tile by tile into small per-thread float32 buffers:
+// The products decode W tile by tile into small per-thread buffers:
 // * few rows (decode, batch <= kGemvMaxRows): threads split the output rows; each weight row is
 //   decoded into an L1-sized buffer (AVX2 when the CPU has it) and dotted with every input row;
 // * many rows: threads split W into tiles of kTileRows weight rows (forward) or kTileCols
 //   columns (input gradient); each thread decodes its tile and calls the BLAS GEMM on it, so the
-//   dense weight never exists, only one tile per thread.
+//   dense weight never exists, only one tile per thread. The 16-bit tiles are larger (a share
+//   of the rows or columns per thread, at most kTile16Bytes each) and an input-gradient tile
+//   spans all weight rows, so each output element is one GEMM's sum, rounded once.
 // Rows of W are flattened element ranges: a quantization block may straddle two rows and a row
 // may start on an odd element (a high/low nibble split), so any in_features works.
 //
@@ -35,6 +47,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -457,71 +470,125 @@ void dequantize_into(const WeightView& w, Out* out) {
   });
 }
 
+// The 16-bit pattern (bf16 or fp16) of the float32 value v, rounded to nearest even: the
+// rounding of dequantize to a half dtype.
+inline uint16_t half_bits(float v, bool bf16) {
+  return bf16 ? c10::BFloat16(v).x : c10::Half(v).x;
+}
+
+// dst[j] = lut[nibble j] for the 2 * nbytes nibbles of `bytes` (high nibble first), 16-bit.
+void decode_bytes_16bit_scalar(const uint8_t* bytes, int64_t nbytes, const uint16_t* lut,
+                               uint16_t* dst) {
+  for (int64_t i = 0; i < nbytes; ++i) {
+    const uint8_t byte = bytes[i];
+    dst[2 * i] = lut[byte >> 4];
+    dst[2 * i + 1] = lut[byte & 0x0F];
+  }
+}
+
 #if PEFTREG_NF4_X86
 // 16-bit outputs (bf16/fp16): a block's 16 rounded values fit two 16-byte shuffle tables (low
-// and high bytes), so 32 outputs cost a few shuffles.
-// Blocks [b0, b1); called from dequantize_into_16bit_avx2's parallel loop (a lambda would not
-// inherit the target attribute).
-__attribute__((target("avx2,fma"))) void dequantize_blocks_16bit_avx2(const WeightView& w,
-                                                                     uint16_t* out, bool bf16,
-                                                                     int64_t b0, int64_t b1) {
+// and high bytes), so 32 outputs cost a few shuffles. A function of its own because a lambda
+// would not inherit the target attribute.
+__attribute__((target("avx2,fma"))) void decode_bytes_16bit_avx2(const uint8_t* bytes,
+                                                                 int64_t pairs,
+                                                                 const uint16_t* lut,
+                                                                 uint16_t* dst) {
   alignas(16) uint8_t lo_bytes[16];
   alignas(16) uint8_t hi_bytes[16];
+  for (int k = 0; k < kCodes; ++k) {
+    lo_bytes[k] = static_cast<uint8_t>(lut[k] & 0xFF);
+    hi_bytes[k] = static_cast<uint8_t>(lut[k] >> 8);
+  }
+  const __m256i tlo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo_bytes)));
+  const __m256i thi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi_bytes)));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  int64_t i = 0;
+  for (; i + 32 <= pairs; i += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + i));
+    const __m256i hi_idx = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m256i lo_idx = _mm256_and_si256(v, mask);
+    // Nibble order h0 l0 h1 l1 ...: interleave the index bytes, then look up both bytes.
+    const __m256i idx_a = _mm256_unpacklo_epi8(hi_idx, lo_idx);  // bytes 0-7 | 16-23
+    const __m256i idx_b = _mm256_unpackhi_epi8(hi_idx, lo_idx);  // bytes 8-15 | 24-31
+    const __m256i la = _mm256_shuffle_epi8(tlo, idx_a);
+    const __m256i ha = _mm256_shuffle_epi8(thi, idx_a);
+    const __m256i lb = _mm256_shuffle_epi8(tlo, idx_b);
+    const __m256i hb = _mm256_shuffle_epi8(thi, idx_b);
+    const __m256i a0 = _mm256_unpacklo_epi8(la, ha);  // outputs 0-7   | 32-39
+    const __m256i a1 = _mm256_unpackhi_epi8(la, ha);  // outputs 8-15  | 40-47
+    const __m256i b0v = _mm256_unpacklo_epi8(lb, hb);  // outputs 16-23 | 48-55
+    const __m256i b1v = _mm256_unpackhi_epi8(lb, hb);  // outputs 24-31 | 56-63
+    __m256i* d = reinterpret_cast<__m256i*>(dst + 2 * i);
+    _mm256_storeu_si256(d + 0, _mm256_permute2x128_si256(a0, a1, 0x20));
+    _mm256_storeu_si256(d + 1, _mm256_permute2x128_si256(b0v, b1v, 0x20));
+    _mm256_storeu_si256(d + 2, _mm256_permute2x128_si256(a0, a1, 0x31));
+    _mm256_storeu_si256(d + 3, _mm256_permute2x128_si256(b0v, b1v, 0x31));
+  }
+  decode_bytes_16bit_scalar(bytes + i, pairs - i, lut, dst + 2 * i);
+}
+#endif
+
+void decode_bytes_16bit(const uint8_t* bytes, int64_t pairs, const uint16_t* lut,
+                        uint16_t* dst) {
+#if PEFTREG_NF4_X86
+  if (cpu_has_avx2_fma()) {
+    decode_bytes_16bit_avx2(bytes, pairs, lut, dst);
+    return;
+  }
+#endif
+  decode_bytes_16bit_scalar(bytes, pairs, lut, dst);
+}
+
+// Whole blocks [b0, b1) of the weight into the 16-bit out (the dequantize entry).
+void dequantize_blocks_16bit(const WeightView& w, uint16_t* out, bool bf16, int64_t b0,
+                             int64_t b1) {
   uint16_t lut[kCodes];
   for (int64_t b = b0; b < b1; ++b) {
     const float s = w.scale(b);
-    for (int k = 0; k < kCodes; ++k) {
-      const float v = kNF4Code[k] * s;
-      lut[k] = bf16 ? c10::BFloat16(v).x : c10::Half(v).x;
-      lo_bytes[k] = static_cast<uint8_t>(lut[k] & 0xFF);
-      hi_bytes[k] = static_cast<uint8_t>(lut[k] >> 8);
-    }
-    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo_bytes)));
-    const __m256i thi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi_bytes)));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int k = 0; k < kCodes; ++k) lut[k] = half_bits(kNF4Code[k] * s, bf16);
     const int64_t first = b * w.blocksize;
     const int64_t len = std::min(w.blocksize, w.numel - first);
     const uint8_t* bytes = w.codes + first / 2;
     uint16_t* dst = out + first;
     const int64_t pairs = len / 2;
-    int64_t i = 0;
-    for (; i + 32 <= pairs; i += 32) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + i));
-      const __m256i hi_idx = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      const __m256i lo_idx = _mm256_and_si256(v, mask);
-      // Nibble order h0 l0 h1 l1 ...: interleave the index bytes, then look up both bytes.
-      const __m256i idx_a = _mm256_unpacklo_epi8(hi_idx, lo_idx);  // bytes 0-7 | 16-23
-      const __m256i idx_b = _mm256_unpackhi_epi8(hi_idx, lo_idx);  // bytes 8-15 | 24-31
-      const __m256i la = _mm256_shuffle_epi8(tlo, idx_a);
-      const __m256i ha = _mm256_shuffle_epi8(thi, idx_a);
-      const __m256i lb = _mm256_shuffle_epi8(tlo, idx_b);
-      const __m256i hb = _mm256_shuffle_epi8(thi, idx_b);
-      const __m256i a0 = _mm256_unpacklo_epi8(la, ha);  // outputs 0-7   | 32-39
-      const __m256i a1 = _mm256_unpackhi_epi8(la, ha);  // outputs 8-15  | 40-47
-      const __m256i b0v = _mm256_unpacklo_epi8(lb, hb);  // outputs 16-23 | 48-55
-      const __m256i b1v = _mm256_unpackhi_epi8(lb, hb);  // outputs 24-31 | 56-63
-      __m256i* d = reinterpret_cast<__m256i*>(dst + 2 * i);
-      _mm256_storeu_si256(d + 0, _mm256_permute2x128_si256(a0, a1, 0x20));
-      _mm256_storeu_si256(d + 1, _mm256_permute2x128_si256(b0v, b1v, 0x20));
-      _mm256_storeu_si256(d + 2, _mm256_permute2x128_si256(a0, a1, 0x31));
-      _mm256_storeu_si256(d + 3, _mm256_permute2x128_si256(b0v, b1v, 0x31));
-    }
-    for (; i < pairs; ++i) {
-      const uint8_t byte = bytes[i];
-      dst[2 * i] = lut[byte >> 4];
-      dst[2 * i + 1] = lut[byte & 0x0F];
-    }
+    decode_bytes_16bit(bytes, pairs, lut, dst);
     if (len & 1) dst[len - 1] = lut[bytes[pairs] >> 4];
   }
 }
 
-void dequantize_into_16bit_avx2(const WeightView& w, uint16_t* out, bool bf16) {
+// Elements [e0, e1) of the weight into the 16-bit dst[0 .. e1 - e0): decode_range's walk
+// (straddling blocks, odd starts and ends) with each value rounded as dequantize rounds it.
+void decode_range_16bit(const WeightView& w, int64_t e0, int64_t e1, bool bf16, uint16_t* dst) {
+  uint16_t lut[kCodes];
+  while (e0 < e1) {
+    const int64_t b = e0 >> w.block_shift;
+    const int64_t seg_end = std::min(e1, (b + 1) << w.block_shift);
+    const float s = w.scale(b);
+    for (int k = 0; k < kCodes; ++k) lut[k] = half_bits(kNF4Code[k] * s, bf16);
+    int64_t e = e0;
+    if (e & 1) {  // starts on a low nibble
+      *dst++ = lut[w.codes[e / 2] & 0x0F];
+      ++e;
+    }
+    const int64_t pairs = (seg_end - e) / 2;
+    decode_bytes_16bit(w.codes + e / 2, pairs, lut, dst);
+    dst += 2 * pairs;
+    e += 2 * pairs;
+    if (e < seg_end) {  // ends on a high nibble
+      *dst++ = lut[w.codes[e / 2] >> 4];
+      ++e;
+    }
+    e0 = seg_end;
+  }
+}
+
+void dequantize_into_16bit(const WeightView& w, uint16_t* out, bool bf16) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / w.blocksize);
   at::parallel_for(0, num_blocks(w.numel, w.blocksize), grain, [&](int64_t b0, int64_t b1) {
-    dequantize_blocks_16bit_avx2(w, out, bf16, b0, b1);
+    dequantize_blocks_16bit(w, out, bf16, b0, b1);
   });
 }
-#endif
 
 void dequantize_dispatch(const WeightView& w, at::Tensor& out) {
   switch (out.scalar_type()) {
@@ -532,21 +599,10 @@ void dequantize_dispatch(const WeightView& w, at::Tensor& out) {
       dequantize_into<double>(w, out.data_ptr<double>());
       return;
     case at::kBFloat16:
-    case at::kHalf: {
-      const bool bf16 = out.scalar_type() == at::kBFloat16;
-#if PEFTREG_NF4_X86
-      if (cpu_has_avx2_fma()) {
-        dequantize_into_16bit_avx2(w, reinterpret_cast<uint16_t*>(out.data_ptr()), bf16);
-        return;
-      }
-#endif
-      if (bf16) {
-        dequantize_into<c10::BFloat16>(w, out.data_ptr<c10::BFloat16>());
-      } else {
-        dequantize_into<c10::Half>(w, out.data_ptr<c10::Half>());
-      }
+    case at::kHalf:
+      dequantize_into_16bit(w, reinterpret_cast<uint16_t*>(out.data_ptr()),
+                            out.scalar_type() == at::kBFloat16);
       return;
-    }
     default:
       TORCH_CHECK(false, kDequantizeOp, ": unsupported output dtype ", out.scalar_type());
   }
@@ -901,7 +957,88 @@ void gemm_grad_input(const WeightView& w, const at::Tensor& g_acc, int64_t in, i
   });
 }
 
-// result (rows, n_cols) in acc dtype = input @ op(W); `forward` selects W^T (nf4_linear) or W.
+// ---- Many rows in a 16-bit dtype on a CPU with arithmetic for it --------------------------
+
+// Whether the many-row products of 16-bit input of dtype t multiply tiles decoded into t
+// (ATen's native bf16/fp16 GEMM, fp32 accumulation) instead of float32 tiles. Measured at
+// 128 x 1024 -> 1024 on an AVX512-BF16 CPU, one thread: the float32 tiles took 4.6 ms against
+// 2.2 ms for dequantize-to-bf16 then ATen's bf16 GEMM. Without the instructions ATen's 16-bit
+// GEMM is a slow generic loop, so there the float32 tiles stay. PEFTREG_CPU_WIDEN_16BIT=1/0
+// forces float32/16-bit tiles, with the meaning it has for the dense LoRA kernels
+// (csrc/fused/lora_cpu.cpp), so the tests run both paths on any CPU.
+bool tiles_in_16bit(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  if (const char* env = std::getenv("PEFTREG_CPU_WIDEN_16BIT"); env != nullptr && *env != '\0') {
+    return std::strcmp(env, "0") == 0;
+  }
+#if PEFTREG_NF4_X86
+  static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");
+  static const bool native_fp16 = __builtin_cpu_supports("avx512fp16");
+  return t == at::kBFloat16 ? native_bf16 : native_fp16;
+#else
+  return false;
+#endif
+}
+
+// The 16-bit tiles are larger than the float32 ones: ATen's 16-bit GEMM has a higher cost per
+// call (measured, 128 x 1024 -> 1024 bf16, one thread: 32-row tiles 1.7x slower than one GEMM;
+// four 256-row tiles 0.87x of dequantize-then-matmul). A tile of `extent` weight rows (or
+// columns) of `other` elements each is an equal share of `total` per thread, rounded up to 16,
+// at least `floor`, and at most kTile16Bytes of decoded values; a small layer on few threads
+// is then decoded whole, into a transient buffer freed when the product returns.
+constexpr int64_t kTile16Bytes = int64_t{1} << 21;  // decoded 16-bit tile, per thread
+
+int64_t tile_extent_16bit(int64_t total, int64_t other, int64_t floor) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t share = (total + threads - 1) / threads;
+  share = (share + 15) / 16 * 16;
+  const int64_t by_bytes = std::max<int64_t>(16, kTile16Bytes / std::max<int64_t>(2 * other, 1));
+  return std::max<int64_t>(1, std::min(std::max(share, floor), by_bytes));
+}
+
+at::Tensor decode_tile_16bit(const WeightView& w, int64_t in, int64_t o0, int64_t o1,
+                             int64_t k0, int64_t k1, at::ScalarType dtype, at::Tensor& scratch) {
+  const int64_t r = o1 - o0, c = k1 - k0;
+  if (!scratch.defined() || scratch.numel() < r * c) {
+    scratch = at::empty({r * c}, at::TensorOptions().dtype(dtype));
+  }
+  auto* p = static_cast<uint16_t*>(scratch.data_ptr());
+  const bool bf16 = dtype == at::kBFloat16;
+  for (int64_t o = o0; o < o1; ++o) {
+    decode_range_16bit(w, o * in + k0, o * in + k1, bf16, p + (o - o0) * c);
+  }
+  return scratch.narrow(0, 0, r * c).view({r, c});
+}
+
+// y16 = x16 @ W^T: each task decodes a tile of weight rows into x's dtype and multiplies.
+void gemm_forward_16bit(const WeightView& w, const at::Tensor& x16, int64_t in, int64_t out,
+                        at::Tensor& y16) {
+  const int64_t tile = tile_extent_16bit(out, in, kTileRows);
+  for_each_tile((out + tile - 1) / tile, [&](int64_t t, at::Tensor& scratch) {
+    const int64_t o0 = t * tile, o1 = std::min(out, o0 + tile);
+    const at::Tensor w16 = decode_tile_16bit(w, in, o0, o1, 0, in, x16.scalar_type(), scratch);
+    at::Tensor y_slice = y16.narrow(1, o0, o1 - o0);
+    at::mm_out(y_slice, x16, w16.t());
+  });
+}
+
+// gx16 = g16 @ W: each task decodes all weight rows of a band of columns, so every output
+// element comes from one GEMM over the whole sum (one rounding; accumulating chunks in the
+// 16-bit output would round once per chunk).
+void gemm_grad_input_16bit(const WeightView& w, const at::Tensor& g16, int64_t in, int64_t out,
+                           at::Tensor& gx16) {
+  const int64_t band = tile_extent_16bit(in, out, 64);
+  for_each_tile((in + band - 1) / band, [&](int64_t t, at::Tensor& scratch) {
+    const int64_t k0 = t * band, k1 = std::min(in, k0 + band);
+    const at::Tensor w16 = decode_tile_16bit(w, in, 0, out, k0, k1, g16.scalar_type(), scratch);
+    at::Tensor gx_slice = gx16.narrow(1, k0, k1 - k0);
+    at::mm_out(gx_slice, g16, w16);
+  });
+}
+
+// result (rows, n_cols) = input @ op(W); `forward` selects W^T (nf4_linear) or W. In the acc
+// dtype (float32, float64 for float64 input), except on the 16-bit tile path (tiles_in_16bit),
+// whose result is already rounded to the input's dtype.
 at::Tensor product(const WeightView& w_in, const at::Tensor& input2d, int64_t in, int64_t out,
                    bool forward) {
   // With double quantization, decode every block's scale once up front (blocks = numel / 64:
@@ -918,6 +1055,19 @@ at::Tensor product(const WeightView& w_in, const at::Tensor& input2d, int64_t in
       for (int64_t b = b0; b < b1; ++b) dst[b] = w_in.scale(b);
     });
     w.absmax = dst;
+  }
+  if (cpu_products_in_16bit(input2d.scalar_type(), input2d.size(0))) {
+    const at::Tensor a = input2d.contiguous();
+    const int64_t n_cols = forward ? out : in;
+    at::Tensor result = at::empty({a.size(0), n_cols}, a.options());
+    if (n_cols == 0) return result;
+    if (!forward && out == 0) return result.zero_();
+    if (forward) {
+      gemm_forward_16bit(w, a, in, out, result);
+    } else {
+      gemm_grad_input_16bit(w, a, in, out, result);
+    }
+    return result;
   }
   const at::ScalarType acc = input2d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor a = input2d.scalar_type() == acc ? input2d.contiguous()
@@ -958,6 +1108,10 @@ at::Tensor product_cpu(const Nf4Weight& w, const at::Tensor& input2d, int64_t ou
 }
 
 }  // namespace
+
+bool cpu_products_in_16bit(at::ScalarType t, int64_t rows) {
+  return rows > kGemvMaxRows && tiles_in_16bit(t);
+}
 
 const Nf4Kernels& cpu_nf4_kernels() {
   static const Nf4Kernels table{&quantize_cpu, &double_quantize_cpu, &dequantize_cpu,

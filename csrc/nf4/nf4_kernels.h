@@ -30,12 +30,18 @@ struct Nf4Kernels {
   // input2d (rows, k) @ op(W) for W (out_features, in_features): W^T when `forward` (k =
   // in_features, result (rows, out_features)), else W (k = out_features, result (rows,
   // in_features)). The result is unrounded: float32 (float64 for float64 input), except where
-  // a device multiplies decoded tiles in the input's dtype (CUDA, many rows).
+  // a device multiplies decoded tiles in the input's dtype (many rows of bf16/fp16: CUDA always,
+  // the CPU where it has arithmetic for the dtype): then it is rounded to the input's dtype.
   at::Tensor (*product)(const Nf4Weight& w, const at::Tensor& input2d, int64_t out_features,
                         int64_t in_features, bool forward);
 };
 
 const Nf4Kernels& cpu_nf4_kernels();
+
+// Whether the CPU table's product over `rows` rows of dtype t multiplies tiles decoded into t
+// and returns its result rounded to t (many rows of bf16/fp16 on a CPU with arithmetic for
+// them, or PEFTREG_CPU_WIDEN_16BIT=0; nf4_cpu.cpp).
+bool cpu_products_in_16bit(at::ScalarType t, int64_t rows);
 #if PEFTREG_WITH_CUDA
 const Nf4Kernels& cuda_nf4_kernels();
 #endif

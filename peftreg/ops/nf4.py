@@ -35,13 +35,32 @@ from peftreg.ops._op import Op
 from peftreg.ops.lora import (
     check_lora_backward,
     check_lora_factors,
+    cpu_widens_16bit,
     lora_grads_fake,
     padded_needs,
     with_defaults,
 )
 
-__all__ = ["dequantize", "double_quantize", "linear", "linear_grad_input", "lora_linear",
-           "quantize"]
+__all__ = ["cpu_rounds_weight", "dequantize", "double_quantize", "linear", "linear_grad_input",
+           "lora_linear", "quantize"]
+
+# Up to this many input rows the CPU products run the decoding GEMV (kGemvMaxRows in
+# csrc/nf4/nf4_cpu.cpp).
+CPU_GEMV_MAX_ROWS = 8
+
+
+def cpu_rounds_weight(dtype: torch.dtype, rows: int) -> bool:
+    """Whether the CPU NF4 products over ``rows`` input rows of ``dtype`` round W to ``dtype``.
+
+    True for more than :data:`CPU_GEMV_MAX_ROWS` rows of bf16/fp16 on a processor with native
+    arithmetic for that dtype (AVX512-BF16 / AVX512-FP16): there the kernels decode W tiles
+    into ``dtype`` (each weight rounded as :func:`dequantize` rounds it) and run ATen's 16-bit
+    GEMM, whose result is rounded to ``dtype`` (docs/ops.md "nf4_linear"). Everywhere else W
+    enters at float32 precision. ``PEFTREG_CPU_WIDEN_16BIT=1``/``=0`` forces float32/16-bit
+    tiles, as for the dense LoRA kernels. Mirrors ``tiles_in_16bit`` in csrc/nf4/nf4_cpu.cpp.
+    """
+    return (rows > CPU_GEMV_MAX_ROWS and dtype in (torch.bfloat16, torch.float16)
+            and not cpu_widens_16bit(dtype))
 
 
 def _dequantize_into_plain(codes: torch.Tensor, absmax: torch.Tensor,
@@ -155,9 +174,11 @@ def linear(
 ) -> torch.Tensor:
     """``x @ W^T + bias`` for an NF4 weight ``W`` of shape ``(out_features, in_features)``.
 
-    ``W`` is decoded tile by tile inside the product (never as a whole dense tensor). The weight
+    ``W`` is decoded tile by tile inside the product (never kept as a dense tensor). The weight
     enters at float32 precision, sums accumulate in float32, and the output is rounded once to
-    ``x.dtype``. Differentiable in ``x`` and ``bias``; the weight is frozen.
+    ``x.dtype``; except for many rows of bf16/fp16 on CUDA, and on a CPU with arithmetic for the
+    dtype (:func:`cpu_rounds_weight`), where W is rounded to ``x.dtype`` first, as in
+    dequantize-then-matmul. Differentiable in ``x`` and ``bias``; the weight is frozen.
 
     Args:
         x: ``(..., in_features)``, float32/bfloat16/float16 (float64 for gradient checks).
@@ -216,8 +237,9 @@ def lora_linear(
 
     Computes ``x @ dequant(W)^T + bias + scaling * ((x_lora or x) @ lora_a^T) @ lora_b^T`` with
     ``W`` decoded tile by tile (as :func:`linear`) and every sum in float32, rounded once to
-    ``x.dtype``. Differentiable in ``x``, ``bias``, ``lora_a``, ``lora_b`` and ``x_lora``
-    (first order); the quantized weight is frozen.
+    ``x.dtype``; where :func:`cpu_rounds_weight` holds (and on CUDA) the layer runs in
+    ``x.dtype`` instead, as dequantize-then-matmul does. Differentiable in ``x``, ``bias``,
+    ``lora_a``, ``lora_b`` and ``x_lora`` (first order); the quantized weight is frozen.
 
     Args:
         x: ``(..., in_features)``, float32/bfloat16/float16 (float64 for gradient checks).

@@ -71,7 +71,11 @@ def test_forward_and_gradients_match_float64(op_device, case, dtype):
     ref_xl = xl.double().requires_grad_() if with_xl else None
     expected = _reference(layer, ref_leaves[0], ref_leaves[1], ref_leaves[2], ref_leaves[3], 1.25,
                           ref_xl)
-    scaled_close(y, expected, "nf4_linear.forward", dtype)
+    rows = x.numel() // in_f
+    # Where the CPU rounds W to bf16 the whole layer runs in bf16 (docs/ops.md), with
+    # lora_linear's 16-bit roundings.
+    rounds_w = op_device.type == "cpu" and nf4_ops.cpu_rounds_weight(dtype, rows)
+    scaled_close(y, expected, "lora_linear.forward" if rounds_w else "nf4_linear.forward", dtype)
 
     upstream = t(*lead, out_f)
     y.backward(upstream)
