@@ -437,12 +437,20 @@ class PeftExport:
         tensors: its tensors under peftreg's saved keys (on the CPU).
         family: the base model's family, if known (prefix tuning needs its geometry).
         task_type: PEFT's ``task_type`` being written.
+        original_base: write the adapter so that it applies to the base model as it was
+            before the adapter was created. Only a method whose initialisation rewrites the
+            base weights (LoRA's PiSSA and OLoRA) has anything to do; the others write the
+            same either way.
+        unsaved: tensors the adapter holds but does not save (its non-persistent buffers,
+            under saved keys), given with ``original_base``.
     """
 
     config: MethodConfig
     tensors: dict[str, torch.Tensor]
     family: ModelFamily | None = None
     task_type: str | None = None
+    original_base: bool = False
+    unsaved: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def split_saved(self, owned: set[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
         """``modules_to_save`` paths and tensors: the keys not in ``owned`` under an entry

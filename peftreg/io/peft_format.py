@@ -258,6 +258,8 @@ def to_peft(
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
+    original_base: bool = False,
+    unsaved: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Translate a peftreg adapter (config and saved tensors) to PEFT's config and tensors.
 
@@ -269,6 +271,11 @@ def to_peft(
             and key/value heads); prompt tuning records them when known.
         task_type: PEFT's ``task_type``; prompt and prefix tuning need one.
         base_model_name_or_path, revision: written as given.
+        original_base: write the adapter for the base as it was before the adapter's
+            initialisation rewrote it (see :attr:`~peftreg.io.peft_codec.PeftExport.
+            original_base`).
+        unsaved: the adapter's tensors that are not saved (non-persistent buffers), under
+            saved keys; the codec may need them for ``original_base``.
 
     Returns:
         PEFT's ``adapter_config.json`` document and its tensors.
@@ -301,7 +308,8 @@ def to_peft(
         "base_model_name_or_path": base_model_name_or_path, "revision": revision,
         "inference_mode": True, "peft_version": codec.peft_version,
     }
-    body, out = codec.write(PeftExport(config, tensors, family, task_type))
+    body, out = codec.write(PeftExport(config, tensors, family, task_type, original_base,
+                                       dict(unsaved or {})))
     doc.update(body)
     return doc, out
 
@@ -410,6 +418,7 @@ def save_peft_adapter(
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
+    original_base: bool = False,
 ) -> Path:
     """Write adapter ``name`` of ``model`` in PEFT's format, loadable with
     ``PeftModel.from_pretrained(base, path)``.
@@ -425,6 +434,8 @@ def save_peft_adapter(
             it is guessed from the model's class (``...ForCausalLM``: ``CAUSAL_LM``) when not
             given.
         base_model_name_or_path, revision: written into the config as given.
+        original_base: write it for the base model as it was before the adapter was created
+            (an adapter whose initialisation rewrote the base weights: PiSSA, OLoRA).
 
     Returns:
         The directory holding the adapter's files.
@@ -439,8 +450,11 @@ def save_peft_adapter(
         task_type = guess_task_type(model.model)
     tensors = {k: v.detach().to("cpu").contiguous()
                for k, v in model.adapter_state_dict(name).items()}
+    unsaved = {k: v.detach().to("cpu").contiguous()
+               for k, v in model.adapter_state_dict(name, unsaved=True).items()
+               } if original_base else None
     doc, out = to_peft(record.config, tensors, registry=model.registry, family=model.family,
                        task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-                       revision=revision)
+                       revision=revision, original_base=original_base, unsaved=unsaved)
     target = Path(directory) if name == "default" else Path(directory) / name
     return write_peft_dir(target, doc, out)
