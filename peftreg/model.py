@@ -757,11 +757,14 @@ class AdaptedModel(nn.Module):
         *,
         activate: bool = True,
         trainable: bool = False,
+        method: str | None = None,
     ) -> AdapterRecord:
         """Load a saved adapter as ``name`` (default: its saved name); see
         :func:`peftreg.io.load.load_adapter`. A Hugging Face PEFT adapter directory
-        (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way."""
-        return load_adapter(self, directory, name, activate=activate, trainable=trainable)
+        (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way;
+        ``method`` reads it as another method that reads the same PEFT type (``"qlora"``)."""
+        return load_adapter(self, directory, name, activate=activate, trainable=trainable,
+                            method=method)
 
     def prepare_hotswap(self, name: str, max_rank: int) -> None:
         """Make adapter ``name`` ready for :meth:`hotswap_adapter` with saved adapters of rank

@@ -537,6 +537,8 @@ class PeftCodec(abc.ABC):
             tuning pick PEFT's model wrapper by it).
         needs_model: the export needs the base model's family (prefix tuning records the
             model's layer count and heads).
+        explicit_only: read a document only when the load names this method (QLoRA reads
+            LoRA's LORA documents onto a base it quantizes, when asked to).
     """
 
     peft_type: ClassVar[str]
@@ -545,6 +547,7 @@ class PeftCodec(abc.ABC):
     exported_fields: ClassVar[frozenset[str]]
     needs_task_type: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    explicit_only: ClassVar[bool] = False
 
     def claims(self, doc: Mapping[str, Any]) -> bool:
         """Whether this codec reads ``doc`` (a document whose ``peft_type`` is

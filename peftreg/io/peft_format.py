@@ -96,7 +96,8 @@ def codec_for_method(registry: Registry, method: str) -> PeftCodec:
     return codec
 
 
-def _codec_for_doc(ctx: PeftImport, registry: Registry) -> tuple[str, PeftCodec]:
+def _codec_for_doc(ctx: PeftImport, registry: Registry, method: str | None
+                   ) -> tuple[str, PeftCodec]:
     codecs = peft_codecs(registry)
     types = sorted({codec.peft_type for _, codec in codecs})
     if "peft_type" not in ctx.doc:
@@ -109,6 +110,16 @@ def _codec_for_doc(ctx: PeftImport, registry: Registry) -> tuple[str, PeftCodec]
         raise ctx.config_error(
             f"peft_type {peft_type!r} is not one peftreg can load: no installed method reads it "
             f"(supported: {', '.join(types)})")
+    if method is not None:
+        chosen = [(name, codec) for name, codec in same_type if name == method]
+        if not chosen:
+            readers = ", ".join(repr(name) for name, _ in same_type)
+            raise ctx.config_error(
+                f"peft_type {peft_type!r} cannot be read as a {method} adapter (the installed "
+                f"methods reading it: {readers})")
+        return chosen[0]
+    # A codec read only on request (QLoRA's LORA documents, which LoRA reads by default).
+    same_type = [(n, c) for n, c in same_type if not c.explicit_only] or same_type
     claiming = [(name, codec) for name, codec in same_type if codec.claims(ctx.doc)]
     if len(claiming) > 1:
         raise ctx.config_error(
@@ -129,6 +140,7 @@ def read_peft_dir(
     *,
     model: nn.Module | None = None,
     family: ModelFamily | None = None,
+    method: str | None = None,
 ) -> AdapterDir:
     """Read and check a PEFT adapter directory and translate it to peftreg's config and keys.
 
@@ -140,6 +152,8 @@ def read_peft_dir(
         registry: where the methods and their codecs come from (default: installed plugins).
         model: the base model the adapter is meant for, if known.
         family: its family description (looked up from ``model`` when not given).
+        method: read it as this method's adapter (default: the method whose codec claims the
+            document; a codec marked ``explicit_only`` is used only when named here).
 
     Returns:
         An :class:`~peftreg.io.record.AdapterDir` with peftreg's config and tensor keys;
@@ -178,7 +192,7 @@ def read_peft_dir(
     if family is None and model is not None:
         family = registry.describe_model(model)
     config, ours, targets = _from_peft(doc, tensors, registry, model, family,
-                                       str(config_path), str(weights_path))
+                                       str(config_path), str(weights_path), method)
     return AdapterDir(directory, _adapter_name(directory), config, doc, ours, weights_path,
                       config_path, targets)
 
@@ -219,10 +233,10 @@ def from_peft(
 
 def _from_peft(doc: dict[str, Any], tensors: dict[str, torch.Tensor], registry: Registry,
                model: nn.Module | None, family: ModelFamily | None, config_path: str,
-               weights_path: str
+               weights_path: str, method: str | None = None
                ) -> tuple[MethodConfig, dict[str, torch.Tensor], tuple[str, ...]]:
     ctx = PeftImport(doc, config_path, weights_path, model, family)
-    method, codec = _codec_for_doc(ctx, registry)
+    method, codec = _codec_for_doc(ctx, registry, method)
     ctx.check_keys(codec.keys, codec.peft_version)
     fields, found = codec.read(ctx, tensors)
     ctx.raise_problems()
