@@ -123,7 +123,8 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
     if args.original_base:
         return _convert_for_original_base(args, console)
     model = _load_local_model(args.model) if args.model else None
-    written = convert(args.src, args.dst, to=args.to, task_type=args.task_type, model=model)
+    written = convert(args.src, args.dst, to=args.to, task_type=args.task_type, model=model,
+                      method=args.method)
     console.print(f"wrote {written}")
     return 0
 
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter as METHOD in PEFT's format, for servers that run only that method")
     p.add_argument("--task-type", default=None, help="PEFT task_type (CAUSAL_LM, SEQ_CLS, ...)")
     p.add_argument("--rank", type=int, default=None, help="rank of the refit (peft-METHOD)")
+    p.add_argument("--method", default=None,
+                   help="with --to peftreg: read the PEFT directory as this method's adapter "
+                   "(qlora for a LORA directory; default: the method that claims it)")
     p.add_argument("--original-base", action="store_true",
                    help="with --to peft and --model: write an adapter whose initialisation "
                    "rewrote the base (LoRA's PiSSA, OLoRA) as a plain LoRA of twice the rank "

@@ -149,3 +149,15 @@ def test_a_lora_trained_on_a_bitsandbytes_4bit_base(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(tiny_hf.logits(back, tiny_hf.IDS), expected, atol=1e-5,
                                    rtol=0)
+
+
+def test_convert_names_the_method(tmp_path):
+    from peftreg.cli import main
+
+    directory, _ = _peft_lora_dir(tmp_path, tiny_hf.llama())
+    assert main(["convert", str(directory), str(tmp_path / "q"), "--to", "peftreg",
+                 "--method", "qlora"]) == 0
+    doc = json.loads((tmp_path / "q" / "adapter.json").read_text())
+    assert doc["method"] == "qlora"
+    loaded = peftreg.load(tiny_hf.llama(), tmp_path / "q")
+    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj.base, Linear4bit)
