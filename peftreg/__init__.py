@@ -103,7 +103,7 @@ def config_for(method: str, **fields: Any) -> MethodConfig:
 
 
 def load(model: Any, directory: Any, name: str | None = None, *, trainable: bool = False,
-         registry: Registry | None = None) -> AdaptedModel:
+         registry: Registry | None = None, method: str | None = None) -> AdaptedModel:
     """Wrap ``model`` and load the adapter saved in ``directory`` into it.
 
     Args:
@@ -112,7 +112,9 @@ def load(model: Any, directory: Any, name: str | None = None, *, trainable: bool
         name: adapter name to use (default: the saved one).
         trainable: keep training it (default: inference only).
         registry: method registry (default: installed plugins).
+        method: read a PEFT directory as this method's adapter (``"qlora"`` for a LORA
+            directory: see :func:`peftreg.io.load.load_adapter`).
     """
     adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model, registry=registry)
-    adapted.load_adapter(directory, name, trainable=trainable)
+    adapted.load_adapter(directory, name, trainable=trainable, method=method)
     return adapted

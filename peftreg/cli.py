@@ -120,8 +120,27 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
         return _convert_refitted(args, console)
     if args.rank is not None:
         raise AdapterError("--rank is only used with --to peft-<method> (a refit)")
+    if args.original_base:
+        return _convert_for_original_base(args, console)
     model = _load_local_model(args.model) if args.model else None
-    written = convert(args.src, args.dst, to=args.to, task_type=args.task_type, model=model)
+    written = convert(args.src, args.dst, to=args.to, task_type=args.task_type, model=model,
+                      method=args.method)
+    console.print(f"wrote {written}")
+    return 0
+
+
+def _convert_for_original_base(args: argparse.Namespace, console: Console) -> int:
+    from peftreg.model import AdaptedModel
+
+    if args.to != "peft" or args.model is None:
+        raise AdapterError("--original-base writes PEFT's format (--to peft) and needs the "
+                           "original base model (--model PATH, a local transformers model "
+                           "directory): the adapter is loaded onto it, which recomputes the "
+                           "initial factors its initialisation took out of the base")
+    model = AdaptedModel(_load_local_model(args.model))
+    name = model.load_adapter(args.src).name
+    written = model.save_adapter(args.dst, name, format="peft", task_type=args.task_type,
+                                 original_base=True)
     console.print(f"wrote {written}")
     return 0
 
@@ -200,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter as METHOD in PEFT's format, for servers that run only that method")
     p.add_argument("--task-type", default=None, help="PEFT task_type (CAUSAL_LM, SEQ_CLS, ...)")
     p.add_argument("--rank", type=int, default=None, help="rank of the refit (peft-METHOD)")
+    p.add_argument("--method", default=None,
+                   help="with --to peftreg: read the PEFT directory as this method's adapter "
+                   "(qlora for a LORA directory; default: the method that claims it)")
+    p.add_argument("--original-base", action="store_true",
+                   help="with --to peft and --model: write an adapter whose initialisation "
+                   "rewrote the base (LoRA's PiSSA, OLoRA) as a plain LoRA of twice the rank "
+                   "for the unmodified base, as PEFT's path_initial_model_for_weight_conversion")
     p.add_argument("--model", default=None,
                    help="local transformers model directory of the base model (needed by "
                    "peft-METHOD and by prefix tuning's export)")

@@ -501,13 +501,21 @@ class AdaptedModel(nn.Module):
         """Every parameter belonging to adapter ``name`` (saved modules included)."""
         return [p for _, _, module in self._adapter_modules(name) for p in module.parameters()]
 
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter ``name``'s tensors keyed as in a saved file (no adapter name in keys)."""
+    def adapter_state_dict(self, name: str, *, unsaved: bool = False
+                           ) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors keyed as in a saved file (no adapter name in keys).
+
+        With ``unsaved``, instead the tensors it holds but does not save (non-persistent
+        buffers, such as the initial factors a base-rewriting LoRA init keeps), under the keys
+        they would have."""
         self.record(name)
         state: dict[str, torch.Tensor] = {}
         for path, slot, module in self._adapter_modules(name):
             prefix = slot.saved_key_prefix(path)
-            for key, tensor in module.state_dict().items():
+            tensors = module.state_dict()
+            if unsaved:
+                tensors = {k: b for k, b in module.named_buffers() if k not in tensors}
+            for key, tensor in tensors.items():
                 full = f"{prefix}.{key}" if prefix else key
                 if full in state:
                     raise AdapterError(f"two tensors of adapter {name!r} share the key {full!r}")
@@ -702,6 +710,7 @@ class AdaptedModel(nn.Module):
         task_type: str | None = None,
         as_method: str | None = None,
         rank: int | None = None,
+        original_base: bool = False,
     ) -> Path:
         """Save one adapter (default: the only active one) to ``directory``.
 
@@ -718,6 +727,11 @@ class AdaptedModel(nn.Module):
                 method ``as_method`` (``"lora"``) of rank ``rank``, refitted to the updates it
                 makes, so that servers that only run that method can serve it; the refit's
                 error is recorded in the config (see :func:`peftreg.io.refit.save_refitted`).
+            original_base: with ``format="peft"``, write the adapter so that it applies to the
+                base model as it was before the adapter was created, for a method whose
+                initialisation rewrote the base weights (LoRA's PiSSA and OLoRA: a plain LoRA
+                of twice the rank, as PEFT's ``path_initial_model_for_weight_conversion``
+                writes it). Other adapters are written as they are.
 
         Returns:
             The directory the adapter's files were written to.
@@ -736,8 +750,12 @@ class AdaptedModel(nn.Module):
                 raise AdapterError("as_method writes PEFT's format; pass format='peft'")
             return save_refitted(self, directory, name, method=as_method, rank=rank,
                                  task_type=task_type)[0]
+        if original_base and (format != "peft" or as_method is not None):
+            raise AdapterError("original_base writes PEFT's format (format='peft'), without "
+                               "as_method")
         if format == "peft":
-            return save_peft_adapter(self, directory, name, task_type=task_type)
+            return save_peft_adapter(self, directory, name, task_type=task_type,
+                                     original_base=original_base)
         if format != "peftreg":
             raise AdapterError(f"unknown adapter format {format!r}; use 'peftreg' or 'peft'")
         if task_type is not None:
@@ -751,11 +769,14 @@ class AdaptedModel(nn.Module):
         *,
         activate: bool = True,
         trainable: bool = False,
+        method: str | None = None,
     ) -> AdapterRecord:
         """Load a saved adapter as ``name`` (default: its saved name); see
         :func:`peftreg.io.load.load_adapter`. A Hugging Face PEFT adapter directory
-        (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way."""
-        return load_adapter(self, directory, name, activate=activate, trainable=trainable)
+        (``adapter_config.json``, no ``adapter.json``) is recognised and converted on the way;
+        ``method`` reads it as another method that reads the same PEFT type (``"qlora"``)."""
+        return load_adapter(self, directory, name, activate=activate, trainable=trainable,
+                            method=method)
 
     def prepare_hotswap(self, name: str, max_rank: int) -> None:
         """Make adapter ``name`` ready for :meth:`hotswap_adapter` with saved adapters of rank

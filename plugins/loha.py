@@ -180,6 +180,34 @@ class DenseUpdateLayer(LayerAdapter):
         w.copy_((w.float() - self.delta_weight().float().reshape(w.shape)).to(w.dtype))
 
 
+class HadamardProduct(torch.autograd.Function):
+    """``scale * (w1a @ w1b) * (w2a @ w2b)`` keeping only the four factors for the backward.
+
+    Plain autograd would keep both dense products ``w1a @ w1b`` and ``w2a @ w2b`` (each the size
+    of the weight) for the element-wise product's backward, on top of the update itself, which
+    the layer's matmul keeps. The backward recomputes them from the factors instead: two
+    rank-``r`` matmuls, against the two dense tensors held per layer until the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                w2b: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        # d/dW1 of (W1 * W2) is grad * W2, then through W1 = w1a @ w1b; likewise for W2.
+        g1 = grad * (w2a @ w2b)
+        grad_w1a, grad_w1b = g1 @ w1b.T, w1a.T @ g1
+        del g1
+        g2 = grad * (w1a @ w1b)
+        return grad_w1a, grad_w1b, g2 @ w2b.T, w2a.T @ g2, None
+
+
 class LohaLinear(DenseUpdateLayer):
     """LoHa factors for one ``nn.Linear``: ``y = base(x) + x ((w1a w1b) * (w2a w2b))^T s``."""
 
@@ -209,8 +237,8 @@ class LohaLinear(DenseUpdateLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * (w1a @ w1b) * (w2a @ w2b)``, shape (out, in)."""
-        return ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
-                * self.scaling)
+        return HadamardProduct.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
+                                     self.hada_w2_b, self.scaling)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"

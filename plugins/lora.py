@@ -283,6 +283,14 @@ def init_from_base(adapter: LoraLinear, base: nn.Module, init: str) -> None:
         adapter.lora_A.weight.copy_(a)
         adapter.lora_B.weight.copy_(b)
         weight.copy_((w - scaling * b @ a).to(weight.dtype))
+    # The initial factors are what was taken out of the base: with them the trained adapter can
+    # be rewritten to apply to the original weight (PEFT's path_initial_model_for_weight_
+    # conversion). Not saved: loading onto the original base decomposes it again, which
+    # recomputes them, so a file holds only what a plain LoRA file holds.
+    adapter.register_buffer("lora_A_init", adapter.lora_A.weight.detach().clone(),
+                            persistent=False)
+    adapter.register_buffer("lora_B_init", adapter.lora_B.weight.detach().clone(),
+                            persistent=False)
 
 
 class LoraEmbedding(LayerAdapter):

@@ -9,6 +9,7 @@ the computation in a way peftreg's LoRA does not follow is refused, naming it; D
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -23,6 +24,7 @@ from peftreg.plugin import (
     PeftExport,
     PeftImport,
     PeftKeys,
+    UnsupportedOperationError,
     is_off,
     is_plain_name,
     pattern_key_from_peft,
@@ -163,6 +165,44 @@ def lora_body(ctx: PeftExport, found: ModuleTensors) -> dict[str, Any]:
     return body
 
 
+INIT_LEAVES: Final = ("lora_A_init", "lora_B_init")
+
+
+def on_original_base(ctx: PeftExport) -> PeftExport:
+    """A PiSSA or OLoRA adapter rewritten as a plain LoRA of twice the rank that applies to
+    the original base weight ``W`` instead of the residual ``W - s B0 A0`` it was trained on.
+
+    ``W_res + s B A = W + s (B A - B0 A0) = W + s [B, -B0] [A; A0]``: the factors are stacked
+    along the rank, the trained ones first, as PEFT 0.21.2's ``subtract_mutated_init`` stacks
+    them. The rank doubles, so ``lora_alpha`` doubles too (times ``sqrt(2)`` with rsLoRA) and
+    every module keeps its scale; pattern entries follow the same rule.
+    """
+    config: Any = ctx.config
+    factor = math.sqrt(2.0) if config.use_rslora else 2.0
+    tensors = dict(ctx.tensors)
+    for key in list(tensors):
+        for leaf, init_leaf, dim, sign in (("lora_A.weight", "lora_A_init", 0, 1.0),
+                                           ("lora_B.weight", "lora_B_init", 1, -1.0)):
+            if not key.endswith("." + leaf):
+                continue
+            init_key = key[: -len(leaf)] + init_leaf
+            init = ctx.unsaved.get(init_key)
+            if init is None:
+                raise UnsupportedOperationError(
+                    f"{init_key}: the initial factor of this {config.init_lora_weights} "
+                    "adapter is not held, so it cannot be rewritten for the original base "
+                    "(create or load the adapter on the original base model first)")
+            tensors[key] = torch.cat([tensors[key], sign * init.to(tensors[key].dtype)],
+                                     dim=dim)
+    converted = dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=factor * config.lora_alpha,
+        init_lora_weights="kaiming",
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()})
+    return dataclasses.replace(ctx, config=converted, tensors=tensors, original_base=False,
+                               unsaved={})
+
+
 class LoraPeftCodec(PeftCodec):
     """PEFT's LORA documents without DoRA, and peftreg LoRA adapters written as them."""
 
@@ -186,5 +226,8 @@ class LoraPeftCodec(PeftCodec):
         return fields, found
 
     def write(self, ctx: PeftExport) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if ctx.original_base and getattr(ctx.config, "init_lora_weights",
+                                         None) in REPRODUCED_INITS:
+            ctx = on_original_base(ctx)
         found = ctx.modules(LEAVES)
         return lora_body(ctx, found), found.tensors

@@ -16,6 +16,7 @@ Merging densifies the adapted layers (dequantize, then add the LoRA update), so
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -27,6 +28,9 @@ from peftreg.plugin import (
     Capabilities,
     Linear4bit,
     ModelFamily,
+    ModuleTensors,
+    PeftCodec,
+    PeftImport,
     PEFTMethod,
     TargetedConfig,
     TargetNotFoundError,
@@ -41,6 +45,7 @@ from peftreg.plugin import (
     dense_linear as sdk_dense_linear,
 )
 from peftreg_plugins.lora import LoraConfig, LoraLinear
+from peftreg_plugins.lora_peft import LoraPeftCodec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,6 +130,50 @@ def quantize_base(model: nn.Module, config: QLoraConfig,
     return paths
 
 
+class QLoraPeftCodec(LoraPeftCodec):
+    """QLoRA in PEFT's format: a PEFT LoRA trained on a 4-bit base is a plain ``LORA``
+    document (the quantization belongs to the base model, bitsandbytes' config, not to the
+    adapter), so the tensors and keys are LoRA's.
+
+    Read only when the load names ``"qlora"`` (LoRA reads LORA documents otherwise): the base
+    is then quantized with the QLoRA config's defaults (NF4, block 64, double quantization,
+    bfloat16 compute). An export drops those fields, which PEFT keeps in the base model's
+    ``BitsAndBytesConfig``.
+    """
+
+    explicit_only = True
+    exported_fields = LoraPeftCodec.exported_fields | {
+        "blocksize", "double_quant", "compute_dtype", "quantize"}
+
+    def read(self, ctx: PeftImport, tensors: Mapping[str, torch.Tensor]
+             ) -> tuple[dict[str, Any], ModuleTensors]:
+        fields, found = super().read(ctx, tensors)
+        fields.update(_quantization_of(ctx, list(found.adapted)))
+        return fields, found
+
+
+def _quantization_of(ctx: PeftImport, adapted: list[str]) -> dict[str, Any]:
+    """QLoRA fields describing a base that is already 4-bit (taken as it is: only the adapted
+    layers still dense are quantized, like the others); none for a dense base."""
+    layers = {path: m for path, m in ctx.base_modules() if isinstance(m, Linear4bit)}
+    if not layers:
+        return {}
+    kinds = {(m.blocksize, m.weight_nested_absmax is not None, m.compute_dtype)
+             for m in layers.values()}
+    if len(kinds) > 1:
+        raise ctx.config_error(
+            "the model's 4-bit layers differ in block size, double quantization or compute "
+            f"dtype ({sorted(str(k) for k in kinds)}), which one QLoRA config cannot describe; "
+            "load it as 'lora' (LoRA adapts 4-bit layers as they are)")
+    blocksize, double_quant, dtype = kinds.pop()
+    names = {v: k for k, v in _DTYPES.items()}
+    if dtype not in names:
+        raise ctx.config_error(f"the model's 4-bit layers compute in {dtype}, not a QLoRA "
+                               f"compute_dtype ({', '.join(_DTYPES)})")
+    return {"blocksize": blocksize, "double_quant": double_quant,
+            "compute_dtype": names[dtype], "quantize": "targets"}
+
+
 class QLoraMethod(PEFTMethod[QLoraConfig]):
     """LoRA on a 4-bit NF4 base with double quantization; merging densifies the base."""
 
@@ -134,6 +183,7 @@ class QLoraMethod(PEFTMethod[QLoraConfig]):
                                                        compilable=True)
     suggested_learning_rate: ClassVar[float] = 2e-3
     size_field: ClassVar[str | None] = "r"
+    peft_codec: ClassVar[PeftCodec] = QLoraPeftCodec()
 
     def _targets(self, model: nn.Module, config: QLoraConfig,
                  family: ModelFamily | None) -> list[str]:

@@ -31,6 +31,7 @@ def convert(
     to: Literal["peft", "peftreg"],
     model: nn.Module | None = None,
     task_type: str | None = None,
+    method: str | None = None,
 ) -> Path:
     """Convert the adapter in SRC to the other format and write it to DST.
 
@@ -54,6 +55,8 @@ def convert(
             ``modules_to_save`` modules without tensors) and the exports that need it.
         task_type: PEFT's ``task_type`` for ``to="peft"`` (default: none, or guessed from
             ``model`` for methods that need one).
+        method: for ``to="peftreg"``, read the PEFT document as this method's adapter
+            (``"qlora"`` for a LORA directory; default: the method that claims it).
 
     Returns:
         ``dst``.
@@ -67,6 +70,9 @@ def convert(
     src, dst = Path(src), Path(dst)
     registry = default_registry()
     family = registry.describe_model(model) if model is not None else None
+    if to == "peft" and method is not None:
+        raise AdapterError("method is only used when converting to peftreg (a peftreg "
+                           "directory names its method)")
     if to == "peft":
         if is_peft_dir(src):
             raise AdapterFileError(f"{src}: already a PEFT adapter directory")
@@ -89,7 +95,7 @@ def convert(
                                    "without adapter.json)")
         if task_type is not None:
             raise AdapterError("task_type is only used when converting to PEFT")
-        peft = read_peft_dir(src, registry, model=model, family=family)
+        peft = read_peft_dir(src, registry, model=model, family=family, method=method)
         plugin = registry.get(peft.config.method)
         return write_adapter_dir(
             dst, adapter_name=peft.adapter_name, config=peft.config, tensors=peft.tensors,

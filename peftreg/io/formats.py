@@ -24,7 +24,8 @@ from peftreg.registry import Registry
 
 __all__ = ["FORMATS", "Format", "detect", "read_any"]
 
-Reader = Callable[[Path, Registry, "nn.Module | None", "ModelFamily | None"], AdapterDir]
+Reader = Callable[[Path, Registry, "nn.Module | None", "ModelFamily | None", "str | None"],
+                  AdapterDir]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Format:
         config_file: the file whose presence marks the format.
         description: for messages.
         read: reads and checks a directory of the format (no model touched; with the model,
-            the checks that need it run too).
+            the checks that need it run too), as the method named, if one is.
     """
 
     name: str
@@ -50,12 +51,21 @@ class Format:
         return is_present(directory / self.config_file)
 
 
+def _as_saved(saved: AdapterDir, method: str | None) -> AdapterDir:
+    # peftreg's format names its method: another one cannot be asked for.
+    if method is not None and method != saved.config.method:
+        raise AdapterFileError(f"{saved.config_file}: a {saved.config.method} adapter, not a "
+                               f"{method} one; peftreg's format is read as the method it names")
+    return saved
+
+
 FORMATS: Final = (
     Format("peftreg", adapter_dir.CONFIG_FILE, "peftreg's format",
-           lambda d, registry, model, family: adapter_dir.read_adapter_dir(d, registry)),
+           lambda d, registry, model, family, method: _as_saved(
+               adapter_dir.read_adapter_dir(d, registry), method)),
     Format("peft", peft_format.PEFT_CONFIG_FILE, "Hugging Face PEFT's",
-           lambda d, registry, model, family: peft_format.read_peft_dir(
-               d, registry, model=model, family=family)),
+           lambda d, registry, model, family, method: peft_format.read_peft_dir(
+               d, registry, model=model, family=family, method=method)),
 )
 
 
@@ -77,6 +87,8 @@ def detect(directory: str | Path) -> Format:
 
 
 def read_any(directory: str | Path, registry: Registry, *, model: nn.Module | None = None,
-             family: ModelFamily | None = None) -> AdapterDir:
-    """Read the adapter in ``directory``, whichever format it is in."""
-    return detect(directory).read(Path(directory), registry, model, family)
+             family: ModelFamily | None = None, method: str | None = None) -> AdapterDir:
+    """Read the adapter in ``directory``, whichever format it is in; with ``method``, as that
+    method's adapter (a PEFT document several methods can read, such as a LORA one that LoRA
+    and QLoRA both read)."""
+    return detect(directory).read(Path(directory), registry, model, family, method)

@@ -30,6 +30,7 @@ def load_adapter(
     *,
     activate: bool = True,
     trainable: bool = False,
+    method: str | None = None,
 ) -> AdapterRecord:
     """Add the adapter saved in ``directory`` to ``model``.
 
@@ -46,13 +47,17 @@ def load_adapter(
         name: adapter name to use (default: the saved one).
         activate: make it the active adapter.
         trainable: allow its parameters to train (default: inference only).
+        method: read it as this method's adapter, for a PEFT document several methods read
+            (``"qlora"`` for a PEFT LORA directory: the base is quantized as QLoRA's defaults
+            say, and the LoRA factors go on top). Default: the method the file names.
 
     Raises:
         AdapterFileError: the directory fails its format's checks, or the tensors do not fit
             the model.
         AdapterError: the name is taken.
     """
-    saved = read_any(directory, model.registry, model=model.model, family=model.family)
+    saved = read_any(directory, model.registry, model=model.model, family=model.family,
+                     method=method)
     name = name or saved.adapter_name
     if name in model.adapters:
         raise AdapterError(f"an adapter named {name!r} already exists; pass another name")

@@ -437,12 +437,20 @@ class PeftExport:
         tensors: its tensors under peftreg's saved keys (on the CPU).
         family: the base model's family, if known (prefix tuning needs its geometry).
         task_type: PEFT's ``task_type`` being written.
+        original_base: write the adapter so that it applies to the base model as it was
+            before the adapter was created. Only a method whose initialisation rewrites the
+            base weights (LoRA's PiSSA and OLoRA) has anything to do; the others write the
+            same either way.
+        unsaved: tensors the adapter holds but does not save (its non-persistent buffers,
+            under saved keys), given with ``original_base``.
     """
 
     config: MethodConfig
     tensors: dict[str, torch.Tensor]
     family: ModelFamily | None = None
     task_type: str | None = None
+    original_base: bool = False
+    unsaved: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def split_saved(self, owned: set[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
         """``modules_to_save`` paths and tensors: the keys not in ``owned`` under an entry
@@ -529,6 +537,8 @@ class PeftCodec(abc.ABC):
             tuning pick PEFT's model wrapper by it).
         needs_model: the export needs the base model's family (prefix tuning records the
             model's layer count and heads).
+        explicit_only: read a document only when the load names this method (QLoRA reads
+            LoRA's LORA documents onto a base it quantizes, when asked to).
     """
 
     peft_type: ClassVar[str]
@@ -537,6 +547,7 @@ class PeftCodec(abc.ABC):
     exported_fields: ClassVar[frozenset[str]]
     needs_task_type: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    explicit_only: ClassVar[bool] = False
 
     def claims(self, doc: Mapping[str, Any]) -> bool:
         """Whether this codec reads ``doc`` (a document whose ``peft_type`` is

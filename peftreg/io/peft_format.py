@@ -96,7 +96,8 @@ def codec_for_method(registry: Registry, method: str) -> PeftCodec:
     return codec
 
 
-def _codec_for_doc(ctx: PeftImport, registry: Registry) -> tuple[str, PeftCodec]:
+def _codec_for_doc(ctx: PeftImport, registry: Registry, method: str | None
+                   ) -> tuple[str, PeftCodec]:
     codecs = peft_codecs(registry)
     types = sorted({codec.peft_type for _, codec in codecs})
     if "peft_type" not in ctx.doc:
@@ -109,6 +110,16 @@ def _codec_for_doc(ctx: PeftImport, registry: Registry) -> tuple[str, PeftCodec]
         raise ctx.config_error(
             f"peft_type {peft_type!r} is not one peftreg can load: no installed method reads it "
             f"(supported: {', '.join(types)})")
+    if method is not None:
+        chosen = [(name, codec) for name, codec in same_type if name == method]
+        if not chosen:
+            readers = ", ".join(repr(name) for name, _ in same_type)
+            raise ctx.config_error(
+                f"peft_type {peft_type!r} cannot be read as a {method} adapter (the installed "
+                f"methods reading it: {readers})")
+        return chosen[0]
+    # A codec read only on request (QLoRA's LORA documents, which LoRA reads by default).
+    same_type = [(n, c) for n, c in same_type if not c.explicit_only] or same_type
     claiming = [(name, codec) for name, codec in same_type if codec.claims(ctx.doc)]
     if len(claiming) > 1:
         raise ctx.config_error(
@@ -129,6 +140,7 @@ def read_peft_dir(
     *,
     model: nn.Module | None = None,
     family: ModelFamily | None = None,
+    method: str | None = None,
 ) -> AdapterDir:
     """Read and check a PEFT adapter directory and translate it to peftreg's config and keys.
 
@@ -140,6 +152,8 @@ def read_peft_dir(
         registry: where the methods and their codecs come from (default: installed plugins).
         model: the base model the adapter is meant for, if known.
         family: its family description (looked up from ``model`` when not given).
+        method: read it as this method's adapter (default: the method whose codec claims the
+            document; a codec marked ``explicit_only`` is used only when named here).
 
     Returns:
         An :class:`~peftreg.io.record.AdapterDir` with peftreg's config and tensor keys;
@@ -178,7 +192,7 @@ def read_peft_dir(
     if family is None and model is not None:
         family = registry.describe_model(model)
     config, ours, targets = _from_peft(doc, tensors, registry, model, family,
-                                       str(config_path), str(weights_path))
+                                       str(config_path), str(weights_path), method)
     return AdapterDir(directory, _adapter_name(directory), config, doc, ours, weights_path,
                       config_path, targets)
 
@@ -219,10 +233,10 @@ def from_peft(
 
 def _from_peft(doc: dict[str, Any], tensors: dict[str, torch.Tensor], registry: Registry,
                model: nn.Module | None, family: ModelFamily | None, config_path: str,
-               weights_path: str
+               weights_path: str, method: str | None = None
                ) -> tuple[MethodConfig, dict[str, torch.Tensor], tuple[str, ...]]:
     ctx = PeftImport(doc, config_path, weights_path, model, family)
-    method, codec = _codec_for_doc(ctx, registry)
+    method, codec = _codec_for_doc(ctx, registry, method)
     ctx.check_keys(codec.keys, codec.peft_version)
     fields, found = codec.read(ctx, tensors)
     ctx.raise_problems()
@@ -258,6 +272,8 @@ def to_peft(
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
+    original_base: bool = False,
+    unsaved: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Translate a peftreg adapter (config and saved tensors) to PEFT's config and tensors.
 
@@ -269,6 +285,11 @@ def to_peft(
             and key/value heads); prompt tuning records them when known.
         task_type: PEFT's ``task_type``; prompt and prefix tuning need one.
         base_model_name_or_path, revision: written as given.
+        original_base: write the adapter for the base as it was before the adapter's
+            initialisation rewrote it (see :attr:`~peftreg.io.peft_codec.PeftExport.
+            original_base`).
+        unsaved: the adapter's tensors that are not saved (non-persistent buffers), under
+            saved keys; the codec may need them for ``original_base``.
 
     Returns:
         PEFT's ``adapter_config.json`` document and its tensors.
@@ -301,7 +322,8 @@ def to_peft(
         "base_model_name_or_path": base_model_name_or_path, "revision": revision,
         "inference_mode": True, "peft_version": codec.peft_version,
     }
-    body, out = codec.write(PeftExport(config, tensors, family, task_type))
+    body, out = codec.write(PeftExport(config, tensors, family, task_type, original_base,
+                                       dict(unsaved or {})))
     doc.update(body)
     return doc, out
 
@@ -410,6 +432,7 @@ def save_peft_adapter(
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
+    original_base: bool = False,
 ) -> Path:
     """Write adapter ``name`` of ``model`` in PEFT's format, loadable with
     ``PeftModel.from_pretrained(base, path)``.
@@ -425,6 +448,8 @@ def save_peft_adapter(
             it is guessed from the model's class (``...ForCausalLM``: ``CAUSAL_LM``) when not
             given.
         base_model_name_or_path, revision: written into the config as given.
+        original_base: write it for the base model as it was before the adapter was created
+            (an adapter whose initialisation rewrote the base weights: PiSSA, OLoRA).
 
     Returns:
         The directory holding the adapter's files.
@@ -439,8 +464,11 @@ def save_peft_adapter(
         task_type = guess_task_type(model.model)
     tensors = {k: v.detach().to("cpu").contiguous()
                for k, v in model.adapter_state_dict(name).items()}
+    unsaved = {k: v.detach().to("cpu").contiguous()
+               for k, v in model.adapter_state_dict(name, unsaved=True).items()
+               } if original_base else None
     doc, out = to_peft(record.config, tensors, registry=model.registry, family=model.family,
                        task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-                       revision=revision)
+                       revision=revision, original_base=original_base, unsaved=unsaved)
     target = Path(directory) if name == "default" else Path(directory) / name
     return write_peft_dir(target, doc, out)

@@ -17,7 +17,7 @@ from torch import nn
 import peftreg
 from peftreg import ConfigError
 from peftreg.testing import ALL_CHECKS, check_method
-from peftreg_plugins.loha import LohaConfig, LohaLinear, LohaMethod
+from peftreg_plugins.loha import HadamardProduct, LohaConfig, LohaLinear, LohaMethod
 
 peft = pytest.importorskip("peft", reason="peft is not installed")
 
@@ -157,3 +157,30 @@ def test_conv2d_peft_directory_round_trip(tmp_path):
     back = peft.PeftModel.from_pretrained(TinyConvs(), tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x), ours(x), **tol("peft_parity", torch.float32))
+
+
+def test_hadamard_product_gradients_in_float64():
+    gen = torch.Generator().manual_seed(4)
+    factors = [torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((5, 2), (2, 7), (5, 2), (2, 7))]
+    assert torch.autograd.gradcheck(lambda *f: HadamardProduct.apply(*f, 0.75), factors)
+
+
+def test_backward_keeps_no_dense_product_of_the_factors():
+    # Bytes kept for the backward by one LoHa forward: the factors and the update F.linear
+    # needs, not the two dense products w1a @ w1b and w2a @ w2b (a weight's size each).
+    layer = nn.Linear(64, 48)
+    adapter = LohaLinear(layer, r=2, alpha=2.0, rank_dropout=0.0, module_dropout=0.0,
+                         init_weights=False)
+    x = torch.randn(3, 64, requires_grad=True)  # as after an adapted layer: dx needs the update
+    kept: list[int] = []
+
+    def pack(t):
+        kept.append(t.numel())
+        return t
+
+    y = layer(x).detach()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        adapter.adapt_output(x, y).sum().backward()
+    dense = 48 * 64
+    assert sum(n for n in kept if n == dense) == dense  # the update, once
