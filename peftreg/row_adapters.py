@@ -191,9 +191,9 @@ def _trainable_stacks(host: AdapterHost, names: tuple[str, ...], dtype: torch.dt
                           for a, _, _ in factors])
     lora_b = torch.stack([b if b.shape[1] == r_max else pad(b, (0, r_max - b.shape[1]))
                           for _, b, _ in factors])
-    scaling = torch.tensor([float(s) for _, _, s in factors], dtype=torch.float32,
-                           device=lora_a.device)
-    return lora_a, lora_b, scaling
+    scalings = torch.tensor([float(s) for _, _, s in factors], dtype=torch.float32,
+                            device=lora_a.device)
+    return lora_a, lora_b, scalings
 
 
 def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...],
