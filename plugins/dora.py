@@ -197,6 +197,10 @@ class _DoraLayer(LayerAdapter):
     _row_sq: tuple[tuple[Any, ...], torch.Tensor] | None
     _norm: tuple[tuple[Any, ...], torch.Tensor] | None
     _nonzero: tuple[tuple[Any, ...], bool] | None
+    _merged_norm: torch.Tensor | None
+    # The stored weight's axis that holds DoRA's rows: 0 for a linear weight (out x in), 1 for
+    # an embedding table (vocabulary x dim, the transpose of the matrix DoRA normalises).
+    _row_axis: ClassVar[int] = 0
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` in DoRA's orientation."""
@@ -256,6 +260,30 @@ class _DoraLayer(LayerAdapter):
         if self._nonzero is None or self._nonzero[0] != key:
             self._nonzero = (key, no_zero_scale(magnitude, norm, dtype))
         return magnitude, norm, self.base_view.bias(dtype), self._nonzero[1]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``s B A`` in the stored weight's layout (merging only)."""
+        raise NotImplementedError
+
+    def _per_row(self, factor: torch.Tensor) -> torch.Tensor:
+        """``factor`` (one entry per DoRA row) shaped to broadcast over the stored weight."""
+        return factor[:, None] if self._row_axis == 0 else factor[None, :]
+
+    def merge_into(self, base: nn.Module) -> None:
+        w = merge_weight(base)
+        norm = self.weight_norm().float()
+        factor = self._per_row(_merge_factor(self.lora_magnitude_vector, norm))
+        self._merged_norm = norm
+        w.copy_((factor * (w.float() + self.delta_weight())).to(w.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        norm = self._merged_norm
+        if norm is None:
+            raise UnsupportedOperationError("dora: unmerge without a merge")
+        w = merge_weight(base)
+        factor = self._per_row(self.lora_magnitude_vector.detach().float() / norm.to(w.device))
+        w.copy_((w.float() / factor - self.delta_weight()).to(w.dtype))
+        self._merged_norm = None
 
 
 class DoraLinear(_DoraLayer):
@@ -358,21 +386,6 @@ class DoraLinear(_DoraLayer):
 
     # -- merging ---------------------------------------------------------------------------------
 
-    def merge_into(self, base: nn.Module) -> None:
-        w = merge_weight(base)
-        norm = self.weight_norm().float()
-        factor = _merge_factor(self.lora_magnitude_vector, norm)
-        self._merged_norm = norm
-        w.copy_((factor[:, None] * (w.float() + self.delta_weight())).to(w.dtype))
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        norm = self._merged_norm
-        if norm is None:
-            raise UnsupportedOperationError("dora: unmerge without a merge")
-        w = merge_weight(base)
-        factor = self.lora_magnitude_vector.detach().float() / norm.to(w.device)
-        w.copy_((w.float() / factor[:, None] - self.delta_weight()).to(w.dtype))
-        self._merged_norm = None
 
 
 class DoraEmbedding(_DoraLayer):
@@ -424,21 +437,7 @@ class DoraEmbedding(_DoraLayer):
         combined = torch.add(y.to(dtype), low.to(dtype), alpha=float(self.scaling))
         return _rescale(combined, *self._scale_inputs(dtype)).to(y.dtype)
 
-    def merge_into(self, base: nn.Module) -> None:
-        w = merge_weight(base)
-        norm = self.weight_norm().float()
-        factor = _merge_factor(self.lora_magnitude_vector, norm)
-        self._merged_norm = norm
-        w.copy_((factor[None, :] * (w.float() + self.delta_weight())).to(w.dtype))
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        norm = self._merged_norm
-        if norm is None:
-            raise UnsupportedOperationError("dora: unmerge without a merge")
-        w = merge_weight(base)
-        factor = self.lora_magnitude_vector.detach().float() / norm.to(w.device)
-        w.copy_((w.float() / factor[None, :] - self.delta_weight()).to(w.dtype))
-        self._merged_norm = None
+    _row_axis: ClassVar[int] = 1
 
 
 def _merge_factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
