@@ -131,6 +131,31 @@ inline c10::SmallVector<int64_t, 6> with_last(const at::Tensor& t, int64_t last)
   return shape;
 }
 
+// Several adapters' LoRA factors stacked: x (..., in), lora_a (adapters, r, in), lora_b
+// (adapters, out, r), scaling (adapters,). Checks them in one order for every op that takes them
+// (lora_multi_add, lora_grouped_add) and fills s.rows, in_features, adapters, rank and
+// out_features.
+template <typename Sizes>
+void check_stacked_lora(Sizes& s, const char* op, const at::Tensor& x, const at::Tensor& lora_a,
+                        const at::Tensor& lora_b, const at::Tensor& scaling) {
+  check_min_dim(x, op, "x", 1, "(..., in_features)");
+  check_dim(lora_a, op, "lora_a", 3, "(adapters, r, in_features)");
+  check_dim(lora_b, op, "lora_b", 3, "(adapters, out_features, r)");
+  check_dim(scaling, op, "scaling", 1, "(adapters,)");
+  s.rows = leading_rows(x);
+  s.in_features = x.size(-1);
+  s.adapters = lora_a.size(0);
+  s.rank = lora_a.size(1);
+  s.out_features = lora_b.size(1);
+  check_size(lora_a, op, "lora_a", 2, s.in_features, "(adapters, r, in_features)",
+             "in_features = x.shape[-1]");
+  check_size(lora_b, op, "lora_b", 0, s.adapters, "(adapters, out_features, r)",
+             "adapters = lora_a.shape[0]");
+  check_size(lora_b, op, "lora_b", 2, s.rank, "(adapters, out_features, r)",
+             "r = lora_a.shape[1]");
+  check_size(scaling, op, "scaling", 0, s.adapters, "(adapters,)", "adapters = lora_a.shape[0]");
+}
+
 inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_contiguous(), op, ": argument '", name,
               "' must be contiguous but has strides ", t.strides(), " for shape ", t.sizes());

@@ -159,24 +159,8 @@ inline LoraMultiSizes check_lora_multi_args(const at::Tensor& base, const at::Te
                                             const at::Tensor& scaling, const at::Tensor& index) {
   namespace ck = peftreg::checks;
   const char* op = kLoraMultiOp;
-  ck::check_min_dim(x, op, "x", 1, "(..., in_features)");
-  ck::check_dim(lora_a, op, "lora_a", 3, "(adapters, r, in_features)");
-  ck::check_dim(lora_b, op, "lora_b", 3, "(adapters, out_features, r)");
-  ck::check_dim(scaling, op, "scaling", 1, "(adapters,)");
   LoraMultiSizes s;
-  s.rows = leading_rows(x);
-  s.in_features = x.size(-1);
-  s.adapters = lora_a.size(0);
-  s.rank = lora_a.size(1);
-  s.out_features = lora_b.size(1);
-  ck::check_size(lora_a, op, "lora_a", 2, s.in_features, "(adapters, r, in_features)",
-                 "in_features = x.shape[-1]");
-  ck::check_size(lora_b, op, "lora_b", 0, s.adapters, "(adapters, out_features, r)",
-                 "adapters = lora_a.shape[0]");
-  ck::check_size(lora_b, op, "lora_b", 2, s.rank, "(adapters, out_features, r)",
-                 "r = lora_a.shape[1]");
-  ck::check_size(scaling, op, "scaling", 0, s.adapters, "(adapters,)",
-                 "adapters = lora_a.shape[0]");
+  ck::check_stacked_lora(s, op, x, lora_a, lora_b, scaling);
   const auto expected = with_last(x, s.out_features);
   TORCH_CHECK(base.sizes() == c10::IntArrayRef(expected), op,
               ": argument 'base' must have shape (*x.shape[:-1], out_features) = ",

@@ -60,26 +60,10 @@ GroupedSizes check_grouped(const char* op, const at::Tensor& x, const at::Tensor
                            const at::Tensor& lora_b, const at::Tensor& scaling,
                            const at::Tensor& rows, c10::IntArrayRef counts) {
   namespace ck = peftreg::checks;
-  ck::check_min_dim(x, op, "x", 1, "(..., in_features)");
-  ck::check_dim(lora_a, op, "lora_a", 3, "(adapters, r, in_features)");
-  ck::check_dim(lora_b, op, "lora_b", 3, "(adapters, out_features, r)");
-  ck::check_dim(scaling, op, "scaling", 1, "(adapters,)");
-  ck::check_dim(rows, op, "rows", 1, "(taken rows,)");
   GroupedSizes s;
-  s.rows = ck::leading_rows(x);
-  s.in_features = x.size(-1);
-  s.adapters = lora_a.size(0);
-  s.rank = lora_a.size(1);
-  s.out_features = lora_b.size(1);
+  ck::check_stacked_lora(s, op, x, lora_a, lora_b, scaling);
+  ck::check_dim(rows, op, "rows", 1, "(taken rows,)");
   s.taken = rows.size(0);
-  ck::check_size(lora_a, op, "lora_a", 2, s.in_features, "(adapters, r, in_features)",
-                 "in_features = x.shape[-1]");
-  ck::check_size(lora_b, op, "lora_b", 0, s.adapters, "(adapters, out_features, r)",
-                 "adapters = lora_a.shape[0]");
-  ck::check_size(lora_b, op, "lora_b", 2, s.rank, "(adapters, out_features, r)",
-                 "r = lora_a.shape[1]");
-  ck::check_size(scaling, op, "scaling", 0, s.adapters, "(adapters,)",
-                 "adapters = lora_a.shape[0]");
   TORCH_CHECK(static_cast<int64_t>(counts.size()) == s.adapters, op,
               ": argument 'counts' must hold one row count per adapter (", s.adapters,
               " = lora_a.shape[0]) but has ", counts.size());

@@ -107,3 +107,21 @@ def blocksize(op: str, name: str, value: int) -> None:
           f"argument '{name}' is {value}; expected a power of two from {MIN_BLOCKSIZE} to "
           f"{MAX_BLOCKSIZE}")
 
+
+
+def stacked_lora(op: str, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 scaling: torch.Tensor) -> None:
+    """Several adapters' stacked LoRA factors: ``x`` (..., in), ``lora_a`` (adapters, r, in),
+    ``lora_b`` (adapters, out, r), ``scaling`` (adapters,). ``check_stacked_lora`` of
+    csrc/common/checks.h, in its order and words (lora_multi_add, lora_grouped_add)."""
+    min_dim(op, x, "x", 1, "(..., in_features)")
+    dim(op, lora_a, "lora_a", 3, "(adapters, r, in_features)")
+    dim(op, lora_b, "lora_b", 3, "(adapters, out_features, r)")
+    dim(op, scaling, "scaling", 1, "(adapters,)")
+    adapters, rank = lora_a.shape[0], lora_a.shape[1]
+    size(op, lora_a, "lora_a", 2, x.shape[-1], "(adapters, r, in_features)",
+         "in_features = x.shape[-1]")
+    size(op, lora_b, "lora_b", 0, adapters, "(adapters, out_features, r)",
+         "adapters = lora_a.shape[0]")
+    size(op, lora_b, "lora_b", 2, rank, "(adapters, out_features, r)", "r = lora_a.shape[1]")
+    size(op, scaling, "scaling", 0, adapters, "(adapters,)", "adapters = lora_a.shape[0]")

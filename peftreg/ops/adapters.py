@@ -258,17 +258,8 @@ def _lora_multi_add_fake(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tens
                          lora_b: torch.Tensor, scaling: torch.Tensor,
                          index: torch.Tensor) -> torch.Tensor:
     op = LORA_MULTI_ADD.qualname
-    ck.min_dim(op, x, "x", 1, "(..., in_features)")
-    ck.dim(op, lora_a, "lora_a", 3, "(adapters, r, in_features)")
-    ck.dim(op, lora_b, "lora_b", 3, "(adapters, out_features, r)")
-    ck.dim(op, scaling, "scaling", 1, "(adapters,)")
-    adapters, rank, out_features = lora_a.shape[0], lora_a.shape[1], lora_b.shape[1]
-    ck.size(op, lora_a, "lora_a", 2, x.shape[-1], "(adapters, r, in_features)",
-            "in_features = x.shape[-1]")
-    ck.size(op, lora_b, "lora_b", 0, adapters, "(adapters, out_features, r)",
-            "adapters = lora_a.shape[0]")
-    ck.size(op, lora_b, "lora_b", 2, rank, "(adapters, out_features, r)", "r = lora_a.shape[1]")
-    ck.size(op, scaling, "scaling", 0, adapters, "(adapters,)", "adapters = lora_a.shape[0]")
+    ck.stacked_lora(op, x, lora_a, lora_b, scaling)
+    out_features = lora_b.shape[1]
     expected = [*x.shape[:-1], out_features]
     ck.check(op, list(base.shape) == expected,
              f"argument 'base' must have shape (*x.shape[:-1], out_features) = {expected} but "

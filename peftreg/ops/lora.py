@@ -546,18 +546,9 @@ def lora_grouped_add(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
 def _grouped_checks(op: str, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     scaling: torch.Tensor, rows: torch.Tensor, counts: Sequence[int]) -> None:
     """check_grouped of csrc/fused/lora_grouped.cpp, in its order and words."""
-    ck.min_dim(op, x, "x", 1, "(..., in_features)")
-    ck.dim(op, lora_a, "lora_a", 3, "(adapters, r, in_features)")
-    ck.dim(op, lora_b, "lora_b", 3, "(adapters, out_features, r)")
-    ck.dim(op, scaling, "scaling", 1, "(adapters,)")
+    ck.stacked_lora(op, x, lora_a, lora_b, scaling)
     ck.dim(op, rows, "rows", 1, "(taken rows,)")
-    adapters, rank = lora_a.shape[0], lora_a.shape[1]
-    ck.size(op, lora_a, "lora_a", 2, x.shape[-1], "(adapters, r, in_features)",
-            "in_features = x.shape[-1]")
-    ck.size(op, lora_b, "lora_b", 0, adapters, "(adapters, out_features, r)",
-            "adapters = lora_a.shape[0]")
-    ck.size(op, lora_b, "lora_b", 2, rank, "(adapters, out_features, r)", "r = lora_a.shape[1]")
-    ck.size(op, scaling, "scaling", 0, adapters, "(adapters,)", "adapters = lora_a.shape[0]")
+    adapters = lora_a.shape[0]
     ck.check(op, len(counts) == adapters,
              f"argument 'counts' must hold one row count per adapter ({adapters} = "
              f"lora_a.shape[0]) but has {len(counts)}")
