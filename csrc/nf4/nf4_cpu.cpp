@@ -421,31 +421,6 @@ void decode_bytes(const uint8_t* bytes, int64_t nbytes, const float* lut, float*
   decode_bytes_scalar(bytes, nbytes, lut, dst);
 }
 
-// Dequantizes flattened elements [e0, e1) of the weight into float32 dst[0 .. e1 - e0).
-// Handles blocks that straddle the range ends and odd (low-nibble) starts and ends.
-void decode_range(const WeightView& w, int64_t e0, int64_t e1, float* dst) {
-  float lut[kCodes];
-  while (e0 < e1) {
-    const int64_t b = e0 >> w.block_shift;
-    const int64_t seg_end = std::min(e1, (b + 1) << w.block_shift);
-    const float s = w.scale(b);
-    for (int k = 0; k < kCodes; ++k) lut[k] = kNF4Code[k] * s;
-    int64_t e = e0;
-    if (e & 1) {  // starts on a low nibble
-      *dst++ = lut[w.codes[e / 2] & 0x0F];
-      ++e;
-    }
-    const int64_t pairs = (seg_end - e) / 2;
-    decode_bytes(w.codes + e / 2, pairs, lut, dst);
-    dst += 2 * pairs;
-    e += 2 * pairs;
-    if (e < seg_end) {  // ends on a high nibble
-      *dst++ = lut[w.codes[e / 2] >> 4];
-      ++e;
-    }
-    e0 = seg_end;
-  }
-}
 
 template <typename Out>
 void dequantize_into(const WeightView& w, Out* out) {
@@ -529,8 +504,7 @@ __attribute__((target("avx2,fma"))) void decode_bytes_16bit_avx2(const uint8_t* 
 }
 #endif
 
-void decode_bytes_16bit(const uint8_t* bytes, int64_t pairs, const uint16_t* lut,
-                        uint16_t* dst) {
+void decode_bytes(const uint8_t* bytes, int64_t pairs, const uint16_t* lut, uint16_t* dst) {
 #if PEFTREG_NF4_X86
   if (cpu_has_avx2_fma()) {
     decode_bytes_16bit_avx2(bytes, pairs, lut, dst);
@@ -552,27 +526,30 @@ void dequantize_blocks_16bit(const WeightView& w, uint16_t* out, bool bf16, int6
     const uint8_t* bytes = w.codes + first / 2;
     uint16_t* dst = out + first;
     const int64_t pairs = len / 2;
-    decode_bytes_16bit(bytes, pairs, lut, dst);
+    decode_bytes(bytes, pairs, lut, dst);
     if (len & 1) dst[len - 1] = lut[bytes[pairs] >> 4];
   }
 }
 
-// Elements [e0, e1) of the weight into the 16-bit dst[0 .. e1 - e0): decode_range's walk
-// (straddling blocks, odd starts and ends) with each value rounded as dequantize rounds it.
-void decode_range_16bit(const WeightView& w, int64_t e0, int64_t e1, bool bf16, uint16_t* dst) {
-  uint16_t lut[kCodes];
+// Elements [e0, e1) of the weight into dst[0 .. e1 - e0), one walk for every decode type:
+// per quantization block a 16-entry table of that block's values (`entry(code * scale)`),
+// the byte pairs by decode_bytes, and by hand a block that straddles a range end and an odd
+// (low-nibble) start or end.
+template <typename T, typename Entry>
+void decode_range_as(const WeightView& w, int64_t e0, int64_t e1, T* dst, const Entry& entry) {
+  T lut[kCodes];
   while (e0 < e1) {
     const int64_t b = e0 >> w.block_shift;
     const int64_t seg_end = std::min(e1, (b + 1) << w.block_shift);
     const float s = w.scale(b);
-    for (int k = 0; k < kCodes; ++k) lut[k] = half_bits(kNF4Code[k] * s, bf16);
+    for (int k = 0; k < kCodes; ++k) lut[k] = entry(kNF4Code[k] * s);
     int64_t e = e0;
     if (e & 1) {  // starts on a low nibble
       *dst++ = lut[w.codes[e / 2] & 0x0F];
       ++e;
     }
     const int64_t pairs = (seg_end - e) / 2;
-    decode_bytes_16bit(w.codes + e / 2, pairs, lut, dst);
+    decode_bytes(w.codes + e / 2, pairs, lut, dst);
     dst += 2 * pairs;
     e += 2 * pairs;
     if (e < seg_end) {  // ends on a high nibble
@@ -581,6 +558,16 @@ void decode_range_16bit(const WeightView& w, int64_t e0, int64_t e1, bool bf16, 
     }
     e0 = seg_end;
   }
+}
+
+// Elements [e0, e1) as float32 (the values every float32 product uses).
+void decode_range(const WeightView& w, int64_t e0, int64_t e1, float* dst) {
+  decode_range_as(w, e0, e1, dst, [](float v) { return v; });
+}
+
+// Elements [e0, e1) as 16-bit patterns, each value rounded as dequantize rounds it.
+void decode_range_16bit(const WeightView& w, int64_t e0, int64_t e1, bool bf16, uint16_t* dst) {
+  decode_range_as(w, e0, e1, dst, [bf16](float v) { return half_bits(v, bf16); });
 }
 
 void dequantize_into_16bit(const WeightView& w, uint16_t* out, bool bf16) {
