@@ -248,10 +248,10 @@ PEFTREG_ALWAYS_INLINE void adamw8_update_scalar(const AdamWScalars& s, const T* 
   }
 }
 
-PEFTREG_ALWAYS_INLINE void encode_scalar(const Quantizer& q, const float* x, float div,
+PEFTREG_ALWAYS_INLINE void encode_scalar(const Quantizer& q, const float* x, float scale,
                                          uint8_t* codes, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    codes[i] = q.encode(x[i] / div);
+    codes[i] = q.encode(x[i] * scale);
   }
 }
 
@@ -310,8 +310,8 @@ __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
 // Eight encodes at once: the bucket's start code by a gather, then `refine` compares with
 // gathered midpoints, each adding one while the midpoint lies below the value.
 __attribute__((target("avx2"))) int64_t encode_avx2(const Quantizer& q, const float* x,
-                                                    float div, uint8_t* codes, int64_t end) {
-  const __m256 divisor = _mm256_set1_ps(div);
+                                                    float scale, uint8_t* codes, int64_t end) {
+  const __m256 by = _mm256_set1_ps(scale);
   const __m256i top = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i first = _mm256_set1_epi32(static_cast<int>(q.first_bucket));
   const __m256i last = _mm256_set1_epi32(static_cast<int>(q.last_bucket));
@@ -319,7 +319,7 @@ __attribute__((target("avx2"))) int64_t encode_avx2(const Quantizer& q, const fl
   const int* start = reinterpret_cast<const int*>(q.start.data());
   int64_t i = 0;
   for (; i + 8 <= end; i += 8) {
-    const __m256 value = _mm256_div_ps(_mm256_loadu_ps(x + i), divisor);
+    const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(x + i), by);
     const __m256i bits = _mm256_castps_si256(value);
     const __m256i key = _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), top));
     __m256i bucket = _mm256_srli_epi32(key, Quantizer::kBucketShift);
@@ -344,9 +344,9 @@ __attribute__((target("avx2"))) int64_t encode_avx2(const Quantizer& q, const fl
 // compare is skipped for NaN, whose code is then the bucket's start, as refine's float
 // compare gives.
 __attribute__((target("avx2"))) int64_t encode_entry_avx2(const Quantizer& q, const float* x,
-                                                          float div, uint8_t* codes,
+                                                          float scale, uint8_t* codes,
                                                           int64_t end) {
-  const __m256 divisor = _mm256_set1_ps(div);
+  const __m256 by = _mm256_set1_ps(scale);
   const __m256i top = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i first = _mm256_set1_epi32(static_cast<int>(q.first_bucket));
   const __m256i last = _mm256_set1_epi32(static_cast<int>(q.last_bucket));
@@ -358,7 +358,7 @@ __attribute__((target("avx2"))) int64_t encode_entry_avx2(const Quantizer& q, co
   const int* entry = reinterpret_cast<const int*>(q.entry.data());
   int64_t i = 0;
   for (; i + 8 <= end; i += 8) {
-    const __m256 value = _mm256_div_ps(_mm256_loadu_ps(x + i), divisor);
+    const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(x + i), by);
     const __m256i bits = _mm256_castps_si256(value);
     const __m256i key = _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), top));
     __m256i r = _mm256_srli_epi32(key, Quantizer::kBucketShift);
@@ -382,9 +382,9 @@ __attribute__((target("avx2"))) int64_t encode_entry_avx2(const Quantizer& q, co
 
 #define PEFTREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
-PEFTREG_AVX512 int64_t encode_entry_avx512(const Quantizer& q, const float* x, float div,
+PEFTREG_AVX512 int64_t encode_entry_avx512(const Quantizer& q, const float* x, float scale,
                                            uint8_t* codes, int64_t end) {
-  const __m512 divisor = _mm512_set1_ps(div);
+  const __m512 by = _mm512_set1_ps(scale);
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512i first = _mm512_set1_epi32(static_cast<int>(q.first_bucket));
   const __m512i last = _mm512_set1_epi32(static_cast<int>(q.last_bucket));
@@ -397,7 +397,7 @@ PEFTREG_AVX512 int64_t encode_entry_avx512(const Quantizer& q, const float* x, f
   const int* entry = reinterpret_cast<const int*>(q.entry.data());
   int64_t i = 0;
   for (; i + 16 <= end; i += 16) {
-    const __m512 value = _mm512_div_ps(_mm512_loadu_ps(x + i), divisor);
+    const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(x + i), by);
     const __m512i bits = _mm512_castps_si512(value);
     const __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), top));
     __m512i r = _mm512_srli_epi32(key, Quantizer::kBucketShift);
@@ -522,25 +522,42 @@ PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T
 }
 #endif
 
-// The vector part of encoding x[0, n) / div with kernel k; returns how many were encoded (the
+// The vector part of encoding x[0, n) * scale with kernel k; returns how many were encoded (the
 // caller's scalar loop does the rest).
-int64_t encode_vector(const Quantizer& q, const float* x, float div, uint8_t* codes, int64_t n,
+int64_t encode_vector(const Quantizer& q, const float* x, float scale, uint8_t* codes, int64_t n,
                       Kernel8 k) {
 #if PEFTREG_X86_DISPATCH
   const bool one_compare = !q.entry.empty();
   if (k == Kernel8::kAvx512 && one_compare) {
-    return encode_entry_avx512(q, x, div, codes, n);
+    return encode_entry_avx512(q, x, scale, codes, n);
   }
   if ((k == Kernel8::kAvx2 || k == Kernel8::kAvx512) && one_compare) {
-    return encode_entry_avx2(q, x, div, codes, n);
+    return encode_entry_avx2(q, x, scale, codes, n);
   }
   if (k != Kernel8::kScalar) {
-    return encode_avx2(q, x, div, codes, n);
+    return encode_avx2(q, x, scale, codes, n);
   }
 #else
-  (void)q, (void)x, (void)div, (void)codes, (void)n, (void)k;
+  (void)q, (void)x, (void)scale, (void)codes, (void)n, (void)k;
 #endif
   return 0;
+}
+
+// Encodes one block of x[0, n) against its absmax: each element times the reciprocal of the
+// absmax, as bitsandbytes does, so a block costs one division instead of one per element. A
+// subnormal absmax below 2^-128 has no finite reciprocal; such a block divides instead. An
+// all-zero block gets the code of 0 (scale 1 keeps 0 * inf out).
+void encode_block(const Quantizer& q, const float* x, float absmax, uint8_t* codes, int64_t n,
+                  Kernel8 k) {
+  const float scale = absmax > 0.0f ? 1.0f / absmax : 1.0f;
+  if (std::isinf(scale)) {
+    for (int64_t i = 0; i < n; ++i) {
+      codes[i] = q.encode(x[i] / absmax);
+    }
+    return;
+  }
+  const int64_t done = encode_vector(q, x, scale, codes, n, k);
+  encode_scalar(q, x, scale, codes, done, n);
 }
 
 // Elements [0, n) of one block: decode, update (parameter written), find the new absmax of
@@ -578,14 +595,8 @@ void adamw8_block(const AdamWScalars& s, const T* grad, T* param, int64_t n, uin
     max1 = std::max(max1, std::fabs(m[i]));
     max2 = std::max(max2, std::fabs(v[i]));
   }
-  // An all-zero block is stored with absmax 0 and the code of 0 (dividing by 1 keeps 0 / 0
-  // out of the encoder).
-  const float div1 = max1 > 0.0f ? max1 : 1.0f;
-  const float div2 = max2 > 0.0f ? max2 : 1.0f;
-  const int64_t e1 = encode_vector(q.m, m, div1, c1, n, k);
-  const int64_t e2 = encode_vector(q.v, v, div2, c2, n, k);
-  encode_scalar(q.m, m, div1, c1, e1, n);
-  encode_scalar(q.v, v, div2, c2, e2, n);
+  encode_block(q.m, m, max1, c1, n, k);
+  encode_block(q.v, v, max2, c2, n, k);
   *a1 = max1;
   *a2 = max2;
 }
@@ -947,9 +958,7 @@ void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* 
     for (int64_t i = 0; i < count; ++i) {
       a = std::max(a, std::fabs(x[first + i]));
     }
-    const float div = a > 0.0f ? a : 1.0f;
-    const int64_t done = encode_vector(q, x + first, div, codes + first, count, k);
-    encode_scalar(q, x + first, div, codes + first, done, count);
+    encode_block(q, x + first, a, codes + first, count, k);
     absmax[b] = a;
   }
 }

@@ -69,6 +69,13 @@ __device__ __forceinline__ int encode(const float* mid, float q) {
   return idx;
 }
 
+// x times the reciprocal of its block's absmax, as the CPU's encode_block: a division only
+// where the absmax has no finite reciprocal, and scale 1 for an all-zero block.
+__device__ __forceinline__ float normalized(float x, float absmax) {
+  const float scale = absmax > 0.0f ? __fdiv_rn(1.0f, absmax) : 1.0f;
+  return isinf(scale) ? __fdiv_rn(x, absmax) : __fmul_rn(x, scale);
+}
+
 __device__ __forceinline__ float block_max(float x, float* scratch) {
   scratch[threadIdx.x] = x;
   __syncthreads();
@@ -120,10 +127,8 @@ __global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
   const float max1 = block_max(live ? fabsf(mi) : 0.0f, scratch);
   const float max2 = block_max(live ? fabsf(vi) : 0.0f, scratch);
   if (live) {
-    const float div1 = max1 > 0.0f ? max1 : 1.0f;
-    const float div2 = max2 > 0.0f ? max2 : 1.0f;
-    a.c1[i] = static_cast<unsigned char>(encode(mid1, __fdiv_rn(mi, div1)));
-    a.c2[i] = static_cast<unsigned char>(encode(mid2, __fdiv_rn(vi, div2)));
+    a.c1[i] = static_cast<unsigned char>(encode(mid1, normalized(mi, max1)));
+    a.c2[i] = static_cast<unsigned char>(encode(mid2, normalized(vi, max2)));
   }
   if (t == 0) {
     a.a1[block] = max1;

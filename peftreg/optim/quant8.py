@@ -12,9 +12,10 @@ more fraction bit. Both add 0 and 1.0 (the two patterns without an indicator bit
 
 A moment tensor is cut into blocks of :data:`BLOCK` elements (the last may be shorter); each
 block stores its absmax ``A`` as float32 and each element ``x`` as the index of the map value
-nearest to ``x / A`` (ties go to the lower index; an all-zero block has ``A = 0`` and the code
-of 0). Decoding is ``map[code] * A``. The encoder is compiled (``csrc/paged/``); decoding is
-one gather and one multiply, done here so it runs on any device.
+nearest to ``x * (1 / A)`` in float32 (bitsandbytes' order: one division per block; ``x / A``
+where ``A`` is too small to have a finite reciprocal). Ties go to the lower index; an all-zero
+block has ``A = 0`` and the code of 0. Decoding is ``map[code] * A``. The encoder is compiled
+(``csrc/paged/``); decoding is one gather and one multiply, done here so it runs on any device.
 """
 
 from __future__ import annotations

@@ -60,7 +60,11 @@ def ref_quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, tor
     absmax = padded.abs().amax(dim=1)
     div = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     mids = ((qmap[:-1] + qmap[1:]) / 2).to(x.dtype)
-    codes = torch.bucketize(padded / div[:, None], mids, right=False)
+    # The reciprocal once per block, as bitsandbytes; a division where it would overflow.
+    scale = 1 / div
+    finite = torch.isfinite(scale)[:, None]
+    normalized = torch.where(finite, padded * scale[:, None], padded / div[:, None])
+    codes = torch.bucketize(normalized, mids, right=False)
     return codes.reshape(-1)[:n].to(torch.uint8).reshape(x.shape), absmax
 
 
@@ -199,6 +203,42 @@ def test_quantize_equals_reference(require_pool, n, signed):
         assert torch.all(absmax[1] == 0) and torch.all(decoded[BLOCK:2 * BLOCK] == 0)
     # Twin: the codes carry the information (a random block does not decode to x).
     assert not torch.equal(dequantize_blockwise(torch.zeros_like(codes), absmax, qmap), x)
+    opt.close()
+
+
+def _straddlers(qmap: torch.Tensor, absmax: float) -> torch.Tensor:
+    """float32 values whose x * (1 / absmax) and x / absmax fall on opposite sides of a
+    midpoint: the values where the encoder's order of operations decides the code."""
+    mids = ((qmap[:-1] + qmap[1:]) / 2).float()
+    centre = (mids * absmax).float()
+    steps = torch.arange(-6, 7, dtype=torch.int32)
+    bits = centre.view(torch.int32)[:, None] + steps[None, :]
+    x = bits.view(torch.float32).reshape(-1)
+    a = torch.tensor(absmax, dtype=torch.float32)
+    by_mul = torch.bucketize(x * (1 / a), mids)
+    by_div = torch.bucketize(x / a, mids)
+    return x[(by_mul != by_div) & (x.abs() < absmax)]
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_encoder_multiplies_by_the_reciprocal_as_bitsandbytes(require_pool, signed):
+    opt = _quantizer(require_pool)
+    qmap = dynamic_map(signed)
+    absmax = 3.0  # 1/3 is inexact in float32, so the two orders round differently
+    straddle = _straddlers(qmap, absmax)
+    assert straddle.numel() > 10  # the case exists for this map and absmax
+    x = torch.cat([torch.tensor([absmax]), straddle[:BLOCK - 1]])
+    codes, _ = opt.pool.quantize8(x, signed=signed)
+    assert torch.equal(codes, ref_quantize(x, qmap)[0])
+    divided = torch.bucketize(x / absmax, ((qmap[:-1] + qmap[1:]) / 2).float())
+    assert not torch.equal(codes.long(), divided)
+    # An absmax without a finite reciprocal (subnormal): that block divides instead.
+    tiny = torch.tensor([2.0**-140, -2.0**-141, 2.0**-143, 0.0])
+    tiny = tiny if signed else tiny.abs()
+    assert torch.isinf(1 / tiny.abs().max())
+    tiny_codes, tiny_absmax = opt.pool.quantize8(tiny, signed=signed)
+    assert tiny_absmax.item() == 2.0**-140 and tiny_codes[0] == 255
+    assert torch.equal(tiny_codes, ref_quantize(tiny, qmap)[0])
     opt.close()
 
 
