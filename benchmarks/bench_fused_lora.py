@@ -24,11 +24,19 @@ and prints medians with ratios (``> 1x`` means fused is faster) and writes JSON 
 
 ``--base nf4`` times QLoRA's layer instead (``peftreg::nf4_lora_linear``: an NF4 base with double
 quantization, block 64, frozen, plus the LoRA update): ``fused`` is the op, ``reference`` its
-plain-PyTorch maths, ``default`` the kernel mode's choice, and ``dequant+matmul`` what a QLoRA
-layer does without a fused kernel (bitsandbytes' way): the compiled dequantize into a dense
-buffer, then the dense product and the LoRA update in PyTorch. The goal (issue 17) is
-``fused`` faster than ``dequant+matmul`` in ``fwd+bwd``; the JSON's ``goals`` says where it
-is met. PEFT's QLoRA needs bitsandbytes, so there is no ``peft`` column for this base.
+plain-PyTorch maths, ``default`` the kernel mode's choice, and two unfused QLoRA layers built
+on our compiled dequantize and torch's products, with the LoRA update in PyTorch:
+
+* ``dequant+matmul``: bitsandbytes' ``MatMul4Bit`` order. The forward decodes the weight, and
+  so does the backward for the input gradient: between the two passes the layer holds only its
+  4-bit codes, which is what makes QLoRA's memory;
+* ``dense kept``: decodes once and lets autograd keep the dense weight for the backward, i.e.
+  ``out x in`` dense values per layer alive from forward to backward (a whole model's worth
+  during training): the speed bought by giving up 4-bit storage in training.
+
+The goal (issue 17) is ``fused`` faster than ``dequant+matmul`` in ``fwd+bwd``; the JSON's
+``goals`` says where it is met. ``peft`` is PEFT's LoRA layer on a bitsandbytes ``Linear4bit``
+(NF4, double quantization, block 64), where both import.
 """
 
 from __future__ import annotations
@@ -149,9 +157,12 @@ def nf4_impls(p: Problem, with_fused: bool) -> dict[str, tuple[Forward, list[tor
 
     def dequant_matmul(x: torch.Tensor, _w: torch.Tensor, bias: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, s: float) -> torch.Tensor:
-        # Decoded afresh on every call, as a QLoRA layer without a fused kernel must (the
-        # dense weight is never kept: that would undo the 4-bit storage).
-        weight = base.storage.dequantize(out=base.dense)
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+        return _DecodeEachPass.apply(x, base, bias) + s * update
+
+    def dense_kept(x: torch.Tensor, _w: torch.Tensor, bias: torch.Tensor, a: torch.Tensor,
+                   b: torch.Tensor, s: float) -> torch.Tensor:
+        weight = base.storage.dequantize(out=base.dense)  # autograd keeps it for the backward
         update = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
         return torch.nn.functional.linear(x, weight, bias) + s * update
 
@@ -160,7 +171,39 @@ def nf4_impls(p: Problem, with_fused: bool) -> dict[str, tuple[Forward, list[tor
         impls["fused"] = functional_impl(fused, p)
         impls["default"] = functional_impl(default, p)
         impls["dequant+matmul"] = functional_impl(dequant_matmul, p)
+        impls["dense kept"] = functional_impl(dense_kept, p)
     return impls
+
+
+class _DecodeEachPass(torch.autograd.Function):
+    """``x @ dequant(W)^T + bias`` decoding W in the forward and again in the backward, as
+    bitsandbytes' MatMul4Bit does: no dense weight outlives either pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: Nf4Base, bias: torch.Tensor) -> torch.Tensor:
+        ctx.base = base
+        return torch.nn.functional.linear(x, base.storage.dequantize(out=base.dense), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        weight = ctx.base.storage.dequantize(out=ctx.base.dense)
+        return grad @ weight, None, None
+
+
+def peft_bnb_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
+    """PEFT's LoRA layer on a bitsandbytes NF4 ``Linear4bit`` (raises ImportError without
+    either); the weight is quantized by bitsandbytes itself."""
+    import bitsandbytes as bnb
+    import peft
+
+    out_features, in_features = p.weight.shape
+    base = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=p.weight.dtype,
+                             quant_type="nf4", compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(p.weight.detach().float().cpu().clone(), requires_grad=False,
+                                    quant_type="nf4", compress_statistics=True, blocksize=64)
+    base.bias = torch.nn.Parameter(p.bias.detach().clone(), requires_grad=False)
+    base = base.to(p.weight.device)
+    return _peft_around(base, p, peft)
 
 
 def peft_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
@@ -168,12 +211,18 @@ def peft_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
     import peft
 
     out_features, in_features = p.weight.shape
-    rank = p.lora_a.shape[0]
     base = torch.nn.Linear(in_features, out_features, device=p.weight.device,
                            dtype=p.weight.dtype)
     with torch.no_grad():
         base.weight.copy_(p.weight)
         base.bias.copy_(p.bias)
+    return _peft_around(base, p, peft)
+
+
+def _peft_around(base: torch.nn.Module, p: Problem, peft: Any
+                 ) -> tuple[Forward, list[torch.Tensor]]:
+    """PEFT's LoRA on ``base`` with the problem's A and B (``peft``: the imported module)."""
+    rank = p.lora_a.shape[0]
 
     class Holder(torch.nn.Module):
         def __init__(self) -> None:
@@ -239,13 +288,13 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
         skipped["fused"] = ops.extension_error() or "extension unavailable"
     elif not ops.kernel_available(op_name, device.type):
         skipped["fused"] = f"the extension has no {device.type} kernel for {op_name}"
-    if base == "nf4":
-        skipped["peft"] = "PEFT's QLoRA layer needs bitsandbytes; no peft column for --base nf4"
-    else:
-        try:
-            import peft  # noqa: F401
-        except ImportError as exc:
-            skipped["peft"] = f"peft is not installed ({exc})"
+    try:
+        import peft  # noqa: F401
+        if base == "nf4":
+            import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        skipped["peft"] = f"peft{' or bitsandbytes' if base == 'nf4' else ''} is not " \
+                          f"installed ({exc})"
     results: list[dict[str, Any]] = []
     for shape in shapes:
         for dtype_name in dtypes:
@@ -261,7 +310,7 @@ def run(shapes: list[Shape], dtypes: list[str], modes: list[str], device: torch.
                     impls["default"] = functional_impl(_default_path, p)
             if "peft" not in skipped:
                 try:
-                    impls["peft"] = peft_impl(p)
+                    impls["peft"] = peft_impl(p) if base == "dense" else peft_bnb_impl(p)
                 except Exception as exc:  # an incompatible peft must not stop the benchmark
                     skipped["peft"] = f"{type(exc).__name__}: {exc}"
             max_diff = None
@@ -299,16 +348,17 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> list[dict[
     base = next((r.get("base", "dense") for r in results), "dense")
     rows, goals = [], []
     for shape, dtype, mode in keys:
-        ref, fus, dfl, hf, dqm, again = (
+        ref, fus, dfl, hf, dqm, kept, again = (
             median(shape, dtype, mode, i) for i in
-            ("reference", "fused", "default", "peft", "dequant+matmul", "reference again"))
+            ("reference", "fused", "default", "peft", "dequant+matmul", "dense kept",
+             "reference again"))
         chosen = next((r.get("default_is") for r in results
                        if (r["shape"], r["dtype"], r["mode"]) == (shape, dtype, mode)), None)
         row = [shape, dtype, mode, fmt_ms(ref), fmt_ms(fus), fmt_ratio(ref, fus), fmt_ms(dfl),
                fmt_ratio(ref, dfl), chosen or "-"]
         row += [fmt_ratio(ref, again)] if again is not None else []
         row += [fmt_ms(hf), fmt_ratio(hf, fus)] if with_peft else []
-        row += [fmt_ms(dqm), fmt_ratio(dqm, fus)] if with_dequant else []
+        row += [fmt_ms(dqm), fmt_ratio(dqm, fus), fmt_ratio(kept, fus)] if with_dequant else []
         rows.append(row)
         if with_dequant and mode == "fwd+bwd":
             met = None if fus is None or dqm is None else fus < dqm
@@ -320,7 +370,8 @@ def summarise(results: list[dict[str, Any]], device: torch.device) -> list[dict[
                "default ms", "reference/default", "default is"]
     columns += ["reference/again"] if base == "dense" else []
     columns += ["peft ms", "peft/fused"] if with_peft else []
-    columns += ["dequant+matmul ms", "dequant+matmul/fused"] if with_dequant else []
+    columns += (["dequant+matmul ms", "dequant+matmul/fused", "dense kept/fused"]
+                if with_dequant else [])
     layer = "LoRA linear" if base == "dense" else "QLoRA linear (NF4 base)"
     print_table(f"peftreg fused {layer} on {device} (median; ratio > 1x: fused faster)",
                 columns, rows)

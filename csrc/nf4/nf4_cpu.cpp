@@ -24,11 +24,11 @@
 // The products decode W tile by tile into small per-thread buffers:
 // * few rows (decode, batch <= kGemvMaxRows): threads split the output rows; each weight row is
 //   decoded into an L1-sized buffer (AVX2 when the CPU has it) and dotted with every input row;
-// * many rows: threads split W into tiles of kTileRows weight rows (forward) or kTileCols
-//   columns (input gradient); each thread decodes its tile and calls the BLAS GEMM on it, so the
-//   dense weight never exists, only one tile per thread. The 16-bit tiles are larger (a share
-//   of the rows or columns per thread, at most kTile16Bytes each) and an input-gradient tile
-//   spans all weight rows, so each output element is one GEMM's sum, rounded once.
+// * many rows: threads split W into tiles of weight rows (forward) or bands of columns spanning
+//   all weight rows (input gradient), a share per thread of at most kScratchBytes decoded;
+//   each thread decodes its tile into its own reused buffer and calls the BLAS GEMM on it, so
+//   the dense weight never exists (a layer small enough is one tile), and each output element
+//   is one GEMM's sum, rounded once.
 // Rows of W are flattened element ranges: a quantization block may straddle two rows and a row
 // may start on an odd element (a high/low nibble split), so any in_features works.
 //
@@ -39,6 +39,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -50,6 +51,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -69,9 +71,8 @@ namespace peftreg::nf4 {
 namespace {
 
 constexpr int64_t kGemvMaxRows = 8;    // up to this many input rows: decode path (GEMV)
-constexpr int64_t kTileRows = 32;      // forward GEMM path: weight rows per decoded tile
-constexpr int64_t kTileCols = 256;     // input-gradient GEMM path: weight columns per tile
-constexpr int64_t kChunkRows = 512;    // input-gradient GEMM path: weight rows per GEMM call
+constexpr int64_t kTileRows = 32;      // forward GEMM path: weight rows per tile, at least
+constexpr int64_t kBandCols = 64;      // input-gradient GEMM path: weight columns per band, least
 constexpr int64_t kGrainElements = 1 << 15;  // elements of work per parallel task, at least
 
 struct DynamicTable {
@@ -887,12 +888,41 @@ void gemv_grad_input(const WeightView& w, const Acc* g, int64_t rows, int64_t in
 
 // Decodes the weight sub-matrix rows [o0, o1) x columns [k0, k1) into a dense (o1-o0, k1-k0)
 // tensor of dtype `acc` (float32 decode, widened for float64).
+// The decode buffer of one thread's tiles, `numel` values of `dtype`. Up to kScratchBytes it is
+// one buffer per thread kept across calls: a fresh tensor of a few MiB per product goes back
+// to the OS when freed and is faulted in again on the next call, which cost about as much as
+// decoding it (measured, 128 x 1024 -> 1024 bf16, one thread: page faults and zeroing were
+// 5% of the training step against 7% for the decode). Larger tiles are allocated per call.
+constexpr int64_t kScratchBytes = int64_t{2} << 20;
+
+at::Tensor& tile_scratch(at::Tensor& scratch, int64_t numel, at::ScalarType dtype) {
+  if (scratch.defined() && scratch.numel() >= numel && scratch.scalar_type() == dtype) {
+    return scratch;
+  }
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kScratchBytes) {
+    scratch = at::empty({numel}, at::TensorOptions().dtype(dtype));
+    return scratch;
+  }
+  struct Buffer {
+    void* data = nullptr;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.data == nullptr) {
+    buffer.data = std::aligned_alloc(64, static_cast<size_t>(kScratchBytes));
+    if (buffer.data == nullptr) throw std::bad_alloc();
+  }
+  scratch = at::from_blob(buffer.data, {kScratchBytes / static_cast<int64_t>(
+                                            c10::elementSize(dtype))},
+                          at::TensorOptions().dtype(dtype));
+  return scratch;
+}
+
 at::Tensor decode_tile(const WeightView& w, int64_t in, int64_t o0, int64_t o1, int64_t k0,
                        int64_t k1, at::ScalarType acc, at::Tensor& scratch) {
   const int64_t r = o1 - o0, c = k1 - k0;
-  if (!scratch.defined() || scratch.numel() < r * c) {
-    scratch = at::empty({r * c}, at::TensorOptions().dtype(at::kFloat));
-  }
+  tile_scratch(scratch, r * c, at::kFloat);
   float* p = scratch.data_ptr<float>();
   for (int64_t o = o0; o < o1; ++o) decode_range(w, o * in + k0, o * in + k1, p + (o - o0) * c);
   at::Tensor tile = scratch.narrow(0, 0, r * c).view({r, c});
@@ -909,38 +939,6 @@ void for_each_tile(int64_t tiles, const Body& body) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor scratch;
     for (int64_t t = t0; t < t1; ++t) body(t, scratch);
-  });
-}
-
-// y_acc = x_acc @ W^T, GEMM path: each task decodes kTileRows weight rows and multiplies.
-void gemm_forward(const WeightView& w, const at::Tensor& x_acc, int64_t in, int64_t out,
-                  at::Tensor& y_acc) {
-  for_each_tile((out + kTileRows - 1) / kTileRows, [&](int64_t t, at::Tensor& scratch) {
-    const int64_t o0 = t * kTileRows, o1 = std::min(out, o0 + kTileRows);
-    const at::Tensor tile = decode_tile(w, in, o0, o1, 0, in, x_acc.scalar_type(), scratch);
-    at::Tensor y_slice = y_acc.narrow(1, o0, o1 - o0);
-    at::mm_out(y_slice, x_acc, tile.t());
-  });
-}
-
-// gx_acc = g_acc @ W, GEMM path: each task owns kTileCols columns of W (and of gx) and walks
-// the weight rows in chunks of kChunkRows, accumulating into its gx columns.
-void gemm_grad_input(const WeightView& w, const at::Tensor& g_acc, int64_t in, int64_t out,
-                     at::Tensor& gx_acc) {
-  for_each_tile((in + kTileCols - 1) / kTileCols, [&](int64_t t, at::Tensor& scratch) {
-    const int64_t k0 = t * kTileCols, k1 = std::min(in, k0 + kTileCols);
-    at::Tensor gx_slice = gx_acc.narrow(1, k0, k1 - k0);
-    for (int64_t o0 = 0; o0 < out; o0 += kChunkRows) {
-      const int64_t o1 = std::min(out, o0 + kChunkRows);
-      const at::Tensor tile = decode_tile(w, in, o0, o1, k0, k1, g_acc.scalar_type(), scratch);
-      const at::Tensor g_chunk = g_acc.narrow(1, o0, o1 - o0);
-      if (o0 == 0) {
-        at::mm_out(gx_slice, g_chunk, tile);
-      } else {
-        gx_slice.addmm_(g_chunk, tile);
-      }
-    }
-    if (out == 0) gx_slice.zero_();
   });
 }
 
@@ -967,28 +965,26 @@ bool tiles_in_16bit(at::ScalarType t) {
 #endif
 }
 
-// The 16-bit tiles are larger than the float32 ones: ATen's 16-bit GEMM has a higher cost per
-// call (measured, 128 x 1024 -> 1024 bf16, one thread: 32-row tiles 1.7x slower than one GEMM;
-// four 256-row tiles 0.87x of dequantize-then-matmul). A tile of `extent` weight rows (or
-// columns) of `other` elements each is an equal share of `total` per thread, rounded up to 16,
-// at least `floor`, and at most kTile16Bytes of decoded values; a small layer on few threads
-// is then decoded whole, into a transient buffer freed when the product returns.
-constexpr int64_t kTile16Bytes = int64_t{1} << 21;  // decoded 16-bit tile, per thread
-
-int64_t tile_extent_16bit(int64_t total, int64_t other, int64_t floor) {
+// A tile of `extent` weight rows (or columns) of `other` elements each is an equal share of
+// `total` per thread, rounded up to 16, at least `floor`, and at most kScratchBytes of decoded
+// values of `elem` bytes; a small layer on few threads is then decoded whole, into the thread's
+// tile buffer (tile_scratch). Large tiles because ATen's GEMM has a cost per call: measured,
+// 128 x 1024 -> 1024 bf16, one thread, 32-row tiles were 1.7x slower than one GEMM; fp32
+// 512 x 2048 -> 2048 training steps with 32-row forward tiles and 256-column, 512-row
+// input-gradient chunks took 1.13x dequantize-then-matmul's time.
+int64_t tile_extent(int64_t total, int64_t other, int64_t floor, int64_t elem) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t share = (total + threads - 1) / threads;
   share = (share + 15) / 16 * 16;
-  const int64_t by_bytes = std::max<int64_t>(16, kTile16Bytes / std::max<int64_t>(2 * other, 1));
+  const int64_t by_bytes =
+      std::max<int64_t>(16, kScratchBytes / std::max<int64_t>(elem * other, 1));
   return std::max<int64_t>(1, std::min(std::max(share, floor), by_bytes));
 }
 
 at::Tensor decode_tile_16bit(const WeightView& w, int64_t in, int64_t o0, int64_t o1,
                              int64_t k0, int64_t k1, at::ScalarType dtype, at::Tensor& scratch) {
   const int64_t r = o1 - o0, c = k1 - k0;
-  if (!scratch.defined() || scratch.numel() < r * c) {
-    scratch = at::empty({r * c}, at::TensorOptions().dtype(dtype));
-  }
+  tile_scratch(scratch, r * c, dtype);
   auto* p = static_cast<uint16_t*>(scratch.data_ptr());
   const bool bf16 = dtype == at::kBFloat16;
   for (int64_t o = o0; o < o1; ++o) {
@@ -997,29 +993,43 @@ at::Tensor decode_tile_16bit(const WeightView& w, int64_t in, int64_t o0, int64_
   return scratch.narrow(0, 0, r * c).view({r, c});
 }
 
-// y16 = x16 @ W^T: each task decodes a tile of weight rows into x's dtype and multiplies.
-void gemm_forward_16bit(const WeightView& w, const at::Tensor& x16, int64_t in, int64_t out,
-                        at::Tensor& y16) {
-  const int64_t tile = tile_extent_16bit(out, in, kTileRows);
+// W's rows [o0, o1), columns [k0, k1) in the product's dtype: 16-bit on the 16-bit tile path
+// (tiles_in_16bit), else float32 (converted for float64 input).
+at::Tensor decode_tile_as(const WeightView& w, int64_t in, int64_t o0, int64_t o1, int64_t k0,
+                          int64_t k1, at::ScalarType dtype, at::Tensor& scratch) {
+  if (dtype == at::kBFloat16 || dtype == at::kHalf) {
+    return decode_tile_16bit(w, in, o0, o1, k0, k1, dtype, scratch);
+  }
+  return decode_tile(w, in, o0, o1, k0, k1, dtype, scratch);
+}
+
+int64_t decoded_bytes(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf ? 2 : 4;
+}
+
+// y = x @ W^T: each task decodes a tile of weight rows and multiplies.
+void gemm_forward(const WeightView& w, const at::Tensor& x, int64_t in, int64_t out,
+                  at::Tensor& y) {
+  const int64_t tile = tile_extent(out, in, kTileRows, decoded_bytes(x.scalar_type()));
   for_each_tile((out + tile - 1) / tile, [&](int64_t t, at::Tensor& scratch) {
     const int64_t o0 = t * tile, o1 = std::min(out, o0 + tile);
-    const at::Tensor w16 = decode_tile_16bit(w, in, o0, o1, 0, in, x16.scalar_type(), scratch);
-    at::Tensor y_slice = y16.narrow(1, o0, o1 - o0);
-    at::mm_out(y_slice, x16, w16.t());
+    const at::Tensor wt = decode_tile_as(w, in, o0, o1, 0, in, x.scalar_type(), scratch);
+    at::Tensor y_slice = y.narrow(1, o0, o1 - o0);
+    at::mm_out(y_slice, x, wt.t());
   });
 }
 
-// gx16 = g16 @ W: each task decodes all weight rows of a band of columns, so every output
-// element comes from one GEMM over the whole sum (one rounding; accumulating chunks in the
-// 16-bit output would round once per chunk).
-void gemm_grad_input_16bit(const WeightView& w, const at::Tensor& g16, int64_t in, int64_t out,
-                           at::Tensor& gx16) {
-  const int64_t band = tile_extent_16bit(in, out, 64);
+// gx = g @ W: each task decodes all weight rows of a band of columns, so every output element
+// comes from one GEMM over the whole sum (one rounding; accumulating chunks in a 16-bit output
+// would round once per chunk).
+void gemm_grad_input(const WeightView& w, const at::Tensor& g, int64_t in, int64_t out,
+                     at::Tensor& gx) {
+  const int64_t band = tile_extent(in, out, kBandCols, decoded_bytes(g.scalar_type()));
   for_each_tile((in + band - 1) / band, [&](int64_t t, at::Tensor& scratch) {
     const int64_t k0 = t * band, k1 = std::min(in, k0 + band);
-    const at::Tensor w16 = decode_tile_16bit(w, in, 0, out, k0, k1, g16.scalar_type(), scratch);
-    at::Tensor gx_slice = gx16.narrow(1, k0, k1 - k0);
-    at::mm_out(gx_slice, g16, w16);
+    const at::Tensor wt = decode_tile_as(w, in, 0, out, k0, k1, g.scalar_type(), scratch);
+    at::Tensor gx_slice = gx.narrow(1, k0, k1 - k0);
+    at::mm_out(gx_slice, g, wt);
   });
 }
 
@@ -1050,9 +1060,9 @@ at::Tensor product(const WeightView& w_in, const at::Tensor& input2d, int64_t in
     if (n_cols == 0) return result;
     if (!forward && out == 0) return result.zero_();
     if (forward) {
-      gemm_forward_16bit(w, a, in, out, result);
+      gemm_forward(w, a, in, out, result);
     } else {
-      gemm_grad_input_16bit(w, a, in, out, result);
+      gemm_grad_input(w, a, in, out, result);
     }
     return result;
   }
