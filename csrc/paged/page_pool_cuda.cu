@@ -9,6 +9,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
+#include "common/cuda_elem.cuh"
+
 namespace peftreg::paged::cuda {
 
 namespace {
@@ -136,6 +140,19 @@ __global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
   }
 }
 
+// Calls launch(T{}) with T the storage type of `dtype`, then reports the launch's error.
+template <typename Launch>
+cudaError_t dispatch(ScalarKind dtype, Launch&& launch) {
+  return cuda_common::with_storage_type(dtype, [&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), double>) {
+      return cudaErrorInvalidValue;  // ParamDType has no float64, so no kernel is built for it
+    } else {
+      launch(tag);
+      return cudaGetLastError();
+    }
+  });
+}
+
 }  // namespace
 
 cudaError_t launch_adamw8(const AdamW8Launch& args, cudaStream_t stream) {
@@ -147,20 +164,9 @@ cudaError_t launch_adamw8(const AdamW8Launch& args, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   const unsigned grid = static_cast<unsigned>(blocks);
-  switch (args.dtype) {
-    case 0:
-      adamw8_kernel<float><<<grid, kBlock8, 0, stream>>>(args);
-      break;
-    case 1:
-      adamw8_kernel<__nv_bfloat16><<<grid, kBlock8, 0, stream>>>(args);
-      break;
-    case 2:
-      adamw8_kernel<__half><<<grid, kBlock8, 0, stream>>>(args);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return dispatch(args.dtype, [&](auto tag) {
+    adamw8_kernel<decltype(tag)><<<grid, kBlock8, 0, stream>>>(args);
+  });
 }
 
 cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream) {
@@ -169,20 +175,9 @@ cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream) {
   }
   const int64_t wanted = (args.count + kThreads - 1) / kThreads;
   const unsigned blocks = static_cast<unsigned>(wanted < 65535 ? wanted : 65535);
-  switch (args.dtype) {
-    case 0:
-      adamw_kernel<float><<<blocks, kThreads, 0, stream>>>(args);
-      break;
-    case 1:
-      adamw_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(args);
-      break;
-    case 2:
-      adamw_kernel<__half><<<blocks, kThreads, 0, stream>>>(args);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return dispatch(args.dtype, [&](auto tag) {
+    adamw_kernel<decltype(tag)><<<blocks, kThreads, 0, stream>>>(args);
+  });
 }
 
 }  // namespace peftreg::paged::cuda

@@ -8,15 +8,20 @@
 
 #include <cstdint>
 
+#include "common/scalar_kind.h"
+
 namespace peftreg::paged::cuda {
 
+using ::peftreg::ScalarKind;  // common/scalar_kind.h
+
 // One contiguous run of a parameter whose exp_avg / exp_avg_sq live at m / v inside a resident
-// page. dtype: 0 float32, 1 bfloat16, 2 float16 (param and grad share it). The float scalars
-// are those of peftreg::paged::AdamWScalars (page_pool.h).
+// page. param and grad share dtype, one of float32, bfloat16 and float16 (ParamDType's, which
+// the glue maps to ScalarKind); the kernels reject kFloat64. The float scalars are those of
+// peftreg::paged::AdamWScalars (page_pool.h).
 struct AdamWLaunch {
   void* param;
   const void* grad;
-  int dtype;
+  ScalarKind dtype;
   int64_t count;
   float* m;
   float* v;
@@ -40,7 +45,7 @@ cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream);
 struct AdamW8Launch {
   void* param;
   const void* grad;
-  int dtype;
+  ScalarKind dtype;
   int64_t count;
   unsigned char* c1;
   unsigned char* c2;

@@ -30,6 +30,21 @@ namespace peftreg::paged {
 
 namespace {
 
+// ParamDType is the pool's own code, shared with the CPU update; the kernels take the ScalarKind
+// that every CUDA launch API takes.
+ScalarKind scalar_kind(ParamDType t) {
+  switch (t) {
+    case ParamDType::kFloat32:
+      return ScalarKind::kFloat32;
+    case ParamDType::kBFloat16:
+      return ScalarKind::kBFloat16;
+    case ParamDType::kFloat16:
+      return ScalarKind::kFloat16;
+  }
+  TORCH_CHECK(false, "peftreg paged: unknown parameter dtype code ", static_cast<int>(t));
+  return ScalarKind::kFloat32;  // unreachable
+}
+
 class CudaBackend final : public PageBackend {
  public:
   CudaBackend(int64_t page_bytes, int device_index)
@@ -137,7 +152,7 @@ class CudaBackend final : public PageBackend {
       float* v = m + elements_per_page;
       for (const AdamWSegment& seg : *w.segments) {
         const AdamWScalars& s = seg.s;
-        const cuda::AdamWLaunch launch{seg.param, seg.grad, static_cast<int>(seg.dtype),
+        const cuda::AdamWLaunch launch{seg.param, seg.grad, scalar_kind(seg.dtype),
                                        seg.count, m + seg.state_index, v + seg.state_index,
                                        s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
                                        s.bc2_sqrt, s.eps, s.neg_step_size, s.maximize ? 1 : 0};
@@ -161,7 +176,7 @@ class CudaBackend final : public PageBackend {
         const AdamWScalars& s = seg.s;
         launch.param = seg.param;
         launch.grad = seg.grad;
-        launch.dtype = static_cast<int>(seg.dtype);
+        launch.dtype = scalar_kind(seg.dtype);
         launch.count = seg.count;
         launch.c1 = base + seg.state_index;
         launch.c2 = base + codes + seg.state_index;
