@@ -19,20 +19,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+using cuda_common::Elem;  // every storage type the kernels take accumulates in float
 
 template <typename T>
 __global__ void adamw_kernel(AdamWLaunch a) {
@@ -41,11 +28,11 @@ __global__ void adamw_kernel(AdamWLaunch a) {
   const float w = a.one_minus_beta1;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float g = to_float(grad[i]);
+    float g = Elem<T>::load(grad[i]);
     if (a.maximize) {
       g = -g;
     }
-    float p = __fmul_rn(to_float(param[i]), a.decay);
+    float p = __fmul_rn(Elem<T>::load(param[i]), a.decay);
     const float m0 = a.m[i];
     const float mi = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
                               : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
@@ -55,7 +42,7 @@ __global__ void adamw_kernel(AdamWLaunch a) {
     p = __fadd_rn(p, __fdiv_rn(__fmul_rn(a.neg_step_size, mi), denom));
     a.m[i] = mi;
     a.v[i] = vi;
-    param[i] = from_float<T>(p);
+    param[i] = Elem<T>::store(p);
   }
 }
 
@@ -113,11 +100,11 @@ __global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
     T* param = static_cast<T*>(a.param);
     const T* grad = static_cast<const T*>(a.grad);
     const float w = a.one_minus_beta1;
-    float g = to_float(grad[i]);
+    float g = Elem<T>::load(grad[i]);
     if (a.maximize) {
       g = -g;
     }
-    float p = __fmul_rn(to_float(param[i]), a.decay);
+    float p = __fmul_rn(Elem<T>::load(param[i]), a.decay);
     const float m0 = __fmul_rn(code1[a.c1[i]], a.a1[block]);
     const float v0 = __fmul_rn(code2[a.c2[i]], a.a2[block]);
     mi = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
@@ -125,7 +112,7 @@ __global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
     vi = __fadd_rn(__fmul_rn(v0, a.beta2), __fmul_rn(__fmul_rn(a.one_minus_beta2, g), g));
     const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
     p = __fadd_rn(p, __fdiv_rn(__fmul_rn(a.neg_step_size, mi), denom));
-    param[i] = from_float<T>(p);
+    param[i] = Elem<T>::store(p);
   }
   // Every thread takes part in the reductions; the slack of a partial block counts as 0.
   const float max1 = block_max(live ? fabsf(mi) : 0.0f, scratch);
