@@ -21,27 +21,34 @@ constexpr int kThreads = 256;
 
 using cuda_common::Elem;  // every storage type the kernels take accumulates in float
 
+// One element's step, shared by the float32-state and 8-bit kernels: m and v hold the element's
+// moments on entry and the updated ones on return; returns the updated parameter value.
+__device__ __forceinline__ float adamw_element(const AdamWScalars& s, float g, float p,
+                                               float& m, float& v) {
+  if (s.maximize) {
+    g = -g;
+  }
+  const float w = s.one_minus_beta1;
+  p = __fmul_rn(p, s.decay);
+  const float m0 = m;
+  m = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
+               : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
+  v = __fadd_rn(__fmul_rn(v, s.beta2), __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bc2_sqrt), s.eps);
+  return __fadd_rn(p, __fdiv_rn(__fmul_rn(s.neg_step_size, m), denom));
+}
+
 template <typename T>
 __global__ void adamw_kernel(AdamWLaunch a) {
   T* param = static_cast<T*>(a.param);
   const T* grad = static_cast<const T*>(a.grad);
-  const float w = a.one_minus_beta1;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float g = Elem<T>::load(grad[i]);
-    if (a.maximize) {
-      g = -g;
-    }
-    float p = __fmul_rn(Elem<T>::load(param[i]), a.decay);
-    const float m0 = a.m[i];
-    const float mi = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
-                              : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
-    const float vi = __fadd_rn(__fmul_rn(a.v[i], a.beta2),
-                               __fmul_rn(__fmul_rn(a.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
-    p = __fadd_rn(p, __fdiv_rn(__fmul_rn(a.neg_step_size, mi), denom));
-    a.m[i] = mi;
-    a.v[i] = vi;
+    float m = a.m[i];
+    float v = a.v[i];
+    const float p = adamw_element(a.s, Elem<T>::load(grad[i]), Elem<T>::load(param[i]), m, v);
+    a.m[i] = m;
+    a.v[i] = v;
     param[i] = Elem<T>::store(p);
   }
 }
@@ -99,20 +106,10 @@ __global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
   if (live) {
     T* param = static_cast<T*>(a.param);
     const T* grad = static_cast<const T*>(a.grad);
-    const float w = a.one_minus_beta1;
-    float g = Elem<T>::load(grad[i]);
-    if (a.maximize) {
-      g = -g;
-    }
-    float p = __fmul_rn(Elem<T>::load(param[i]), a.decay);
-    const float m0 = __fmul_rn(code1[a.c1[i]], a.a1[block]);
-    const float v0 = __fmul_rn(code2[a.c2[i]], a.a2[block]);
-    mi = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
-                  : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
-    vi = __fadd_rn(__fmul_rn(v0, a.beta2), __fmul_rn(__fmul_rn(a.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
-    p = __fadd_rn(p, __fdiv_rn(__fmul_rn(a.neg_step_size, mi), denom));
-    param[i] = Elem<T>::store(p);
+    mi = __fmul_rn(code1[a.c1[i]], a.a1[block]);
+    vi = __fmul_rn(code2[a.c2[i]], a.a2[block]);
+    param[i] = Elem<T>::store(
+        adamw_element(a.s, Elem<T>::load(grad[i]), Elem<T>::load(param[i]), mi, vi));
   }
   // Every thread takes part in the reductions; the slack of a partial block counts as 0.
   const float max1 = block_max(live ? fabsf(mi) : 0.0f, scratch);
