@@ -38,6 +38,7 @@ constexpr int64_t kMaxGridX = 2147483647;     // rows / kTile blocks go on grid.
 constexpr int64_t kMaxGridY = 65535;          // out / kTile (or r / kTile) blocks go on grid.y
 
 using peftreg::cuda_common::Elem;
+using peftreg::cuda_common::with_storage_type;
 
 // Returns sum_k lhs[row, k] * rhs[col, k] for this thread's output element, where
 // row = blockIdx.x * kTile + threadIdx.y and col = blockIdx.y * kTile + threadIdx.x; lhs is
@@ -159,17 +160,8 @@ std::size_t lora_update_workspace_bytes(ScalarKind dtype, int64_t rows, int64_t 
 }
 
 cudaError_t lora_low_rank_update(const LoraUpdateArgs& args, cudaStream_t stream) {
-  switch (args.dtype) {
-    case ScalarKind::kFloat32:
-      return launch<float>(args, stream);
-    case ScalarKind::kFloat64:
-      return launch<double>(args, stream);
-    case ScalarKind::kFloat16:
-      return launch<__half>(args, stream);
-    case ScalarKind::kBFloat16:
-      return launch<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_storage_type(args.dtype,
+                           [&](auto tag) { return launch<decltype(tag)>(args, stream); });
 }
 
 }  // namespace peftreg::fused::cuda

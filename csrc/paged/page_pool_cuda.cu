@@ -9,49 +9,47 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
+#include "common/cuda_elem.cuh"
+
 namespace peftreg::paged::cuda {
 
 namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+using cuda_common::Elem;  // every storage type the kernels take accumulates in float
 
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+// One element's step, shared by the float32-state and 8-bit kernels: m and v hold the element's
+// moments on entry and the updated ones on return; returns the updated parameter value.
+__device__ __forceinline__ float adamw_element(const AdamWScalars& s, float g, float p,
+                                               float& m, float& v) {
+  if (s.maximize) {
+    g = -g;
+  }
+  const float w = s.one_minus_beta1;
+  p = __fmul_rn(p, s.decay);
+  const float m0 = m;
+  m = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
+               : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
+  v = __fadd_rn(__fmul_rn(v, s.beta2), __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bc2_sqrt), s.eps);
+  return __fadd_rn(p, __fdiv_rn(__fmul_rn(s.neg_step_size, m), denom));
 }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 template <typename T>
 __global__ void adamw_kernel(AdamWLaunch a) {
   T* param = static_cast<T*>(a.param);
   const T* grad = static_cast<const T*>(a.grad);
-  const float w = a.one_minus_beta1;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float g = to_float(grad[i]);
-    if (a.maximize) {
-      g = -g;
-    }
-    float p = __fmul_rn(to_float(param[i]), a.decay);
-    const float m0 = a.m[i];
-    const float mi = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
-                              : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
-    const float vi = __fadd_rn(__fmul_rn(a.v[i], a.beta2),
-                               __fmul_rn(__fmul_rn(a.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
-    p = __fadd_rn(p, __fdiv_rn(__fmul_rn(a.neg_step_size, mi), denom));
-    a.m[i] = mi;
-    a.v[i] = vi;
-    param[i] = from_float<T>(p);
+    float m = a.m[i];
+    float v = a.v[i];
+    const float p = adamw_element(a.s, Elem<T>::load(grad[i]), Elem<T>::load(param[i]), m, v);
+    a.m[i] = m;
+    a.v[i] = v;
+    param[i] = Elem<T>::store(p);
   }
 }
 
@@ -108,20 +106,10 @@ __global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
   if (live) {
     T* param = static_cast<T*>(a.param);
     const T* grad = static_cast<const T*>(a.grad);
-    const float w = a.one_minus_beta1;
-    float g = to_float(grad[i]);
-    if (a.maximize) {
-      g = -g;
-    }
-    float p = __fmul_rn(to_float(param[i]), a.decay);
-    const float m0 = __fmul_rn(code1[a.c1[i]], a.a1[block]);
-    const float v0 = __fmul_rn(code2[a.c2[i]], a.a2[block]);
-    mi = w < 0.5f ? __fadd_rn(m0, __fmul_rn(w, __fsub_rn(g, m0)))
-                  : __fsub_rn(g, __fmul_rn(__fsub_rn(g, m0), __fsub_rn(1.0f, w)));
-    vi = __fadd_rn(__fmul_rn(v0, a.beta2), __fmul_rn(__fmul_rn(a.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
-    p = __fadd_rn(p, __fdiv_rn(__fmul_rn(a.neg_step_size, mi), denom));
-    param[i] = from_float<T>(p);
+    mi = __fmul_rn(code1[a.c1[i]], a.a1[block]);
+    vi = __fmul_rn(code2[a.c2[i]], a.a2[block]);
+    param[i] = Elem<T>::store(
+        adamw_element(a.s, Elem<T>::load(grad[i]), Elem<T>::load(param[i]), mi, vi));
   }
   // Every thread takes part in the reductions; the slack of a partial block counts as 0.
   const float max1 = block_max(live ? fabsf(mi) : 0.0f, scratch);
@@ -136,6 +124,19 @@ __global__ void __launch_bounds__(kBlock8) adamw8_kernel(AdamW8Launch a) {
   }
 }
 
+// Calls launch(T{}) with T the storage type of `dtype`, then reports the launch's error.
+template <typename Launch>
+cudaError_t dispatch(ScalarKind dtype, Launch&& launch) {
+  return cuda_common::with_storage_type(dtype, [&](auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), double>) {
+      return cudaErrorInvalidValue;  // ParamDType has no float64, so no kernel is built for it
+    } else {
+      launch(tag);
+      return cudaGetLastError();
+    }
+  });
+}
+
 }  // namespace
 
 cudaError_t launch_adamw8(const AdamW8Launch& args, cudaStream_t stream) {
@@ -147,20 +148,9 @@ cudaError_t launch_adamw8(const AdamW8Launch& args, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   const unsigned grid = static_cast<unsigned>(blocks);
-  switch (args.dtype) {
-    case 0:
-      adamw8_kernel<float><<<grid, kBlock8, 0, stream>>>(args);
-      break;
-    case 1:
-      adamw8_kernel<__nv_bfloat16><<<grid, kBlock8, 0, stream>>>(args);
-      break;
-    case 2:
-      adamw8_kernel<__half><<<grid, kBlock8, 0, stream>>>(args);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return dispatch(args.dtype, [&](auto tag) {
+    adamw8_kernel<decltype(tag)><<<grid, kBlock8, 0, stream>>>(args);
+  });
 }
 
 cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream) {
@@ -169,20 +159,9 @@ cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream) {
   }
   const int64_t wanted = (args.count + kThreads - 1) / kThreads;
   const unsigned blocks = static_cast<unsigned>(wanted < 65535 ? wanted : 65535);
-  switch (args.dtype) {
-    case 0:
-      adamw_kernel<float><<<blocks, kThreads, 0, stream>>>(args);
-      break;
-    case 1:
-      adamw_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(args);
-      break;
-    case 2:
-      adamw_kernel<__half><<<blocks, kThreads, 0, stream>>>(args);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return dispatch(args.dtype, [&](auto tag) {
+    adamw_kernel<decltype(tag)><<<blocks, kThreads, 0, stream>>>(args);
+  });
 }
 
 }  // namespace peftreg::paged::cuda

@@ -1,33 +1,32 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // Plain-pointer launch API of the paged AdamW CUDA kernel (no torch types, so nvcc compiles
-// page_pool_cuda.cu alone). The glue in page_pool_cuda_ops.cpp owns streams, memory and events.
+// page_pool_cuda.cu alone; page_pool.h includes no torch header either). The glue in
+// page_pool_cuda_ops.cpp owns streams, memory and events.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "common/scalar_kind.h"
+#include "paged/page_pool.h"
+
 namespace peftreg::paged::cuda {
 
+using ::peftreg::ScalarKind;  // common/scalar_kind.h
+
 // One contiguous run of a parameter whose exp_avg / exp_avg_sq live at m / v inside a resident
-// page. dtype: 0 float32, 1 bfloat16, 2 float16 (param and grad share it). The float scalars
-// are those of peftreg::paged::AdamWScalars (page_pool.h).
+// page. param and grad share dtype, one of float32, bfloat16 and float16 (ParamDType's, which
+// the glue maps to ScalarKind); the kernels reject kFloat64. s: the parameter's step scalars.
 struct AdamWLaunch {
   void* param;
   const void* grad;
-  int dtype;
+  ScalarKind dtype;
   int64_t count;
   float* m;
   float* v;
-  float decay;
-  float one_minus_beta1;
-  float beta2;
-  float one_minus_beta2;
-  float bc2_sqrt;
-  float eps;
-  float neg_step_size;
-  int maximize;
+  AdamWScalars s;
 };
 
 cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream);
@@ -40,20 +39,13 @@ cudaError_t launch_adamw(const AdamWLaunch& args, cudaStream_t stream);
 struct AdamW8Launch {
   void* param;
   const void* grad;
-  int dtype;
+  ScalarKind dtype;
   int64_t count;
   unsigned char* c1;
   unsigned char* c2;
   float* a1;
   float* a2;
-  float decay;
-  float one_minus_beta1;
-  float beta2;
-  float one_minus_beta2;
-  float bc2_sqrt;
-  float eps;
-  float neg_step_size;
-  int maximize;
+  AdamWScalars s;
   float map1[256];
   float map2[256];
 };

@@ -30,6 +30,21 @@ namespace peftreg::paged {
 
 namespace {
 
+// ParamDType is the pool's own code, shared with the CPU update; the kernels take the ScalarKind
+// that every CUDA launch API takes.
+ScalarKind scalar_kind(ParamDType t) {
+  switch (t) {
+    case ParamDType::kFloat32:
+      return ScalarKind::kFloat32;
+    case ParamDType::kBFloat16:
+      return ScalarKind::kBFloat16;
+    case ParamDType::kFloat16:
+      return ScalarKind::kFloat16;
+  }
+  TORCH_CHECK(false, "peftreg paged: unknown parameter dtype code ", static_cast<int>(t));
+  return ScalarKind::kFloat32;  // unreachable
+}
+
 class CudaBackend final : public PageBackend {
  public:
   CudaBackend(int64_t page_bytes, int device_index)
@@ -136,11 +151,8 @@ class CudaBackend final : public PageBackend {
       float* m = static_cast<float*>(w.buf);
       float* v = m + elements_per_page;
       for (const AdamWSegment& seg : *w.segments) {
-        const AdamWScalars& s = seg.s;
-        const cuda::AdamWLaunch launch{seg.param, seg.grad, static_cast<int>(seg.dtype),
-                                       seg.count, m + seg.state_index, v + seg.state_index,
-                                       s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2,
-                                       s.bc2_sqrt, s.eps, s.neg_step_size, s.maximize ? 1 : 0};
+        const cuda::AdamWLaunch launch{seg.param, seg.grad, scalar_kind(seg.dtype), seg.count,
+                                       m + seg.state_index, v + seg.state_index, seg.s};
         C10_CUDA_CHECK(cuda::launch_adamw(launch, stream));
       }
     }
@@ -158,23 +170,15 @@ class CudaBackend final : public PageBackend {
       unsigned char* base = static_cast<unsigned char*>(w.buf);
       float* a1 = reinterpret_cast<float*>(base + 2 * codes);
       for (const AdamWSegment& seg : *w.segments) {
-        const AdamWScalars& s = seg.s;
         launch.param = seg.param;
         launch.grad = seg.grad;
-        launch.dtype = static_cast<int>(seg.dtype);
+        launch.dtype = scalar_kind(seg.dtype);
         launch.count = seg.count;
         launch.c1 = base + seg.state_index;
         launch.c2 = base + codes + seg.state_index;
         launch.a1 = a1 + seg.state_index / kQuantBlock;
         launch.a2 = a1 + blocks_per_page + seg.state_index / kQuantBlock;
-        launch.decay = s.decay;
-        launch.one_minus_beta1 = s.one_minus_beta1;
-        launch.beta2 = s.beta2;
-        launch.one_minus_beta2 = s.one_minus_beta2;
-        launch.bc2_sqrt = s.bc2_sqrt;
-        launch.eps = s.eps;
-        launch.neg_step_size = s.neg_step_size;
-        launch.maximize = s.maximize ? 1 : 0;
+        launch.s = seg.s;
         C10_CUDA_CHECK(cuda::launch_adamw8(launch, stream));
       }
     }

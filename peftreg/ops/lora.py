@@ -37,7 +37,7 @@ import torch
 
 from peftreg.ops import _checks as ck
 from peftreg.ops import reference
-from peftreg.ops._op import Op
+from peftreg.ops._op import Op, saved
 
 __all__ = ["LORA_GROUPED_ADD", "LORA_GROUPED_ADD_BACKWARD", "LORA_LINEAR",
            "LORA_LINEAR_BACKWARD", "lora_grouped_add", "lora_linear", "new_dropout_seed"]
@@ -365,6 +365,7 @@ def _grads_differentiable(grad: torch.Tensor, x: torch.Tensor | None,
                           mask: list[bool], dropout_p: float = 0.0,
                           seed: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """The module docstring's formulas as plain matmuls (for a differentiable backward)."""
+    op = LORA_LINEAR.qualname
     need_x, need_a, need_b, need_xl = mask
     g = grad.reshape(-1, grad.shape[-1])
     x_l = x_lora if x_lora is not None else x
@@ -373,9 +374,12 @@ def _grads_differentiable(grad: torch.Tensor, x: torch.Tensor | None,
     xl2d = x_l.reshape(-1, lora_a.shape[1]) if x_l is not None else None
     grad_u = torch.mm(g, lora_b) * s
     x_shape = (*grad.shape[:-1], lora_a.shape[1])
-    grad_x = grad_a = grad_b = grad_xl = None
+    grad_x: torch.Tensor | None = None
+    grad_a: torch.Tensor | None = None
+    grad_b: torch.Tensor | None = None
+    grad_xl: torch.Tensor | None = None
     if need_x:
-        grad_x = torch.mm(g, weight)
+        grad_x = torch.mm(g, saved(weight, op, "weight"))
         if x_lora is None:
             low = torch.mm(grad_u, lora_a)
             if dropout_p > 0:  # dropout's backward: the same mask and scale
@@ -383,18 +387,26 @@ def _grads_differentiable(grad: torch.Tensor, x: torch.Tensor | None,
             grad_x = grad_x + low
         grad_x = grad_x.reshape(x_shape)
     if need_a:
-        grad_a = torch.mm(grad_u.t(), xl2d)
+        grad_a = torch.mm(grad_u.t(), saved(xl2d, op, "the LoRA input (x or x_lora)"))
     if need_b:
-        grad_b = torch.mm(g.t(), torch.mm(xl2d, lora_a.t())) * s
+        xl_a = torch.mm(saved(xl2d, op, "the LoRA input (x or x_lora)"), lora_a.t())
+        grad_b = torch.mm(g.t(), xl_a) * s
     if need_xl:
         grad_xl = torch.mm(grad_u, lora_a).reshape(x_shape)
     return [grad_x, grad_a, grad_b, grad_xl]
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    # x, weight and x_lora are None unless a requested gradient reads them (_setup_context).
+    x: torch.Tensor | None
+    weight: torch.Tensor | None
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    x_lora: torch.Tensor | None
+    seed: torch.Tensor | None
     x, weight, lora_a, lora_b, x_lora, seed = ctx.saved_tensors
     _, need_w, need_bias, *_ = padded_needs(ctx, _NUM_INPUTS)
-    mask = ctx.output_mask
+    mask: list[bool] = ctx.output_mask
     grads: list[torch.Tensor | None] = [None, None, None, None]
     if any(mask) and torch.is_grad_enabled():
         # backward(create_graph=True): the compiled backward has no derivative of its own, so
@@ -409,6 +421,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     grad_w = grad_bias = None
     g = grad.reshape(-1, grad.shape[-1])
     if need_w:
+        x = saved(x, LORA_LINEAR.qualname, "x")
         grad_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
     if need_bias:
         grad_bias = g.sum(0)

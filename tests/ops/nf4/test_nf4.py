@@ -354,12 +354,12 @@ def _run_linear(t, x, bias):
 
 def _linear_check_name(x, kind):
     """The tolerance entry: the many-row paths of CUDA, and of a CPU with 16-bit arithmetic,
-    round W to a half dtype (docs/ops.md); their entries are named after the CUDA path."""
+    round W to a half dtype (docs/ops.md), so both take the 16-bit tile entries."""
     rows = x.numel() // x.shape[-1]
     half = x.dtype in (torch.bfloat16, torch.float16)
     if ((x.device.type == "cuda" and rows > nf4.CPU_GEMV_MAX_ROWS and half)
             or (x.device.type == "cpu" and nf4.cpu_rounds_weight(x.dtype, rows))):
-        return f"nf4_linear.cuda_tiles_{kind}"
+        return f"nf4_linear.tiles16_{kind}"
     return f"nf4_linear.{kind}"
 
 
