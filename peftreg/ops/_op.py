@@ -247,9 +247,9 @@ def _register_autograd_kernel(op: Op, backward: Callable[..., Any],
         # The key set rides as the last input: its gradient slot is None.
         return (*grads_in, None) if isinstance(grads_in, tuple) else (grads_in, None)
 
-    function = type(f"{op.name}_autograd", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward),
-                     "backward": staticmethod(backward_without_keyset)})
+    function: Any = type(f"{op.name}_autograd", (torch.autograd.Function,),
+                         {"forward": staticmethod(forward),
+                          "backward": staticmethod(backward_without_keyset)})
 
     def autograd_kernel(keyset: Any, *args: Any) -> Any:
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
