@@ -13,12 +13,15 @@ of the batch (no optimizer, the same for all):
   against: the goal is at most 1.5x);
 * PEFT loop: PEFT cannot train different adapters in one batch (``adapter_names=`` is for
   inference), so for each adapter ``set_adapter`` and forward/backward its rows (the goal is
-  that peftreg's step is at least 5x faster).
+  that peftreg's step is at least 5x faster);
+* with ``--dropout P``, also peftreg per row with ``lora_dropout=P`` on every adapter (each row
+  dropped with its own adapter's p), to show what dropout adds to the step.
 
 The steps are timed side by side (``_harness.time_side_by_side``: interleaved rounds, one torch
 thread by default), so a shared machine's drift hits all alike.
 
     python benchmarks/bench_multi_adapter.py [--adapters 8,64] [--threads 1] [--no-peft]
+        [--dropout 0.1]
 """
 
 from __future__ import annotations
@@ -46,14 +49,33 @@ def _rows(n: int) -> list[str]:
     return [f"a{i % n}" for i in range(ROWS)]
 
 
-def peftreg_steps(n: int) -> dict[str, Callable[[], None]]:
+def _model(n: int, dropout: float = 0.0) -> torch.nn.Module:
     import peftreg
 
-    config = peftreg.config_for("lora", r=16, lora_alpha=32, target_modules=TARGETS)
+    config = peftreg.config_for("lora", r=16, lora_alpha=32, lora_dropout=dropout,
+                                target_modules=TARGETS)
     model = peftreg.adapt(make_base(torch.float32), config, "a0")
     for i in range(1, n):
         model.add_adapter(f"a{i}", config, activate=False, trainable=True)
-    model.train()
+    return model.train()
+
+
+def dropout_step(n: int, dropout: float) -> Callable[[], None]:
+    """peftreg per row with ``lora_dropout=dropout`` on every adapter (kernel mode auto)."""
+    model = _model(n, dropout)
+    ids, rows = _ids(), _rows(n)
+
+    def run() -> None:
+        model(input_ids=ids, labels=ids, adapter_names=rows).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def peftreg_steps(n: int) -> dict[str, Callable[[], None]]:
+    import peftreg
+
+    model = _model(n)
     ids, rows = _ids(), _rows(n)
 
     def step(names: list[str], mode: str) -> Callable[[], None]:
@@ -105,6 +127,8 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=2.0,
                         help="seconds of timed rounds per candidate (at least 15 rounds)")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's loop (slow)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="also time per-row training with this lora_dropout (0: not run)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "multi_adapter.json")
     args = parser.parse_args()
@@ -117,6 +141,8 @@ def main() -> None:
         steps = peftreg_steps(n)
         if not args.no_peft:
             steps["PEFT loop"] = peft_loop(n)
+        if args.dropout:
+            steps["peftreg per row, dropout"] = dropout_step(n, args.dropout)
         timed = time_side_by_side(steps, device, min_run_time=args.min_run_time, warmup=1)
         med = {k: t.median_ms for k, t in timed.items()}
         results[str(n)] = {k: t.to_dict() for k, t in timed.items()}
@@ -125,12 +151,14 @@ def main() -> None:
                      fmt_ms(med["peftreg one adapter"]), fmt_ms(med.get("PEFT loop")),
                      fmt_ratio(per_row, med["peftreg one adapter"]),
                      fmt_ratio(med["peftreg per row, plain"], per_row),
-                     fmt_ratio(med.get("PEFT loop"), per_row)])
+                     fmt_ratio(med.get("PEFT loop"), per_row),
+                     fmt_ratio(med.get("peftreg per row, dropout"), per_row)])
     print_table(f"Forward + backward of {ROWS} x {TOKENS} tokens, LoRA r=16 on every linear "
                 f"layer, rows spread over N adapters ({args.threads} thread(s), median of "
                 "interleaved rounds)",
                 ["N adapters", "per row ms", "per row plain ms", "one adapter ms", "PEFT loop ms",
-                 "per row / one adapter", "plain / per row", "PEFT loop / per row"], rows)
+                 "per row / one adapter", "plain / per row", "PEFT loop / per row",
+                 f"dropout {args.dropout:g} / per row"], rows)
     write_json(args.out, {"environment": environment(device), "threads": args.threads,
                           "results": results})
 

@@ -47,18 +47,19 @@ TORCH_LIBRARY(peftreg, m) {
       {at::Tag::pt2_compliant_tag});
   // Training many LoRA adapters in one batch (csrc/fused/lora_grouped.cpp): `rows` (int64) lists
   // the rows of x (leading dims flattened) that some adapter takes, grouped by adapter, adapter k
-  // owning the next counts[k] of them. out = base with row rows[j] of adapter k increased by
+  // owning the next counts[k] of them; counts (int64, (n,), on the CPU or x's device) is a tensor
+  // so that under torch.compile a new split of the rows is new data, not a recompile. out = base with row rows[j] of adapter k increased by
   // scaling[k] * (x[rows[j]] @ lora_a[k]^T) @ lora_b[k]^T (lora_a (n, r, in), lora_b (n, out, r),
   // scaling (n,)); u (rows.numel(), r) is scaling[k] * x[rows[j]] @ lora_a[k]^T, saved for the
   // backward. The backward gives grad_x (the low-rank path's part only), grad_lora_a and
   // grad_lora_b from grad (of out) and u, each only where output_mask asks (empty otherwise).
   m.def(
       "lora_grouped_add(Tensor base, Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, "
-      "Tensor rows, int[] counts) -> (Tensor out, Tensor u)",
+      "Tensor rows, Tensor counts) -> (Tensor out, Tensor u)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lora_grouped_add_backward(Tensor grad, Tensor x, Tensor lora_a, Tensor lora_b, "
-      "Tensor scaling, Tensor rows, int[] counts, Tensor u, bool[3] output_mask) -> "
+      "Tensor scaling, Tensor rows, Tensor counts, Tensor u, bool[3] output_mask) -> "
       "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b)",
       {at::Tag::pt2_compliant_tag});
 

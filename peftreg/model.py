@@ -395,7 +395,8 @@ class AdaptedModel(nn.Module):
         result equals running the model with only that adapter active; a layer the row's adapter
         does not adapt gives the base output. The active-adapter setting is ignored meanwhile.
         With gradients enabled and trainable adapters, the batch trains every row's adapter
-        at once: each adapter gets the gradient of its own rows, as if trained alone on them.
+        at once: each adapter gets the gradient of its own rows, as if trained alone on them,
+        with its own LoRA dropout on its rows in training mode.
 
         Works for any model whose adapted layers see the batch as their first input dimension
         (or as flattened rows). Also available as ``model(..., adapter_names=[...])``.
@@ -406,7 +407,7 @@ class AdaptedModel(nn.Module):
         Raises:
             AdapterError: an unknown adapter name, or no names.
             UnsupportedOperationError: a named adapter is not LoRA on Linear layers or has
-                ``modules_to_save``, adapters are merged, or (training) one has dropout.
+                ``modules_to_save``, or adapters are merged.
         """
         rows = tuple(names)
         if not rows:

@@ -20,7 +20,14 @@ adapter once per batch, and each layer hands them with its adapters' stacked fac
 ``peftreg::lora_grouped_add`` (:mod:`peftreg.ops.lora`): one gather, one GEMM per adapter's
 contiguous slice, one scatter, and the mirrored GEMMs in its backward, all in C++. Each adapter
 gets the gradient of its own rows only: what training it alone on those rows would give, with
-the base computed once for the whole batch instead of once per adapter.
+the base computed once for the whole batch instead of once per adapter. The split of the rows
+reaches the op as a tensor of counts, so a compiled graph takes any split of a batch.
+
+LoRA dropout (training mode, ``lora_dropout > 0``) applies to each row the dropout of its own
+adapter, on the low-rank path's input only, as training that adapter alone does: one draw for
+the whole batch, compared against each row's own ``p``, and the op gets ``dropout(x)`` as its
+input. Adapters with different ``p``, or none, share one batch; rows of adapters without
+dropout keep ``x`` exactly. Without any dropout in the batch none of this runs.
 """
 
 from __future__ import annotations
@@ -105,7 +112,9 @@ class RowPlan:
         self.names = names
         self._index: dict[tuple[Any, ...], torch.Tensor] = {}
         self._rows: dict[tuple[Any, ...], tuple[torch.Tensor, list[int]]] = {}
-        self._groups: dict[tuple[Any, ...], tuple[torch.Tensor, tuple[str, ...], list[int]]] = {}
+        self._groups: dict[tuple[Any, ...],
+                           tuple[torch.Tensor, tuple[str, ...], torch.Tensor]] = {}
+        self._dropout: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def adapters_on(self, host: AdapterHost) -> tuple[str, ...]:
         """The plan's adapters that ``host`` holds, in first-use order."""
@@ -157,17 +166,66 @@ class RowPlan:
         return found
 
     def trained_groups(self, on_host: tuple[str, ...], x: torch.Tensor
-                       ) -> tuple[torch.Tensor, tuple[str, ...], list[int]]:
+                       ) -> tuple[torch.Tensor, tuple[str, ...], torch.Tensor]:
         """:meth:`grouped_rows` without the adapters that take no row: the rows, the names of
-        the adapters that take some, and their counts (built once per batch and shape)."""
+        the adapters that take some, and their counts as an int64 CPU tensor, the op's
+        ``counts`` (built once per batch and shape)."""
         key = ("trained", on_host, tuple(x.shape[:-1]), x.device)
         found = self._groups.get(key)
         if found is None:
             rows, counts = self.grouped_rows(on_host, x)
             kept = [(name, n) for name, n in zip(on_host, counts, strict=True) if n > 0]
-            found = (rows, tuple(name for name, _ in kept), [n for _, n in kept])
+            found = (rows, tuple(name for name, _ in kept),
+                     torch.tensor([n for _, n in kept], dtype=torch.int64))
             self._groups[key] = found
         return found
+
+    def dropout_rows(self, on_host: tuple[str, ...], ps: tuple[float, ...], x: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's dropout probability (its adapter's entry of ``ps``, 0 for rows of no
+        adapter of ``on_host``) and keep scale ``1 / (1 - p)``, shaped ``x.shape[:-1]``, the
+        scale in float32 (float64 for float64 ``x``): built once per batch and shape."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        key = (on_host, ps, tuple(x.shape[:-1]), x.device, wide)
+        found = self._dropout.get(key)
+        if found is None:
+            index = self.index(on_host, x)
+            # The last entry serves index -1 (no adapter here): nothing dropped.
+            p = torch.tensor([*ps, 0.0], dtype=torch.float32, device=x.device)
+            scale = torch.tensor([1.0 / (1.0 - q) for q in ps] + [1.0], dtype=wide,
+                                 device=x.device)
+            found = (p[index], scale[index])
+            self._dropout[key] = found
+        return found
+
+
+def _dropout_ps(host: AdapterHost, on_host: tuple[str, ...]) -> tuple[float, ...]:
+    """The dropout probability of each adapter of ``on_host`` as it runs now (0 in eval mode,
+    as for an adapter running alone)."""
+    ps = []
+    for name in on_host:
+        adapter = host.adapters[name]
+        ps.append(float(getattr(adapter, "dropout_p", 0.0)) if adapter.training else 0.0)
+    return tuple(ps)
+
+
+def _keep_mask(x: torch.Tensor, p_row: torch.Tensor) -> torch.Tensor:
+    """Which elements of ``x`` dropout keeps: each with probability ``1 - p`` of its row, from
+    torch's generator (``torch.manual_seed`` makes it reproducible). Drawn in float32 whatever
+    ``x``'s dtype, so that a 16-bit ``x`` does not coarsen the probability."""
+    draw = torch.rand(x.shape, dtype=torch.float32, device=x.device)
+    return draw >= p_row.unsqueeze(-1)
+
+
+def _row_dropout(plan: RowPlan, on_host: tuple[str, ...], ps: tuple[float, ...],
+                 x: torch.Tensor) -> torch.Tensor:
+    """Inverted dropout of ``x`` with each row's own adapter's ``p``: kept values times
+    ``1 / (1 - p)`` (rounded once, as an adapter alone multiplies by that number), dropped ones
+    zero. Autograd keeps only the boolean mask for the backward."""
+    p_row, scale_row = plan.dropout_rows(on_host, ps, x)
+    keep = _keep_mask(x, p_row)
+    scaled = (x.to(scale_row.dtype) * scale_row.unsqueeze(-1)).to(x.dtype)
+    return torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _trainable_stacks(host: AdapterHost, names: tuple[str, ...], dtype: torch.dtype
@@ -179,11 +237,6 @@ def _trainable_stacks(host: AdapterHost, names: tuple[str, ...], dtype: torch.dt
     factors = []
     for name in names:
         a, b, scaling = _factors(host, name)
-        dropout = getattr(host.adapters[name], "dropout_p", 0.0)
-        if dropout:
-            raise UnsupportedOperationError(
-                f"adapter {name!r} has lora_dropout {dropout}: training per row runs without "
-                "dropout; train it with lora_dropout=0.0 or on its own")
         factors.append((a.to(dtype), b.to(dtype), scaling))
     r_max = max(a.shape[0] for a, _, _ in factors)
     pad = torch.nn.functional.pad
@@ -203,7 +256,8 @@ def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...]
     The plan's rows, sorted by adapter once per batch, go to ``peftreg::lora_grouped_add``
     (one GEMM per adapter slice, and the mirrored GEMMs in its backward, in C++) with the
     factors of the adapters that have rows here; adapters without rows in this batch take no
-    part, so they get no gradient at all (an optimizer's weight decay leaves them alone)."""
+    part, so they get no gradient at all (an optimizer's weight decay leaves them alone).
+    With dropout, the op's input is each row's own dropout of ``x`` (:func:`_row_dropout`)."""
     rows, names, counts = plan.trained_groups(on_host, x)
     if rows.numel() == 0:
         return y
@@ -211,8 +265,11 @@ def _trainable_update(host: AdapterHost, plan: RowPlan, on_host: tuple[str, ...]
     lora_a, lora_b, scaling = _trainable_stacks(host, names, dtype)
     from peftreg.ops.lora import LORA_GROUPED_ADD
 
-    out, _u = LORA_GROUPED_ADD.run(y.to(dtype), x.to(dtype), lora_a, lora_b, scaling, rows,
-                                   counts)
+    x_lora = x.to(dtype)
+    ps = _dropout_ps(host, on_host)
+    if any(ps):
+        x_lora = _row_dropout(plan, on_host, ps, x_lora)
+    out, _u = LORA_GROUPED_ADD.run(y.to(dtype), x_lora, lora_a, lora_b, scaling, rows, counts)
     return out.to(y.dtype)
 
 
@@ -233,6 +290,11 @@ def per_row_forward(host: AdapterHost, plan: RowPlan, x: torch.Tensor, *args: An
     lora_a, lora_b, scaling = _stacked(host, on_host, y.dtype, y.device)
     index = plan.index(on_host, x)
     xin = x.to(y.dtype)
+    ps = _dropout_ps(host, on_host)
+    if any(ps):
+        # Training mode without gradients: the dropout an adapter alone applies there too
+        # (lora_multi_add reads x only for the low-rank products).
+        xin = _row_dropout(plan, on_host, ps, xin)
     from peftreg.ops.adapters import LORA_MULTI_ADD
 
     with torch.no_grad():

@@ -5,7 +5,10 @@
 // as segmented GEMMs over rows grouped by adapter (the SGMV shape of Punica, Chen et al. 2023).
 //
 // The caller (peftreg/row_adapters.py) sorts the rows by adapter once per forward, so adapter k
-// owns the contiguous slice [offset_k, offset_k + counts[k]) of `rows`. One gather brings those
+// owns the contiguous slice [offset_k, offset_k + counts[k]) of `rows`. `counts` is an int64
+// tensor, not an int list: under torch.compile a list would be baked into the graph and every new
+// split of the rows would recompile; as a tensor it is data, read on the host here (the plan
+// keeps it on the CPU, so reading it costs no device sync). One gather brings those
 // rows together; each adapter's product is then one GEMM on its slice, and the backward runs the
 // mirrored GEMMs writing straight into each adapter's slot of the stacked gradients. When every
 // adapter holds the same number of rows (one sequence per adapter, the common sweep layout) the
@@ -56,33 +59,23 @@ struct GroupedSizes {
 };
 
 // The factors, rows and counts; shared by the forward and the backward (`op` names the caller).
+// The checks on metadata come first, in the order of the fake kernels (_grouped_checks in
+// peftreg/ops/lora.py); the values of `counts` last, since only the real kernel can read them.
 GroupedSizes check_grouped(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
                            const at::Tensor& lora_b, const at::Tensor& scaling,
-                           const at::Tensor& rows, c10::IntArrayRef counts) {
+                           const at::Tensor& rows, const at::Tensor& counts) {
   namespace ck = peftreg::checks;
   GroupedSizes s;
   ck::check_stacked_lora(s, op, x, lora_a, lora_b, scaling);
   ck::check_dim(rows, op, "rows", 1, "(taken rows,)");
   s.taken = rows.size(0);
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == s.adapters, op,
-              ": argument 'counts' must hold one row count per adapter (", s.adapters,
-              " = lora_a.shape[0]) but has ", counts.size());
-  s.offsets.resize(s.adapters + 1, 0);
-  for (int64_t k = 0; k < s.adapters; ++k) {
-    TORCH_CHECK(counts[k] >= 0, op, ": argument 'counts' has a negative entry ", counts[k],
-                " at ", k);
-    s.offsets[k + 1] = s.offsets[k] + counts[k];
-  }
-  TORCH_CHECK(s.offsets.back() == s.taken, op, ": argument 'counts' sums to ", s.offsets.back(),
-              " but 'rows' holds ", s.taken, " rows");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == s.adapters, op,
+              ": argument 'counts' must hold one row count per adapter, shape [", s.adapters,
+              "] (adapters = lora_a.shape[0]), but has shape ", counts.sizes());
+  TORCH_CHECK(counts.scalar_type() == at::kLong, op, ": argument 'counts' has dtype ",
+              counts.scalar_type(), "; expected Long (int64)");
   TORCH_CHECK(rows.scalar_type() == at::kLong, op, ": argument 'rows' has dtype ",
               rows.scalar_type(), "; expected Long (int64)");
-  if (s.adapters > 0 && s.taken > 0 && s.taken % s.adapters == 0) {
-    const int64_t c = s.taken / s.adapters;
-    bool same = true;
-    for (int64_t k = 0; k < s.adapters && same; ++k) same = counts[k] == c;
-    if (same) s.uniform = c;
-  }
   ck::check_supported_dtype(x, op, "x");
   ck::check_same_dtypes(op, {{"lora_a", &lora_a}, {"lora_b", &lora_b}}, x, "x");
   TORCH_CHECK(checks::is_supported_float(scaling.scalar_type()), op,
@@ -91,6 +84,26 @@ GroupedSizes check_grouped(const char* op, const at::Tensor& x, const at::Tensor
   ck::check_same_devices(op, {{"lora_a", &lora_a}, {"lora_b", &lora_b}, {"scaling", &scaling},
                               {"rows", &rows}},
                          x, "x");
+  TORCH_CHECK(counts.device().is_cpu() || counts.device() == x.device(), op,
+              ": argument 'counts' is on device ", counts.device(), " but 'x' is on device ",
+              x.device(), "; counts must be on the CPU or on x's device");
+
+  const at::Tensor host = counts.to(at::kCPU).contiguous();
+  const int64_t* count = host.const_data_ptr<int64_t>();
+  s.offsets.resize(s.adapters + 1, 0);
+  for (int64_t k = 0; k < s.adapters; ++k) {
+    TORCH_CHECK(count[k] >= 0, op, ": argument 'counts' has a negative entry ", count[k],
+                " at ", k);
+    s.offsets[k + 1] = s.offsets[k] + count[k];
+  }
+  TORCH_CHECK(s.offsets.back() == s.taken, op, ": argument 'counts' sums to ", s.offsets.back(),
+              " but 'rows' holds ", s.taken, " rows");
+  if (s.adapters > 0 && s.taken > 0 && s.taken % s.adapters == 0) {
+    const int64_t c = s.taken / s.adapters;
+    bool same = true;
+    for (int64_t k = 0; k < s.adapters && same; ++k) same = count[k] == c;
+    if (same) s.uniform = c;
+  }
   return s;
 }
 
@@ -124,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> lora_grouped_add(const at::Tensor& base, cons
                                                     const at::Tensor& lora_b,
                                                     const at::Tensor& scaling,
                                                     const at::Tensor& rows,
-                                                    c10::IntArrayRef counts) {
+                                                    const at::Tensor& counts) {
   namespace ck = peftreg::checks;
   const GroupedSizes s = check_grouped(kGroupedOp, x, lora_a, lora_b, scaling, rows, counts);
   const auto expected = ck::with_last(x, s.out_features);
@@ -174,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> lora_grouped_add(const at::Tensor& base, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_grouped_add_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& scaling, const at::Tensor& rows,
-    c10::IntArrayRef counts, const at::Tensor& u, std::array<bool, 3> output_mask) {
+    const at::Tensor& counts, const at::Tensor& u, std::array<bool, 3> output_mask) {
   namespace ck = peftreg::checks;
   const char* op = kGroupedBackwardOp;
   const GroupedSizes s = check_grouped(op, x, lora_a, lora_b, scaling, rows, counts);

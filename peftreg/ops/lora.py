@@ -436,7 +436,9 @@ LORA_LINEAR_BACKWARD.not_differentiable(
 # --- many adapters in one batch: peftreg::lora_grouped_add -----------------------------------
 #
 # Rows of one batch train different LoRA adapters (peftreg/row_adapters.py). With rows flattened,
-# ``rows`` grouped by adapter (adapter k owns the next ``counts[k]`` entries), X_k = x[rows_k],
+# ``rows`` grouped by adapter (adapter k owns the next ``counts[k]`` entries; ``counts`` is an
+# int64 tensor, so that under torch.compile a new split of the rows is data rather than a
+# recompile), X_k = x[rows_k],
 # G_k = grad[rows_k] and s_k = scaling[k]::
 #
 #     U_k = s_k X_k A_k^T                 out = base;  out[rows_k] += U_k B_k^T
@@ -446,19 +448,34 @@ LORA_LINEAR_BACKWARD.not_differentiable(
 #
 # U is the op's second output, saved for grad_B instead of recomputed. The kernel
 # (csrc/fused/lora_grouped.cpp) runs one GEMM per adapter slice, or one batched GEMM when every
-# adapter holds the same number of rows.
+# adapter holds the same number of rows. With LoRA dropout the caller passes dropout(x) as x
+# (row_adapters.py draws each row's mask with its own adapter's p): x here is only the low-rank
+# path's input.
 
 _GROUPED_NUM_INPUTS = 7  # base, x, lora_a, lora_b, scaling, rows, counts
 
 
+def _counts_list(counts: torch.Tensor | Sequence[int]) -> list[int]:
+    """The row counts as ints, for the plain paths' Python loop over adapter slices."""
+    return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+
+
+def _grouped_counts(counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """``counts`` as the op takes it: an int64 tensor (a tensor is passed through)."""
+    if isinstance(counts, torch.Tensor):
+        return counts
+    return torch.tensor(list(counts), dtype=torch.int64)
+
+
 def _grouped_reference(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                        lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
-                       counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                       counts: torch.Tensor | Sequence[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op in plain PyTorch (differentiable): one pair of products per adapter slice."""
     x2d = x.reshape(-1, x.shape[-1])
     gathered = x2d.index_select(0, rows)
     us, updates = [], []
-    for k, part in enumerate(gathered.split(list(counts))):
+    for k, part in enumerate(gathered.split(_counts_list(counts))):
         u = torch.mm(part, lora_a[k].t()) * scaling[k].to(part.dtype)
         us.append(u)
         updates.append(torch.mm(u, lora_b[k].t()))
@@ -470,13 +487,15 @@ def _grouped_reference(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor
 
 def _grouped_grads_plain(grad: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                          lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
-                         counts: Sequence[int], _u: torch.Tensor, output_mask: Sequence[bool]
+                         counts: torch.Tensor | Sequence[int], _u: torch.Tensor,
+                         output_mask: Sequence[bool]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward op's outputs from the formulas above as plain (differentiable) products.
 
     U is recomputed from x and A rather than read from the saved output: the saved one is
     detached, and a double backward needs grad_B's dependence on A."""
     need_x, need_a, need_b = output_mask
+    counts = _counts_list(counts)
     in_features = x.shape[-1]
     g = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
     xs = x.reshape(-1, in_features).index_select(0, rows)
@@ -516,8 +535,10 @@ def _grouped_is_faster(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor
     1.54x the op at 64 adapters and 0.94x at 8 (bench_multi_adapter.py, one thread, loaded
     machine), so the op runs from ``_GROUPED_CPU_ADAPTERS`` adapters, and always for 16-bit
     inputs the kernel widens to float32 (no 16-bit arithmetic on this CPU). CUDA: always (one
-    call instead of two launches per adapter; not measured here)."""
-    if x.device.type != "cpu":
+    call instead of two launches per adapter; not measured here). Under torch.compile: always,
+    since the plain path's loop reads the counts as ints, which would specialize the graph on
+    the split of the rows (a recompile for every new split)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return True
     return lora_a.shape[0] >= _GROUPED_CPU_ADAPTERS or cpu_widens_16bit(x.dtype)
 
@@ -529,7 +550,7 @@ LORA_GROUPED_ADD_BACKWARD = Op("lora_grouped_add_backward")
 
 def lora_grouped_add(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                      lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
-                     counts: Sequence[int]) -> torch.Tensor:
+                     counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """Add each row's own LoRA update to ``base``, differentiable in every adapter at once.
 
     Row ``rows[j]`` of adapter ``k`` (of the flattened leading dimensions) gets
@@ -543,7 +564,9 @@ def lora_grouped_add(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
         lora_b: stacked ``B``, ``(adapters, out_features, r)``.
         scaling: ``(adapters,)`` per-adapter ``alpha / r`` (not differentiable).
         rows: int64 row indices grouped by adapter: adapter ``k`` owns the next ``counts[k]``.
-        counts: rows per adapter, summing to ``rows.numel()``.
+        counts: rows per adapter, summing to ``rows.numel()``: an int64 tensor ``(adapters,)``
+            on the CPU or ``x``'s device (what ``torch.compile`` needs to take a new split
+            without recompiling), or a sequence of ints (turned into one).
 
     Returns:
         Tensor shaped like ``base``, with ``x``'s dtype.
@@ -552,24 +575,23 @@ def lora_grouped_add(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
         ExtensionUnavailableError: no compiled kernel for ``x``'s device.
         RuntimeError: bad shapes, dtypes, devices, rows or counts (named in the message).
     """
-    out, _u = LORA_GROUPED_ADD(base, x, lora_a, lora_b, scaling, rows, list(counts))
+    out, _u = LORA_GROUPED_ADD(base, x, lora_a, lora_b, scaling, rows, _grouped_counts(counts))
     return out
 
 
 def _grouped_checks(op: str, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    scaling: torch.Tensor, rows: torch.Tensor, counts: Sequence[int]) -> None:
-    """check_grouped of csrc/fused/lora_grouped.cpp, in its order and words."""
+                    scaling: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> None:
+    """check_grouped of csrc/fused/lora_grouped.cpp, in its order and words, up to the values
+    of ``counts`` (no negative entry, summing to the taken rows): data, which only the real
+    kernel reads, so that the traced graph does not depend on the split of the rows."""
     ck.stacked_lora(op, x, lora_a, lora_b, scaling)
     ck.dim(op, rows, "rows", 1, "(taken rows,)")
     adapters = lora_a.shape[0]
-    ck.check(op, len(counts) == adapters,
-             f"argument 'counts' must hold one row count per adapter ({adapters} = "
-             f"lora_a.shape[0]) but has {len(counts)}")
-    for k, c in enumerate(counts):
-        ck.check(op, c >= 0, f"argument 'counts' has a negative entry {c} at {k}")
-    total = sum(counts)
-    ck.check(op, total == rows.shape[0],
-             f"argument 'counts' sums to {total} but 'rows' holds {rows.shape[0]} rows")
+    ck.check(op, counts.dim() == 1 and counts.shape[0] == adapters,
+             f"argument 'counts' must hold one row count per adapter, shape [{adapters}] "
+             f"(adapters = lora_a.shape[0]), but has shape {ck.shape(counts)}")
+    ck.check(op, counts.dtype == torch.int64,
+             f"argument 'counts' has dtype {ck.scalar_name(counts.dtype)}; expected Long (int64)")
     ck.check(op, rows.dtype == torch.int64,
              f"argument 'rows' has dtype {ck.scalar_name(rows.dtype)}; expected Long (int64)")
     ck.supported_dtype(op, x, "x")
@@ -579,6 +601,9 @@ def _grouped_checks(op: str, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torc
              "floating dtype")
     ck.same_device(op, [("lora_a", lora_a), ("lora_b", lora_b), ("scaling", scaling),
                         ("rows", rows)], x, "x")
+    ck.check(op, counts.device.type == "cpu" or counts.device == x.device,
+             f"argument 'counts' is on device {counts.device} but 'x' is on device {x.device}; "
+             "counts must be on the CPU or on x's device")
 
 
 def _leading_shape_check(op: str, t: torch.Tensor, name: str, x: torch.Tensor,
@@ -592,7 +617,7 @@ def _leading_shape_check(op: str, t: torch.Tensor, name: str, x: torch.Tensor,
 @LORA_GROUPED_ADD.register_fake
 def _lora_grouped_add_fake(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                            lora_b: torch.Tensor, scaling: torch.Tensor, rows: torch.Tensor,
-                           counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                           counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     op = LORA_GROUPED_ADD.qualname
     _grouped_checks(op, x, lora_a, lora_b, scaling, rows, counts)
     _leading_shape_check(op, base, "base", x, lora_b.shape[1])
@@ -604,7 +629,7 @@ def _lora_grouped_add_fake(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Te
 @LORA_GROUPED_ADD_BACKWARD.register_fake
 def _lora_grouped_add_backward_fake(grad: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                                     lora_b: torch.Tensor, scaling: torch.Tensor,
-                                    rows: torch.Tensor, counts: Sequence[int], u: torch.Tensor,
+                                    rows: torch.Tensor, counts: torch.Tensor, u: torch.Tensor,
                                     output_mask: Sequence[bool]
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     op = LORA_GROUPED_ADD_BACKWARD.qualname
@@ -626,22 +651,21 @@ def _grouped_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any,
     _base, x, lora_a, lora_b, scaling, rows, counts = inputs
     _out, u = output
     ctx.mark_non_differentiable(u)
-    ctx.save_for_backward(x, lora_a, lora_b, scaling, rows, u)
-    ctx.counts = list(counts)
+    ctx.save_for_backward(x, lora_a, lora_b, scaling, rows, counts, u)
 
 
 def _grouped_backward(ctx: Any, grad: torch.Tensor, _grad_u: torch.Tensor | None
                       ) -> tuple[torch.Tensor | None, ...]:
-    x, lora_a, lora_b, scaling, rows, u = ctx.saved_tensors
+    x, lora_a, lora_b, scaling, rows, counts, u = ctx.saved_tensors
     need_base, need_x, need_a, need_b, *_ = padded_needs(ctx, _GROUPED_NUM_INPUTS)
     mask = [need_x, need_a, need_b]
     grads: tuple[torch.Tensor | None, ...] = (None, None, None)
     if any(mask) and torch.is_grad_enabled():
         # backward(create_graph=True): the kernel has no derivative of its own.
-        grads = _grouped_grads_plain(grad, x, lora_a, lora_b, scaling, rows, ctx.counts, u, mask)
+        grads = _grouped_grads_plain(grad, x, lora_a, lora_b, scaling, rows, counts, u, mask)
     elif any(mask):
         grads = LORA_GROUPED_ADD_BACKWARD.overload(grad, x, lora_a, lora_b, scaling, rows,
-                                                   ctx.counts, u, mask)
+                                                   counts, u, mask)
     grad_x, grad_a, grad_b = (g if wanted else None for g, wanted in zip(grads, mask,
                                                                            strict=True))
     return (grad if need_base else None, grad_x, grad_a, grad_b, None, None, None)

@@ -82,7 +82,7 @@ def test_compiled_and_plain_paths_agree(op_calls):
         leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
         with ops.kernels(mode):
             out, _u = lora_ops.LORA_GROUPED_ADD.run(base, leaves[0], leaves[1], leaves[2],
-                                                    scaling, rows, counts)
+                                                    scaling, rows, torch.tensor(counts))
             (out * upstream).sum().backward()
         results[mode] = (out.detach(), *(t.grad for t in leaves))
         assert op_calls == ([] if mode == "reference" else
@@ -101,7 +101,8 @@ def test_auto_follows_the_cpu_crossover(op_calls, adapters, dtype, fused):
         fused = lora_ops.cpu_widens_16bit(dtype)
     x, base, a, b, scaling, rows, _ = _batch([1] * adapters, dtype)
     with ops.kernels("auto"), torch.no_grad():
-        lora_ops.LORA_GROUPED_ADD.run(base, x, a, b, scaling, rows, [1] * adapters)
+        lora_ops.LORA_GROUPED_ADD.run(base, x, a, b, scaling, rows, torch.ones(adapters,
+                                                                                dtype=torch.int64))
     assert op_calls == (["lora_grouped_add"] if fused else [])
 
 
@@ -122,6 +123,51 @@ def test_rows_out_of_range_name_the_op_and_the_argument():
     with pytest.raises(RuntimeError, match=r"peftreg::lora_grouped_add: argument 'rows' holds "
                                            r"indices from"):
         lora_ops.lora_grouped_add(base, x, a, b, scaling, bad, [2, 2])
+
+
+@pytest.mark.parametrize(("counts", "message"),
+                         [([3, 2], r"argument 'counts' sums to 5 but 'rows' holds 4 rows"),
+                          ([5, -1], r"argument 'counts' has a negative entry -1 at 1")],
+                         ids=["sum", "negative"])
+def test_bad_counts_values_fail_in_the_kernel(counts, message):
+    """The values of counts are data: the kernel checks them (the fake kernel cannot)."""
+    x, base, a, b, scaling, rows, upstream = _batch([2, 2], torch.float32)
+    with pytest.raises(RuntimeError, match=f"peftreg::lora_grouped_add: {message}"):
+        lora_ops.lora_grouped_add(base, x, a, b, scaling, rows, counts)
+    _out, u = lora_ops.LORA_GROUPED_ADD(base, x, a, b, scaling, rows, torch.tensor([2, 2]))
+    with pytest.raises(RuntimeError,
+                       match=f"peftreg::lora_grouped_add_backward: {message}"):
+        torch.ops.peftreg.lora_grouped_add_backward(upstream, x, a, b, scaling, rows,
+                                                    torch.tensor(counts), u, [True] * 3)
+
+
+@pytest.mark.compile
+def test_a_new_split_of_the_rows_does_not_recompile():
+    """The same batch split differently between the adapters (uniform and ragged, so both
+    kernel paths) runs the first compiled graph, forward and backward, and matches eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step(base, x, a, b, scaling, rows, counts):
+        return lora_ops.lora_grouped_add(base, x, a, b, scaling, rows, counts)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    x, base, a, b, scaling, _, upstream = _batch([4, 4], torch.float32, seed=6)
+    taken = x.shape[0] - 3
+    splits = [[3, 5], [4, 4], [6, 2], [1, 7], [4, 4]]
+    for seed, counts in enumerate(splits):
+        rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:taken]
+        results = []
+        for fn in (compiled, step):
+            leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+            out = fn(base, leaves[0], leaves[1], leaves[2], scaling, rows,
+                     torch.tensor(counts))
+            (out * upstream).sum().backward()
+            results.append((out.detach(), *(t.grad for t in leaves)))
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for one batch shape"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
