@@ -16,7 +16,7 @@ candidate sees the same load:
 * ``bf16 widened``: the fused op widening every product to float32 (``PEFTREG_CPU_WIDEN_16BIT=1``,
   at any row count);
 * ``bf16 row kernel``: the fused op with the backward's bf16 row kernel (``g @ W`` reading W once,
-  widened in registers; ``PEFTREG_CPU_BF16_ROWS=1``, at any row count); the forward as native;
+  widened in registers; ``PEFTREG_CPU_16BIT_ROWS=1``, at any row count); the forward as native;
 * ``bf16 default``: what the kernel mode picks by itself (``LORA_LINEAR.run``).
 
 Each ratio is the bf16 path's median over the fp32 twin's; the issue's goal is <= 1.5x. The
@@ -100,7 +100,7 @@ def measure(rows: int, mode: str, min_run_time: float, features: int = FEATURES
            "bf16 widened": candidate(lora_ops.lora_linear, p16, mode,
                                      {"PEFTREG_CPU_WIDEN_16BIT": "1"}),
            "bf16 row kernel": candidate(lora_ops.lora_linear, p16, mode,
-                                        {"PEFTREG_CPU_BF16_ROWS": "1"}),
+                                        {"PEFTREG_CPU_16BIT_ROWS": "1"}),
            "bf16 default": candidate(default_path, p16, mode, None)}
     timings = time_side_by_side(fns, torch.device("cpu"), min_run_time=min_run_time, warmup=1)
     return {name: t.median_ms for name, t in timings.items()}

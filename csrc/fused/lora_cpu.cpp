@@ -34,10 +34,18 @@
 
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define PEFTREG_LORA_X86 1
+#include <immintrin.h>
+#else
+#define PEFTREG_LORA_X86 0
+#endif
 
 #include "common/checks.h"
 #include "fused/lora_args.h"
@@ -67,10 +75,25 @@ bool cpu_widens_16bit(at::ScalarType t, int64_t rows) {
 #endif
 }
 
-bool cpu_bf16_rows_kernel(at::ScalarType t, int64_t rows) {
-  if (t != at::kBFloat16) return false;
-  // PEFTREG_CPU_BF16_ROWS=0/1 overrides the choice (tests run the kernel on any processor).
-  if (const char* env = std::getenv("PEFTREG_CPU_BF16_ROWS"); env != nullptr && *env != '\0') {
+namespace {
+
+bool has_f16c() {
+#if PEFTREG_LORA_X86
+  static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2") &&
+                           __builtin_cpu_supports("fma");
+  return f16c;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool cpu_16bit_rows_kernel(at::ScalarType t, int64_t rows) {
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  if (t == at::kHalf && !has_f16c()) return false;  // no fast widening of fp16 without F16C
+  // PEFTREG_CPU_16BIT_ROWS=0/1 overrides the choice (tests run the kernel on any processor).
+  if (const char* env = std::getenv("PEFTREG_CPU_16BIT_ROWS"); env != nullptr && *env != '\0') {
     return std::strcmp(env, "0") != 0;
   }
   if (const char* env = std::getenv("PEFTREG_CPU_WIDEN_16BIT"); env != nullptr && *env != '\0') {
@@ -80,10 +103,12 @@ bool cpu_bf16_rows_kernel(at::ScalarType t, int64_t rows) {
   // bf16 arithmetic ATen's bf16 g @ W (the 'N' layout, not its fast GEMV) took 120 ms against
   // 7 ms in fp32, and this kernel beat widening at every row count below the widening
   // threshold (0.08x at 1 row to 0.56x at 31). With bf16 arithmetic (AVX512-BF16) it beat
-  // ATen at one row only (0.79x against 1.13x of the fp32 twin; 2 rows: even).
-  const int64_t limit = cpu_widens_16bit(t, kCpuWidenMinRows) ? kCpuWidenMinRows
-                                                                : kNativeBf16RowsKernelMax;
-  return rows < limit;
+  // ATen at one row only (0.79x against 1.13x of the fp32 twin; 2 rows: even). fp16 without
+  // fp16 arithmetic is the same case (ATen's fp16 g @ W: 120 ms at one row); with it
+  // (AVX512-FP16) no processor was at hand to measure, so ATen keeps it there.
+  const bool native = !cpu_widens_16bit(t, kCpuWidenMinRows);
+  if (t == at::kHalf) return !native && rows < kCpuWidenMinRows;
+  return rows < (native ? kNativeBf16RowsKernelMax : kCpuWidenMinRows);
 }
 
 namespace {
@@ -112,6 +137,45 @@ at::Tensor rows_times_bf16_weight(const at::Tensor& g, const at::Tensor& weight)
       }
     }
   });
+  return result;
+}
+
+#if PEFTREG_LORA_X86
+// The same for fp16 W, widened eight at a time by F16C (has_f16c() holds).
+__attribute__((target("avx2,fma,f16c"))) void rows_times_fp16_columns(
+    const float* gp, const uint16_t* wp, float* rp, int64_t rows, int64_t out, int64_t in,
+    int64_t begin, int64_t end) {
+  for (int64_t j = 0; j < out; ++j) {
+    const uint16_t* wrow = wp + j * in;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float gj = gp[r * out + j];
+      const __m256 g8 = _mm256_set1_ps(gj);
+      float* acc = rp + r * in;
+      int64_t i = begin;
+      for (; i + 8 <= end; i += 8) {
+        const __m256 w8 =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i)));
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(g8, w8, _mm256_loadu_ps(acc + i)));
+      }
+      for (; i < end; ++i) acc[i] = std::fma(gj, _cvtsh_ss(wrow[i]), acc[i]);
+    }
+  }
+}
+#endif
+
+at::Tensor rows_times_fp16_weight(const at::Tensor& g, const at::Tensor& weight) {
+  const int64_t rows = g.size(0), out = weight.size(0), in = weight.size(1);
+  at::Tensor result = at::zeros({rows, in}, g.options());
+#if PEFTREG_LORA_X86
+  const float* gp = g.const_data_ptr<float>();
+  float* rp = result.data_ptr<float>();
+  const auto* wp = static_cast<const uint16_t*>(weight.const_data_ptr());
+  at::parallel_for(0, in, 512, [&](int64_t begin, int64_t end) {
+    rows_times_fp16_columns(gp, wp, rp, rows, out, in, begin, end);
+  });
+#else
+  TORCH_CHECK(false, "peftreg: the fp16 row kernel needs x86 F16C (cpu_16bit_rows_kernel)");
+#endif
   return result;
 }
 
@@ -186,11 +250,12 @@ LoraGrads lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor&
                                    double scaling, const std::optional<at::Tensor>& x_lora,
                                    const LoraDropout& dropout) {
   if (s.need[kGradX] && weight.has_value() && weight->is_contiguous() &&
-      cpu_bf16_rows_kernel(grad.scalar_type(), s.rows)) {
-    // Few rows of bf16: g @ W by the row kernel, the small products in float32 (g, x, A and B
-    // are (rows, .) or rank-sized, cheap to widen); one rounding at the end as elsewhere.
+      cpu_16bit_rows_kernel(grad.scalar_type(), s.rows)) {
+    // Few rows of bf16/fp16: g @ W by the row kernel, the small products in float32 (g, x, A
+    // and B are (rows, .) or rank-sized, cheap to widen); one rounding at the end as elsewhere.
     const at::Tensor g = rows_2d(grad, s.rows, s.out_features).to(at::kFloat).contiguous();
-    at::Tensor grad_x = rows_times_bf16_weight(g, *weight);
+    at::Tensor grad_x = grad.scalar_type() == at::kBFloat16 ? rows_times_bf16_weight(g, *weight)
+                                                            : rows_times_fp16_weight(g, *weight);
     const LowRankGrads lr = low_rank_grads_for(g, x, lora_a, lora_b, scaling, x_lora, s,
                                                at::kFloat, &grad_x, dropout);
     return finish_grads(grad, grad_x, lr, s);

@@ -28,11 +28,12 @@ inline constexpr int64_t kCpuWidenMinRows = 32;
 // Below this many rows the bf16 row kernel also runs where the processor has bf16 arithmetic.
 inline constexpr int64_t kNativeBf16RowsKernelMax = 2;
 
-// Whether the backward computes g @ W for bf16 by the row kernel of lora_cpu.cpp (W read once,
-// widened in registers): below kCpuWidenMinRows rows on processors without bf16 arithmetic,
-// below kNativeBf16RowsKernelMax with it (measured crossovers, lora_cpu.cpp);
-// PEFTREG_CPU_BF16_ROWS=0/1 forces it off/on.
-bool cpu_bf16_rows_kernel(at::ScalarType t, int64_t rows);
+// Whether the backward computes g @ W for bf16/fp16 by the row kernel of lora_cpu.cpp (W read
+// once, widened in registers): below kCpuWidenMinRows rows on processors without the dtype's
+// arithmetic, below kNativeBf16RowsKernelMax for bf16 with it (measured crossovers,
+// lora_cpu.cpp); fp16 needs F16C for the widening. PEFTREG_CPU_16BIT_ROWS=0/1 forces it
+// off/on.
+bool cpu_16bit_rows_kernel(at::ScalarType t, int64_t rows);
 
 // For a bf16/fp16 output y rounded from the float32 result y_acc: raises a clear error when y
 // holds inf/NaN although every tensor in `inputs` (null entries skipped) is finite.

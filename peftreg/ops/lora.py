@@ -83,6 +83,9 @@ def _native_16bit() -> frozenset[torch.dtype]:
 
 
 _NATIVE_16BIT = _native_16bit()
+# F16C widens fp16 in the row kernel (with AVX2 and FMA, as csrc/fused/lora_cpu.cpp asks).
+_HAS_F16C = platform.machine() in ("x86_64", "AMD64", "i386", "i686") and {
+    "f16c", "avx2", "fma"} <= cpu_flags()
 
 
 def cpu_widens_16bit(dtype: torch.dtype) -> bool:
@@ -97,20 +100,25 @@ def cpu_widens_16bit(dtype: torch.dtype) -> bool:
     return dtype not in _NATIVE_16BIT
 
 
-def cpu_bf16_rows_kernel(dtype: torch.dtype, rows: int) -> bool:
-    """Whether the CPU backward computes ``g @ W`` for bf16 with its row kernel (W read once,
-    widened in registers) rather than ATen: below ``_CPU_WIDEN_ROWS`` rows on processors
-    without bf16 arithmetic, below ``_NATIVE_BF16_ROW_KERNEL_ROWS`` with it. Mirrors
-    ``cpu_bf16_rows_kernel`` in csrc/fused/lora_cpu.cpp, with its ``PEFTREG_CPU_BF16_ROWS``
-    override (and no row kernel when ``PEFTREG_CPU_WIDEN_16BIT`` forces a path)."""
-    if dtype != torch.bfloat16:
+def cpu_16bit_rows_kernel(dtype: torch.dtype, rows: int) -> bool:
+    """Whether the CPU backward computes ``g @ W`` for bf16/fp16 with its row kernel (W read
+    once, widened in registers) rather than ATen: below ``_CPU_WIDEN_ROWS`` rows on processors
+    without the dtype's arithmetic, below ``_NATIVE_BF16_ROW_KERNEL_ROWS`` for bf16 with it;
+    fp16 needs F16C. Mirrors ``cpu_16bit_rows_kernel`` in csrc/fused/lora_cpu.cpp, with its
+    ``PEFTREG_CPU_16BIT_ROWS`` override (and no row kernel when ``PEFTREG_CPU_WIDEN_16BIT``
+    forces a path)."""
+    if dtype not in (torch.bfloat16, torch.float16):
         return False
-    forced = os.environ.get("PEFTREG_CPU_BF16_ROWS", "")
+    if dtype == torch.float16 and not _HAS_F16C:
+        return False
+    forced = os.environ.get("PEFTREG_CPU_16BIT_ROWS", "")
     if forced:
         return forced != "0"
     if os.environ.get("PEFTREG_CPU_WIDEN_16BIT", ""):
         return False
     native = dtype in _NATIVE_16BIT
+    if dtype == torch.float16:
+        return not native and rows < _CPU_WIDEN_ROWS
     return rows < (_NATIVE_BF16_ROW_KERNEL_ROWS if native else _CPU_WIDEN_ROWS)
 
 
@@ -121,7 +129,7 @@ def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """The measured crossover of lora_linear against plain PyTorch (docs/ops.md).
 
     CUDA: always the kernel. CPU, below ``_CPU_WIDEN_ROWS`` rows: the kernel only for a bf16
-    input gradient where :func:`cpu_bf16_rows_kernel` holds. From ``_CPU_WIDEN_ROWS`` rows:
+    input gradient where :func:`cpu_16bit_rows_kernel` holds. From ``_CPU_WIDEN_ROWS`` rows:
     the kernel when it widens 16-bit inputs to float32 (no native 16-bit arithmetic: fp16 4x
     faster at 128 x 1024 here) or applies dropout (its mask is a few integer operations per
     element in C++, where plain PyTorch runs them as int64 tensor passes and keeps dropout(x)
@@ -133,11 +141,11 @@ def _fused_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return True
     rows = x.numel() // max(x.shape[-1], 1)
     if rows < _CPU_WIDEN_ROWS:
-        # A bf16 input gradient: without bf16 arithmetic ATen's g @ W is a slow generic loop
-        # (120 ms against 7 ms in fp32 at 1 x 4096 x 4096); the op's row kernel is not
+        # A bf16/fp16 input gradient: without that arithmetic ATen's g @ W is a slow generic
+        # loop (120 ms against 7 ms in fp32 at 1 x 4096 x 4096); the op's row kernel is not
         # (docs/ops.md "When the fused ops run").
         return (x.requires_grad and torch.is_grad_enabled()
-                and cpu_bf16_rows_kernel(x.dtype, rows))
+                and cpu_16bit_rows_kernel(x.dtype, rows))
     return cpu_widens_16bit(x.dtype) or dropout_p > 0
 
 

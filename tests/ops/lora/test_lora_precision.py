@@ -104,15 +104,19 @@ def test_fp32_is_never_widened_or_guarded():
 @pytest.mark.parametrize("rows", [(1,), (3, 7)], ids=["batch1", "3x7"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
-def test_bf16_row_kernel_backward_matches_float64(monkeypatch, rows, layout, with_x_lora):
-    """The few-rows bf16 backward (g @ W with W widened in registers, forced on here: this
-    processor may have bf16 arithmetic) against float64; a transposed weight takes ATen's path."""
-    monkeypatch.setenv("PEFTREG_CPU_BF16_ROWS", "1")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("inn", [37, 1029])  # odd sizes: vector body and scalar tail
+def test_16bit_row_kernel_backward_matches_float64(monkeypatch, rows, layout, with_x_lora,
+                                                    dtype, inn):
+    """The few-rows 16-bit backward (g @ W with W widened in registers, forced on here: this
+    processor may have the arithmetic) against float64; a transposed weight takes ATen's path.
+    fp16 needs F16C, so elsewhere the forced kernel is refused and ATen runs."""
+    monkeypatch.setenv("PEFTREG_CPU_16BIT_ROWS", "1")
     g = torch.Generator().manual_seed(3)
-    inn, out, r = 37, 29, 5
+    out, r = 29, 5
 
     def t(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g) * s).to(dtype)
 
     weight = t(out, inn, s=inn**-0.5)
     if layout == "transposed":
@@ -133,22 +137,34 @@ def test_bf16_row_kernel_backward_matches_float64(monkeypatch, rows, layout, wit
     ref = d["x"] @ d["weight"].T + d["bias"] + 1.5 * (xl @ d["lora_a"].T) @ d["lora_b"].T
     ref.backward(upstream.double())
     for name in [k for k in trainable if k in m]:
-        assert leaves[name].grad.dtype == torch.bfloat16
-        scaled_close(leaves[name].grad, d[name].grad, "lora_linear.backward", torch.bfloat16)
+        assert leaves[name].grad.dtype == dtype
+        scaled_close(leaves[name].grad, d[name].grad, "lora_linear.backward", dtype)
 
 
-def test_bf16_row_kernel_choice(monkeypatch):
-    """Few rows of bf16 with an input gradient go to the op where the processor has no bf16
-    arithmetic (ATen's g @ W is slow there); with it, or without grad, plain PyTorch stays."""
-    monkeypatch.delenv("PEFTREG_CPU_BF16_ROWS", raising=False)
+def test_16bit_row_kernel_choice(monkeypatch):
+    """Few rows of bf16/fp16 with an input gradient go to the op where the processor has no
+    arithmetic for the dtype (ATen's g @ W is slow there); with it, or without grad, plain
+    PyTorch stays (fp16 with fp16 arithmetic was not measured: ATen keeps it)."""
+    monkeypatch.delenv("PEFTREG_CPU_16BIT_ROWS", raising=False)
     monkeypatch.delenv("PEFTREG_CPU_WIDEN_16BIT", raising=False)
     w, a, b = torch.zeros(8, 16), torch.zeros(4, 16), torch.zeros(8, 4)
     x = torch.zeros(2, 16, dtype=torch.bfloat16, requires_grad=True)
     args = (w.bfloat16(), None, a.bfloat16(), b.bfloat16(), 1.0)
     monkeypatch.setattr(lora_ops, "_NATIVE_16BIT", frozenset())
-    assert lora_ops.cpu_bf16_rows_kernel(torch.bfloat16, 2)
-    assert not lora_ops.cpu_bf16_rows_kernel(torch.bfloat16, 32)
-    assert not lora_ops.cpu_bf16_rows_kernel(torch.float16, 2)
+    monkeypatch.setattr(lora_ops, "_HAS_F16C", True)
+    assert lora_ops.cpu_16bit_rows_kernel(torch.bfloat16, 2)
+    assert not lora_ops.cpu_16bit_rows_kernel(torch.bfloat16, 32)
+    assert lora_ops.cpu_16bit_rows_kernel(torch.float16, 2)
+    assert not lora_ops.cpu_16bit_rows_kernel(torch.float16, 32)
+    assert not lora_ops.cpu_16bit_rows_kernel(torch.float32, 2)
+    x16 = x.detach().half().requires_grad_()
+    args16 = (w.half(), None, a.half(), b.half(), 1.0)
+    assert lora_ops._fused_is_faster(x16, *args16)
+    monkeypatch.setattr(lora_ops, "_NATIVE_16BIT", frozenset({torch.float16}))
+    assert not lora_ops.cpu_16bit_rows_kernel(torch.float16, 1)
+    monkeypatch.setattr(lora_ops, "_NATIVE_16BIT", frozenset())
+    monkeypatch.setattr(lora_ops, "_HAS_F16C", False)
+    assert not lora_ops.cpu_16bit_rows_kernel(torch.float16, 1)
     assert lora_ops._fused_is_faster(x, *args)
     assert not lora_ops._fused_is_faster(x.detach(), *args)
     with torch.no_grad():
@@ -157,8 +173,8 @@ def test_bf16_row_kernel_choice(monkeypatch):
     assert not lora_ops._fused_is_faster(x, *args)  # 2 rows: ATen's native bf16 is as fast
     one_row = x.detach()[:1].requires_grad_()
     assert lora_ops._fused_is_faster(one_row, *args)  # 1 row: the row kernel, measured faster
-    monkeypatch.setenv("PEFTREG_CPU_BF16_ROWS", "1")
+    monkeypatch.setenv("PEFTREG_CPU_16BIT_ROWS", "1")
     assert lora_ops._fused_is_faster(x, *args)
-    monkeypatch.setenv("PEFTREG_CPU_BF16_ROWS", "0")
+    monkeypatch.setenv("PEFTREG_CPU_16BIT_ROWS", "0")
     monkeypatch.setattr(lora_ops, "_NATIVE_16BIT", frozenset())
     assert not lora_ops._fused_is_faster(x, *args)
