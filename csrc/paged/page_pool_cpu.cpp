@@ -382,35 +382,39 @@ __attribute__((target("avx2"))) int64_t encode_entry_avx2(const Quantizer& q, co
 
 #define PEFTREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
+// encode_entry_avx2, 16 lanes wide, in fewer operations: with e the entry, (key << 16) > e
+// exactly when the key's low 16 bits exceed the midpoint's (the shifted key has zero low
+// bits, e's low bits hold only the start code), and start + 1 never carries out of the low
+// byte (a bucket whose start is 255 has no midpoint: mid[255] is +inf), so the truncating
+// pack of e + above is the code. The bucket's offset from first_bucket is folded into fold_at
+// and into the table's base address, which the gather adds to the scaled bucket as integers.
 PEFTREG_AVX512 int64_t encode_entry_avx512(const Quantizer& q, const float* x, float scale,
                                            uint8_t* codes, int64_t end) {
   const __m512 by = _mm512_set1_ps(scale);
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512i first = _mm512_set1_epi32(static_cast<int>(q.first_bucket));
   const __m512i last = _mm512_set1_epi32(static_cast<int>(q.last_bucket));
-  const __m512i fold_at = _mm512_set1_epi32(q.fold_at);
+  const __m512i fold_at = _mm512_set1_epi32(q.fold_at + static_cast<int32_t>(q.first_bucket));
   const __m512i fold_len = _mm512_set1_epi32(q.fold_len);
   const __m512i zero = _mm512_setzero_si512();
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
-  const __m512i low_byte = _mm512_set1_epi32(0xFF);
   const __m512i one = _mm512_set1_epi32(1);
-  const int* entry = reinterpret_cast<const int*>(q.entry.data());
+  const void* entry = reinterpret_cast<const void*>(
+      reinterpret_cast<uintptr_t>(q.entry.data()) - sizeof(uint32_t) * q.first_bucket);
   int64_t i = 0;
   for (; i + 16 <= end; i += 16) {
     const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(x + i), by);
     const __m512i bits = _mm512_castps_si512(value);
-    const __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), top));
-    __m512i r = _mm512_srli_epi32(key, Quantizer::kBucketShift);
-    r = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(r, first), last), first);
-    r = _mm512_sub_epi32(
-        r, _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(r, fold_at), zero), fold_len));
-    const __m512i e = _mm512_i32gather_epi32(r, entry, 4);
+    // bits ^ (sign ? 0xFFFFFFFF : 0x80000000) in one ternary-logic operation.
+    const __m512i key = _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), top, 0x1E);
+    __m512i b = _mm512_min_epu32(
+        _mm512_max_epu32(_mm512_srli_epi32(key, Quantizer::kBucketShift), first), last);
+    b = _mm512_sub_epi32(
+        b, _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(b, fold_at), zero), fold_len));
+    const __m512i e = _mm512_i32gather_epi32(b, entry, 4);
     const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
-    const __mmask16 above = _mm512_mask_cmplt_epi32_mask(
-        ordered, _mm512_srli_epi32(e, 16), _mm512_and_si512(key, low16));
-    const __m512i base = _mm512_and_si512(e, low_byte);
-    const __m512i idx = _mm512_mask_add_epi32(base, above, base, one);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(idx));
+    const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(ordered, _mm512_slli_epi32(key, 16), e);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(e, above, e, one)));
   }
   return i;
 }
@@ -520,7 +524,66 @@ PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T
     *max2 = std::max(*max2, lanes2[k]);
   }
 }
+
+// max(|x[i]|) over [0, n) with NaN skipped, as std::max(a, |x|) skips it: max_ps(x, acc)
+// returns acc when x is NaN. Maxima round nothing, so the lane order does not matter.
+__attribute__((target("avx2"))) float absmax_avx2(const float* x, int64_t n) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), acc);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float a = 0.0f;
+  for (int k = 0; k < 8; ++k) {
+    a = std::max(a, lanes[k]);
+  }
+  for (; i < n; ++i) {
+    a = std::max(a, std::fabs(x[i]));
+  }
+  return a;
+}
+
+PEFTREG_AVX512 float absmax_avx512(const float* x, int64_t n) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + i)), abs_mask);
+    acc = _mm512_max_ps(_mm512_castsi512_ps(bits), acc);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  float a = 0.0f;
+  for (int k = 0; k < 16; ++k) {
+    a = std::max(a, lanes[k]);
+  }
+  for (; i < n; ++i) {
+    a = std::max(a, std::fabs(x[i]));
+  }
+  return a;
+}
 #endif
+
+float block_absmax(const float* x, int64_t n, Kernel8 k) {
+#if PEFTREG_X86_DISPATCH
+  if (k == Kernel8::kAvx512) {
+    return absmax_avx512(x, n);
+  }
+  if (k != Kernel8::kScalar) {
+    return absmax_avx2(x, n);
+  }
+#else
+  (void)k;
+#endif
+  float a = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    a = std::max(a, std::fabs(x[i]));
+  }
+  return a;
+}
 
 // The vector part of encoding x[0, n) * scale with kernel k; returns how many were encoded (the
 // caller's scalar loop does the rest).
@@ -954,10 +1017,7 @@ void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* 
   const Kernel8 k = resolve_kernel8(kernel);
   for (int64_t first = 0, b = 0; first < n; first += kQuantBlock, ++b) {
     const int64_t count = std::min(kQuantBlock, n - first);
-    float a = 0.0f;
-    for (int64_t i = 0; i < count; ++i) {
-      a = std::max(a, std::fabs(x[first + i]));
-    }
+    const float a = block_absmax(x + first, count, k);
     encode_block(q, x + first, a, codes + first, count, k);
     absmax[b] = a;
   }
