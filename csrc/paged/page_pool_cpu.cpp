@@ -389,28 +389,42 @@ __attribute__((target("avx2"))) int64_t encode_entry_avx2(const Quantizer& q, co
 // so the truncating pack of e + above is the code. The table's base address is moved back by
 // first_bucket entries so that the clamped bucket indexes it directly (the gather adds the
 // scaled index to the address as integers).
+struct EntryEncoder512 {
+  __m512i first;
+  __m512i last;
+  const void* entry;  // entry_full moved back by first_bucket entries
+};
+
+PEFTREG_AVX512 inline EntryEncoder512 entry_encoder512(const Quantizer& q) {
+  return {_mm512_set1_epi32(static_cast<int>(q.first_bucket)),
+          _mm512_set1_epi32(static_cast<int>(q.last_bucket)),
+          reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(q.entry_full.data()) -
+                                        sizeof(uint32_t) * q.first_bucket)};
+}
+
+// The codes of 16 values (already scaled) into codes[0, 16).
+PEFTREG_AVX512 PEFTREG_ALWAYS_INLINE void encode16_entry_avx512(const EntryEncoder512& k,
+                                                                __m512 value, uint8_t* codes) {
+  const __m512i bits = _mm512_castps_si512(value);
+  // bits ^ (sign ? 0xFFFFFFFF : 0x80000000) in one ternary-logic operation.
+  const __m512i key = _mm512_ternarylogic_epi32(
+      bits, _mm512_srai_epi32(bits, 31), _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0x1E);
+  const __m512i b = _mm512_min_epu32(
+      _mm512_max_epu32(_mm512_srli_epi32(key, Quantizer::kBucketShift), k.first), k.last);
+  const __m512i e = _mm512_i32gather_epi32(b, k.entry, 4);
+  const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
+  const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(ordered, _mm512_slli_epi32(key, 16), e);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes),
+                   _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(e, above, e, _mm512_set1_epi32(1))));
+}
+
 PEFTREG_AVX512 int64_t encode_entry_avx512(const Quantizer& q, const float* x, float scale,
                                            uint8_t* codes, int64_t end) {
+  const EntryEncoder512 k = entry_encoder512(q);
   const __m512 by = _mm512_set1_ps(scale);
-  const __m512i top = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512i first = _mm512_set1_epi32(static_cast<int>(q.first_bucket));
-  const __m512i last = _mm512_set1_epi32(static_cast<int>(q.last_bucket));
-  const __m512i one = _mm512_set1_epi32(1);
-  const void* entry = reinterpret_cast<const void*>(
-      reinterpret_cast<uintptr_t>(q.entry_full.data()) - sizeof(uint32_t) * q.first_bucket);
   int64_t i = 0;
   for (; i + 16 <= end; i += 16) {
-    const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(x + i), by);
-    const __m512i bits = _mm512_castps_si512(value);
-    // bits ^ (sign ? 0xFFFFFFFF : 0x80000000) in one ternary-logic operation.
-    const __m512i key = _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), top, 0x1E);
-    const __m512i b = _mm512_min_epu32(
-        _mm512_max_epu32(_mm512_srli_epi32(key, Quantizer::kBucketShift), first), last);
-    const __m512i e = _mm512_i32gather_epi32(b, entry, 4);
-    const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
-    const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(ordered, _mm512_slli_epi32(key, 16), e);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
-                     _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(e, above, e, one)));
+    encode16_entry_avx512(k, _mm512_mul_ps(_mm512_loadu_ps(x + i), by), codes + i);
   }
   return i;
 }
@@ -473,10 +487,33 @@ PEFTREG_AVX512 inline void avx512_store(c10::BFloat16* p, __m512 x) {
 
 // adamw8_update_avx2 on a full block whose codes are already looked up (d1, d2: map values),
 // 16 lanes at a time; the same operations in the same order, so the same roundings.
-template <typename T, bool kSmallWeight>
+// With kEncode, the 16-lane steps also encode the previous block's moments (pm, pv times
+// ps1, ps2 into pc1, pc2), so that its gathers run beside this block's divisions.
+struct PendingEncode {
+  const float* m;
+  const float* v;
+  float scale1;
+  float scale2;
+  uint8_t* c1;
+  uint8_t* c2;
+};
+
+template <typename T, bool kSmallWeight, bool kEncode = false>
 PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T* param,
                                          const float* d1, const float* d2, float a1, float a2,
-                                         float* m, float* v, float* max1, float* max2) {
+                                         float* m, float* v, float* max1, float* max2,
+                                         const Quant8Maps* q = nullptr,
+                                         const PendingEncode* pending = nullptr) {
+  EntryEncoder512 enc1{};
+  EntryEncoder512 enc2{};
+  __m512 ps1 = _mm512_setzero_ps();
+  __m512 ps2 = _mm512_setzero_ps();
+  if constexpr (kEncode) {
+    enc1 = entry_encoder512(q->m);
+    enc2 = entry_encoder512(q->v);
+    ps1 = _mm512_set1_ps(pending->scale1);
+    ps2 = _mm512_set1_ps(pending->scale2);
+  }
   const __m512 w = _mm512_set1_ps(s.one_minus_beta1);
   const __m512 one_minus_w = _mm512_set1_ps(1.0f - s.one_minus_beta1);
   const __m512 sign = _mm512_set1_ps(s.maximize ? -1.0f : 1.0f);
@@ -510,6 +547,12 @@ PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T
     acc2 = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(vi), abs_mask)),
                          acc2);
     avx512_store(param + i, _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom)));
+    if constexpr (kEncode) {
+      encode16_entry_avx512(enc1, _mm512_mul_ps(_mm512_loadu_ps(pending->m + i), ps1),
+                            pending->c1 + i);
+      encode16_entry_avx512(enc2, _mm512_mul_ps(_mm512_loadu_ps(pending->v + i), ps2),
+                            pending->c2 + i);
+    }
   }
   alignas(64) float lanes1[16];
   alignas(64) float lanes2[16];
@@ -660,12 +703,79 @@ void adamw8_block(const AdamWScalars& s, const T* grad, T* param, int64_t n, uin
   *a2 = max2;
 }
 
+#if PEFTREG_X86_DISPATCH
+// Full blocks [begin, end) with the avx512 kernel, software-pipelined: block b is decoded and
+// updated while block b - 1, whose absmax is then known, is encoded in the same loop. Each
+// block gets exactly adamw8_block's operations; a block whose reciprocal absmax overflows is
+// encoded apart by encode_block's division path.
+template <typename T, bool kSmallWeight>
+void adamw8_blocks_avx512(const AdamWScalars& s, const T* grad, T* param, uint8_t* c1,
+                          uint8_t* c2, float* a1, float* a2, const Quant8Maps& q,
+                          int64_t begin, int64_t end) {
+  alignas(64) float m[2][kQuantBlock];
+  alignas(64) float v[2][kQuantBlock];
+  float prev1 = 0.0f;
+  float prev2 = 0.0f;
+  auto scale_of = [](float absmax) { return absmax > 0.0f ? 1.0f / absmax : 1.0f; };
+  for (int64_t b = begin; b <= end; ++b) {
+    const int cur = static_cast<int>(b & 1);
+    const int prev = cur ^ 1;
+    const int64_t at = b * kQuantBlock;
+    const int64_t prev_at = at - kQuantBlock;
+    const bool has_prev = b > begin;
+    const float s1 = scale_of(prev1);
+    const float s2 = scale_of(prev2);
+    const bool interleave = has_prev && b < end && !std::isinf(s1) && !std::isinf(s2);
+    if (has_prev && !interleave) {
+      encode_block(q.m, m[prev], prev1, c1 + prev_at, kQuantBlock, Kernel8::kAvx512);
+      encode_block(q.v, v[prev], prev2, c2 + prev_at, kQuantBlock, Kernel8::kAvx512);
+    }
+    if (b == end) {
+      break;
+    }
+    decode_planes_avx512(q.m, c1 + at, m[cur], kQuantBlock);
+    decode_planes_avx512(q.v, c2 + at, v[cur], kQuantBlock);
+    float max1 = 0.0f;
+    float max2 = 0.0f;
+    if (interleave) {
+      const PendingEncode pending{m[prev], v[prev], s1, s2, c1 + prev_at, c2 + prev_at};
+      adamw8_update_avx512<T, kSmallWeight, true>(s, grad + at, param + at, m[cur], v[cur],
+                                                  a1[b], a2[b], m[cur], v[cur], &max1, &max2,
+                                                  &q, &pending);
+    } else {
+      adamw8_update_avx512<T, kSmallWeight>(s, grad + at, param + at, m[cur], v[cur], a1[b],
+                                            a2[b], m[cur], v[cur], &max1, &max2);
+    }
+    a1[b] = max1;
+    a2[b] = max2;
+    prev1 = max1;
+    prev2 = max2;
+  }
+}
+#endif
+
 template <typename T>
 void adamw8_blocks_typed(const AdamWSegment& seg, uint8_t* c1, uint8_t* c2, float* a1,
                          float* a2, const Quant8Maps& q, int64_t begin, int64_t end) {
   const T* grad = static_cast<const T*>(seg.grad);
   T* param = static_cast<T*>(seg.param);
   const bool small = seg.s.one_minus_beta1 < 0.5f;
+#if PEFTREG_X86_DISPATCH
+  if constexpr (!std::is_same_v<T, c10::Half>) {
+    if (q.kernel == Kernel8::kAvx512 && !q.m.entry_full.empty() && !q.v.entry_full.empty()) {
+      const int64_t full_end = std::min(end, seg.count / kQuantBlock);
+      if (full_end > begin) {
+        if (small) {
+          adamw8_blocks_avx512<T, true>(seg.s, grad, param, c1, c2, a1, a2, q, begin, full_end);
+        } else {
+          adamw8_blocks_avx512<T, false>(seg.s, grad, param, c1, c2, a1, a2, q, begin,
+                                         full_end);
+        }
+        begin = full_end;
+      }
+    }
+  }
+#endif
   for (int64_t b = begin; b < end; ++b) {
     const int64_t first = b * kQuantBlock;
     const int64_t n = std::min(kQuantBlock, seg.count - first);
