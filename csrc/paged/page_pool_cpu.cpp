@@ -554,14 +554,10 @@ PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T
                             pending->c2 + i);
     }
   }
-  alignas(64) float lanes1[16];
-  alignas(64) float lanes2[16];
-  _mm512_store_ps(lanes1, acc1);
-  _mm512_store_ps(lanes2, acc2);
-  for (int k = 0; k < 16; ++k) {
-    *max1 = std::max(*max1, lanes1[k]);
-    *max2 = std::max(*max2, lanes2[k]);
-  }
+  // A reduction tree instead of 16 dependent scalar maxima: the lanes hold no NaN (see
+  // above) and maxima round nothing, so the result is the scalar loop's.
+  *max1 = std::max(*max1, _mm512_reduce_max_ps(acc1));
+  *max2 = std::max(*max2, _mm512_reduce_max_ps(acc2));
 }
 
 // max(|x[i]|) over [0, n) with NaN skipped, as std::max(a, |x|) skips it: max_ps(x, acc)
