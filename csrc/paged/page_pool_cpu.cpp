@@ -256,6 +256,14 @@ PEFTREG_ALWAYS_INLINE void encode_scalar(const Quantizer& q, const float* x, flo
 }
 
 #if PEFTREG_X86_DISPATCH
+// The largest of 8 NaN-free lanes by a reduction tree (maxima round nothing, so any order gives
+// the scalar loop's value), off the step's critical path unlike 8 dependent scalar maxima.
+__attribute__((target("avx2"))) inline float reduce_max_avx2(__m256 x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
 template <typename T, bool kSmallWeight>
 __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
     const AdamWScalars& s, const T* grad, T* param, const uint8_t* c1, const uint8_t* c2,
@@ -296,14 +304,8 @@ __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
     acc2 = _mm256_max_ps(_mm256_and_ps(vi, abs_mask), acc2);
     avx2_store(param + i, _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(neg_step, mi), denom)));
   }
-  alignas(32) float lanes1[8];
-  alignas(32) float lanes2[8];
-  _mm256_store_ps(lanes1, acc1);
-  _mm256_store_ps(lanes2, acc2);
-  for (int k = 0; k < 8; ++k) {
-    *max1 = std::max(*max1, lanes1[k]);
-    *max2 = std::max(*max2, lanes2[k]);
-  }
+  *max1 = std::max(*max1, reduce_max_avx2(acc1));
+  *max2 = std::max(*max2, reduce_max_avx2(acc2));
   return i;
 }
 
