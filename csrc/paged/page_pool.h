@@ -149,7 +149,8 @@ struct Quantizer {
 //   kAvx2Gather  AVX2; decode by gathers, encode by a bucket gather plus a midpoint gather.
 //   kAvx2        AVX2; encode by one gather from the one-compare table (when refine <= 1).
 //   kAvx512      AVX-512 F/BW/VBMI; decode by byte permutes over the code planes, update
-//                16 lanes at a time, encode as kAvx2 but 16 lanes wide.
+//                16 lanes at a time, encode as kAvx2 but 16 lanes wide (from entry_full), each
+//                full block's encode run inside the next block's update loop.
 enum class Kernel8 : int { kAuto = 0, kScalar = 1, kAvx2Gather = 2, kAvx2 = 3, kAvx512 = 4 };
 // Whether this CPU (and build) can run `k`; kAuto and kScalar always can.
 bool kernel8_supported(Kernel8 k);
