@@ -256,6 +256,14 @@ PEFTREG_ALWAYS_INLINE void encode_scalar(const Quantizer& q, const float* x, flo
 }
 
 #if PEFTREG_X86_DISPATCH
+// The largest of 8 NaN-free lanes by a reduction tree (maxima round nothing, so any order gives
+// the scalar loop's value), off the step's critical path unlike 8 dependent scalar maxima.
+__attribute__((target("avx2"))) inline float reduce_max_avx2(__m256 x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
 template <typename T, bool kSmallWeight>
 __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
     const AdamWScalars& s, const T* grad, T* param, const uint8_t* c1, const uint8_t* c2,
@@ -296,14 +304,8 @@ __attribute__((target("avx2"))) int64_t adamw8_update_avx2(
     acc2 = _mm256_max_ps(_mm256_and_ps(vi, abs_mask), acc2);
     avx2_store(param + i, _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(neg_step, mi), denom)));
   }
-  alignas(32) float lanes1[8];
-  alignas(32) float lanes2[8];
-  _mm256_store_ps(lanes1, acc1);
-  _mm256_store_ps(lanes2, acc2);
-  for (int k = 0; k < 8; ++k) {
-    *max1 = std::max(*max1, lanes1[k]);
-    *max2 = std::max(*max2, lanes2[k]);
-  }
+  *max1 = std::max(*max1, reduce_max_avx2(acc1));
+  *max2 = std::max(*max2, reduce_max_avx2(acc2));
   return i;
 }
 
@@ -382,35 +384,49 @@ __attribute__((target("avx2"))) int64_t encode_entry_avx2(const Quantizer& q, co
 
 #define PEFTREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 
+// encode_entry_avx2, 16 lanes wide, on the unfolded table and in fewer operations: with e
+// the entry, (key << 16) > e exactly when the key's low 16 bits exceed the midpoint's (the
+// shifted key has zero low bits, e's low bits hold only the start code), and start + 1 never
+// carries out of the low byte (a bucket whose start is 255 has no midpoint: mid[255] is +inf),
+// so the truncating pack of e + above is the code. The table's base address is moved back by
+// first_bucket entries so that the clamped bucket indexes it directly (the gather adds the
+// scaled index to the address as integers).
+struct EntryEncoder512 {
+  __m512i first;
+  __m512i last;
+  const void* entry;  // entry_full moved back by first_bucket entries
+};
+
+PEFTREG_AVX512 inline EntryEncoder512 entry_encoder512(const Quantizer& q) {
+  return {_mm512_set1_epi32(static_cast<int>(q.first_bucket)),
+          _mm512_set1_epi32(static_cast<int>(q.last_bucket)),
+          reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(q.entry_full.data()) -
+                                        sizeof(uint32_t) * q.first_bucket)};
+}
+
+// The codes of 16 values (already scaled) into codes[0, 16).
+PEFTREG_AVX512 PEFTREG_ALWAYS_INLINE void encode16_entry_avx512(const EntryEncoder512& k,
+                                                                __m512 value, uint8_t* codes) {
+  const __m512i bits = _mm512_castps_si512(value);
+  // bits ^ (sign ? 0xFFFFFFFF : 0x80000000) in one ternary-logic operation.
+  const __m512i key = _mm512_ternarylogic_epi32(
+      bits, _mm512_srai_epi32(bits, 31), _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0x1E);
+  const __m512i b = _mm512_min_epu32(
+      _mm512_max_epu32(_mm512_srli_epi32(key, Quantizer::kBucketShift), k.first), k.last);
+  const __m512i e = _mm512_i32gather_epi32(b, k.entry, 4);
+  const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
+  const __mmask16 above = _mm512_mask_cmpgt_epu32_mask(ordered, _mm512_slli_epi32(key, 16), e);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes),
+                   _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(e, above, e, _mm512_set1_epi32(1))));
+}
+
 PEFTREG_AVX512 int64_t encode_entry_avx512(const Quantizer& q, const float* x, float scale,
                                            uint8_t* codes, int64_t end) {
+  const EntryEncoder512 k = entry_encoder512(q);
   const __m512 by = _mm512_set1_ps(scale);
-  const __m512i top = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512i first = _mm512_set1_epi32(static_cast<int>(q.first_bucket));
-  const __m512i last = _mm512_set1_epi32(static_cast<int>(q.last_bucket));
-  const __m512i fold_at = _mm512_set1_epi32(q.fold_at);
-  const __m512i fold_len = _mm512_set1_epi32(q.fold_len);
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
-  const __m512i low_byte = _mm512_set1_epi32(0xFF);
-  const __m512i one = _mm512_set1_epi32(1);
-  const int* entry = reinterpret_cast<const int*>(q.entry.data());
   int64_t i = 0;
   for (; i + 16 <= end; i += 16) {
-    const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(x + i), by);
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), top));
-    __m512i r = _mm512_srli_epi32(key, Quantizer::kBucketShift);
-    r = _mm512_sub_epi32(_mm512_min_epu32(_mm512_max_epu32(r, first), last), first);
-    r = _mm512_sub_epi32(
-        r, _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(r, fold_at), zero), fold_len));
-    const __m512i e = _mm512_i32gather_epi32(r, entry, 4);
-    const __mmask16 ordered = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
-    const __mmask16 above = _mm512_mask_cmplt_epi32_mask(
-        ordered, _mm512_srli_epi32(e, 16), _mm512_and_si512(key, low16));
-    const __m512i base = _mm512_and_si512(e, low_byte);
-    const __m512i idx = _mm512_mask_add_epi32(base, above, base, one);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(idx));
+    encode16_entry_avx512(k, _mm512_mul_ps(_mm512_loadu_ps(x + i), by), codes + i);
   }
   return i;
 }
@@ -473,10 +489,33 @@ PEFTREG_AVX512 inline void avx512_store(c10::BFloat16* p, __m512 x) {
 
 // adamw8_update_avx2 on a full block whose codes are already looked up (d1, d2: map values),
 // 16 lanes at a time; the same operations in the same order, so the same roundings.
-template <typename T, bool kSmallWeight>
+// With kEncode, the 16-lane steps also encode the previous block's moments (pm, pv times
+// ps1, ps2 into pc1, pc2), so that its gathers run beside this block's divisions.
+struct PendingEncode {
+  const float* m;
+  const float* v;
+  float scale1;
+  float scale2;
+  uint8_t* c1;
+  uint8_t* c2;
+};
+
+template <typename T, bool kSmallWeight, bool kEncode = false>
 PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T* param,
                                          const float* d1, const float* d2, float a1, float a2,
-                                         float* m, float* v, float* max1, float* max2) {
+                                         float* m, float* v, float* max1, float* max2,
+                                         const Quant8Maps* q = nullptr,
+                                         const PendingEncode* pending = nullptr) {
+  EntryEncoder512 enc1{};
+  EntryEncoder512 enc2{};
+  __m512 ps1 = _mm512_setzero_ps();
+  __m512 ps2 = _mm512_setzero_ps();
+  if constexpr (kEncode) {
+    enc1 = entry_encoder512(q->m);
+    enc2 = entry_encoder512(q->v);
+    ps1 = _mm512_set1_ps(pending->scale1);
+    ps2 = _mm512_set1_ps(pending->scale2);
+  }
   const __m512 w = _mm512_set1_ps(s.one_minus_beta1);
   const __m512 one_minus_w = _mm512_set1_ps(1.0f - s.one_minus_beta1);
   const __m512 sign = _mm512_set1_ps(s.maximize ? -1.0f : 1.0f);
@@ -510,17 +549,78 @@ PEFTREG_AVX512 void adamw8_update_avx512(const AdamWScalars& s, const T* grad, T
     acc2 = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(vi), abs_mask)),
                          acc2);
     avx512_store(param + i, _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom)));
+    if constexpr (kEncode) {
+      encode16_entry_avx512(enc1, _mm512_mul_ps(_mm512_loadu_ps(pending->m + i), ps1),
+                            pending->c1 + i);
+      encode16_entry_avx512(enc2, _mm512_mul_ps(_mm512_loadu_ps(pending->v + i), ps2),
+                            pending->c2 + i);
+    }
   }
-  alignas(64) float lanes1[16];
-  alignas(64) float lanes2[16];
-  _mm512_store_ps(lanes1, acc1);
-  _mm512_store_ps(lanes2, acc2);
+  // A reduction tree instead of 16 dependent scalar maxima: the lanes hold no NaN (see
+  // above) and maxima round nothing, so the result is the scalar loop's.
+  *max1 = std::max(*max1, _mm512_reduce_max_ps(acc1));
+  *max2 = std::max(*max2, _mm512_reduce_max_ps(acc2));
+}
+
+// max(|x[i]|) over [0, n) with NaN skipped, as std::max(a, |x|) skips it: max_ps(x, acc)
+// returns acc when x is NaN. Maxima round nothing, so the lane order does not matter.
+__attribute__((target("avx2"))) float absmax_avx2(const float* x, int64_t n) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), acc);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float a = 0.0f;
+  for (int k = 0; k < 8; ++k) {
+    a = std::max(a, lanes[k]);
+  }
+  for (; i < n; ++i) {
+    a = std::max(a, std::fabs(x[i]));
+  }
+  return a;
+}
+
+PEFTREG_AVX512 float absmax_avx512(const float* x, int64_t n) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + i)), abs_mask);
+    acc = _mm512_max_ps(_mm512_castsi512_ps(bits), acc);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  float a = 0.0f;
   for (int k = 0; k < 16; ++k) {
-    *max1 = std::max(*max1, lanes1[k]);
-    *max2 = std::max(*max2, lanes2[k]);
+    a = std::max(a, lanes[k]);
   }
+  for (; i < n; ++i) {
+    a = std::max(a, std::fabs(x[i]));
+  }
+  return a;
 }
 #endif
+
+float block_absmax(const float* x, int64_t n, Kernel8 k) {
+#if PEFTREG_X86_DISPATCH
+  if (k == Kernel8::kAvx512) {
+    return absmax_avx512(x, n);
+  }
+  if (k != Kernel8::kScalar) {
+    return absmax_avx2(x, n);
+  }
+#else
+  (void)k;
+#endif
+  float a = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    a = std::max(a, std::fabs(x[i]));
+  }
+  return a;
+}
 
 // The vector part of encoding x[0, n) * scale with kernel k; returns how many were encoded (the
 // caller's scalar loop does the rest).
@@ -601,12 +701,79 @@ void adamw8_block(const AdamWScalars& s, const T* grad, T* param, int64_t n, uin
   *a2 = max2;
 }
 
+#if PEFTREG_X86_DISPATCH
+// Full blocks [begin, end) with the avx512 kernel, software-pipelined: block b is decoded and
+// updated while block b - 1, whose absmax is then known, is encoded in the same loop. Each
+// block gets exactly adamw8_block's operations; a block whose reciprocal absmax overflows is
+// encoded apart by encode_block's division path.
+template <typename T, bool kSmallWeight>
+void adamw8_blocks_avx512(const AdamWScalars& s, const T* grad, T* param, uint8_t* c1,
+                          uint8_t* c2, float* a1, float* a2, const Quant8Maps& q,
+                          int64_t begin, int64_t end) {
+  alignas(64) float m[2][kQuantBlock];
+  alignas(64) float v[2][kQuantBlock];
+  float prev1 = 0.0f;
+  float prev2 = 0.0f;
+  auto scale_of = [](float absmax) { return absmax > 0.0f ? 1.0f / absmax : 1.0f; };
+  for (int64_t b = begin; b <= end; ++b) {
+    const int cur = static_cast<int>(b & 1);
+    const int prev = cur ^ 1;
+    const int64_t at = b * kQuantBlock;
+    const int64_t prev_at = at - kQuantBlock;
+    const bool has_prev = b > begin;
+    const float s1 = scale_of(prev1);
+    const float s2 = scale_of(prev2);
+    const bool interleave = has_prev && b < end && !std::isinf(s1) && !std::isinf(s2);
+    if (has_prev && !interleave) {
+      encode_block(q.m, m[prev], prev1, c1 + prev_at, kQuantBlock, Kernel8::kAvx512);
+      encode_block(q.v, v[prev], prev2, c2 + prev_at, kQuantBlock, Kernel8::kAvx512);
+    }
+    if (b == end) {
+      break;
+    }
+    decode_planes_avx512(q.m, c1 + at, m[cur], kQuantBlock);
+    decode_planes_avx512(q.v, c2 + at, v[cur], kQuantBlock);
+    float max1 = 0.0f;
+    float max2 = 0.0f;
+    if (interleave) {
+      const PendingEncode pending{m[prev], v[prev], s1, s2, c1 + prev_at, c2 + prev_at};
+      adamw8_update_avx512<T, kSmallWeight, true>(s, grad + at, param + at, m[cur], v[cur],
+                                                  a1[b], a2[b], m[cur], v[cur], &max1, &max2,
+                                                  &q, &pending);
+    } else {
+      adamw8_update_avx512<T, kSmallWeight>(s, grad + at, param + at, m[cur], v[cur], a1[b],
+                                            a2[b], m[cur], v[cur], &max1, &max2);
+    }
+    a1[b] = max1;
+    a2[b] = max2;
+    prev1 = max1;
+    prev2 = max2;
+  }
+}
+#endif
+
 template <typename T>
 void adamw8_blocks_typed(const AdamWSegment& seg, uint8_t* c1, uint8_t* c2, float* a1,
                          float* a2, const Quant8Maps& q, int64_t begin, int64_t end) {
   const T* grad = static_cast<const T*>(seg.grad);
   T* param = static_cast<T*>(seg.param);
   const bool small = seg.s.one_minus_beta1 < 0.5f;
+#if PEFTREG_X86_DISPATCH
+  if constexpr (!std::is_same_v<T, c10::Half>) {
+    if (q.kernel == Kernel8::kAvx512 && !q.m.entry_full.empty() && !q.v.entry_full.empty()) {
+      const int64_t full_end = std::min(end, seg.count / kQuantBlock);
+      if (full_end > begin) {
+        if (small) {
+          adamw8_blocks_avx512<T, true>(seg.s, grad, param, c1, c2, a1, a2, q, begin, full_end);
+        } else {
+          adamw8_blocks_avx512<T, false>(seg.s, grad, param, c1, c2, a1, a2, q, begin,
+                                         full_end);
+        }
+        begin = full_end;
+      }
+    }
+  }
+#endif
   for (int64_t b = begin; b < end; ++b) {
     const int64_t first = b * kQuantBlock;
     const int64_t n = std::min(kQuantBlock, seg.count - first);
@@ -895,6 +1062,7 @@ Quantizer::Quantizer(const float* map) {
       entry.push_back(full[static_cast<size_t>(r)]);
     }
   }
+  entry_full = std::move(full);
 }
 
 bool kernel8_supported(Kernel8 k) {
@@ -954,10 +1122,7 @@ void quantize_blockwise(const float* x, int64_t n, const Quantizer& q, uint8_t* 
   const Kernel8 k = resolve_kernel8(kernel);
   for (int64_t first = 0, b = 0; first < n; first += kQuantBlock, ++b) {
     const int64_t count = std::min(kQuantBlock, n - first);
-    float a = 0.0f;
-    for (int64_t i = 0; i < count; ++i) {
-      a = std::max(a, std::fabs(x[first + i]));
-    }
+    const float a = block_absmax(x + first, count, k);
     encode_block(q, x + first, a, codes + first, count, k);
     absmax[b] = a;
   }

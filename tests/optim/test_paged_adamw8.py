@@ -628,6 +628,43 @@ def test_every_kernel_steps_bit_identically(require_pool, dtype):
                     assert value == other, (kernel, name)
 
 
+def test_every_kernel_steps_bit_identically_across_odd_blocks(require_pool):
+    """Runs of full blocks (the avx512 step encodes each block inside the next one's update)
+    broken by blocks that take other paths: an m absmax without a finite reciprocal (encoded
+    by division), an all-zero block, a NaN gradient, and a partial last block."""
+    maps = (dynamic_map(True), dynamic_map(False))
+    grad = torch.randn(7 * BLOCK - 50, generator=torch.Generator().manual_seed(3)) * 1e-3
+    grad[2 * BLOCK:3 * BLOCK] *= 2.0**-120  # m = 0.1 g: absmax below 2**-128
+    grad[4 * BLOCK:5 * BLOCK] = 0.0
+    grad[5 * BLOCK + 17] = float("nan")
+
+    def run(kernel):
+        param = torch.nn.Parameter(torch.linspace(-1.0, 1.0, grad.numel()))
+        opt = _paged8([param])
+        opt.pool.set_quant_maps(*maps, kernel=kernel)
+        for _ in range(3):
+            param.grad = grad.clone()
+            opt.step()
+        absmax = opt.state_dict(quantized=True)["state"][0]["exp_avg_absmax"]
+        codes = opt.state_dict(quantized=True)["state"][0]["exp_avg_codes"]
+        out = param.detach().view(torch.int32).clone(), opt.state_dict(quantized=True)
+        opt.close()
+        return out, absmax, codes
+
+    probe = _quantizer(require_pool)
+    kernels = _kernels(probe)
+    probe.close()
+    (ref_param, ref_state), absmax, codes = run("scalar")
+    assert torch.isinf(1 / absmax[2]) and absmax[4] == 0.0 and codes[:BLOCK].ne(codes[0]).any()
+    for kernel in kernels[1:]:
+        (param, state), _, _ = run(kernel)
+        assert torch.equal(param, ref_param), kernel
+        for name, value in ref_state["state"][0].items():
+            other = state["state"][0][name]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) \
+                else value == other, (kernel, name)
+
+
 def test_unknown_kernel_is_refused(require_pool):
     opt = _quantizer(require_pool)
     with pytest.raises(ValueError, match="unknown kernel 'avx9'"):
