@@ -242,7 +242,7 @@ class PagedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, offsets, steps, copies = [], [], [], [], []
+            params, grads, offsets, counters, copies = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -251,16 +251,22 @@ class PagedAdamW(Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["step"] += 1
+                counters.append(state["step"])
                 target = p if p.is_contiguous() else p.contiguous()
                 if target is not p:
                     copies.append((p, target))
                 params.append(target)
                 grads.append(p.grad)
                 offsets.append(self._offsets[p])
-                steps.append(float(state["step"].item()))
             if not params:
                 continue
+            # One increment and one read for every counter: per parameter, `+= 1` and `.item()`
+            # were most of the step's Python time (192 LoRA tensors: about 1 ms).
+            torch._foreach_add_(counters, 1.0)
+            if len({c.device for c in counters}) == 1:
+                steps = [float(v) for v in torch.cat([c.reshape(1) for c in counters]).tolist()]
+            else:  # counters a state dict placed on several devices
+                steps = [float(c.item()) for c in counters]
             lr = group["lr"]
             beta1, beta2 = group["betas"]
             update = self.pool.adamw8_step if self._state_bits == 8 else self.pool.adamw_step
