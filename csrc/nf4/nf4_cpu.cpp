@@ -924,7 +924,11 @@ at::Tensor decode_tile(const WeightView& w, int64_t in, int64_t o0, int64_t o1, 
   const int64_t r = o1 - o0, c = k1 - k0;
   tile_scratch(scratch, r * c, at::kFloat);
   float* p = scratch.data_ptr<float>();
-  for (int64_t o = o0; o < o1; ++o) decode_range(w, o * in + k0, o * in + k1, p + (o - o0) * c);
+  if (c == in) {
+    decode_range(w, o0 * in, o1 * in, p);  // whole rows: one contiguous range
+  } else {
+    for (int64_t o = o0; o < o1; ++o) decode_range(w, o * in + k0, o * in + k1, p + (o - o0) * c);
+  }
   at::Tensor tile = scratch.narrow(0, 0, r * c).view({r, c});
   return acc == at::kFloat ? tile : tile.to(acc);
 }
@@ -987,8 +991,12 @@ at::Tensor decode_tile_16bit(const WeightView& w, int64_t in, int64_t o0, int64_
   tile_scratch(scratch, r * c, dtype);
   auto* p = static_cast<uint16_t*>(scratch.data_ptr());
   const bool bf16 = dtype == at::kBFloat16;
-  for (int64_t o = o0; o < o1; ++o) {
-    decode_range_16bit(w, o * in + k0, o * in + k1, bf16, p + (o - o0) * c);
+  if (c == in) {
+    decode_range_16bit(w, o0 * in, o1 * in, bf16, p);  // whole rows: one contiguous range
+  } else {
+    for (int64_t o = o0; o < o1; ++o) {
+      decode_range_16bit(w, o * in + k0, o * in + k1, bf16, p + (o - o0) * c);
+    }
   }
   return scratch.narrow(0, 0, r * c).view({r, c});
 }
