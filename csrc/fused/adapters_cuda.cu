@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CUDA kernels of the IA3, Houlsby and multi-LoRA ops (schemas in csrc/registration.cpp, torch
+// CUDA kernels of the IA3, Houlsby and multi-LoRA ops (schemas in adapters_ops.cpp, torch
 // glue in adapters_cuda_ops.cpp, CPU kernels and the maths in adapters_cpu.cpp). No torch header
 // is included: the launch API in adapters_cuda.h takes plain pointers.
 //

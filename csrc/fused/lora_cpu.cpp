@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // CPU kernels of peftreg::lora_linear and peftreg::lora_linear_backward (schemas in
-// csrc/registration.cpp):
+// lora_ops.cpp):
 //
 //   y = x @ W^T + bias + scaling * ((x_lora or x) @ A^T) @ B^T       (LoRA, Hu et al. 2021, eq. 3)
 //

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CUDA kernels of peftreg::lora_linear (schema in csrc/registration.cpp, torch glue in
+// CUDA kernels of peftreg::lora_linear (schema in lora_ops.cpp, torch glue in
 // lora_cuda_ops.cpp). No torch header is included here: the launch API in lora_cuda.h takes
 // plain pointers, so this file compiles with nvcc alone.
 //

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CUDA kernels of the peftreg::nf4_* ops (schemas in csrc/registration.cpp, torch glue in
+// CUDA kernels of the peftreg::nf4_* ops (schemas in nf4_ops.cpp, torch glue in
 // nf4_cuda_ops.cpp, format in nf4_format.h). No torch header: nvcc compiles this file alone.
 //
 // The kernels reproduce the CPU kernels' bytes and values: the same float32 scaling (reciprocal
