@@ -54,7 +54,6 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "fused/adapters_args.h"
 #include "fused/adapters_kernels.h"
 
 namespace peftreg::fused {

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // The one entry of each IA3, Houlsby and multi-LoRA op (schemas at the end of this file): the
-// argument checks (adapters_args.h), reshape and output allocation, written once and registered
+// argument checks (adapters_kernels.h), reshape and output allocation, written once and registered
 // for CPU and, in CUDA builds, CUDA. The kernels come from the device's table
 // (adapters_kernels.h).
 
@@ -15,7 +15,6 @@
 #include <tuple>
 
 #include "common/device_table.h"
-#include "fused/adapters_args.h"
 #include "fused/adapters_kernels.h"
 
 namespace peftreg::fused {

@@ -48,7 +48,6 @@
 #endif
 
 #include "common/checks.h"
-#include "fused/lora_args.h"
 #include "fused/lora_cpu.h"
 #include "fused/lora_dropout.h"
 #include "fused/lora_kernels.h"

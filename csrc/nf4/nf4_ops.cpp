@@ -10,7 +10,7 @@
 //   nf4_linear             y = x @ dequant(W)^T + bias, never forming the dense W
 //   nf4_linear_grad_input  grad_x = grad_y @ dequant(W), never forming the dense W
 //
-// Checks (nf4_args.h), reshape and allocation are written once here and registered for CPU and,
+// Checks (nf4_kernels.h), reshape and allocation are written once here and registered for CPU and,
 // in CUDA builds, CUDA; the kernels come from the device's table (nf4_kernels.h).
 
 #include <ATen/core/Tensor.h>
@@ -31,7 +31,6 @@
 
 #include "common/checks.h"
 #include "common/device_table.h"
-#include "nf4/nf4_args.h"
 #include "nf4/nf4_format.h"
 #include "nf4/nf4_kernels.h"
 
