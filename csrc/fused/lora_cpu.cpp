@@ -211,8 +211,6 @@ void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::
               "its inputs");
 }
 
-namespace {
-
 at::Tensor lora_linear_cpu(const LoraLinearSizes& s, const at::Tensor& x,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
@@ -263,14 +261,6 @@ LoraGrads lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor&
                                                     cpu_widens_16bit(grad.scalar_type(), s.rows));
   return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s, compute,
                                  dropout);
-}
-
-}  // namespace
-
-const LoraKernels& cpu_lora_kernels() {
-  static const LoraKernels table{&lora_linear_cpu, &lora_linear_backward_cpu,
-                                 &nf4_lora_linear_cpu, &nf4_lora_linear_backward_cpu};
-  return table;
 }
 
 }  // namespace peftreg::fused

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // CPU helpers of the fused LoRA kernels, shared by the dense-base (lora_cpu.cpp) and NF4-base
-// (qlora_cpu.cpp) kernels. The kernels' signatures, and the declarations of the NF4-base kernels
-// the CPU table in lora_cpu.cpp refers to, are in lora_kernels.h.
+// (qlora_cpu.cpp) kernels. The kernels themselves are declared, and listed in the CPU table, in
+// lora_kernels.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -11,7 +11,7 @@
 //     and its backward (x, the quantized weight's checks of nf4_kernels.h, bias and A/B, in the
 //     order of the fake kernel in peftreg/ops/nf4.py), run once by the entries (lora_ops.cpp)
 //     for every device together with the dropout checks; then the per-device kernel table: the
-//     CPU table (lora_cpu.cpp, with the NF4-base kernels of qlora_cpu.cpp declared here) or
+//     CPU table (defined here over the kernels of lora_cpu.cpp and qlora_cpu.cpp) or
 //     lora_cuda_ops.cpp (CUDA builds: allocation, the base product, stream, device
 //     guard, launches). Forward kernels return the (rows, out_features) output in
 //     x's dtype; the entry gives it x's leading dimensions.
@@ -262,13 +262,19 @@ struct LoraKernels {
                                         const LoraDropout& dropout);
 };
 
-const LoraKernels& cpu_lora_kernels();
-#if PEFTREG_WITH_CUDA
-const LoraKernels& cuda_lora_kernels();
-#endif
-
-// The CPU kernels of nf4_lora_linear and its backward (qlora_cpu.cpp), entries of the CPU
-// table in lora_cpu.cpp (signatures as in the table above).
+// The CPU kernels live in two files, lora_cpu.cpp (dense base) and qlora_cpu.cpp (NF4 base), so
+// the CPU table lists them here: a new CPU kernel is declared and listed in this header,
+// whichever of the two holds it (signatures as in the table).
+at::Tensor lora_linear_cpu(const LoraLinearSizes& s, const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                           const at::Tensor& lora_b, double scaling,
+                           const std::optional<at::Tensor>& x_lora, const LoraDropout& dropout);
+LoraGrads lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor& grad,
+                                   const std::optional<at::Tensor>& x,
+                                   const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                   double scaling, const std::optional<at::Tensor>& x_lora,
+                                   const LoraDropout& dropout);
 at::Tensor nf4_lora_linear_cpu(const Nf4LoraSizes& s, const at::Tensor& x,
                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                const at::Tensor& lora_b, double scaling,
@@ -280,6 +286,15 @@ LoraGrads nf4_lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Ten
                                        const at::Tensor& lora_b, double scaling,
                                        const std::optional<at::Tensor>& x_lora,
                                        const LoraDropout& dropout);
+
+inline const LoraKernels& cpu_lora_kernels() {
+  static const LoraKernels table{&lora_linear_cpu, &lora_linear_backward_cpu,
+                                 &nf4_lora_linear_cpu, &nf4_lora_linear_backward_cpu};
+  return table;
+}
+#if PEFTREG_WITH_CUDA
+const LoraKernels& cuda_lora_kernels();
+#endif
 
 }  // namespace peftreg::fused
 #endif  // __CUDACC__
