@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // ScalarKind: the element type a CUDA launch API takes instead of a torch dtype, so the .cu files
-// include no torch header. One definition for every family (csrc/*/*_cuda.h); the torch side maps
-// at::ScalarType to it once, in common/cuda_glue.h.
+// include no torch header. One definition for every family (the launch APIs in
+// csrc/*/*_kernels.h); the torch side maps at::ScalarType to it once, in common/cuda_glue.h.
 #pragma once
 
 namespace peftreg {

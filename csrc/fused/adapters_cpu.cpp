@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // CPU kernel table of the IA3, Houlsby and multi-LoRA ops (adapters_kernels.h; entries with the
-// checks in adapters_ops.cpp, schemas in csrc/registration.cpp, maths in peftreg/ops/reference.py,
+// checks and schemas in adapters_ops.cpp, maths in peftreg/ops/reference.py,
 // backward formulas in peftreg/ops/adapters.py):
 //
 //   ia3_linear      y = (x W^T + b) * l            (output scaling: keys, values)
@@ -54,7 +54,6 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "fused/adapters_args.h"
 #include "fused/adapters_kernels.h"
 
 namespace peftreg::fused {

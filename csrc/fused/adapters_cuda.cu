@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CUDA kernels of the IA3, Houlsby and multi-LoRA ops (schemas in csrc/registration.cpp, torch
+// CUDA kernels of the IA3, Houlsby and multi-LoRA ops (schemas in adapters_ops.cpp, torch
 // glue in adapters_cuda_ops.cpp, CPU kernels and the maths in adapters_cpu.cpp). No torch header
-// is included: the launch API in adapters_cuda.h takes plain pointers.
+// is included: the launch API in adapters_kernels.h takes plain pointers.
 //
 // The GEMMs (x W^T, h Wd^T, the up projection with its residual) run in cuBLAS through ATen in
 // the glue; these kernels are the parts cuBLAS cannot express: IA3's per-column scale epilogue and
@@ -17,7 +17,7 @@
 #include <cstdint>
 
 #include "common/cuda_elem.cuh"
-#include "fused/adapters_cuda.h"
+#include "fused/adapters_kernels.h"
 
 namespace peftreg::fused::adapters_cuda {
 namespace {

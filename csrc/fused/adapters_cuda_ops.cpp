@@ -21,8 +21,6 @@
 
 #include "common/checks.h"
 #include "common/cuda_glue.h"
-#include "fused/adapters_args.h"
-#include "fused/adapters_cuda.h"
 #include "fused/adapters_kernels.h"
 
 namespace peftreg::fused {

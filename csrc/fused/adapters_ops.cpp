@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// The one entry of each IA3, Houlsby and multi-LoRA op (schemas in csrc/registration.cpp): the
-// argument checks (adapters_args.h), reshape and output allocation, written once and registered
+// The one entry of each IA3, Houlsby and multi-LoRA op (schemas at the end of this file): the
+// argument checks (adapters_kernels.h), reshape and output allocation, written once and registered
 // for CPU and, in CUDA builds, CUDA. The kernels come from the device's table
 // (adapters_kernels.h).
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/enum_tag.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
@@ -14,7 +15,6 @@
 #include <tuple>
 
 #include "common/device_table.h"
-#include "fused/adapters_args.h"
 #include "fused/adapters_kernels.h"
 
 namespace peftreg::fused {
@@ -83,5 +83,44 @@ void impl_adapter_ops(torch::Library& m) {
 
 }  // namespace
 }  // namespace peftreg::fused
+
+// The schemas of the IA3, Houlsby and multi-LoRA ops (docs/ops.md).
+// csrc/registration.cpp holds the one TORCH_LIBRARY(peftreg, m); each family adds its schemas
+// by fragment beside its entries.
+TORCH_LIBRARY_FRAGMENT(peftreg, m) {
+  // Naming the family's Python module (its wrappers, fake kernels and backwards) before the
+  // schemas makes a missing fake kernel point there (torch imports that module) and makes
+  // torch refuse a fake registered anywhere else.
+  m.set_python_module("peftreg.ops.adapters");
+  // IA3 (Liu et al. 2022, section 3.3) fused into the product it scales. scale_input=False:
+  // y = (x @ weight^T + bias) * scale, scale (out_features,) (keys, values); scale_input=True:
+  // y = (x * scale) @ weight^T + bias, scale (in_features,) (feed-forward down projection).
+  m.def(
+      "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor scale, bool scale_input) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Gradient of ia3_linear (scale_input=False) with respect to scale, given its output `out`:
+  // sum over rows of grad * (x @ weight^T + bias), recovered as out / scale except where a scale
+  // entry is zero (recomputed from x and weight there).
+  m.def(
+      "ia3_scale_grad(Tensor grad, Tensor out, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor scale) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Houlsby bottleneck (Houlsby et al. 2019, section 2.1) as one op:
+  // out = h + act(h @ w_down^T + b_down) @ w_up^T + b_up, activation in {relu, gelu, silu,
+  // tanh}; also returns z = h @ w_down^T + b_down (rows x bottleneck), saved for the backward.
+  m.def(
+      "houlsby_adapter(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "str activation) -> (Tensor out, Tensor z)",
+      {at::Tag::pt2_compliant_tag});
+  // Batched multi-adapter LoRA (S-LoRA, Sheng et al. 2023; Punica, Chen et al. 2023): row i of
+  // x uses adapter k = index[i] of the stacked lora_a (n, r, in), lora_b (n, out, r) and
+  // scaling (n,): out[i] = base[i] + scaling[k] * (x[i] @ lora_a[k]^T) @ lora_b[k]^T, or
+  // base[i] when k == -1. index has shape x.shape[:-1]. Inference only (peftreg/ops/adapters.py).
+  m.def(
+      "lora_multi_add(Tensor base, Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, "
+      "Tensor index) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
 
 PEFTREG_IMPL_CPU_AND_CUDA(peftreg::fused::impl_adapter_ops)

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // CPU kernels of peftreg::lora_linear and peftreg::lora_linear_backward (schemas in
-// csrc/registration.cpp):
+// lora_ops.cpp):
 //
 //   y = x @ W^T + bias + scaling * ((x_lora or x) @ A^T) @ B^T       (LoRA, Hu et al. 2021, eq. 3)
 //
@@ -48,7 +48,6 @@
 #endif
 
 #include "common/checks.h"
-#include "fused/lora_args.h"
 #include "fused/lora_cpu.h"
 #include "fused/lora_dropout.h"
 #include "fused/lora_kernels.h"
@@ -212,8 +211,6 @@ void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::
               "its inputs");
 }
 
-namespace {
-
 at::Tensor lora_linear_cpu(const LoraLinearSizes& s, const at::Tensor& x,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
@@ -264,14 +261,6 @@ LoraGrads lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor&
                                                     cpu_widens_16bit(grad.scalar_type(), s.rows));
   return lora_backward_composite(grad, x, weight, lora_a, lora_b, scaling, x_lora, s, compute,
                                  dropout);
-}
-
-}  // namespace
-
-const LoraKernels& cpu_lora_kernels() {
-  static const LoraKernels table{&lora_linear_cpu, &lora_linear_backward_cpu,
-                                 &nf4_lora_linear_cpu, &nf4_lora_linear_backward_cpu};
-  return table;
 }
 
 }  // namespace peftreg::fused

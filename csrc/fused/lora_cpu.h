@@ -1,19 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // CPU helpers of the fused LoRA kernels, shared by the dense-base (lora_cpu.cpp) and NF4-base
-// (qlora_cpu.cpp) kernels.
+// (qlora_cpu.cpp) kernels. The kernels themselves are declared, and listed in the CPU table, in
+// lora_kernels.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <initializer_list>
-#include <optional>
-
-#include "fused/lora_args.h"
-#include "fused/lora_dropout.h"
-#include "fused/lora_math.h"
-#include "fused/qlora_args.h"
 
 namespace peftreg::fused {
 
@@ -39,19 +34,5 @@ bool cpu_16bit_rows_kernel(at::ScalarType t, int64_t rows);
 // holds inf/NaN although every tensor in `inputs` (null entries skipped) is finite.
 void check_16bit_output_overflow(const char* op, const at::Tensor& y, const at::Tensor& y_acc,
                                  std::initializer_list<const at::Tensor*> inputs);
-
-// The CPU kernels of nf4_lora_linear and its backward (qlora_cpu.cpp), entries of the CPU
-// table in lora_cpu.cpp (signatures as in lora_kernels.h).
-at::Tensor nf4_lora_linear_cpu(const Nf4LoraSizes& s, const at::Tensor& x,
-                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                               const at::Tensor& lora_b, double scaling,
-                               const std::optional<at::Tensor>& x_lora,
-                               const LoraDropout& dropout);
-LoraGrads nf4_lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor& grad,
-                                       const std::optional<at::Tensor>& x,
-                                       const nf4::Nf4Weight& weight, const at::Tensor& lora_a,
-                                       const at::Tensor& lora_b, double scaling,
-                                       const std::optional<at::Tensor>& x_lora,
-                                       const LoraDropout& dropout);
 
 }  // namespace peftreg::fused

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CUDA kernels of peftreg::lora_linear (schema in csrc/registration.cpp, torch glue in
-// lora_cuda_ops.cpp). No torch header is included here: the launch API in lora_cuda.h takes
+// CUDA kernels of peftreg::lora_linear (schema in lora_ops.cpp, torch glue in
+// lora_cuda_ops.cpp). No torch header is included here: the launch API in lora_kernels.h takes
 // plain pointers, so this file compiles with nvcc alone.
 //
 //   y = x @ W^T + bias + scaling * (x_l @ A^T) @ B^T,   x_l = x_lora or x   (Hu et al. 2021, eq. 3)
@@ -28,7 +28,7 @@
 #include <cstdint>
 
 #include "common/cuda_elem.cuh"
-#include "fused/lora_cuda.h"
+#include "fused/lora_kernels.h"
 
 namespace peftreg::fused::cuda {
 namespace {

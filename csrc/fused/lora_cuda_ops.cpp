@@ -24,12 +24,9 @@
 
 #include "common/checks.h"
 #include "common/cuda_glue.h"
-#include "fused/lora_args.h"
-#include "fused/lora_cuda.h"
 #include "fused/lora_dropout.h"
 #include "fused/lora_kernels.h"
 #include "fused/lora_math.h"
-#include "fused/qlora_args.h"
 #include "nf4/nf4_kernels.h"
 
 namespace peftreg::fused {

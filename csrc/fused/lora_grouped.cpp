@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// lora_grouped_add and lora_grouped_add_backward (schemas in csrc/registration.cpp; Python side
+// lora_grouped_add and lora_grouped_add_backward (schemas at the end of this file; Python side
 // peftreg/ops/lora.py): the per-row LoRA update of a batch whose rows train different adapters,
 // as segmented GEMMs over rows grouped by adapter (the SGMV shape of Punica, Chen et al. 2023).
 //
@@ -26,6 +26,7 @@
 // multiply bf16 through a slow generic loop.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/enum_tag.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -275,5 +276,32 @@ void register_grouped(torch::Library& m) {
 
 }  // namespace
 }  // namespace peftreg::fused
+
+// The schemas of lora_grouped_add and its backward (LoRA family).
+// csrc/registration.cpp holds the one TORCH_LIBRARY(peftreg, m); each family adds its schemas
+// by fragment beside its entries.
+TORCH_LIBRARY_FRAGMENT(peftreg, m) {
+  // Naming the family's Python module (its wrappers, fake kernels and backwards) before the
+  // schemas makes a missing fake kernel point there (torch imports that module) and makes
+  // torch refuse a fake registered anywhere else.
+  m.set_python_module("peftreg.ops.lora");
+  // Training many LoRA adapters in one batch (csrc/fused/lora_grouped.cpp): `rows` (int64) lists
+  // the rows of x (leading dims flattened) that some adapter takes, grouped by adapter, adapter k
+  // owning the next counts[k] of them; counts (int64, (n,), on the CPU or x's device) is a tensor
+  // so that under torch.compile a new split of the rows is new data, not a recompile. out = base with row rows[j] of adapter k increased by
+  // scaling[k] * (x[rows[j]] @ lora_a[k]^T) @ lora_b[k]^T (lora_a (n, r, in), lora_b (n, out, r),
+  // scaling (n,)); u (rows.numel(), r) is scaling[k] * x[rows[j]] @ lora_a[k]^T, saved for the
+  // backward. The backward gives grad_x (the low-rank path's part only), grad_lora_a and
+  // grad_lora_b from grad (of out) and u, each only where output_mask asks (empty otherwise).
+  m.def(
+      "lora_grouped_add(Tensor base, Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, "
+      "Tensor rows, Tensor counts) -> (Tensor out, Tensor u)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "lora_grouped_add_backward(Tensor grad, Tensor x, Tensor lora_a, Tensor lora_b, "
+      "Tensor scaling, Tensor rows, Tensor counts, Tensor u, bool[3] output_mask) -> "
+      "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b)",
+      {at::Tag::pt2_compliant_tag});
+}
 
 PEFTREG_IMPL_CPU_AND_CUDA(peftreg::fused::register_grouped)

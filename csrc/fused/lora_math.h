@@ -28,15 +28,10 @@
 #include <optional>
 #include <tuple>
 
-#include "fused/lora_args.h"
 #include "fused/lora_dropout.h"
+#include "fused/lora_kernels.h"
 
 namespace peftreg::fused {
-
-// Gradients requested from a LoRA backward, in this order (the ops' bool[4] output_mask).
-enum LoraGrad : int { kGradX = 0, kGradA = 1, kGradB = 2, kGradXLora = 3 };
-using LoraGradMask = std::array<bool, 4>;
-using LoraGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // float32 for 16-bit inputs when `widen_16bit`, else the input's own dtype.
 inline at::ScalarType lora_compute_dtype(at::ScalarType t, bool widen_16bit) {

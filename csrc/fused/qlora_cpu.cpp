@@ -24,11 +24,10 @@
 #include <optional>
 
 #include "common/checks.h"
-#include "fused/lora_args.h"
 #include "fused/lora_cpu.h"
 #include "fused/lora_dropout.h"
+#include "fused/lora_kernels.h"
 #include "fused/lora_math.h"
-#include "fused/qlora_args.h"
 #include "nf4/nf4_kernels.h"
 
 namespace peftreg::fused {

@@ -56,7 +56,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "nf4/nf4_args.h"
 #include "nf4/nf4_format.h"
 #include "nf4/nf4_kernels.h"
 
@@ -345,7 +344,7 @@ struct WeightView {
   }
 };
 
-// The view of a checked weight (nf4_args.h: contiguous tensors, which outlive the view).
+// The view of a checked weight (nf4_kernels.h: contiguous tensors, which outlive the view).
 WeightView make_view(const Nf4Weight& w) {
   const QuantizedWeight& q = w.sizes;
   WeightView v;

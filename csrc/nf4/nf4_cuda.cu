@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// CUDA kernels of the peftreg::nf4_* ops (schemas in csrc/registration.cpp, torch glue in
+// CUDA kernels of the peftreg::nf4_* ops (schemas in nf4_ops.cpp, torch glue in
 // nf4_cuda_ops.cpp, format in nf4_format.h). No torch header: nvcc compiles this file alone.
 //
 // The kernels reproduce the CPU kernels' bytes and values: the same float32 scaling (reciprocal
@@ -23,8 +23,8 @@
 #include <type_traits>
 
 #include "common/cuda_elem.cuh"
-#include "nf4/nf4_cuda.h"
 #include "nf4/nf4_format.h"
+#include "nf4/nf4_kernels.h"
 
 namespace peftreg::nf4::cuda {
 namespace {
@@ -242,7 +242,7 @@ cudaError_t quantize(ScalarKind dtype, const void* x, int64_t n, int64_t blocksi
   const unsigned grid = grid_for(num_blocks(n, blocksize), 1);
   return with_storage_type(dtype, [&](auto tag) {
     using T = decltype(tag);
-    // nf4_quantize's checks refuse float64 (nf4_args.h), so no kernel is built for it.
+    // nf4_quantize's checks refuse float64 (nf4_kernels.h), so no kernel is built for it.
     if constexpr (std::is_same_v<T, double>) {
       return cudaErrorInvalidValue;
     } else {

@@ -30,8 +30,6 @@
 #include <vector>
 
 #include "common/cuda_glue.h"
-#include "nf4/nf4_args.h"
-#include "nf4/nf4_cuda.h"
 #include "nf4/nf4_format.h"
 #include "nf4/nf4_kernels.h"
 

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// The one entry of each NF4 storage op (schemas in csrc/registration.cpp; format in
+// The one entry of each NF4 storage op (schemas at the end of this file; format in
 // nf4_format.h, docs/format.md "NF4 storage"):
 //
 //   nf4_quantize           x -> packed 4-bit codes + float32 absmax per block
@@ -10,10 +10,11 @@
 //   nf4_linear             y = x @ dequant(W)^T + bias, never forming the dense W
 //   nf4_linear_grad_input  grad_x = grad_y @ dequant(W), never forming the dense W
 //
-// Checks (nf4_args.h), reshape and allocation are written once here and registered for CPU and,
+// Checks (nf4_kernels.h), reshape and allocation are written once here and registered for CPU and,
 // in CUDA builds, CUDA; the kernels come from the device's table (nf4_kernels.h).
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/enum_tag.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
@@ -30,7 +31,6 @@
 
 #include "common/checks.h"
 #include "common/device_table.h"
-#include "nf4/nf4_args.h"
 #include "nf4/nf4_format.h"
 #include "nf4/nf4_kernels.h"
 
@@ -163,6 +163,57 @@ void impl_nf4_ops(torch::Library& m) {
 
 }  // namespace
 }  // namespace peftreg::nf4
+
+// The schemas of the NF4 storage ops.
+// csrc/registration.cpp holds the one TORCH_LIBRARY(peftreg, m); each family adds its schemas
+// by fragment beside its entries.
+TORCH_LIBRARY_FRAGMENT(peftreg, m) {
+  // Naming the family's Python module (its wrappers, fake kernels and backwards) before the
+  // schemas makes a missing fake kernel point there (torch imports that module) and makes
+  // torch refuse a fake registered anywhere else.
+  m.set_python_module("peftreg.ops.nf4");
+  // NF4 4-bit storage (QLoRA, Dettmers et al. 2023, section 3) in bitsandbytes' byte format
+  // (csrc/nf4/nf4_format.h; docs/format.md "NF4 storage"; docs/ops.md). A quantized weight is
+  // passed as codes (uint8, (numel + 1) // 2 packed bytes), absmax (float32 per block, or uint8
+  // with double quantization), nested_absmax and offset (float32; double quantization only),
+  // blocksize and nested_blocksize.
+  //
+  // Flatten x; per block of `blocksize` elements: float32 absmax, nearest NF4 code of x / absmax,
+  // two codes per byte (element 2i in the high nibble). codes: ((numel + 1) // 2, 1) uint8.
+  m.def("nf4_quantize(Tensor x, int blocksize=64) -> (Tensor codes, Tensor absmax)",
+        {at::Tag::pt2_compliant_tag});
+  // Double quantization of the absmax: offset = mean(absmax); (absmax - offset) in blocks of
+  // nested_blocksize with the signed 8-bit dynamic code, choosing codes as bitsandbytes does
+  // (nearest=False) or by the nearest code. offset is a 0-dim float32 tensor.
+  m.def(
+      "nf4_double_quantize(Tensor absmax, int nested_blocksize=256, bool nearest=False) -> "
+      "(Tensor absmax_codes, Tensor nested_absmax, Tensor offset)",
+      {at::Tag::pt2_compliant_tag});
+  // The dense tensor of `shape` and `dtype`: code value * block scale, each rounded once from
+  // float32. nf4_dequantize_into writes into a preallocated contiguous tensor instead (it returns
+  // nothing: torch.compile functionalizes custom ops only when mutated inputs are not returned).
+  m.def(
+      "nf4_dequantize(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+      "int blocksize, int nested_blocksize, int[] shape, ScalarType dtype) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "nf4_dequantize_into(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+      "int blocksize, int nested_blocksize, Tensor(a!) out) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  // y = x @ W^T + bias with W (out_features, in_features) stored as NF4; W is decoded tile by
+  // tile inside the product, never as a whole. Differentiable in x and bias (W is frozen).
+  m.def(
+      "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? offset, "
+      "int blocksize, int nested_blocksize, int out_features, int in_features, "
+      "Tensor? bias=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // grad_x = grad @ W (the input gradient of nf4_linear), again without a dense W.
+  m.def(
+      "nf4_linear_grad_input(Tensor grad, Tensor codes, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? offset, int blocksize, int nested_blocksize, int out_features, "
+      "int in_features) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
 
 PEFTREG_IMPL_CPU_AND_CUDA(peftreg::nf4::impl_nf4_ops)
 

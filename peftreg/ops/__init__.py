@@ -282,6 +282,6 @@ _load_compiled()
 from peftreg.ops import adapters, lora, nf4  # noqa: E402
 from peftreg.ops._op import kernel_mode, kernels, registered, set_kernel_mode  # noqa: E402
 
-#: Every operator defined in csrc/registration.cpp, from the families' Op objects (a test checks
+#: Every operator the csrc families define, from the families' Op objects (a test checks
 #: this against the dispatcher, and the parity harness covers each one).
 OPS: Final[tuple[str, ...]] = tuple(registered())

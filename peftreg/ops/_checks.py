@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Argument checks of the fake kernels, each taking the op's name.
 
-They mirror csrc/common/checks.h and csrc/nf4/nf4_args.h word for word (c10's dtype names,
+They mirror csrc/common/checks.h and csrc/nf4/nf4_kernels.h word for word (c10's dtype names,
 shapes as lists), so a bad argument reads the same eagerly (the C++ check) and under
 ``torch.compile`` (the fake kernel). tests/ops/test_parity.py holds both to that for every op.
 Every helper raises through ``torch._check``, which works on symbolic sizes too.

@@ -2,8 +2,9 @@
 """One object per compiled op: its call, fake kernel, autograd formula and kernel choice.
 
 Each family module (:mod:`peftreg.ops.lora`, :mod:`~peftreg.ops.nf4`,
-:mod:`~peftreg.ops.adapters`) creates one :class:`Op` per schema in csrc/registration.cpp and
-registers its fake kernel and backward through it, next to the typed wrapper. The op list
+:mod:`~peftreg.ops.adapters`) creates one :class:`Op` per schema of its csrc family (the
+``TORCH_LIBRARY_FRAGMENT`` in the family's ``*_ops.cpp``) and registers its fake kernel and
+backward through it, next to the typed wrapper. The op list
 (:data:`peftreg.ops.OPS`) is the set of :class:`Op` objects created, never a hand-kept tuple.
 
 The choice between the compiled kernel and plain PyTorch is made here and nowhere else
@@ -89,7 +90,7 @@ class Op:
     """A ``peftreg::<name>`` operator as Python sees it.
 
     Args:
-        name: the schema name in csrc/registration.cpp.
+        name: the schema name (its ``m.def`` in the family's ``csrc/**/*_ops.cpp``).
         reference: the plain-PyTorch function with the schema's positional arguments (and the
             same outputs), or None for ops that have no plain path (backward helpers).
         faster: the measured crossover: given the call's arguments, whether the compiled kernel
@@ -114,7 +115,7 @@ class Op:
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: ``fn`` computes output shapes and dtypes (skipped without the library)."""
         if _ops.has_extension():
-            # torch checks the caller's module against registration.cpp's set_python_module:
+            # torch checks the caller's module against the schema's set_python_module:
             # the frame to name is the family module that applied this decorator.
             torch.library.register_fake(self.qualname, fn, _stacklevel=2)
         return fn

@@ -162,7 +162,7 @@ def lora_multi_add(base: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
     return LORA_MULTI_ADD.overload(base, x, lora_a, lora_b, scaling, row_index(index, x))
 
 
-# --- fake kernels (the checks of csrc/fused/adapters_args.h) ---------------------------------
+# --- fake kernels (the checks of csrc/fused/adapters_kernels.h) ------------------------------
 
 
 def _ia3_weight_checks(op: str, x: torch.Tensor, weight: torch.Tensor) -> int:

@@ -203,7 +203,7 @@ def lora_linear(
                        float(dropout_p), dropout_seed)
 
 
-# --- fake kernels (the checks of csrc/fused/lora_args.h) -------------------------------------
+# --- fake kernels (the checks of csrc/fused/lora_kernels.h) ----------------------------------
 
 
 def check_lora_factors(op: str, lora_a: torch.Tensor, lora_b: torch.Tensor, in_features: int,
@@ -269,7 +269,7 @@ def check_lora_backward(op: str, grad: torch.Tensor, x: torch.Tensor | None,
                         weight: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
                         x_lora: torch.Tensor | None, output_mask: Sequence[bool],
                         weight_needed: bool) -> None:
-    """check_lora_backward_args (csrc/fused/lora_args.h); shared with nf4_lora_linear."""
+    """check_lora_backward_args (csrc/fused/lora_kernels.h); shared with nf4_lora_linear."""
     ck.min_dim(op, grad, "grad", 1, "(..., out_features)")
     ck.dim(op, lora_a, "lora_a", 2, "(r, in_features)")
     ck.dim(op, lora_b, "lora_b", 2, "(out_features, r)")

@@ -265,7 +265,7 @@ def lora_linear(
                        lora_b, float(scaling), x_lora, float(dropout_p), dropout_seed)
 
 
-# --- fake kernels (the checks of csrc/nf4/nf4_args.h and csrc/fused/qlora_args.h) -------------
+# --- fake kernels (the checks of csrc/nf4/nf4_kernels.h and csrc/fused/lora_kernels.h) -------
 
 _QUANTIZE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -273,7 +273,7 @@ _QUANTIZE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _check_weight(op: str, codes: torch.Tensor, absmax: torch.Tensor,
                   nested_absmax: torch.Tensor | None, offset: torch.Tensor | None,
                   blocksize: int, nested_blocksize: int, numel: int) -> None:
-    """check_quantized_weight (csrc/nf4/nf4_args.h), same order and wording."""
+    """check_quantized_weight (csrc/nf4/nf4_kernels.h), same order and wording."""
     ck.blocksize(op, "blocksize", blocksize)
     blocks = (numel + blocksize - 1) // blocksize
     ck.dtype(op, codes, "codes", torch.uint8)
@@ -304,7 +304,7 @@ def _check_weight(op: str, codes: torch.Tensor, absmax: torch.Tensor,
 
 def _check_input(op: str, x: torch.Tensor, name: str, features: int, features_name: str,
                  out_features: int, in_features: int) -> None:
-    """check_linear_input (csrc/nf4/nf4_args.h)."""
+    """check_linear_input (csrc/nf4/nf4_kernels.h)."""
     ck.check(op, in_features >= 0 and out_features >= 0,
              f"out_features ({out_features}) and in_features ({in_features}) must not be "
              "negative")

@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Compile-check the CUDA sources wherever a CUDA toolkit exists; no GPU needed.
 
-Every ``csrc/**/*_cuda.cu`` includes no torch header, so nvcc compiles it alone in seconds. The
-torch-side CUDA kernel tables (``*_cuda_ops.cpp``) and the CUDA branch of every other file that
-has one (the entries' ``PEFTREG_WITH_CUDA`` registration) are syntax-checked with the host
-compiler against torch's headers and the toolkit's, which catches API drift before a GPU
-machine does.
+Every ``csrc/**/*_cuda.cu`` includes no torch header, so nvcc compiles it alone in seconds: it
+includes its family's interface header (``*_kernels.h``), whose torch side sits under
+``#ifndef __CUDACC__``, and nvcc gets no torch include path here. The torch-side CUDA kernel
+tables (``*_cuda_ops.cpp``) and the CUDA branch of every other file that has one (the entries'
+``PEFTREG_WITH_CUDA`` registration) are syntax-checked with the host compiler against torch's
+headers and the toolkit's, which catches API drift before a GPU machine does.
 """
 
 from __future__ import annotations
@@ -71,15 +72,48 @@ def test_there_are_cuda_sources():
         GLUE_FILES)
 
 
+_INCLUDE = re.compile(r'#include\s*[<"]([^>"]+)[>"]')
+_TORCH_HEADER = re.compile(r"(?:torch|ATen|c10)/")
+
+
+def _includes_seen_by_nvcc(path: Path, seen: set[Path] | None = None) -> list[str]:
+    """Every header nvcc reaches from `path`, following csrc's own headers, skipping the regions
+    under ``#ifndef __CUDACC__`` (the torch side of a family header)."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return []
+    seen.add(path)
+    found: list[str] = []
+    hidden: list[bool] = []  # per open #if: whether nvcc skips its current branch
+    for line in path.read_text().splitlines():
+        directive = line.strip()
+        if directive.startswith(("#ifndef", "#if ", "#ifdef")):
+            hidden.append(directive in ("#ifndef __CUDACC__", "#if !defined(__CUDACC__)"))
+        elif directive.startswith("#else") and hidden:
+            hidden[-1] = False  # the #else of `#ifndef __CUDACC__` is nvcc's; others: both seen
+        elif directive.startswith("#endif") and hidden:
+            hidden.pop()
+        elif any(hidden):
+            continue
+        elif (match := _INCLUDE.match(directive)):
+            name = match.group(1)
+            found.append(name)
+            local = CSRC / name
+            if local.is_file():
+                found += _includes_seen_by_nvcc(local, seen)
+    return found
+
+
 @pytest.mark.parametrize("cu_file", CU_FILES, ids=[_rel(p) for p in CU_FILES])
 def test_cu_files_include_no_torch_headers(cu_file):
     """Keeps the .cu files compilable by nvcc alone (and fast to compile)."""
-    text = cu_file.read_text()
-    header = cu_file.with_suffix(".h")
-    if header.exists():
-        text += header.read_text()
-    torch_includes = re.findall(r'#include\s*[<"]((?:torch|ATen|c10)/[^>"]+)[>"]', text)
-    assert not torch_includes, f"{_rel(cu_file)} includes torch headers: {torch_includes}"
+    reached = _includes_seen_by_nvcc(cu_file)
+    torch_includes = [h for h in reached if _TORCH_HEADER.match(h)]
+    assert not torch_includes, f"{_rel(cu_file)} reaches torch headers: {torch_includes}"
+    # The rule above is only as good as the scan: the family header really is included.
+    family = cu_file.name.replace("_cuda.cu", "_kernels.h")
+    if (cu_file.parent / family).is_file():
+        assert f"{cu_file.parent.name}/{family}" in reached, reached
 
 
 @needs_nvcc
