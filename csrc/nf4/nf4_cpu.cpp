@@ -885,8 +885,6 @@ void gemv_grad_input(const WeightView& w, const Acc* g, int64_t rows, int64_t in
   });
 }
 
-// Decodes the weight sub-matrix rows [o0, o1) x columns [k0, k1) into a dense (o1-o0, k1-k0)
-// tensor of dtype `acc` (float32 decode, widened for float64).
 // The decode buffer of one thread's tiles, `numel` values of `dtype`. Up to kScratchBytes it is
 // one buffer per thread kept across calls: a fresh tensor of a few MiB per product goes back
 // to the OS when freed and is faulted in again on the next call, which cost about as much as
@@ -894,14 +892,12 @@ void gemv_grad_input(const WeightView& w, const Acc* g, int64_t rows, int64_t in
 // 5% of the training step against 7% for the decode). Larger tiles are allocated per call.
 constexpr int64_t kScratchBytes = int64_t{2} << 20;
 
-at::Tensor& tile_scratch(at::Tensor& scratch, int64_t numel, at::ScalarType dtype) {
-  if (scratch.defined() && scratch.numel() >= numel && scratch.scalar_type() == dtype) {
-    return scratch;
-  }
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
-  if (bytes > kScratchBytes) {
+void tile_scratch(at::Tensor& scratch, int64_t numel, at::ScalarType dtype) {
+  if (scratch.defined() && scratch.numel() >= numel && scratch.scalar_type() == dtype) return;
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
+  if (numel * elem > kScratchBytes) {
     scratch = at::empty({numel}, at::TensorOptions().dtype(dtype));
-    return scratch;
+    return;
   }
   struct Buffer {
     void* data = nullptr;
@@ -912,24 +908,42 @@ at::Tensor& tile_scratch(at::Tensor& scratch, int64_t numel, at::ScalarType dtyp
     buffer.data = std::aligned_alloc(64, static_cast<size_t>(kScratchBytes));
     if (buffer.data == nullptr) throw std::bad_alloc();
   }
-  scratch = at::from_blob(buffer.data, {kScratchBytes / static_cast<int64_t>(
-                                            c10::elementSize(dtype))},
-                          at::TensorOptions().dtype(dtype));
-  return scratch;
+  scratch = at::from_blob(buffer.data, {kScratchBytes / elem}, at::TensorOptions().dtype(dtype));
 }
 
-at::Tensor decode_tile(const WeightView& w, int64_t in, int64_t o0, int64_t o1, int64_t k0,
-                       int64_t k1, at::ScalarType acc, at::Tensor& scratch) {
-  const int64_t r = o1 - o0, c = k1 - k0;
-  tile_scratch(scratch, r * c, at::kFloat);
-  float* p = scratch.data_ptr<float>();
+// W's rows [o0, o1) x columns [k0, k1) into p, row-major, by decode(e0, e1, dst) over flattened
+// element ranges; whole rows are one contiguous range.
+template <typename T, typename Decode>
+void decode_rows(int64_t in, int64_t o0, int64_t o1, int64_t k0, int64_t k1, T* p,
+                 const Decode& decode) {
+  const int64_t c = k1 - k0;
   if (c == in) {
-    decode_range(w, o0 * in, o1 * in, p);  // whole rows: one contiguous range
-  } else {
-    for (int64_t o = o0; o < o1; ++o) decode_range(w, o * in + k0, o * in + k1, p + (o - o0) * c);
+    decode(o0 * in, o1 * in, p);
+    return;
   }
+  for (int64_t o = o0; o < o1; ++o) decode(o * in + k0, o * in + k1, p + (o - o0) * c);
+}
+
+// W's rows [o0, o1) x columns [k0, k1) as a dense tensor of the product's dtype, in the
+// thread's tile buffer: 16-bit on the 16-bit tile path (tiles_in_16bit), each value rounded as
+// nf4_dequantize rounds it; else float32 (converted for float64 input).
+at::Tensor decode_tile(const WeightView& w, int64_t in, int64_t o0, int64_t o1, int64_t k0,
+                       int64_t k1, at::ScalarType dtype, at::Tensor& scratch) {
+  const int64_t r = o1 - o0, c = k1 - k0;
+  if (dtype == at::kBFloat16 || dtype == at::kHalf) {
+    tile_scratch(scratch, r * c, dtype);
+    const bool bf16 = dtype == at::kBFloat16;
+    decode_rows(in, o0, o1, k0, k1, static_cast<uint16_t*>(scratch.data_ptr()),
+                [&](int64_t e0, int64_t e1, uint16_t* dst) {
+                  decode_range_16bit(w, e0, e1, bf16, dst);
+                });
+    return scratch.narrow(0, 0, r * c).view({r, c});
+  }
+  tile_scratch(scratch, r * c, at::kFloat);
+  decode_rows(in, o0, o1, k0, k1, scratch.data_ptr<float>(),
+              [&](int64_t e0, int64_t e1, float* dst) { decode_range(w, e0, e1, dst); });
   at::Tensor tile = scratch.narrow(0, 0, r * c).view({r, c});
-  return acc == at::kFloat ? tile : tile.to(acc);
+  return dtype == at::kFloat ? tile : tile.to(dtype);
 }
 
 // body(t, scratch) for t in [0, tiles), split over threads; each thread reuses one decode
@@ -984,32 +998,6 @@ int64_t tile_extent(int64_t total, int64_t other, int64_t floor, int64_t elem) {
   return std::max<int64_t>(1, std::min(std::max(share, floor), by_bytes));
 }
 
-at::Tensor decode_tile_16bit(const WeightView& w, int64_t in, int64_t o0, int64_t o1,
-                             int64_t k0, int64_t k1, at::ScalarType dtype, at::Tensor& scratch) {
-  const int64_t r = o1 - o0, c = k1 - k0;
-  tile_scratch(scratch, r * c, dtype);
-  auto* p = static_cast<uint16_t*>(scratch.data_ptr());
-  const bool bf16 = dtype == at::kBFloat16;
-  if (c == in) {
-    decode_range_16bit(w, o0 * in, o1 * in, bf16, p);  // whole rows: one contiguous range
-  } else {
-    for (int64_t o = o0; o < o1; ++o) {
-      decode_range_16bit(w, o * in + k0, o * in + k1, bf16, p + (o - o0) * c);
-    }
-  }
-  return scratch.narrow(0, 0, r * c).view({r, c});
-}
-
-// W's rows [o0, o1), columns [k0, k1) in the product's dtype: 16-bit on the 16-bit tile path
-// (tiles_in_16bit), else float32 (converted for float64 input).
-at::Tensor decode_tile_as(const WeightView& w, int64_t in, int64_t o0, int64_t o1, int64_t k0,
-                          int64_t k1, at::ScalarType dtype, at::Tensor& scratch) {
-  if (dtype == at::kBFloat16 || dtype == at::kHalf) {
-    return decode_tile_16bit(w, in, o0, o1, k0, k1, dtype, scratch);
-  }
-  return decode_tile(w, in, o0, o1, k0, k1, dtype, scratch);
-}
-
 int64_t decoded_bytes(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf ? 2 : 4;
 }
@@ -1020,7 +1008,7 @@ void gemm_forward(const WeightView& w, const at::Tensor& x, int64_t in, int64_t 
   const int64_t tile = tile_extent(out, in, kTileRows, decoded_bytes(x.scalar_type()));
   for_each_tile((out + tile - 1) / tile, [&](int64_t t, at::Tensor& scratch) {
     const int64_t o0 = t * tile, o1 = std::min(out, o0 + tile);
-    const at::Tensor wt = decode_tile_as(w, in, o0, o1, 0, in, x.scalar_type(), scratch);
+    const at::Tensor wt = decode_tile(w, in, o0, o1, 0, in, x.scalar_type(), scratch);
     at::Tensor y_slice = y.narrow(1, o0, o1 - o0);
     at::mm_out(y_slice, x, wt.t());
   });
@@ -1034,7 +1022,7 @@ void gemm_grad_input(const WeightView& w, const at::Tensor& g, int64_t in, int64
   const int64_t band = tile_extent(in, out, kBandCols, decoded_bytes(g.scalar_type()));
   for_each_tile((in + band - 1) / band, [&](int64_t t, at::Tensor& scratch) {
     const int64_t k0 = t * band, k1 = std::min(in, k0 + band);
-    const at::Tensor wt = decode_tile_as(w, in, 0, out, k0, k1, g.scalar_type(), scratch);
+    const at::Tensor wt = decode_tile(w, in, 0, out, k0, k1, g.scalar_type(), scratch);
     at::Tensor gx_slice = gx.narrow(1, k0, k1 - k0);
     at::mm_out(gx_slice, g, wt);
   });
