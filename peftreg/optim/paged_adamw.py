@@ -263,10 +263,7 @@ class PagedAdamW(Optimizer):
             # One increment and one read for every counter: per parameter, `+= 1` and `.item()`
             # were most of the step's Python time (192 LoRA tensors: about 1 ms).
             torch._foreach_add_(counters, 1.0)
-            if len({c.device for c in counters}) == 1:
-                steps = [float(v) for v in torch.cat([c.reshape(1) for c in counters]).tolist()]
-            else:  # counters a state dict placed on several devices
-                steps = [float(c.item()) for c in counters]
+            steps = torch.cat([c.reshape(1).cpu() for c in counters]).tolist()
             lr = group["lr"]
             beta1, beta2 = group["betas"]
             update = self.pool.adamw8_step if self._state_bits == 8 else self.pool.adamw_step
