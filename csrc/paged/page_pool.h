@@ -97,7 +97,8 @@ struct AdamWSegment {
 // Blockwise 8-bit moments (issue 17): each moment is stored as one uint8 code per element and
 // one float32 absmax per block of kQuantBlock elements; element x of a block with absmax A is
 // encoded as the index of the map value nearest to x * (1 / A) (ties to the lower index; x / A
-// where 1 / A overflows) and decoded as map[code] * A. Page layout, B = blocks_per_page8(page_bytes), E = B * kQuantBlock:
+// where 1 / A overflows) and decoded as map[code] * A.
+// Page layout, B = blocks_per_page8(page_bytes), E = B * kQuantBlock:
 //   bytes [0, E)          exp_avg codes        [E, 2E)        exp_avg_sq codes
 //   bytes [2E, 2E + 4B)   exp_avg absmax       [2E + 4B, 2E + 8B) exp_avg_sq absmax
 // A block never straddles pages, and parameters start on block boundaries (the optimizer

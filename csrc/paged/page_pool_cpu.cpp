@@ -248,6 +248,14 @@ PEFTREG_ALWAYS_INLINE void adamw8_update_scalar(const AdamWScalars& s, const T* 
   }
 }
 
+// What a block's elements are multiplied by before encoding: the reciprocal of its absmax, as
+// bitsandbytes does, so a block costs one division instead of one per element; 1 for an
+// all-zero block (stored with the code of 0), which keeps 0 * inf out. Infinite for a
+// subnormal absmax below 2^-128, whose block divides instead (encode_block).
+PEFTREG_ALWAYS_INLINE float block_scale(float absmax) {
+  return absmax > 0.0f ? 1.0f / absmax : 1.0f;
+}
+
 PEFTREG_ALWAYS_INLINE void encode_scalar(const Quantizer& q, const float* x, float scale,
                                          uint8_t* codes, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
@@ -571,12 +579,7 @@ __attribute__((target("avx2"))) float absmax_avx2(const float* x, int64_t n) {
   for (; i + 8 <= n; i += 8) {
     acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), acc);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float a = 0.0f;
-  for (int k = 0; k < 8; ++k) {
-    a = std::max(a, lanes[k]);
-  }
+  float a = reduce_max_avx2(acc);
   for (; i < n; ++i) {
     a = std::max(a, std::fabs(x[i]));
   }
@@ -591,12 +594,7 @@ PEFTREG_AVX512 float absmax_avx512(const float* x, int64_t n) {
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + i)), abs_mask);
     acc = _mm512_max_ps(_mm512_castsi512_ps(bits), acc);
   }
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, acc);
-  float a = 0.0f;
-  for (int k = 0; k < 16; ++k) {
-    a = std::max(a, lanes[k]);
-  }
+  float a = _mm512_reduce_max_ps(acc);
   for (; i < n; ++i) {
     a = std::max(a, std::fabs(x[i]));
   }
@@ -643,13 +641,11 @@ int64_t encode_vector(const Quantizer& q, const float* x, float scale, uint8_t* 
   return 0;
 }
 
-// Encodes one block of x[0, n) against its absmax: each element times the reciprocal of the
-// absmax, as bitsandbytes does, so a block costs one division instead of one per element. A
-// subnormal absmax below 2^-128 has no finite reciprocal; such a block divides instead. An
-// all-zero block gets the code of 0 (scale 1 keeps 0 * inf out).
+// Encodes one block of x[0, n) against its absmax, times block_scale(absmax), or divided by
+// the absmax where that scale is infinite.
 void encode_block(const Quantizer& q, const float* x, float absmax, uint8_t* codes, int64_t n,
                   Kernel8 k) {
-  const float scale = absmax > 0.0f ? 1.0f / absmax : 1.0f;
+  const float scale = block_scale(absmax);
   if (std::isinf(scale)) {
     for (int64_t i = 0; i < n; ++i) {
       codes[i] = q.encode(x[i] / absmax);
@@ -714,15 +710,14 @@ void adamw8_blocks_avx512(const AdamWScalars& s, const T* grad, T* param, uint8_
   alignas(64) float v[2][kQuantBlock];
   float prev1 = 0.0f;
   float prev2 = 0.0f;
-  auto scale_of = [](float absmax) { return absmax > 0.0f ? 1.0f / absmax : 1.0f; };
   for (int64_t b = begin; b <= end; ++b) {
     const int cur = static_cast<int>(b & 1);
     const int prev = cur ^ 1;
     const int64_t at = b * kQuantBlock;
     const int64_t prev_at = at - kQuantBlock;
     const bool has_prev = b > begin;
-    const float s1 = scale_of(prev1);
-    const float s2 = scale_of(prev2);
+    const float s1 = block_scale(prev1);
+    const float s2 = block_scale(prev2);
     const bool interleave = has_prev && b < end && !std::isinf(s1) && !std::isinf(s2);
     if (has_prev && !interleave) {
       encode_block(q.m, m[prev], prev1, c1 + prev_at, kQuantBlock, Kernel8::kAvx512);
