@@ -112,36 +112,29 @@ bool cpu_16bit_rows_kernel(at::ScalarType t, int64_t rows) {
 
 namespace {
 
-// grad_x = g @ W with g (rows, out) float32 and W (out, in) contiguous bf16: every W row is
-// read once and widened in registers (bf16 is the top half of a float32), accumulating in
-// float32. Threads split the columns; each keeps its block of `rows` accumulators hot in cache.
-at::Tensor rows_times_bf16_weight(const at::Tensor& g, const at::Tensor& weight) {
-  const int64_t rows = g.size(0), out = weight.size(0), in = weight.size(1);
-  at::Tensor result = at::zeros({rows, in}, g.options());
-  const float* gp = g.const_data_ptr<float>();
-  float* rp = result.data_ptr<float>();
-  const auto* wp = static_cast<const uint16_t*>(weight.const_data_ptr());
-  at::parallel_for(0, in, 512, [&](int64_t begin, int64_t end) {
-    for (int64_t j = 0; j < out; ++j) {
-      const uint16_t* wrow = wp + j * in;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float gj = gp[r * out + j];
-        float* acc = rp + r * in;
-        for (int64_t i = begin; i < end; ++i) {
-          const uint32_t bits = static_cast<uint32_t>(wrow[i]) << 16;
-          float w;
-          std::memcpy(&w, &bits, sizeof w);
-          acc[i] += gj * w;
-        }
+// Columns [begin, end) of grad_x = g @ W with g (rows, out) float32 and W (out, in)
+// contiguous bf16: every W row is read once and widened in registers (bf16 is the top half of
+// a float32), accumulating in float32 into the zeroed rp.
+void bf16_weight_columns(const float* gp, const uint16_t* wp, float* rp, int64_t rows,
+                         int64_t out, int64_t in, int64_t begin, int64_t end) {
+  for (int64_t j = 0; j < out; ++j) {
+    const uint16_t* wrow = wp + j * in;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float gj = gp[r * out + j];
+      float* acc = rp + r * in;
+      for (int64_t i = begin; i < end; ++i) {
+        const uint32_t bits = static_cast<uint32_t>(wrow[i]) << 16;
+        float w;
+        std::memcpy(&w, &bits, sizeof w);
+        acc[i] += gj * w;
       }
     }
-  });
-  return result;
+  }
 }
 
 #if PEFTREG_LORA_X86
-// The same for fp16 W, widened eight at a time by F16C (has_f16c() holds).
-__attribute__((target("avx2,fma,f16c"))) void rows_times_fp16_columns(
+// fp16 W, widened eight at a time by F16C (has_f16c() holds).
+__attribute__((target("avx2,fma,f16c"))) void fp16_weight_columns(
     const float* gp, const uint16_t* wp, float* rp, int64_t rows, int64_t out, int64_t in,
     int64_t begin, int64_t end) {
   for (int64_t j = 0; j < out; ++j) {
@@ -162,19 +155,26 @@ __attribute__((target("avx2,fma,f16c"))) void rows_times_fp16_columns(
 }
 #endif
 
-at::Tensor rows_times_fp16_weight(const at::Tensor& g, const at::Tensor& weight) {
+// grad_x = g @ W for a contiguous bf16 or fp16 W (the row kernel, cpu_16bit_rows_kernel).
+// Threads split the columns; each keeps its block of `rows` accumulators hot in cache.
+at::Tensor rows_times_16bit_weight(const at::Tensor& g, const at::Tensor& weight) {
   const int64_t rows = g.size(0), out = weight.size(0), in = weight.size(1);
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || PEFTREG_LORA_X86,
+              "peftreg: the fp16 row kernel needs x86 F16C (cpu_16bit_rows_kernel)");
   at::Tensor result = at::zeros({rows, in}, g.options());
-#if PEFTREG_LORA_X86
   const float* gp = g.const_data_ptr<float>();
   float* rp = result.data_ptr<float>();
   const auto* wp = static_cast<const uint16_t*>(weight.const_data_ptr());
   at::parallel_for(0, in, 512, [&](int64_t begin, int64_t end) {
-    rows_times_fp16_columns(gp, wp, rp, rows, out, in, begin, end);
-  });
-#else
-  TORCH_CHECK(false, "peftreg: the fp16 row kernel needs x86 F16C (cpu_16bit_rows_kernel)");
+#if PEFTREG_LORA_X86
+    if (!bf16) {
+      fp16_weight_columns(gp, wp, rp, rows, out, in, begin, end);
+      return;
+    }
 #endif
+    bf16_weight_columns(gp, wp, rp, rows, out, in, begin, end);
+  });
   return result;
 }
 
@@ -251,8 +251,7 @@ LoraGrads lora_linear_backward_cpu(const LoraBackwardSizes& s, const at::Tensor&
     // Few rows of bf16/fp16: g @ W by the row kernel, the small products in float32 (g, x, A
     // and B are (rows, .) or rank-sized, cheap to widen); one rounding at the end as elsewhere.
     const at::Tensor g = rows_2d(grad, s.rows, s.out_features).to(at::kFloat).contiguous();
-    at::Tensor grad_x = grad.scalar_type() == at::kBFloat16 ? rows_times_bf16_weight(g, *weight)
-                                                            : rows_times_fp16_weight(g, *weight);
+    at::Tensor grad_x = rows_times_16bit_weight(g, *weight);
     const LowRankGrads lr = low_rank_grads_for(g, x, lora_a, lora_b, scaling, x_lora, s,
                                                at::kFloat, &grad_x, dropout);
     return finish_grads(grad, grad_x, lr, s);
