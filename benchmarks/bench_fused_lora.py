@@ -194,7 +194,6 @@ def peft_bnb_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
     """PEFT's LoRA layer on a bitsandbytes NF4 ``Linear4bit`` (raises ImportError without
     either); the weight is quantized by bitsandbytes itself."""
     import bitsandbytes as bnb
-    import peft
 
     out_features, in_features = p.weight.shape
     base = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=p.weight.dtype,
@@ -203,25 +202,24 @@ def peft_bnb_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
                                     quant_type="nf4", compress_statistics=True, blocksize=64)
     base.bias = torch.nn.Parameter(p.bias.detach().clone(), requires_grad=False)
     base = base.to(p.weight.device)
-    return _peft_around(base, p, peft)
+    return _peft_around(base, p)
 
 
 def peft_impl(p: Problem) -> tuple[Forward, list[torch.Tensor]]:
     """HF peft's LoRA layer with the same weights (raises ImportError without peft)."""
-    import peft
-
     out_features, in_features = p.weight.shape
     base = torch.nn.Linear(in_features, out_features, device=p.weight.device,
                            dtype=p.weight.dtype)
     with torch.no_grad():
         base.weight.copy_(p.weight)
         base.bias.copy_(p.bias)
-    return _peft_around(base, p, peft)
+    return _peft_around(base, p)
 
 
-def _peft_around(base: torch.nn.Module, p: Problem, peft: Any
-                 ) -> tuple[Forward, list[torch.Tensor]]:
-    """PEFT's LoRA on ``base`` with the problem's A and B (``peft``: the imported module)."""
+def _peft_around(base: torch.nn.Module, p: Problem) -> tuple[Forward, list[torch.Tensor]]:
+    """PEFT's LoRA on ``base`` with the problem's A and B."""
+    import peft
+
     rank = p.lora_a.shape[0]
 
     class Holder(torch.nn.Module):
