@@ -129,13 +129,10 @@ class Op:
         """
         if not _ops.has_extension():
             return
-        schema = self.overload._schema
-        if any(a.kwarg_only or "[]" in str(a.type) for a in schema.arguments) or any(
-                "[]" in str(r.type) for r in schema.returns):
-            # Tensor lists and keyword-only arguments need torch.library's general wrapper.
-            torch.library.register_autograd(self.qualname, backward,
-                                            setup_context=setup_context)
-            return
+        if not positional_without_tensor_lists(self.overload._schema):
+            raise NotImplementedError(
+                f"{self.qualname}: Op.register_autograd takes schemas of positional arguments "
+                "without tensor lists (torch.library.register_autograd covers the rest)")
         _register_autograd_kernel(self, backward, setup_context)
 
     def not_differentiable(self, reason: str) -> None:
@@ -215,6 +212,16 @@ class Op:
         if self.use_compiled(*args):
             return self.overload(*args)
         return self.reference(*args)
+
+
+def positional_without_tensor_lists(schema: Any) -> bool:
+    """Whether ``schema`` (a ``torch.FunctionSchema``) has no keyword-only argument and no
+    tensor list among its arguments and returns: what :meth:`Op.register_autograd` handles."""
+    for arg in (*schema.arguments, *schema.returns):
+        kind = str(arg.type)
+        if arg.kwarg_only or (kind.startswith("List[") and "Tensor" in kind):
+            return False
+    return True
 
 
 _IMPL_LIBRARY: torch.library.Library | None = None

@@ -73,3 +73,14 @@ def test_unknown_kernel_mode_is_refused(monkeypatch):
 def test_an_op_name_is_defined_once():
     with pytest.raises(ValueError, match="defined twice"):
         ops._op.Op("lora_linear")
+
+
+def test_lean_autograd_registration_takes_plain_positional_schemas(require_extension):
+    """Op.register_autograd's own autograd kernel covers every peftreg schema; a schema with a
+    tensor list or a keyword-only argument is refused rather than registered wrongly."""
+    plain = ops._op.positional_without_tensor_lists
+    assert all(plain(op.overload._schema) for op in ops._op.registered().values())
+    assert not plain(torch.ops.aten.cat.default._schema)  # Tensor[] argument
+    assert not plain(torch.ops.aten.split.Tensor._schema)  # Tensor[] return
+    assert not plain(torch.ops.aten.sum.dim_IntList._schema)  # keyword-only dtype
+    assert plain(torch.ops.aten.mm.default._schema)
